@@ -1,0 +1,3 @@
+"""cwa: critical weight analysis for causal language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""Calibration and held-out data: text sources, tokenization, packing into fixed-length blocks.
+
+The token stream of all documents (separated by EOS) is cut into blocks of ``seq_len`` tokens.
+The last ``heldout_fraction`` of the blocks is the held-out split (used by ``cwa perturb``), fixed
+whatever the seed, so runs with different calibration seeds are evaluated on the same text and no
+calibration block ever overlaps it. ``num_samples`` calibration blocks are drawn by ``seed`` from
+the rest.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cwa.errors import CwaError
+
+
+class TextSource:
+    """Base class of the places calibration text comes from."""
+
+    def load(self) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class PydocCorpus(TextSource):
+    """The English documentation topics that every CPython ships in ``pydoc_data.topics`` (offline)."""
+
+    def load(self) -> list[str]:
+        from pydoc_data.topics import topics
+
+        return [topics[key] for key in sorted(topics)]
+
+    def describe(self) -> str:
+        return "pydoc_data.topics"
+
+
+class TextFiles(TextSource):
+    """Local files read with Hugging Face ``datasets``: ``.txt`` (one document per file),
+    ``.json`` / ``.jsonl`` (one document per record) or ``.parquet``.
+
+    Args:
+        paths: file paths or glob patterns.
+        text_field: the record field holding the text (JSON-lines and parquet).
+    """
+
+    def __init__(self, paths: list[str], text_field: str = "text") -> None:
+        self.paths, self.text_field = list(paths), text_field
+
+    def files(self) -> list[str]:
+        found: list[str] = []
+        for pattern in self.paths:
+            matches = sorted(glob.glob(os.path.expanduser(pattern)))
+            if not matches:
+                raise CwaError(f"data file '{pattern}' does not exist.")
+            found.extend(matches)
+        return found
+
+    def load(self) -> list[str]:
+        import datasets
+
+        files = self.files()
+        suffixes = {Path(f).suffix.lower() for f in files}
+        builder = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+        kinds = {builder.get(s) for s in suffixes}
+        if None in kinds or len(kinds) != 1:
+            raise CwaError(f"data files must all be .txt, .jsonl/.json or .parquet, got {sorted(suffixes)}.")
+        kind = kinds.pop()
+        datasets.disable_progress_bars()
+        kwargs = {"sample_by": "document"} if kind == "text" else {}
+        ds = datasets.load_dataset(kind, data_files=files, split="train", **kwargs)
+        field = "text" if kind == "text" else self.text_field
+        if field not in ds.column_names:
+            raise CwaError(f"the data files have no field '{field}' (fields: {', '.join(ds.column_names)}).")
+        return [t for t in ds[field] if t]
+
+    def describe(self) -> str:
+        return ",".join(self.paths)
+
+
+class HubDataset(TextSource):
+    """A dataset on the Hugging Face Hub (needs the hub, or its local cache).
+
+    Args:
+        name: dataset name, e.g. ``wikitext``.
+        config: dataset configuration, e.g. ``wikitext-2-raw-v1``.
+        split: which split to read.
+        text_field: the column holding the text.
+        max_documents: read at most this many documents (streaming), None for all.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: str | None = None,
+        split: str = "train",
+        text_field: str = "text",
+        max_documents: int | None = 20000,
+    ) -> None:
+        self.name, self.config, self.split, self.text_field = name, config, split, text_field
+        self.max_documents = max_documents
+
+    def load(self) -> list[str]:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+            texts = []
+            for row in ds:
+                if row.get(self.text_field):
+                    texts.append(row[self.text_field])
+                if self.max_documents and len(texts) >= self.max_documents:
+                    break
+        except Exception as exc:
+            raise CwaError(
+                f"cannot read dataset '{self.name}' from the Hugging Face Hub ({type(exc).__name__}); "
+                "where the hub is unreachable, save the text to a local file and use TextFiles."
+            ) from exc
+        return texts
+
+    def describe(self) -> str:
+        return f"{self.name}/{self.config or ''}:{self.split}"
+
+
+def as_source(source: TextSource | str) -> TextSource:
+    """``pydoc`` -> the embedded corpus; an existing path or glob -> TextFiles; otherwise a hub dataset."""
+    if isinstance(source, TextSource):
+        return source
+    if source in ("pydoc", "pydoc_data", "embedded"):
+        return PydocCorpus()
+    if glob.glob(os.path.expanduser(source)):
+        return TextFiles([source])
+    if source.startswith((".", "/", "~")) or Path(source).suffix in (".txt", ".jsonl", ".json", ".parquet"):
+        raise CwaError(f"data file '{source}' does not exist.")
+    return HubDataset(source)
+
+
+class Blocks(Dataset):
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i]}
+
+
+class CalibrationData(L.LightningDataModule):
+    """Calibration blocks for scoring and a disjoint held-out split for evaluation.
+
+    Args:
+        source: where the text comes from: ``pydoc`` (the embedded CPython documentation corpus), a
+            local file path or glob (.txt / .jsonl / .parquet), a hub dataset name, or a ``TextSource``
+            class (``class_path: cwa.data.TextFiles``) with its options.
+        tokenizer: tokenizer to use; defaults to the model's (linked to ``model.pretrained``).
+        seq_len: tokens per block.
+        num_samples: calibration blocks to score on.
+        batch_size: blocks per batch.
+        heldout_fraction: share of the blocks (taken from the end of the corpus) kept for evaluation.
+        heldout_samples: at most this many held-out blocks are evaluated (None: all).
+        seed: seed for drawing the calibration blocks.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        source: TextSource | str = "pydoc",
+        tokenizer: str = "smollm2-135m",
+        seq_len: int = 256,
+        num_samples: int = 32,
+        batch_size: int = 4,
+        heldout_fraction: float = 0.1,
+        heldout_samples: int | None = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("num_samples", num_samples), ("batch_size", batch_size)):
+            if value < 1:
+                raise CwaError(f"{name} must be at least 1, got {value}.")
+        if seq_len < 2:
+            raise CwaError("seq_len must be at least 2 (a block predicts its next tokens).")
+        if not 0 <= heldout_fraction < 1:
+            raise CwaError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}.")
+        self.source = as_source(source)
+        self.tokenizer_name = tokenizer
+        self.seq_len, self.num_samples, self.batch_size = seq_len, num_samples, batch_size
+        self.heldout_fraction, self.heldout_samples = heldout_fraction, heldout_samples
+        self.seed, self.num_workers = seed, num_workers
+        self.calibration: torch.Tensor | None = None
+        self.heldout: torch.Tensor | None = None
+        self.corpus_tokens = 0
+
+    # -- preparation ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.calibration is not None:
+            return
+        from cwa.models import load_tokenizer
+
+        texts = self.source.load()
+        if not texts or not any(t.strip() for t in texts):
+            raise CwaError(f"the corpus {self.source.describe()} is empty.")
+        tokenizer = load_tokenizer(self.tokenizer_name)
+        stream = tokenize_stream(texts, tokenizer)
+        self.corpus_tokens = stream.numel()
+        n_blocks = stream.numel() // self.seq_len
+        if n_blocks < 1:
+            raise CwaError(
+                f"the corpus {self.source.describe()} has {stream.numel()} tokens, fewer than one block of "
+                f"seq_len={self.seq_len}; use more text or a shorter seq_len."
+            )
+        blocks = stream[: n_blocks * self.seq_len].view(n_blocks, self.seq_len)
+        n_heldout = int(round(n_blocks * self.heldout_fraction))
+        pool = n_blocks - n_heldout
+        if self.num_samples > pool:
+            raise CwaError(
+                f"num_samples={self.num_samples} but the corpus {self.source.describe()} has only {pool} "
+                f"calibration blocks of {self.seq_len} tokens (after holding out {n_heldout}); lower "
+                "num_samples or seq_len, or add text."
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        chosen = torch.randperm(pool, generator=generator)[: self.num_samples].sort().values
+        self.calibration = blocks[chosen].clone()
+        heldout = blocks[pool:]
+        if self.heldout_samples is not None:
+            heldout = heldout[: self.heldout_samples]
+        self.heldout = heldout.clone()
+        self.calibration_indices = chosen
+
+    def fingerprint(self, which: str = "calibration") -> str:
+        """sha256 of the token ids of a split (first 16 hex digits)."""
+        tensor = self.calibration if which == "calibration" else self.heldout
+        if tensor is None:
+            return ""
+        return hashlib.sha256(tensor.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source.describe(),
+            "tokenizer": self.tokenizer_name,
+            "seq_len": self.seq_len,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "corpus_tokens": self.corpus_tokens,
+            "heldout_blocks": 0 if self.heldout is None else int(self.heldout.shape[0]),
+            "calibration_fingerprint": self.fingerprint("calibration"),
+            "heldout_fingerprint": self.fingerprint("heldout"),
+        }
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, blocks: torch.Tensor) -> DataLoader:
+        # Each rank takes every world-th block: every block is used exactly once, none is padded in.
+        rank, world = self._rank_world()
+        return DataLoader(
+            Blocks(blocks[rank::world]), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.calibration)
+
+    def heldout_dataloader(self) -> DataLoader:
+        self.setup()
+        if self.heldout is None or self.heldout.shape[0] == 0:
+            raise CwaError("the held-out split is empty; raise heldout_fraction or use a longer corpus.")
+        return self._loader(self.heldout)
+
+
+def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """All documents as one int64 token stream, each followed by the EOS token when there is one."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    pieces = []
+    for doc in ids:
+        pieces.append(torch.tensor(doc, dtype=torch.long))
+        if eos is not None:
+            pieces.append(torch.tensor([eos], dtype=torch.long))
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)

@@ -1,0 +1,132 @@
+"""Figures of one run's scores: where the mass is and where the top-K weights live."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cwa.io import atomic_path
+from cwa.params import ParamInfo
+from cwa.topk import TopK
+
+_BINS = 120
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log10_histogram(scores: Mapping[str, Tensor], bins: int = _BINS) -> tuple[Tensor, Tensor, int]:
+    """(bin edges, counts) of log10|score| over all positive scores, and the number of zeros."""
+    lo, hi, zeros = float("inf"), float("-inf"), 0
+    for s in scores.values():
+        a = s.detach().abs().reshape(-1)
+        pos = a[a > 0]
+        zeros += a.numel() - pos.numel()
+        if pos.numel():
+            lo, hi = min(lo, float(pos.min())), max(hi, float(pos.max()))
+    if lo == float("inf"):
+        return torch.linspace(0, 1, bins + 1), torch.zeros(bins), zeros
+    lo, hi = torch.log10(torch.tensor(lo)).item(), torch.log10(torch.tensor(hi)).item()
+    hi = hi if hi > lo else lo + 1
+    counts = torch.zeros(bins, dtype=torch.float64)
+    for s in scores.values():
+        a = s.detach().abs().reshape(-1).float()
+        pos = a[a > 0]
+        counts += torch.histc(pos.log10(), bins=bins, min=lo, max=hi).double()
+    return torch.linspace(lo, hi, bins + 1), counts, zeros
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def score_histogram(scores: Mapping[str, Tensor], topk: TopK, title: str, path: Path) -> None:
+    plt = _pyplot()
+    edges, counts, zeros = log10_histogram(scores)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.stairs(counts.numpy(), edges.numpy(), fill=True, alpha=0.8, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("log10 |score|")
+    ax.set_ylabel("weights")
+    if len(topk):
+        cut = float(topk.score.abs().min())
+        if cut > 0:
+            ax.axvline(torch.log10(torch.tensor(cut)).item(), color="tab:red", ls="--", label=f"top-{len(topk)} cutoff")
+            ax.legend()
+    total = int(sum(s.numel() for s in scores.values()))
+    note = f"{total:,} weights" + (f", {zeros:,} exactly zero" if zeros else "")
+    ax.set_title(f"{title}\n{note}", fontsize=10)
+    _save(fig, path)
+
+
+def _grid(infos: Mapping[str, ParamInfo], values: Mapping[str, float]) -> tuple[list[str], list[int], Tensor]:
+    modules = sorted({i.module for i in infos.values() if i.layer is not None})
+    layers = sorted({i.layer for i in infos.values() if i.layer is not None})
+    grid = torch.full((len(modules), len(layers)), float("nan"))
+    for name, info in infos.items():
+        if info.layer is not None and name in values:
+            r, c = modules.index(info.module), layers.index(info.layer)
+            grid[r, c] = values[name] if torch.isnan(grid[r, c]) else grid[r, c] + values[name]
+    return modules, layers, grid
+
+
+def layer_module_heatmap(scores: Mapping[str, Tensor], infos: Mapping[str, ParamInfo], title: str, path: Path) -> None:
+    """log10 of the mean |score| of each (module, layer) tensor (weights and biases of a module summed)."""
+    plt = _pyplot()
+    sums = {n: float(s.detach().abs().double().sum()) for n, s in scores.items()}
+    counts = {n: s.numel() for n, s in scores.items()}
+    modules, layers, total = _grid(infos, sums)
+    _, _, n = _grid(infos, counts)
+    if not modules:
+        return
+    mean = (total / n).log10()
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers) + 3), 0.45 * len(modules) + 1.8))
+    image = ax.imshow(mean.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(modules)), modules, fontsize=8)
+    step = max(1, len(layers) // 16)
+    ax.set_xticks(range(0, len(layers), step), [str(x) for x in layers[::step]], fontsize=8)
+    ax.set_xlabel("layer")
+    fig.colorbar(image, ax=ax, label="log10 mean |score|")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def topk_locations(topk: TopK, infos: Mapping[str, ParamInfo], title: str, path: Path) -> None:
+    """Stacked bars: how many of the top-K weights sit in each layer, by module type."""
+    plt = _pyplot()
+    where = Counter()
+    for p in topk.param.tolist():
+        info = infos[topk.names[p]]
+        where[(info.layer, info.module)] += 1
+    layers = sorted({layer for layer, _ in where if layer is not None})
+    outside = sorted({m for layer, m in where if layer is None})
+    modules = sorted({m for layer, m in where if layer is not None})
+    columns = [str(x) for x in layers] + outside
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(columns) + 3), 4.2))
+    bottom = torch.zeros(len(columns))
+    cmap = plt.get_cmap("tab20")
+    for j, module in enumerate(modules + (["outside layers"] if outside else [])):
+        if module == "outside layers":
+            heights = torch.tensor([0.0] * len(layers) + [float(where[(None, m)]) for m in outside])
+        else:
+            heights = torch.tensor([float(where[(layer, module)]) for layer in layers] + [0.0] * len(outside))
+        ax.bar(range(len(columns)), heights.numpy(), bottom=bottom.numpy(), label=module, color=cmap(j % 20))
+        bottom += heights
+    ax.set_xticks(range(len(columns)), columns, rotation=90 if len(columns) > 20 or outside else 0, fontsize=8)
+    ax.set_xlabel("layer (or tensor outside the layers)")
+    ax.set_ylabel(f"weights in the top {len(topk)}")
+    ax.legend(fontsize=7, ncols=2)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

