@@ -27,7 +27,7 @@ commands:
 With no config, fit-sensitivity scores the embedded SmolLM2-135M on the pydoc corpus (offline).
 """
 
-_LIGHTNING_VERBS = {"fit-sensitivity": "fit_sensitivity", "fit_sensitivity": "fit_sensitivity", "perturb": "perturb"}
+_LIGHTNING_VERBS = {"fit-sensitivity": "fit_sensitivity", "fit_sensitivity": "fit_sensitivity"}
 
 
 def _quiet_frameworks() -> None:
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if verb in _LIGHTNING_VERBS:
             return lightning_main(_LIGHTNING_VERBS[verb], rest)
+        if verb == "perturb":
+            from cwa.perturb import main as perturb_main
+
+            return perturb_main(rest)
         if verb == "compare":
             from cwa.compare import main as compare_main
 
