@@ -60,6 +60,7 @@ def _quiet_frameworks() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # per-load "Loading weights" bars; the conversion re-enables it
     except ImportError:
         pass
 

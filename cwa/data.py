@@ -161,7 +161,7 @@ class CalibrationData(L.LightningDataModule):
         source: where the text comes from: ``pydoc`` (the embedded CPython documentation corpus), a
             local file path or glob (.txt / .jsonl / .parquet), a hub dataset name, or a ``TextSource``
             class (``class_path: cwa.data.TextFiles``) with its options.
-        tokenizer: tokenizer to use; defaults to the model's (linked to ``model.pretrained``).
+        tokenizer: tokenizer to load (set from ``model.pretrained`` by the CLI).
         seq_len: tokens per block.
         num_samples: calibration blocks to score on.
         batch_size: blocks per batch.

@@ -67,6 +67,9 @@ def embedded_model_dir() -> Path:
         file=sys.stderr,
         flush=True,
     )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # the conversion takes a while: show it
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=ggufs[0].name, dtype=torch.float32)
     # The weights are now plain float32: drop the GGUF quantizer so save_pretrained writes a normal model.
@@ -82,6 +85,7 @@ def embedded_model_dir() -> Path:
 
         shutil.rmtree(target)
     staging.rename(target)
+    hf_logging.disable_progress_bar()
     return target
 
 

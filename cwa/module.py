@@ -14,7 +14,7 @@ from cwa.errors import CwaError
 from cwa.models import Dtype, load_model, set_attn_implementation
 from cwa.params import ParamInfo, select_parameters
 from cwa.scorers import Scorer, make_scorer
-from cwa.topk import Mode, TopK
+from cwa.topk import Mode, TopK, check_k
 
 
 def next_token_nll(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -111,6 +111,7 @@ class SensitivityModule(L.LightningModule):
     def bind_scorer(self) -> None:
         """Select the scored tensors, freeze the rest (their gradients are never computed) and bind."""
         chosen = select_parameters(self.model, self.include, self.exclude)
+        check_k({name: info.numel for name, (_, info) in chosen.items()}, self.k, self.mode)
         for param in self.model.parameters():
             param.requires_grad_(False)
         for param, _ in chosen.values():

@@ -57,6 +57,9 @@ def split_name(name: str) -> tuple[int | None, str]:
 def compile_patterns(patterns: Sequence[str] | None, what: str) -> list[re.Pattern]:
     compiled = []
     for pattern in patterns or []:
+        if re.fullmatch(r"[\w.-]+", pattern):
+            # Only name characters and dots: a plain name, dots literal ("layers.1." is not "layers.10.").
+            pattern = re.escape(pattern)
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:
@@ -84,6 +87,7 @@ def select_parameters(
 
     A pattern selects a parameter when it matches the whole name or a run of whole dot-separated
     components of it (``mlp``, ``layers.1``, ``layers\\.1[0-9]\\.mlp\\..*``, ``.*down_proj.weight``).
+    A pattern of only name characters and dots is a plain name: its dots are literal.
     """
     inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     transposed = _transposed_names(model)

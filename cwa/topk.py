@@ -56,6 +56,26 @@ def _merge(a: tuple[Tensor, ...], b: tuple[Tensor, ...], k: int) -> tuple[Tensor
     return key[order], param[order], index[order]
 
 
+def check_k(sizes: Mapping[str, int], k: int, mode: Mode) -> None:
+    """Fail with one sentence when ``k`` cannot be selected from tensors of these sizes."""
+    if not sizes:
+        raise CwaError("there are no scores to select from.")
+    if mode not in ("global", "per_layer"):
+        raise CwaError(f"unknown mode '{mode}': use global or per_layer.")
+    if k < 1:
+        raise CwaError(f"k must be at least 1, got {k}.")
+    total = sum(sizes.values())
+    if mode == "global" and k > total:
+        raise CwaError(f"k={k} is larger than the {total} selected weights.")
+    if mode == "per_layer":
+        smallest = min(sizes, key=sizes.get)
+        if k > sizes[smallest]:
+            raise CwaError(
+                f"k={k} per tensor is larger than '{smallest}' ({sizes[smallest]} weights); "
+                "lower k or exclude that tensor."
+            )
+
+
 def select_topk(scores: Mapping[str, Tensor], k: int, mode: Mode = "global") -> TopK:
     """Top-K over ``scores`` (one tensor per parameter, in model order).
 
@@ -63,22 +83,7 @@ def select_topk(scores: Mapping[str, Tensor], k: int, mode: Mode = "global") -> 
     ``per_layer``: the k highest within each tensor, tensors in model order.
     """
     names = list(scores)
-    if not names:
-        raise CwaError("there are no scores to select from.")
-    total = sum(s.numel() for s in scores.values())
-    if mode not in ("global", "per_layer"):
-        raise CwaError(f"unknown mode '{mode}': use global or per_layer.")
-    if k < 1:
-        raise CwaError(f"k must be at least 1, got {k}.")
-    if mode == "global" and k > total:
-        raise CwaError(f"k={k} is larger than the {total} selected weights.")
-    if mode == "per_layer":
-        smallest = min(names, key=lambda n: scores[n].numel())
-        if k > scores[smallest].numel():
-            raise CwaError(
-                f"k={k} per tensor is larger than '{smallest}' ({scores[smallest].numel()} weights); "
-                "lower k or exclude that tensor."
-            )
+    check_k({n: s.numel() for n, s in scores.items()}, k, mode)
     best = (torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
     parts = []
     for i, name in enumerate(names):

@@ -1,0 +1,85 @@
+"""Tiny models and tokenizers built in code; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def corpus_words(n: int = 250) -> list[str]:
+    from pydoc_data.topics import topics
+
+    words = Counter(w for text in topics.values() for w in text.split())
+    return [w for w, _ in words.most_common(n)]
+
+
+def make_tokenizer(path: Path, n_words: int = 250):
+    """A word-level tokenizer over the most common pydoc words (ids 0..n_words+1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for word in corpus_words(n_words):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    tok.save_pretrained(path)
+    return tok
+
+
+def tiny_llama(vocab_size: int = 252, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_embd=16, n_layer=layers, n_head=2, n_positions=128, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_gpt2().save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+def random_blocks(n: int, seq_len: int, vocab: int = 252, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=g)

@@ -1,0 +1,174 @@
+"""Each metric against an independent computation on tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_blocks, tiny_gpt2, tiny_llama
+
+from cwa.errors import CwaError
+from cwa.module import next_token_nll
+from cwa.params import select_parameters
+from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, make_scorer
+
+
+def _bind(scorer, model, include=None):
+    chosen = select_parameters(model, include)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p, _ in chosen.values():
+        p.requires_grad_(True)
+    scorer.bind({n: p for n, (p, _) in chosen.items()})
+    return {n: p for n, (p, _) in chosen.items()}
+
+
+def _run(scorer, model, blocks, batch_size):
+    for start in range(0, blocks.shape[0], batch_size):
+        scorer.update({"input_ids": blocks[start : start + batch_size]}, lambda b: next_token_nll(model, b))
+    return scorer.compute()
+
+
+def _mean_loss(model, blocks):
+    logits = model(input_ids=blocks).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_grad_x_weight_matches_hand_written_autograd(make):
+    model = make()
+    blocks = random_blocks(5, 12)
+    params = _bind(GradXWeight(), model)
+    scorer = GradXWeight()
+    scorer.bind(params)
+    scores = _run(scorer, model, blocks, batch_size=2)  # uneven batches: 2, 2, 1
+    grads = torch.autograd.grad(_mean_loss(model, blocks), list(params.values()))
+    for (name, p), g in zip(params.items(), grads, strict=True):
+        expected = (g * p).abs()
+        torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-9, msg=name)
+    assert scorer.tokens == 5 * 11
+    assert scorer.mean_loss == pytest.approx(float(_mean_loss(model, blocks)), rel=1e-5)
+
+
+@pytest.mark.parametrize("microbatch", [1, 2])
+def test_grad_squared_is_mean_of_squared_microbatch_gradients(microbatch):
+    model = tiny_llama()
+    blocks = random_blocks(4, 10, seed=1)
+    params = _bind(GradSquared(microbatch), model)
+    scorer = GradSquared(fisher_microbatch=microbatch)
+    scorer.bind(params)
+    scores = _run(scorer, model, blocks, batch_size=4)
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    chunks = list(range(0, 4, microbatch))
+    for start in chunks:
+        grads = torch.autograd.grad(_mean_loss(model, blocks[start : start + microbatch]), list(params.values()))
+        for name, g in zip(params, grads, strict=True):
+            expected[name] += g**2 / len(chunks)
+    for name in params:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-12, msg=name)
+    # The square of the summed gradient is not the Fisher: make sure the two differ here.
+    total = torch.autograd.grad(_mean_loss(model, blocks), [params["model.norm.weight"]])[0]
+    assert not torch.allclose(scores["model.norm.weight"], total**2, rtol=1e-2)
+
+
+def _exact_hessian_diagonal(model, blocks, names):
+    """Diagonal of the Hessian of the mean loss w.r.t. the named tensors, column by column (exact)."""
+    params = dict(model.named_parameters())
+    targets = [params[n] for n in names]
+    grads = torch.autograd.grad(_mean_loss(model, blocks), targets, create_graph=True)
+    flat_grad = torch.cat([g.reshape(-1) for g in grads])
+    n = flat_grad.numel()
+    rows = []
+    for i in range(n):
+        row = torch.autograd.grad(flat_grad[i], targets, retain_graph=True)
+        rows.append(torch.cat([r.reshape(-1) for r in row]))
+    hessian = torch.stack(rows)
+    torch.testing.assert_close(hessian, hessian.T, rtol=1e-3, atol=1e-5)  # sanity: symmetric
+    return hessian
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_hutchinson_matches_exact_hessian_diagonal(hvp):
+    model = tiny_llama(layers=1)
+    model.set_attn_implementation("eager")
+    names = ["model.layers.0.self_attn.v_proj.weight", "model.layers.0.post_attention_layernorm.weight"]
+    blocks = random_blocks(3, 10, seed=2)
+    hessian = _exact_hessian_diagonal(model, blocks, names)
+    exact = hessian.diagonal()
+    probes = 200
+    scorer = HutchinsonDiag(probes=probes, hvp=hvp, fd_eps=1e-3, seed=0)
+    _bind(scorer, model, include=[n.replace(".", r"\.") for n in names])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scores = _run(scorer, model, blocks, batch_size=3)
+    estimate = torch.cat([scores[n].reshape(-1) for n in names])
+    # Var[v_i (Hv)_i] = sum_{j != i} H_ij^2 for Rademacher v: the estimator's standard error per entry.
+    off = hessian.pow(2).sum(1) - exact.pow(2)
+    se = (off / probes).sqrt()
+    z = (estimate - exact).abs() / (se + 1e-8)
+    assert z.max() < 5.5, f"worst deviation {z.max():.2f} standard errors"
+    assert (z < 2).float().mean() > 0.9
+    # A wrong estimator (e.g. missing the 1/tokens scaling, or a factor 2) would be far off:
+    assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.9
+    for n, p in model.named_parameters():  # finite differences restore the weights bit for bit
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_hutchinson_probes_share_one_forward_pass():
+    model = tiny_llama(layers=1)
+    model.set_attn_implementation("eager")
+    scorer = HutchinsonDiag(probes=4, hvp="autograd")
+    _bind(scorer, model)
+    calls = []
+
+    def loss_fn(batch):
+        calls.append(1)
+        return next_token_nll(model, batch)
+
+    scorer.update({"input_ids": random_blocks(2, 8)}, loss_fn)
+    assert len(calls) == 1
+    assert scorer.compute()  # signed values allowed
+    assert HutchinsonDiag.signed
+
+
+def test_finite_difference_refuses_16_bit_weights():
+    model = tiny_llama().to(torch.bfloat16)
+    with pytest.raises(CwaError, match="float32"):
+        _bind(HutchinsonDiag(hvp="finite_difference"), model)
+
+
+def test_magnitude_is_absolute_weight():
+    model = tiny_gpt2()
+    scorer = Magnitude()
+    params = _bind(scorer, model)
+    scorer.update({"input_ids": random_blocks(2, 8)}, lambda b: next_token_nll(model, b))
+    scores = scorer.compute()
+    for name, p in params.items():
+        assert torch.equal(scores[name], p.detach().abs())
+
+
+def test_nan_gradient_names_the_tensor():
+    model = tiny_llama()
+    scorer = GradXWeight()
+    params = _bind(scorer, model)
+    target = params["model.layers.1.mlp.up_proj.weight"]
+
+    def loss_fn(batch):
+        nll, tokens = next_token_nll(model, batch)
+        # sqrt(0) is finite but its derivative is inf: an Inf gradient under a finite loss.
+        return nll + torch.sqrt(target - target.detach()).sum(), tokens
+
+    scorer.update({"input_ids": random_blocks(2, 8)}, loss_fn)
+    with pytest.raises(CwaError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        scorer.compute()
+
+
+def test_unknown_metric_and_bad_options():
+    with pytest.raises(CwaError, match="unknown metric 'fisher'.*magnitude"):
+        make_scorer("fisher")
+    with pytest.raises(CwaError):
+        HutchinsonDiag(probes=0)
+    with pytest.raises(CwaError):
+        GradSquared(fisher_microbatch=0)
+    assert math.isnan(GradXWeight().mean_loss)

@@ -1,0 +1,97 @@
+"""Top-K selection and parameter selection against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+from torch import nn
+
+from cwa.errors import CwaError
+from cwa.params import select_parameters, split_name
+from cwa.topk import select_topk
+
+
+def _scores(seed=0, shapes=((30, 20), (7,), (50, 3), (1000,))):
+    g = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(*s, generator=g) for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("k", [1, 5, 37, 600, 1757])
+def test_global_topk_equals_torch_topk_over_concatenation(k):
+    scores = _scores()
+    top = select_topk(scores, k, "global")
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    expected = torch.topk(flat.abs(), k).values
+    torch.testing.assert_close(top.score.abs(), expected)
+    # Positions point back at the same values, signs kept.
+    offsets = torch.tensor([0] + [s.numel() for s in scores.values()]).cumsum(0)
+    torch.testing.assert_close(flat[offsets[top.param] + top.index], top.score)
+    assert len(set(zip(top.param.tolist(), top.index.tolist(), strict=True))) == k
+
+
+def test_per_layer_equals_per_tensor_topk():
+    scores = _scores(1)
+    top = select_topk(scores, 7, "per_layer")
+    assert len(top) == 7 * len(scores)
+    for i, (name, s) in enumerate(scores.items()):
+        mine = top.score[top.param == i].abs()
+        torch.testing.assert_close(mine, torch.topk(s.reshape(-1).abs(), 7).values, msg=name)
+
+
+def test_ties_are_broken_by_parameter_order_then_index():
+    scores = {"a": torch.tensor([1.0, 3.0, 3.0, 0.0]), "b": torch.tensor([3.0, 2.0]), "c": torch.tensor([-3.0, 5.0])}
+    top = select_topk(scores, 4, "global")
+    got = [(top.names[p], i) for p, i in zip(top.param.tolist(), top.index.tolist(), strict=True)]
+    assert got == [("c", 1), ("a", 1), ("a", 2), ("b", 0)]
+    again = select_topk(scores, 4, "global")
+    assert torch.equal(again.param, top.param) and torch.equal(again.index, top.index)
+    # Within one tensor, many equal values: the lowest indices win.
+    flat = {"x": torch.ones(1000)}
+    assert select_topk(flat, 5, "global").index.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_bad_k_is_one_clear_error():
+    scores = _scores()
+    with pytest.raises(CwaError, match="at least 1"):
+        select_topk(scores, 0)
+    with pytest.raises(CwaError, match="larger than the 1757 selected weights"):
+        select_topk(scores, 5000)
+    with pytest.raises(CwaError, match="t1"):
+        select_topk(scores, 8, "per_layer")
+
+
+class _Deep(nn.Module):
+    def __init__(self, n=12):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"mlp": nn.Linear(2, 2), "norm": nn.LayerNorm(2)}) for _ in range(n))
+
+
+def test_regex_selection_is_component_exact():
+    model = _Deep()
+    names = set(select_parameters(model, include=["layers.1."]))
+    assert names == {"layers.1.mlp.weight", "layers.1.mlp.bias", "layers.1.norm.weight", "layers.1.norm.bias"}
+    names = set(select_parameters(model, include=[r"layers.1"]))
+    assert all(n.startswith("layers.1.") for n in names) and len(names) == 4
+    names = set(select_parameters(model, include=[r"layers\.1[0-1]\.mlp"], exclude=["bias"]))
+    assert names == {"layers.10.mlp.weight", "layers.11.mlp.weight"}
+    names = set(select_parameters(model, include=[r".*\.weight"], exclude=["norm"]))
+    assert len(names) == 12 and all("mlp.weight" in n for n in names)
+    with pytest.raises(CwaError, match="select no parameter"):
+        select_parameters(model, include=["attn"])
+    with pytest.raises(CwaError, match="not a valid regular expression"):
+        select_parameters(model, include=["layers.(1"])
+
+
+def test_tied_weights_are_scored_once_and_conv1d_is_transposed():
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    chosen = select_parameters(model)
+    assert "lm_head.weight" not in chosen and "transformer.wte.weight" in chosen
+    info = chosen["transformer.h.0.attn.c_attn.weight"][1]
+    assert info.transposed and info.shape == (16, 48) and info.layer == 0 and info.module == "attn.c_attn"
+    # Storage (in=16, out=48): flat index of [in=3, out=40] is 3*48+40; cwa reports (row=out, col=in).
+    row, col = info.row_col(torch.tensor(3 * 48 + 40))
+    assert (int(row), int(col)) == (40, 3)
+    assert split_name("model.layers.12.mlp.down_proj.weight") == (12, "mlp.down_proj")
+    assert split_name("transformer.wte.weight") == (None, "wte")
