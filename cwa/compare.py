@@ -1,0 +1,416 @@
+"""``cwa compare RUN RUN ...``: how far runs agree on which weights are critical.
+
+For two or more fit-sensitivity runs (different metrics, seeds, calibration subsets, or models of one
+architecture) this computes, from the runs' artifacts only (the model is never loaded):
+
+- top-K overlap (Jaccard and overlap coefficient) of the global top-K sets at several K;
+- Spearman and Kendall rank correlation of |score| over the union of two runs' top-K sets and over a
+  uniform random sample of all weights (the same sample for every run);
+- where each run's global top-K live (layers, module types);
+- stability: runs that differ only in their calibration seed, with the mean pairwise Jaccard at each K
+  and a run-bootstrap 95% interval.
+
+It prints a table and writes ``compare.json`` and figures to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from cwa import agreement
+from cwa.errors import CwaError
+from cwa.io import write_json
+from cwa.runs import Key, Run, load_runs, unique_names
+
+DEFAULT_KS = (10, 100, 1000)
+DEFAULT_SAMPLE = 1_000_000
+
+
+# -- which parameters and which K are comparable ---------------------------------------------------
+def common_parameters(runs: list[Run]) -> tuple[list[str], str]:
+    """Parameters every run scored with the same shape (in the first run's order), and a note when the
+    runs' parameter sets differ (then only these are compared)."""
+    first = runs[0].shapes
+    common = [n for n, shape in first.items() if all(r.shapes.get(n) == shape for r in runs[1:])]
+    if all(list(r.shapes) == list(first) and r.shapes == first for r in runs[1:]):
+        return common, ""
+    if not common:
+        return [], "the runs score no parameter in common (same name and shape), so no score is comparable"
+    total = {r.name: len(r.shapes) for r in runs}
+    return common, (
+        f"the runs score different parameters ({', '.join(f'{n}: {c} tensors' for n, c in total.items())}); "
+        f"scores are compared on the {len(common)} tensors all of them score with the same shape, and top-K "
+        "sets selected over different parameter sets are not strictly comparable"
+    )
+
+
+def available_ks(runs: list[Run], ks: list[int]) -> list[int]:
+    """The requested K that at least two runs can give exactly."""
+    out = []
+    for k in sorted(set(ks)):
+        if sum(r.max_global_k >= k for r in runs) >= 2:
+            out.append(k)
+    return out
+
+
+def topk_sets(runs: list[Run], ks: list[int]) -> dict[int, list[set[Key] | None]]:
+    """Each run's exact global top-K as a set of (parameter, flat index), None where it cannot give it."""
+    out = {}
+    for k in ks:
+        out[k] = []
+        for run in runs:
+            keys = run.topk_keys(k)
+            out[k].append(None if keys is None else set(keys))
+    return out
+
+
+def overlap_matrices(sets: list[set[Key] | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(Jaccard, overlap coefficient) matrices; NaN for a run without that K."""
+    n = len(sets)
+    jac, ovl = np.full((n, n), np.nan), np.full((n, n), np.nan)
+    for i, j in itertools.product(range(n), range(n)):
+        if sets[i] is not None and sets[j] is not None:
+            jac[i, j] = agreement.jaccard(sets[i], sets[j])
+            ovl[i, j] = agreement.overlap_coefficient(sets[i], sets[j])
+    return jac, ovl
+
+
+# -- scores at chosen weights --------------------------------------------------------------------
+def random_sample(runs: list[Run], names: list[str], size: int, seed: int) -> dict[str, np.ndarray]:
+    """A uniform random sample (without replacement) of ``size`` weights of the ``names`` tensors."""
+    numels = np.array([runs[0].infos[n].numel for n in names], dtype=np.int64)
+    total = int(numels.sum())
+    size = min(size, total)
+    if size <= 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    flat = np.sort(rng.choice(total, size=size, replace=False))
+    offsets = np.concatenate([[0], np.cumsum(numels)])
+    param = np.searchsorted(offsets, flat, side="right") - 1
+    return {names[p]: flat[param == p] - offsets[p] for p in np.unique(param)}
+
+
+class ScoreTable:
+    """One run's |score| at a fixed set of weights, read in one pass over its scores file.
+
+    Without scores.safetensors the values come from topk.csv and every weight outside it reads 0: a
+    censored value, tied below the run's own cutoff, which keeps rank correlations meaningful only over
+    the top of the ranking (``exact`` is False then).
+    """
+
+    def __init__(self, run: Run, wanted: dict[str, np.ndarray]) -> None:
+        self.index = {n: np.unique(i) for n, i in wanted.items() if len(i)}
+        self.exact = run.has_scores
+        if self.exact:
+            self.values = run.scores_at(self.index)
+        else:
+            known: dict[str, dict[int, float]] = defaultdict(dict)
+            for row in run.topk_rows:
+                known[row["parameter"]][int(row["index"])] = abs(float(row["score"]))
+            self.values = {
+                n: np.array([known[n].get(int(i), 0.0) for i in idx], dtype=np.float32) for n, idx in self.index.items()
+            }
+
+    def lookup(self, keys: list[Key]) -> np.ndarray:
+        out = np.empty(len(keys), dtype=np.float64)
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for pos, (name, _) in enumerate(keys):
+            by_name[name].append(pos)
+        for name, positions in by_name.items():
+            want = np.array([keys[p][1] for p in positions], dtype=np.int64)
+            where = np.searchsorted(self.index[name], want)
+            out[positions] = self.values[name][where]
+        return out
+
+
+def _keys_of(wanted: dict[str, np.ndarray]) -> list[Key]:
+    return [(n, int(i)) for n, idx in wanted.items() for i in idx]
+
+
+def correlation_matrices(tables: list[ScoreTable], keys_for_pair) -> dict[str, list[list[dict | None]]]:
+    """Spearman and Kendall matrices; ``keys_for_pair(i, j)`` gives the weights a pair is compared on."""
+    n = len(tables)
+    out = {"spearman": [[None] * n for _ in range(n)], "kendall": [[None] * n for _ in range(n)]}
+    for i, j in itertools.combinations(range(n), 2):
+        keys = keys_for_pair(i, j)
+        if not keys:
+            continue
+        x, y = tables[i].lookup(keys), tables[j].lookup(keys)
+        for name, fn in (("spearman", agreement.spearman), ("kendall", agreement.kendall)):
+            value = fn(x, y).as_dict()
+            out[name][i][j] = out[name][j][i] = value
+    return out
+
+
+# -- where the top-K live ------------------------------------------------------------------------
+def locations(run: Run, k: int) -> dict:
+    """Counts of the run's global top-k by layer and by module type (tensors outside layers by name)."""
+    top = run.global_topk(k)
+    if top is None:
+        return {}
+    by_layer: Counter = Counter()
+    by_module: Counter = Counter()
+    for p in top.param.tolist():
+        info = run.infos[top.names[p]]
+        by_layer["outside" if info.layer is None else str(info.layer)] += 1
+        by_module[info.module] += 1
+    return {"k": k, "by_layer": dict(by_layer), "by_module": dict(by_module.most_common())}
+
+
+# -- stability over calibration seeds ------------------------------------------------------------
+def stability_groups(runs: list[Run], sets: dict[int, list[set[Key] | None]], seed: int) -> list[dict]:
+    """Groups of runs with identical settings but different calibration seeds, with their agreement."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, run in enumerate(runs):
+        groups[run.settings_key()].append(i)
+    out = []
+    for members in groups.values():
+        seeds = {runs[i].seed for i in members}
+        if len(members) < 2 or len(seeds) < 2:
+            continue
+        entry = {
+            "runs": [runs[i].name for i in members],
+            "seeds": [runs[i].seed for i in members],
+            "label": f"{runs[members[0]].model} · {runs[members[0]].label.rsplit(' seed=', 1)[0]}",
+            "by_k": {},
+        }
+        for k, per_run in sets.items():
+            group_sets = [per_run[i] for i in members]
+            if any(s is None for s in group_sets):
+                continue
+            jac, _ = overlap_matrices(group_sets)
+            entry["by_k"][str(k)] = agreement.stability(jac, seed=seed)
+        out.append(entry)
+    return out
+
+
+# -- the whole comparison ------------------------------------------------------------------------
+def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, seed: int = 0) -> dict:
+    """Every statistic of ``cwa compare`` as one JSON-ready dict (matrices indexed like ``runs``)."""
+    if len(runs) < 2:
+        raise CwaError("compare needs at least two run directories.")
+    notes = []
+    names = unique_names(runs)
+    common, note = common_parameters(runs)
+    if note:
+        notes.append(note)
+    usable = available_ks(runs, ks)
+    dropped = sorted(set(ks) - set(usable))
+    if dropped:
+        notes.append(
+            f"K={', '.join(map(str, dropped))} dropped: fewer than two runs hold an exact global top-K that large "
+            "(no scores.safetensors and a shorter topk.csv)"
+        )
+    sets = topk_sets(runs, usable)
+    result: dict = {
+        "runs": [
+            {
+                "name": names[i],
+                "path": str(r.path),
+                "model": r.model,
+                "metric": r.metric,
+                "mode": r.mode,
+                "k": r.k,
+                "samples": r.samples,
+                "seed": r.seed,
+                "has_scores": r.has_scores,
+                "data_fingerprint": r.summary.get("data_fingerprint"),
+            }
+            for i, r in enumerate(runs)
+        ],
+        "ks": usable,
+        "overlap": {},
+        "correlation": {"topk_union": {}, "random_sample": None},
+        "locations": {},
+        "stability": stability_groups(runs, sets, seed),
+        "notes": notes,
+    }
+    for k in usable:
+        jac, ovl = overlap_matrices(sets[k])
+        result["overlap"][str(k)] = {"jaccard": _matrix(jac), "overlap_coefficient": _matrix(ovl)}
+    missing = [r.name for r in runs if not r.has_scores]
+    if missing:
+        notes.append(
+            f"{', '.join(missing)} saved no scores.safetensors: their correlations use topk.csv scores, with every "
+            "weight outside topk.csv tied below it, and they are left out of the random-sample correlation"
+        )
+    common_set = set(common)
+    if common:
+        usable_union = [k for k in usable if all(s is None or all(n in common_set for n, _ in s) for s in sets[k])]
+        union_all: dict[str, set[int]] = defaultdict(set)
+        for k in usable_union:
+            for s in sets[k]:
+                for name, index in s or ():
+                    union_all[name].add(index)
+        sampled = random_sample(runs, common, sample, seed) if not missing else {}
+        wanted = {
+            n: np.array(sorted(union_all.get(n, set()) | set(sampled.get(n, np.empty(0)).tolist())), dtype=np.int64)
+            for n in set(union_all) | set(sampled)
+        }
+        tables = [ScoreTable(r, wanted) for r in runs]
+        for k in usable_union:
+
+            def pair_keys(i: int, j: int, k: int = k) -> list[Key]:
+                a, b = sets[k][i], sets[k][j]
+                return sorted(a | b) if a is not None and b is not None else []
+
+            result["correlation"]["topk_union"][str(k)] = correlation_matrices(tables, pair_keys)
+        if sampled:
+            sample_keys = _keys_of(sampled)
+            result["correlation"]["random_sample"] = {
+                "size": len(sample_keys),
+                "seed": seed,
+                **correlation_matrices(tables, lambda i, j: sample_keys),
+            }
+    for i, run in enumerate(runs):
+        fits = [k for k in usable if run.max_global_k >= k]
+        if fits:
+            result["locations"][names[i]] = locations(run, fits[-1])
+    return result
+
+
+def _matrix(m: np.ndarray) -> list[list[float | None]]:
+    return [[None if not math.isfinite(v) else round(float(v), 6) for v in row] for row in m]
+
+
+# -- output --------------------------------------------------------------------------------------
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """The pairwise table printed to the terminal (one line per pair of runs)."""
+    names = [r["name"] for r in result["runs"]]
+    lines = ["runs:"]
+    for i, r in enumerate(result["runs"]):
+        lines.append(
+            f"  [{i}] {names[i]}: {r['model']} · {r['metric']} {r['mode']} k={r['k']} n={r['samples']} seed={r['seed']}"
+        )
+    ks = result["ks"]
+    header = "  pair    " + "".join(f"  J@{k:<6} O@{k:<6}" for k in ks) + "  rho(top-K∪)  tau(top-K∪)  rho(sample)"
+    lines += ["", header]
+    largest = str(ks[-1]) if ks else None
+    union = result["correlation"]["topk_union"].get(largest, {}) if largest else {}
+    sample = result["correlation"]["random_sample"] or {}
+    for i, j in itertools.combinations(range(len(names)), 2):
+        cells = []
+        for k in ks:
+            ov = result["overlap"][str(k)]
+            cells.append(f"  {_fmt(ov['jaccard'][i][j]):<8} {_fmt(ov['overlap_coefficient'][i][j]):<8}")
+        rho = (union.get("spearman") or [[None]])[i][j] if union else None
+        tau = (union.get("kendall") or [[None]])[i][j] if union else None
+        srho = sample["spearman"][i][j] if sample else None
+        lines.append(
+            f"  {i}-{j:<5}"
+            + "".join(cells)
+            + f"  {_fmt(rho and rho['value']):>11}  {_fmt(tau and tau['value']):>11}"
+            + f"  {_fmt(srho and srho['value']):>11}"
+        )
+    if largest:
+        lines.append(
+            f"  J = Jaccard, O = overlap coefficient of the global top-K; correlations of |score| at K={largest}."
+        )
+    for group in result["stability"]:
+        lines += ["", f"stability over calibration seeds {group['seeds']}: {group['label']}"]
+        for k, s in group["by_k"].items():
+            interval = f"[{_fmt(s['low'])}, {_fmt(s['high'])}]" if s["low"] is not None else f"({s['note']})"
+            lines.append(f"  K={k}: mean pairwise Jaccard {_fmt(s['mean'])} {interval} over {s['runs']} runs")
+    for note in result["notes"]:
+        lines += ["", f"note: {note}."]
+    return "\n".join(lines)
+
+
+def write_figures(result: dict, out: Path) -> list[Path]:
+    from cwa import report_figures
+
+    paths = []
+    names = [r["name"] for r in result["runs"]]
+    if result["ks"]:
+        k = str(result["ks"][-1])
+        path = out / "figures" / f"overlap_jaccard_k{k}.png"
+        report_figures.overlap_heatmap(
+            np.array(result["overlap"][k]["jaccard"], dtype=float),
+            names,
+            f"Jaccard overlap of the global top-{k}",
+            path,
+        )
+        paths.append(path)
+    if result["locations"]:
+        path = out / "figures" / "topk_by_layer.png"
+        report_figures.layer_distribution(result["locations"], path)
+        paths.append(path)
+        path = out / "figures" / "topk_by_module.png"
+        report_figures.module_distribution(result["locations"], path)
+        paths.append(path)
+    return paths
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(float(x)) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise CwaError(f"--ks must be comma-separated integers such as 10,100,1000, not '{text}'.") from None
+    if not ks or ks[0] < 1:
+        raise CwaError(f"--ks needs positive integers, got '{text}'.")
+    return ks
+
+
+def default_output(runs: list[Run]) -> Path:
+    """``<lightning_logs>/compare/<timestamp>`` beside the first run's experiment folder."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return runs[0].path.resolve().parent.parent / "compare" / stamp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cwa compare",
+        description="Agreement between fit-sensitivity runs: top-K overlap, rank correlations of the scores, "
+        "where the top-K live, and stability over calibration seeds. Reads the runs' files only.",
+    )
+    parser.add_argument("runs", nargs="+", help="run directories (lightning_logs/NAME/version_N), two or more")
+    parser.add_argument(
+        "--ks",
+        default=",".join(map(str, DEFAULT_KS)),
+        help="comma-separated K for the top-K overlap (default %(default)s); a K that fewer than two runs can give "
+        "exactly (no scores file and a shorter topk.csv) is dropped with a note",
+    )
+    parser.add_argument(
+        "--sample",
+        type=float,
+        default=DEFAULT_SAMPLE,
+        help="size of the uniform random sample of weights for the rank correlation over all weights "
+        "(default %(default).0f; 0 skips it)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample and the bootstraps (default 0)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="directory for compare.json and figures/ "
+        "(default: <lightning_logs>/compare/<timestamp> beside the first run)",
+    )
+    parser.add_argument("--no-figures", action="store_true", help="write compare.json only")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    runs = load_runs(args.runs)
+    if len(runs) < 2:
+        raise CwaError("compare needs at least two different run directories.")
+    result = compare_runs(runs, parse_ks(args.ks), int(args.sample), args.seed)
+    out = args.output or default_output(runs)
+    write_json(out / "compare.json", result)
+    if not args.no_figures:
+        result["figures"] = [str(p.relative_to(out)) for p in write_figures(result, out)]
+        write_json(out / "compare.json", result)
+    print(format_table(result))
+    print(f"\ncompare.json and figures in {out}")
+    return 0

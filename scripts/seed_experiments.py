@@ -1,0 +1,182 @@
+"""Run the seed report's six experiments with their exact settings, then write the report over them.
+
+    python scripts/seed_experiments.py --output /tmp/seed-grid
+
+Each experiment is one ``cwa fit-sensitivity`` run of the config in ``configs/`` that the seed report's
+experiment used, with the experiment's metric, K, mode and number of samples given on the command line.
+Where the Hugging Face hub is not reachable (or ``HF_HUB_OFFLINE`` is set and the models are not cached),
+the script says so in one line and runs the same grid on the embedded SmolLM2-135M, with a shorter
+sequence length so that the whole grid finishes in about a quarter of an hour on two CPU cores. Extra
+calibration seeds of one cheap experiment (``--replicates``) give ``cwa report`` a stability estimate.
+Finished runs in the output directory are reused unless ``--force`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+EMBEDDED = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One seed-report experiment: its name there, the config it runs and the settings it reported."""
+
+    name: str
+    config: str
+    metric: str
+    k: int
+    mode: str
+    samples: int
+
+
+# The six experiments of the seed report, with the settings it lists for each.
+SEED_GRID = [
+    Experiment("dialogpt-small_grad_x_weight_k100", "dialogpt-small.yaml", "grad_x_weight", 100, "global", 20),
+    Experiment("dialogpt-small_hutchinson_diag_k100", "dialogpt-small.yaml", "hutchinson_diag", 100, "global", 20),
+    Experiment("gpt2_grad_x_weight_k50", "gpt2.yaml", "grad_x_weight", 50, "per_layer", 10),
+    Experiment("llama-3.1-8b_grad_x_weight_k100", "llama-3.1-8b.yaml", "grad_x_weight", 100, "per_layer", 100),
+    Experiment("gpt2_magnitude_k10", "gpt2.yaml", "magnitude", 10, "per_layer", 5),
+    Experiment("dialogpt-small_grad_x_weight_k50", "dialogpt-small.yaml", "grad_x_weight", 50, "per_layer", 10),
+]
+HUB_MODELS = {
+    "dialogpt-small.yaml": "microsoft/DialoGPT-small",
+    "gpt2.yaml": "gpt2",
+    "llama-3.1-8b.yaml": "meta-llama/Llama-3.1-8B",
+}
+
+
+def hub_reachable(timeout: float = 30.0) -> tuple[bool, str]:
+    """Whether gpt2's config loads (from the hub or the local cache), tried in a child process with a timeout."""
+    code = "from transformers import AutoConfig; AutoConfig.from_pretrained('gpt2')"
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"loading gpt2's config took longer than {timeout:.0f} s"
+    if result.returncode == 0:
+        return True, ""
+    last = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+    return False, last[:160]
+
+
+def overrides(exp: Experiment, embedded: bool, seq_len: int | None, seed: int) -> list[str]:
+    """Command-line overrides that give the config the experiment's exact metric, K, mode and samples."""
+    args = ["--model.k", str(exp.k), "--model.mode", exp.mode, "--data.num_samples", str(exp.samples)]
+    args += ["--data.seed", str(seed)]
+    # dialogpt-small.yaml configures Hutchinson with options; every other experiment names its metric.
+    if not (exp.config == "dialogpt-small.yaml" and exp.metric == "hutchinson_diag"):
+        args += ["--model.metric", exp.metric]
+    if embedded:
+        args += ["--model.pretrained", EMBEDDED]
+        if exp.config == "llama-3.1-8b.yaml":
+            # The 8-GPU FSDP / bf16 settings of the Llama config do not apply to one CPU process.
+            args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+            args += ["--model.dtype", "float32", "--model.save_scores", "float32", "--data.batch_size", "4"]
+    if seq_len:
+        args += ["--data.seq_len", str(seq_len)]
+    return args
+
+
+def complete_runs(root: Path) -> set[Path]:
+    found = set()
+    for summary in root.glob("version_*/summary.json"):
+        try:
+            if json.loads(summary.read_text()).get("status") == "complete":
+                found.add(summary.parent)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
+def run_experiment(
+    exp: Experiment, name: str, seed: int, logs: Path, embedded: bool, seq_len: int | None, force: bool, cwa: list[str]
+) -> Path:
+    """Run (or reuse) one experiment and return its run directory."""
+    before = complete_runs(logs / name)
+    if before and not force:
+        run = sorted(before)[-1]
+        print(f"  {name}: reusing {run}", flush=True)
+        return run
+    command = [*cwa, "fit-sensitivity", "--config", str(CONFIGS / exp.config)]
+    command += overrides(exp, embedded, seq_len, seed)
+    command += ["--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name]
+    print(f"  {name}: {exp.metric}, {exp.mode} k={exp.k}, {exp.samples} samples, seed {seed} ...", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+        raise SystemExit(f"seed_experiments: {name} failed (exit {result.returncode}): {' '.join(command)}")
+    new = complete_runs(logs / name) - before
+    if not new:
+        raise SystemExit(f"seed_experiments: {name} finished but left no complete run under {logs / name}.")
+    run = sorted(new)[-1]
+    print(f"  {name}: done in {time.perf_counter() - start:.0f} s -> {run}", flush=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("seed-experiments"), help="directory for runs and report")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length override (default: the configs' on the hub, 128 on the embedded fallback)",
+    )
+    parser.add_argument(
+        "--replicates",
+        type=int,
+        default=3,
+        help="calibration seeds (0..N-1) of gpt2_grad_x_weight_k50 for the "
+        "stability estimate (1 = only the seed report's runs)",
+    )
+    parser.add_argument(
+        "--embedded", action="store_true", help="run the grid on the embedded model without asking the hub"
+    )
+    parser.add_argument("--force", action="store_true", help="rerun experiments that already have a complete run")
+    args = parser.parse_args(argv)
+
+    embedded = args.embedded
+    if not embedded:
+        ok, why = hub_reachable()
+        if not ok:
+            print(
+                f"seed_experiments: the Hugging Face hub is not reachable ({why}); running the same grid on the "
+                f"embedded {EMBEDDED} instead.",
+                flush=True,
+            )
+            embedded = True
+    seq_len = args.seq_len or (128 if embedded else None)
+    logs = args.output.resolve() / "lightning_logs"
+    cwa = [sys.executable, "-m", "cwa"]
+    env_note = "embedded SmolLM2-135M" if embedded else "hub models"
+    print(f"seed_experiments: {len(SEED_GRID)} experiments on the {env_note}; runs under {logs}", flush=True)
+    runs = []
+    for exp in SEED_GRID:
+        runs.append(run_experiment(exp, exp.name, 0, logs, embedded, seq_len, args.force, cwa))
+    stability = SEED_GRID[2]
+    for seed in range(1, max(1, args.replicates)):
+        name = f"{stability.name}_seed{seed}"
+        runs.append(run_experiment(stability, name, seed, logs, embedded, seq_len, args.force, cwa))
+    report = args.output.resolve() / "reports" / "critical-weights.md"
+    command = [*cwa, "report", *map(str, runs), "--output", str(report)]
+    print(f"seed_experiments: writing the report: {' '.join(command[2:])}", flush=True)
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise SystemExit(f"seed_experiments: cwa report failed (exit {result.returncode}).")
+    print(f"seed_experiments: report at {report}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
