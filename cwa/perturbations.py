@@ -1,0 +1,456 @@
+"""Perturbing chosen weights in place and restoring them bit for bit; choosing the control weights.
+
+Pure tensor code, no model or Trainer: a *selection* maps a parameter name to the sorted flat indices
+of the weights to perturb in that tensor. Every write is one indexed write per tensor (no Python loop
+over weights); the original values are saved through an integer view of the storage, so restoring
+them reproduces the exact bits (signed zeros and NaN payloads included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cwa.errors import CwaError
+from cwa.topk import TopK
+
+Selection = dict[str, Tensor]
+"""Parameter name -> sorted, unique int64 flat indices into that tensor's storage."""
+
+PERTURBATIONS = ("zero", "sign_flip", "scale", "gaussian_noise", "bit_flip")
+PerturbationKind = Literal["zero", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
+
+# Storage formats: (integer view, total bits, mantissa bits). Bit 0 is the least-significant mantissa bit.
+_FORMATS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.float32: (torch.int32, 32, 23),
+    torch.bfloat16: (torch.int16, 16, 7),
+    torch.float16: (torch.int16, 16, 10),
+    torch.float64: (torch.int64, 64, 52),
+}
+_FORMAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+class ControlUnavailable(CwaError):
+    """A control of the requested size cannot be drawn (too few eligible weights)."""
+
+
+# -- bit flips -------------------------------------------------------------------------------------
+def storage_format(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
+    """(integer view dtype, total bits, mantissa bits) of a floating storage format."""
+    try:
+        return _FORMATS[dtype]
+    except KeyError:
+        raise CwaError(f"bit flips need a float32, bfloat16 or float16 tensor, not {dtype}.") from None
+
+
+def resolve_bit(bit: int | str, dtype: torch.dtype) -> int:
+    """Bit index (0 = least-significant mantissa bit) of ``bit`` in ``dtype``'s storage format.
+
+    Args:
+        bit: an index, or ``sign`` (the top bit) or ``exponent_msb`` (the highest exponent bit).
+        dtype: the storage dtype of the weights.
+    """
+    _, total, _ = storage_format(dtype)
+    if bit == "sign":
+        return total - 1
+    if bit == "exponent_msb":
+        return total - 2
+    if isinstance(bit, str):
+        try:
+            bit = int(bit)
+        except ValueError:
+            raise CwaError(f"unknown bit '{bit}': use sign, exponent_msb or an index from 0 to {total - 1}.") from None
+    if not 0 <= bit < total:
+        raise CwaError(
+            f"bit index {bit} is outside the {_FORMAT_NAMES[dtype]} format (bits 0 to {total - 1}, "
+            "0 = least-significant mantissa bit)."
+        )
+    return bit
+
+
+def _bit_mask(bit: int, int_dtype: torch.dtype, total: int) -> Tensor:
+    value = 1 << bit
+    if value >= 1 << (total - 1):  # the sign bit of a signed integer view is negative
+        value -= 1 << total
+    return torch.tensor(value, dtype=int_dtype)
+
+
+def flip_bit(values: Tensor, bit: int | str) -> Tensor:
+    """A copy of ``values`` with one bit of every element's storage flipped (XOR on the integer view)."""
+    int_dtype, total, _ = storage_format(values.dtype)
+    index = resolve_bit(bit, values.dtype)
+    ints = values.contiguous().view(int_dtype) ^ _bit_mask(index, int_dtype, total).to(values.device)
+    return ints.view(values.dtype)
+
+
+# -- perturbations ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Perturbation:
+    """How the chosen weights change.
+
+    Args:
+        kind: ``zero``, ``sign_flip``, ``scale`` (multiply by ``factor``), ``gaussian_noise`` (add
+            ``sigma`` times |w| or times the tensor's standard deviation, times N(0, 1)) or ``bit_flip``
+            (flip ``bit`` of the weight's storage format).
+        factor: the multiplier of ``scale``.
+        sigma: the noise level of ``gaussian_noise``.
+        relative_to: ``weight`` (noise scaled by each weight's |w|) or ``tensor_std`` (by the standard
+            deviation of the whole tensor).
+        bit: the bit ``bit_flip`` flips: ``sign``, ``exponent_msb`` or an index (0 = least-significant
+            mantissa bit).
+    """
+
+    kind: str = "zero"
+    factor: float = 0.0
+    sigma: float = 1.0
+    relative_to: Literal["weight", "tensor_std"] = "weight"
+    bit: int | str = "exponent_msb"
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERTURBATIONS:
+            raise CwaError(f"unknown perturbation '{self.kind}': use {', '.join(PERTURBATIONS)}.")
+        if self.relative_to not in ("weight", "tensor_std"):
+            raise CwaError(f"unknown noise reference '{self.relative_to}': use weight or tensor_std.")
+
+    @property
+    def random(self) -> bool:
+        return self.kind == "gaussian_noise"
+
+    def describe(self) -> str:
+        if self.kind == "scale":
+            return f"scale x{self.factor:g}"
+        if self.kind == "gaussian_noise":
+            return f"gaussian_noise sigma={self.sigma:g}*{'|w|' if self.relative_to == 'weight' else 'std'}"
+        if self.kind == "bit_flip":
+            return f"bit_flip bit={self.bit}"
+        return self.kind
+
+    def validate(self, dtype: torch.dtype) -> None:
+        """Fail early (before any evaluation) on a setting the weights' format cannot take."""
+        if self.kind == "bit_flip":
+            resolve_bit(self.bit, dtype)
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write)."""
+        flat = tensor.view(-1)
+        if self.kind == "bit_flip":
+            int_dtype, total, _ = storage_format(tensor.dtype)
+            ints = flat.view(int_dtype)
+            mask = _bit_mask(resolve_bit(self.bit, tensor.dtype), int_dtype, total).to(tensor.device)
+            ints[index] = ints[index] ^ mask
+            return
+        if self.kind == "zero":
+            flat[index] = 0
+            return
+        values = flat[index].float()
+        if self.kind == "sign_flip":
+            new = -values
+        elif self.kind == "scale":
+            new = values * self.factor
+        else:
+            noise = torch.randn(values.shape, generator=generator, dtype=torch.float32).to(values.device)
+            scale = values.abs() if self.relative_to == "weight" else flat.float().std()
+            new = values + self.sigma * scale * noise
+        flat[index] = new.to(tensor.dtype)
+
+
+def tensor_checksum(tensor: Tensor) -> str:
+    """sha256 of a tensor's storage bytes (the exact bits)."""
+    data = tensor.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    data = data.contiguous()
+    int_dtype = _FORMATS[data.dtype][0] if data.dtype in _FORMATS else None
+    array = (data.view(int_dtype) if int_dtype is not None else data).numpy()
+    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
+
+
+@dataclass
+class ChecksumCache:
+    """Checksums of the untouched tensors, computed once each and compared after every restoration."""
+
+    params: Mapping[str, Tensor]
+    sums: dict[str, str] = field(default_factory=dict)
+
+    def original(self, name: str) -> str:
+        if name not in self.sums:
+            self.sums[name] = tensor_checksum(self.params[name])
+        return self.sums[name]
+
+    def verify(self, names: list[str]) -> None:
+        for name in names:
+            if tensor_checksum(self.params[name]) != self.original(name):
+                raise RuntimeError(f"restoring '{name}' did not reproduce its original bits; results are invalid.")
+
+
+@contextlib.contextmanager
+def perturbed(
+    params: Mapping[str, Tensor],
+    selection: Selection,
+    perturbation: Perturbation,
+    generator: torch.Generator | None = None,
+    checksums: ChecksumCache | None = None,
+) -> Iterator[None]:
+    """Apply ``perturbation`` to the selected weights for the duration of the block, then restore them.
+
+    Restoration happens also when the block (or the perturbation itself) raises; with ``checksums``
+    the touched tensors are verified bit for bit against their originals afterwards.
+
+    Args:
+        params: parameter name -> tensor (the model's own parameters, modified in place).
+        selection: which weights to perturb.
+        perturbation: how to perturb them.
+        generator: random numbers for ``gaussian_noise`` (CPU generator).
+        checksums: verify the touched tensors after restoring them.
+    """
+    saved: dict[str, tuple[Tensor, Tensor]] = {}
+    names = [n for n, idx in selection.items() if idx.numel()]
+    if checksums is not None:
+        for name in names:
+            checksums.original(name)
+    try:
+        with torch.no_grad():
+            for name in names:
+                tensor = params[name]
+                if not tensor.is_contiguous():
+                    raise CwaError(f"parameter '{name}' is not contiguous; flat indices cannot address it.")
+                index = selection[name].to(tensor.device)
+                int_dtype = _FORMATS[tensor.dtype][0]
+                saved[name] = (index, tensor.view(-1).view(int_dtype)[index].clone())
+                perturbation.write(tensor, index, generator)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, (index, bits) in saved.items():
+                tensor = params[name]
+                tensor.view(-1).view(bits.dtype)[index] = bits
+        if checksums is not None:
+            checksums.verify(list(saved))
+
+
+# -- selections ------------------------------------------------------------------------------------
+def selection_from(names: list[str], param: Tensor, index: Tensor) -> Selection:
+    """Group (parameter position, flat index) pairs into a selection, tensors in ``names`` order."""
+    out: Selection = {}
+    for i, name in enumerate(names):
+        mask = param == i
+        if mask.any():
+            out[name] = torch.unique(index[mask])  # sorted
+    return out
+
+
+def topk_prefix(topk: TopK, k: int) -> Selection:
+    return selection_from(topk.names, topk.param[:k], topk.index[:k])
+
+
+def selection_size(selection: Selection) -> int:
+    return sum(int(idx.numel()) for idx in selection.values())
+
+
+def _first_occurrences(values: Tensor) -> Tensor:
+    """``values`` without repeats, each kept at its first position."""
+    if values.numel() == 0:
+        return values
+    uniq, inverse = torch.unique(values, return_inverse=True)
+    positions = torch.arange(values.numel())
+    first = torch.full((uniq.numel(),), values.numel(), dtype=torch.long).scatter_reduce(
+        0, inverse, positions, reduce="amin"
+    )
+    return values[first.sort().values]
+
+
+def sample_excluding(numel: int, exclude: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` distinct indices drawn uniformly from ``range(numel)`` minus ``exclude`` (sorted), sorted.
+
+    Small populations use a permutation; large ones draw with replacement and drop repeats and
+    excluded indices in order, which is the same uniform sample without replacement.
+    """
+    available = numel - int(exclude.numel())
+    if n > available:
+        raise ControlUnavailable(f"cannot draw {n} weights from {available} eligible ones.")
+    if n == 0:
+        return torch.empty(0, dtype=torch.long)
+    if numel <= 1 << 22 or available < 4 * n:
+        perm = torch.randperm(numel, generator=generator)
+        return perm[~torch.isin(perm, exclude)][:n].sort().values
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < n:
+        draw = torch.randint(0, numel, (2 * (n - chosen.numel()) + 16,), generator=generator)
+        draw = draw[~torch.isin(draw, exclude)]
+        chosen = _first_occurrences(torch.cat([chosen, draw]))[:n]
+    return chosen.sort().values
+
+
+def random_matched(params: Mapping[str, Tensor], target: Selection, generator: torch.Generator) -> Selection:
+    """Random weights with exactly the per-tensor counts of ``target``, never one of ``target``'s weights.
+
+    Args:
+        params: parameter name -> tensor (only shapes are read).
+        target: the top-K selection to match.
+        generator: the control's seed.
+    """
+    out: Selection = {}
+    for name, index in target.items():
+        try:
+            out[name] = sample_excluding(params[name].numel(), index, int(index.numel()), generator)
+        except ControlUnavailable:
+            raise ControlUnavailable(
+                f"'{name}' holds {index.numel()} of the top-K weights and only "
+                f"{params[name].numel() - index.numel()} others, too few for a matched random control."
+            ) from None
+    return out
+
+
+class MagnitudeBins:
+    """Quantile bins of |w| over a set of tensors, with per-tensor bin counts.
+
+    The edges are quantiles of |w| over all weights (of a fixed random subsample of 2^22 when there
+    are more); a weight's bin is ``torch.bucketize(|w|, edges, right=True)``, so bins are half-open
+    ``[edge_{b-1}, edge_b)``. Repeated edges (e.g. many exact zeros) leave some bins empty.
+
+    Args:
+        params: parameter name -> tensor, in model order.
+        bins: number of quantile bins.
+        seed: seed of the subsample on very large models.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], bins: int = 100, seed: int = 0) -> None:
+        if bins < 1:
+            raise CwaError(f"magnitude_bins must be at least 1, got {bins}.")
+        self.params, self.names, self.bins = params, list(params), bins
+        self.edges = self._edges(seed)
+        self.counts = torch.stack(
+            [torch.bincount(self.bin_of(params[n].detach().reshape(-1)), minlength=bins) for n in self.names]
+        )  # (tensors, bins)
+        self._order: dict[str, Tensor] = {}
+
+    def _edges(self, seed: int, limit: int = 1 << 22) -> Tensor:
+        total = sum(self.params[n].numel() for n in self.names)
+        generator = torch.Generator().manual_seed(seed)
+        parts = []
+        for name in self.names:
+            flat = self.params[name].detach().reshape(-1)
+            if total > limit:
+                take = max(1, round(limit * flat.numel() / total))
+                flat = flat[torch.randint(0, flat.numel(), (take,), generator=generator).to(flat.device)]
+            parts.append(flat.abs().float().cpu())
+        values = torch.cat(parts).sort().values
+        q = torch.arange(1, self.bins, dtype=torch.float64) / self.bins
+        # Edge b is the first value of quantile b, so with ``right=True`` each bin holds ~1/bins of the weights.
+        positions = (q * values.numel()).floor().long().clamp(max=values.numel() - 1)
+        return values[positions]
+
+    def bin_of(self, values: Tensor) -> Tensor:
+        """Bin index of each weight value (by |value|)."""
+        return torch.bucketize(values.detach().abs().float().cpu(), self.edges, right=True)
+
+    def _members(self, row: int) -> Tensor:
+        """Flat indices of a tensor grouped by bin (bin 0 first, ascending index within a bin)."""
+        name = self.names[row]
+        if name not in self._order:
+            order = torch.argsort(self.bin_of(self.params[name].reshape(-1)), stable=True)
+            self._order[name] = order.to(torch.int32) if order.numel() < 1 << 31 else order
+        return self._order[name]
+
+    def matched(self, target: Selection, generator: torch.Generator) -> Selection:
+        """Random weights with exactly the bin counts of ``target`` (over all tensors), never one of
+        ``target``'s weights: for each bin, a uniform sample of the other weights in that bin."""
+        row_of = {n: i for i, n in enumerate(self.names)}
+        need = torch.zeros(self.bins, dtype=torch.long)
+        target_bins: dict[int, Tensor] = {}
+        for name, index in target.items():
+            values = self.params[name].detach().reshape(-1)[index.to(self.params[name].device)]
+            target_bins[row_of[name]] = self.bin_of(values)
+            need += torch.bincount(target_bins[row_of[name]], minlength=self.bins)
+        starts = torch.cumsum(self.counts, 0) - self.counts  # (tensors, bins): first position of a tensor in a bin
+        requests: dict[int, list[tuple[int, Tensor, Tensor]]] = {}  # row -> [(bin, local rank, order)]
+        candidates: dict[int, tuple[Tensor, Tensor]] = {}
+        for b in torch.nonzero(need).squeeze(1).tolist():
+            n, population = int(need[b]), int(self.counts[:, b].sum())
+            if population - n < n:
+                raise ControlUnavailable(
+                    f"magnitude bin {b} holds {n} of the top-K weights and only {population - n} others, too few "
+                    "for a magnitude-matched control; use fewer magnitude_bins."
+                )
+            # Among the first 2n of a random order of the bin at most n are top-K weights, so at least n remain.
+            positions = torch.randperm(population, generator=generator)[: 2 * n]
+            rows = torch.searchsorted(starts[:, b], positions, right=True) - 1
+            for row in torch.unique(rows).tolist():
+                mask = rows == row
+                order = torch.nonzero(mask).squeeze(1)
+                requests.setdefault(row, []).append((b, positions[mask] - starts[row, b], order))
+            candidates[b] = (
+                torch.empty(positions.numel(), dtype=torch.long),
+                torch.empty(positions.numel(), dtype=torch.long),
+            )
+        for row, items in requests.items():
+            members = self._members(row)
+            first_in_bin = torch.cumsum(self.counts[row], 0) - self.counts[row]
+            for b, local, order in items:
+                flat = members[(first_in_bin[b] + local).long()].long()
+                candidates[b][0][order] = row
+                candidates[b][1][order] = flat
+        chosen_rows, chosen_index = [], []
+        for b, (rows, flat) in candidates.items():
+            keep = torch.ones(rows.numel(), dtype=torch.bool)
+            for row in torch.unique(rows).tolist():
+                name = self.names[row]
+                if name in target:
+                    mask = rows == row
+                    keep[mask] = ~torch.isin(flat[mask], target[name])
+            picked = torch.nonzero(keep).squeeze(1)[: int(need[b])]
+            chosen_rows.append(rows[picked])
+            chosen_index.append(flat[picked])
+        if not chosen_rows:
+            return {}
+        return selection_from(self.names, torch.cat(chosen_rows), torch.cat(chosen_index))
+
+
+def bottomk(scores: Mapping[str, Tensor], k: int) -> TopK:
+    """The k lowest |scores| over all tensors; ties: earlier parameter, then lower flat index.
+
+    Args:
+        scores: one score tensor per parameter, in model order.
+        k: how many weights.
+    """
+    names = list(scores)
+    total = sum(s.numel() for s in scores.values())
+    if k > total:
+        raise CwaError(f"bottom-K with k={k} is larger than the {total} scored weights.")
+    best_key = torch.empty(0)
+    best_param = torch.empty(0, dtype=torch.long)
+    best_index = torch.empty(0, dtype=torch.long)
+    for i, name in enumerate(names):
+        key = scores[name].detach().reshape(-1).float().abs().cpu()
+        key = torch.nan_to_num(key, nan=float("inf"))
+        # Once k are held, only weights strictly below the k-th can enter: an equal one loses to the earlier tensor.
+        full = best_key.numel() == k
+        index = torch.nonzero(key < best_key[-1]).squeeze(1) if full else torch.arange(key.numel())
+        if index.numel() > k:
+            values = torch.topk(key[index], k, largest=False, sorted=False).values
+            threshold = values.max()
+            sub = key[index]
+            below = index[sub < threshold]
+            at = index[sub == threshold][: k - below.numel()]
+            index = torch.cat([below, at]).sort().values
+        if index.numel() == 0:
+            continue
+        order = torch.sort(key[index], stable=True).indices
+        index = index[order]
+        cat_key = torch.cat([best_key, key[index]])
+        cat_param = torch.cat([best_param, torch.full_like(index, i)])
+        cat_index = torch.cat([best_index, index])
+        order = torch.sort(cat_key, stable=True).indices[:k]
+        best_key, best_param, best_index = cat_key[order], cat_param[order], cat_index[order]
+    score = torch.empty(best_param.numel(), dtype=torch.float32)
+    for i, name in enumerate(names):
+        mask = best_param == i
+        if mask.any():
+            score[mask] = scores[name].detach().reshape(-1)[best_index[mask]].float().cpu()
+    return TopK(names=names, param=best_param, index=best_index, score=score)

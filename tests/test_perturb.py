@@ -1,0 +1,546 @@
+"""cwa perturb: in-place perturbations and bit-exact restoration, IEEE bit flips, controls, evaluation and
+the command end to end on a tiny Llama built in code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from cwa.errors import CwaError  # noqa: E402
+from cwa.perturbations import (  # noqa: E402
+    ChecksumCache,
+    MagnitudeBins,
+    Perturbation,
+    bottomk,
+    flip_bit,
+    perturbed,
+    random_matched,
+    resolve_bit,
+    selection_from,
+    topk_prefix,
+)
+from cwa.topk import select_topk  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy machine OpenMP barriers cost ~40 ms per matmul."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view(INT[t.dtype]).clone()
+
+
+def _params(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    params = {
+        "a.weight": torch.randn(20, 30, generator=g),
+        "b.weight": torch.randn(50, generator=g) * 3,
+        "c.weight": torch.randn(40, 25, generator=g) * 0.1,
+    }
+    params["a.weight"][0, :4] = torch.tensor([0.0, -0.0, float("inf"), float("nan")])
+    return {n: t.to(dtype) for n, t in params.items()}
+
+
+# -- perturbations and restoration ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize(
+    "perturbation",
+    [
+        Perturbation("zero"),
+        Perturbation("sign_flip"),
+        Perturbation("scale", factor=3.0),
+        Perturbation("gaussian_noise", sigma=0.5, relative_to="weight"),
+        Perturbation("gaussian_noise", sigma=0.5, relative_to="tensor_std"),
+        Perturbation("bit_flip", bit="sign"),
+        Perturbation("bit_flip", bit="exponent_msb"),
+        Perturbation("bit_flip", bit=0),
+    ],
+    ids=lambda p: p.describe().replace(" ", "_"),
+)
+def test_restoration_is_bit_exact(perturbation: Perturbation, dtype: torch.dtype) -> None:
+    params = _params(dtype)
+    before = {n: _bits(t) for n, t in params.items()}
+    selection = {"a.weight": torch.tensor([0, 1, 2, 3, 7, 100]), "c.weight": torch.tensor([5, 999])}
+    checksums = ChecksumCache(params)
+    with perturbed(params, selection, perturbation, torch.Generator().manual_seed(0), checksums):
+        after = {n: _bits(t) for n, t in params.items()}
+        for name, index in selection.items():
+            changed = after[name].view(-1) != before[name].view(-1)
+            assert not changed[[i for i in range(changed.numel()) if i not in set(index.tolist())]].any()
+        assert torch.equal(after["b.weight"], before["b.weight"])
+        if perturbation.kind != "zero":
+            assert (
+                after["c.weight"].view(-1)[selection["c.weight"]] != before["c.weight"].view(-1)[selection["c.weight"]]
+            ).any()
+    for name in params:
+        assert torch.equal(_bits(params[name]), before[name]), name
+
+
+def test_restoration_also_when_the_condition_fails() -> None:
+    params = _params()
+    before = {n: _bits(t) for n, t in params.items()}
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        perturbed(params, {"b.weight": torch.arange(10)}, Perturbation("zero")),
+    ):
+        assert (params["b.weight"][:10] == 0).all()
+        raise RuntimeError("boom")
+    assert all(torch.equal(_bits(params[n]), before[n]) for n in params)
+
+
+def test_checksum_detects_a_stray_write() -> None:
+    params = _params()
+    checksums = ChecksumCache(params)
+    with (
+        pytest.raises(RuntimeError, match="original bits"),
+        perturbed(params, {"b.weight": torch.tensor([1])}, Perturbation("zero"), checksums=checksums),
+    ):
+        params["b.weight"][5] += 1.0  # outside the selection: restoration cannot undo it
+
+
+def test_zero_writes_exactly_the_selected_weights() -> None:
+    params = _params()
+    with perturbed(params, {"c.weight": torch.tensor([0, 26, 999])}, Perturbation("zero")):
+        flat = params["c.weight"].view(-1)
+        assert (flat[[0, 26, 999]] == 0).all() and int((flat == 0).sum()) == 3
+
+
+# -- IEEE bit flips ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_sign_bit_negates(dtype: torch.dtype) -> None:
+    values = torch.tensor([1.0, -2.5, 0.0, 3.0e-3, float("inf")], dtype=dtype)
+    flipped = flip_bit(values, "sign")
+    assert torch.equal(flipped[[0, 1, 3, 4]], -values[[0, 1, 3, 4]])
+    assert flipped[2] == 0 and torch.signbit(flipped[2])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "bit", "expected"),
+    [
+        (torch.bfloat16, 1.0, "exponent_msb", math.inf),  # exponent 0x7F -> 0xFF with a zero mantissa
+        (torch.float32, 1.0, "exponent_msb", math.inf),
+        (torch.float16, 1.0, "exponent_msb", math.inf),  # exponent 01111 -> 11111
+        (torch.bfloat16, 0.5, "exponent_msb", 2.0**127),  # exponent 0x7E -> 0xFE
+        (torch.float32, 0.5, "exponent_msb", 2.0**127),
+        (torch.float16, 0.5, "exponent_msb", 2.0**15),  # exponent 01110 -> 11110: 2^(30-15)
+        (torch.bfloat16, 2.0, "exponent_msb", 2.0**-126),  # exponent 0x80 -> 0x00: subnormal? no: 0 exp, zero mantissa
+        (torch.float32, 1.0, 0, 1.0 + 2.0**-23),  # least-significant mantissa bit
+        (torch.bfloat16, 1.0, 0, 1.0 + 2.0**-7),
+        (torch.float16, 1.0, 0, 1.0 + 2.0**-10),
+        (torch.bfloat16, 1.0, 6, 1.5),  # the mantissa's top bit
+        (torch.float32, 1.0, 23, 0.5),  # the exponent's lowest bit: 0x7F -> 0x7E
+    ],
+)
+def test_bit_flip_gives_the_ieee_value(dtype: torch.dtype, value: float, bit: int | str, expected: float) -> None:
+    if value == 2.0 and bit == "exponent_msb":
+        expected = 0.0  # 2.0 = 0x4000 in bf16: clearing the exponent MSB leaves all-zero bits, +0.0
+    got = flip_bit(torch.tensor([value], dtype=dtype), bit)
+    assert got.dtype == dtype
+    assert float(got[0]) == expected
+    assert torch.equal(_bits(flip_bit(got, bit)), _bits(torch.tensor([value], dtype=dtype)))  # involution
+
+
+def test_bit_indices_of_each_format() -> None:
+    assert resolve_bit("sign", torch.float32) == 31 and resolve_bit("exponent_msb", torch.float32) == 30
+    assert resolve_bit("sign", torch.bfloat16) == 15 and resolve_bit("exponent_msb", torch.bfloat16) == 14
+    assert resolve_bit("sign", torch.float16) == 15 and resolve_bit("exponent_msb", torch.float16) == 14
+    assert resolve_bit("5", torch.float16) == 5
+    with pytest.raises(CwaError, match="outside the bf16 format"):
+        resolve_bit(16, torch.bfloat16)
+    with pytest.raises(CwaError, match="outside the fp32 format"):
+        resolve_bit(-1, torch.float32)
+    with pytest.raises(CwaError, match="unknown bit"):
+        resolve_bit("mantissa", torch.float32)
+
+
+def test_unknown_perturbation_is_refused() -> None:
+    with pytest.raises(CwaError, match="unknown perturbation 'prune'"):
+        Perturbation("prune")
+
+
+# -- controls -------------------------------------------------------------------------------------
+def _topk(params: dict[str, torch.Tensor], k: int):
+    g = torch.Generator().manual_seed(7)
+    scores = {n: torch.rand(t.shape, generator=g) for n, t in params.items()}
+    return select_topk(scores, k), scores
+
+
+def test_random_matched_has_the_per_tensor_counts_and_no_topk_weight() -> None:
+    params = _params()
+    topk, _ = _topk(params, 60)
+    target = topk_prefix(topk, 60)
+    control = random_matched(params, target, torch.Generator().manual_seed(0))
+    assert {n: i.numel() for n, i in control.items()} == {n: i.numel() for n, i in target.items()}
+    for name, index in control.items():
+        assert not torch.isin(index, target[name]).any()
+        assert index.unique().numel() == index.numel() and int(index.max()) < params[name].numel()
+    again = random_matched(params, target, torch.Generator().manual_seed(0))
+    other = random_matched(params, target, torch.Generator().manual_seed(1))
+    assert all(torch.equal(control[n], again[n]) for n in control)
+    assert any(not torch.equal(control[n], other[n]) for n in control)
+
+
+def test_random_matched_on_a_large_tensor_uses_rejection_sampling() -> None:
+    params = {"big.weight": torch.zeros(5_000_000)}
+    target = {"big.weight": torch.arange(0, 5_000_000, 1000)}
+    control = random_matched(params, target, torch.Generator().manual_seed(0))["big.weight"]
+    assert control.numel() == 5000 and control.unique().numel() == 5000
+    assert not torch.isin(control, target["big.weight"]).any()
+
+
+def test_random_matched_refuses_an_impossible_match() -> None:
+    params = {"n.weight": torch.ones(10)}
+    with pytest.raises(CwaError, match="too few"):
+        random_matched(params, {"n.weight": torch.arange(6)}, torch.Generator().manual_seed(0))
+
+
+def test_magnitude_matched_has_the_bin_counts_and_no_topk_weight() -> None:
+    params = {n: t.nan_to_num(0.0, posinf=0.0) for n, t in _params().items()}
+    scores = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) for n, t in params.items()}
+    topk = select_topk(scores, 80)
+    target = topk_prefix(topk, 80)
+    bins = MagnitudeBins(params, bins=10)
+    assert bins.edges.numel() == 9 and int(bins.counts.sum()) == sum(t.numel() for t in params.values())
+    control = bins.matched(target, torch.Generator().manual_seed(0))
+
+    def bin_counts(selection):
+        return Counter(b for n, i in selection.items() for b in bins.bin_of(params[n].view(-1)[i]).tolist())
+
+    assert sum(i.numel() for i in control.values()) == 80
+    assert bin_counts(control) == bin_counts(target)
+    for name, index in control.items():
+        if name in target:
+            assert not torch.isin(index, target[name]).any()
+    other = bins.matched(target, torch.Generator().manual_seed(1))
+    assert bin_counts(other) == bin_counts(target)
+    assert any(n not in other or not torch.equal(control[n], other[n]) for n in control)
+
+
+def test_bins_are_quantiles() -> None:
+    params = {"x.weight": torch.arange(1000, dtype=torch.float32)}
+    bins = MagnitudeBins(params, bins=4)
+    assert bins.counts[0].tolist() == [250, 250, 250, 250]
+
+
+def test_bottomk_matches_a_sort_of_the_concatenation() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        "a": torch.randint(0, 5, (30,), generator=g).float(),  # many ties
+        "b": -torch.randint(0, 5, (7, 3), generator=g).float(),
+        "c": torch.randint(0, 5, (40,), generator=g).float(),
+    }
+    for k in (1, 5, 17, 40):
+        got = bottomk(scores, k)
+        flat = [(abs(float(v)), p, i) for p, s in enumerate(scores.values()) for i, v in enumerate(s.reshape(-1))]
+        expected = sorted(flat)[:k]
+        assert list(zip(got.param.tolist(), got.index.tolist(), strict=True)) == [(p, i) for _, p, i in expected]
+    with pytest.raises(CwaError, match="larger than"):
+        bottomk(scores, 1000)
+
+
+def test_selection_groups_by_tensor() -> None:
+    sel = selection_from(["a", "b", "c"], torch.tensor([2, 0, 2, 0]), torch.tensor([5, 3, 1, 3]))
+    assert list(sel) == ["a", "c"] and sel["a"].tolist() == [3] and sel["c"].tolist() == [1, 5]
+
+
+# -- evaluation on a tiny model -------------------------------------------------------------------
+def _tokenizer(path: Path) -> None:
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Counter(w for text in topics.values() for w in text.split())
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for word, _ in words.most_common(62):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-perturb")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    _tokenizer(path)
+    return path
+
+
+def test_evaluation_equals_a_hand_computation(tiny_dir: Path) -> None:
+    from cwa.models import load_model
+    from cwa.perturb import evaluate
+
+    model = load_model(str(tiny_dir))
+    blocks = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(0))
+    result = evaluate(model, blocks, batch_size=2, device=torch.device("cpu"))
+    total_nll, total_tokens, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for seq in blocks:
+            logits = model(input_ids=seq[None]).logits[0]
+            for t in range(seq.numel() - 1):
+                logp = torch.log_softmax(logits[t].double(), -1)
+                total_nll -= float(logp[seq[t + 1]])
+                correct += int(int(logits[t].argmax()) == int(seq[t + 1]))
+                total_tokens += 1
+    assert result.stats.tokens.tolist() == [11.0] * 5
+    assert result.stats.mean_nll == pytest.approx(total_nll / total_tokens, rel=1e-5)
+    assert result.stats.accuracy == pytest.approx(correct / total_tokens)
+    assert result.perplexity == pytest.approx(math.exp(total_nll / total_tokens), rel=1e-4)
+
+
+# -- the command ----------------------------------------------------------------------------------
+def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, heldout_fraction: float = 0.1) -> Path:
+    """A fit-sensitivity run directory written by hand (magnitude scores) for the tiny model."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from cwa.artifacts import write_scores, write_topk_csv
+    from cwa.io import write_json
+    from cwa.params import select_parameters
+
+    run = root / "run"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    chosen = select_parameters(model)
+    score = {n: p.detach().abs() for n, (p, _) in chosen.items()}
+    topk = select_topk(score, k)
+    write_topk_csv(
+        run / "topk.csv", topk, {n: i for n, (_, i) in chosen.items()}, {n: p for n, (p, _) in chosen.items()}
+    )
+    if scores:
+        write_scores(run / "scores.safetensors", score, "float32", {"metric": "magnitude"})
+    config = {
+        "model": {"pretrained": str(model_dir), "metric": "magnitude", "k": k, "mode": "global", "dtype": "float32"},
+        "data": {
+            "source": "pydoc",
+            "seq_len": 16,
+            "num_samples": 4,
+            "batch_size": 4,
+            "heldout_fraction": heldout_fraction,
+            "heldout_samples": 6,
+            "seed": 0,
+        },
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    layout = {n: {"layer": i.layer, "module": i.module, "transposed": i.transposed} for n, (_, i) in chosen.items()}
+    write_json(
+        run / "summary.json",
+        {
+            "model": str(model_dir),
+            "dtype": "float32",
+            "metric": {"name": "magnitude"},
+            "mode": "global",
+            "k": k,
+            "layout": layout,
+        },
+    )
+    return run
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_perturb_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    from cwa.perturb import PERTURB_COLUMNS, perturb
+
+    run = make_run(tmp_path, tiny_dir)
+    perturb(
+        run=str(run),
+        perturbation=["zero", "bit_flip"],
+        bit="sign",
+        ks=(1, 5, 20),
+        single=2,
+        seeds=(0, 1),
+        bootstrap=200,
+        permutations=500,
+        magnitude_bins=20,
+    )
+    columns, rows = _read_csv(run / "perturb.csv")
+    assert columns == PERTURB_COLUMNS
+    report = json.loads((run / "perturb.json").read_text())
+    # The magnitude top-20 holds all 16 weights of the first RMSNorm (all 1.0 at init): no tensor-matched
+    # random control exists there, which is skipped and said, for both seeds and both perturbations.
+    skipped = [n for n in report["notes"] if "random_matched/k=20" in n]
+    assert len(skipped) == 4 and "too few" in skipped[0]
+    per_k = 1 + 2 + 2 + 1  # top-K, two seeds of each random control, bottom-K
+    assert len(rows) == 1 + 2 * (3 * per_k + 2) - 4
+    base = rows[0]
+    assert base["target"] == "baseline" and float(base["delta_perplexity"]) == 0.0 and base["p_value"] == ""
+    assert float(base["perplexity"]) == pytest.approx(math.exp(float(base["nll"])), rel=1e-4)
+    for row in rows[1:]:
+        k = int(row["k"]) if row["k"] else 1
+        assert int(row["n_weights"]) == k
+        if row["target"] in ("topk", "single"):
+            assert row["p_value_vs"] == "baseline"
+        else:
+            assert row["p_value_vs"] == "topk" and 0 < float(row["p_value"]) <= 1
+        assert (row["seed"] != "") == (row["target"] in ("random_matched", "magnitude_matched"))
+        assert (row["rank"] != "") == (row["target"] == "single")
+        low, delta, high = (float(row[c]) for c in ("delta_nll_low", "delta_nll", "delta_nll_high"))
+        if math.isfinite(delta):
+            assert low <= delta + 1e-9 and delta <= high + 1e-9
+    # Zeroing the 20 largest weights must hurt more than zeroing 20 of the smallest.
+    top20 = next(r for r in rows if r["condition"] == "zero/topk/k=20")
+    bottom20 = next(r for r in rows if r["condition"] == "zero/bottomk/k=20")
+    assert float(top20["delta_nll"]) > float(bottom20["delta_nll"])
+    assert report["status"] == "complete" and report["heldout"]["sequences"] == 6
+    assert report["baseline"]["torchmetrics_relative_gap"] < 1e-4
+    assert report["timings"]["mean_eval_s_per_condition"] > 0
+    assert (run / "figures" / "perturb_dose_response.png").stat().st_size > 1000
+    assert (run / "figures" / "perturb_single_weight.png").stat().st_size > 1000
+    assert list(run.glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "cwa perturb" in out and "baseline: perplexity" in out
+
+
+def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    from cwa.perturb import perturb
+
+    run = make_run(tmp_path, tiny_dir, scores=False)
+    perturb(
+        run=str(run),
+        ks=(2,),
+        single=0,
+        seeds=(0,),
+        controls=("random_matched", "bottomk"),
+        bootstrap=50,
+        figures=False,
+        tensorboard=False,
+    )
+    _, rows = _read_csv(run / "perturb.csv")
+    assert [r["target"] for r in rows] == ["baseline", "topk", "random_matched"]
+    assert "bottom-K skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--run", "{empty}"], "has no top-K list"),
+        (["--run", "{run}", "--ks", "[1,61]"], "K=61 is larger than the run's top-K list"),
+        (["--run", "{run}", "--perturbation", "bit_flip", "--bit", "32"], "bit index 32 is outside the fp32 format"),
+        (["--run", "{run}", "--perturbation", "shuffle"], "unknown perturbation 'shuffle'"),
+        (["--run", "{run}", "--heldout_samples", "0"], "held-out split is empty"),
+        (["--run", "{no_heldout}"], "held-out split is empty"),
+        (["--run", "{run}", "--controls", "[nearby]"], "unknown control 'nearby'"),
+    ],
+)
+def test_bad_input_is_one_clear_sentence(tiny_dir: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    from cwa.cli import main
+
+    paths = {"empty": tmp_path / "empty", "run": tmp_path / "ok" / "run", "no_heldout": tmp_path / "nh" / "run"}
+    paths["empty"].mkdir()
+    if "{run}" in args:
+        make_run(tmp_path / "ok", tiny_dir)
+    if "{no_heldout}" in args:
+        make_run(tmp_path / "nh", tiny_dir, heldout_fraction=0.0)
+    base = ["--ks", "[1]", "--single", "1", "--figures", "false", "--tensorboard", "false"]
+    argv = ["perturb", *base, *[a.format(**paths) for a in args]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cwa: error: ") and message in err[0], err
+
+
+def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    from cwa.perturb import perturb
+
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs"), "name": "tiny", "default_hp_metric": False},
+            },
+        },
+        "model": {"pretrained": str(tiny_dir), "metric": "magnitude", "k": 8},
+        "data": {"source": "pydoc", "seq_len": 16, "num_samples": 2, "heldout_samples": 4},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    run_dir = perturb(
+        fit_config=str(tmp_path / "fit.yaml"),
+        fit_args=["--model.k", "6"],
+        ks=(1, 6),
+        single=2,
+        seeds=(0,),
+        controls=("random_matched",),
+        bootstrap=50,
+        figures=False,
+        tensorboard=False,
+    )
+    assert run_dir.parent.name == "tiny" and (run_dir / "topk.csv").exists()
+    _, rows = _read_csv(run_dir / "perturb.csv")
+    assert [r["condition"] for r in rows] == [
+        "baseline", "zero/topk/k=1", "zero/random_matched/k=1/seed=0", "zero/topk/k=6",
+        "zero/random_matched/k=6/seed=0", "zero/single/rank=1", "zero/single/rank=2",
+    ]  # fmt: skip
+
+
+def test_the_config_parses(capsys) -> None:
+    from cwa.perturb import main
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "perturb-smollm2.yaml"
+    assert config.read_text().startswith("# cwa perturb --config configs/perturb-smollm2.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "ks:" in printed and "fit_config:" in printed
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end(tmp_path: Path) -> None:
+    """The embedded SmolLM2-135M with tiny settings: magnitude top-K, a few held-out blocks."""
+    import yaml
+
+    from cwa.perturb import perturb
+
+    config = {
+        "trainer": {
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "smol"},
+            }
+        },
+        "model": {"pretrained": "smollm2-135m", "metric": "magnitude", "k": 10},
+        "data": {"source": "pydoc", "seq_len": 64, "num_samples": 1, "heldout_samples": 3},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    run_dir = perturb(fit_config=str(tmp_path / "fit.yaml"), ks=(1, 10), single=2, seeds=(0,), bootstrap=100)
+    _, rows = _read_csv(run_dir / "perturb.csv")
+    assert len(rows) == 1 + 2 * 4 + 2
+    assert 5 < float(rows[0]["perplexity"]) < 200
