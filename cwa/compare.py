@@ -166,19 +166,29 @@ def locations(run: Run, k: int) -> dict:
 
 # -- stability over calibration seeds ------------------------------------------------------------
 def stability_groups(runs: list[Run], sets: dict[int, list[set[Key] | None]], seed: int) -> list[dict]:
-    """Groups of runs with identical settings but different calibration seeds, with their agreement."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    """Groups of runs with identical settings but different calibration seeds, with their agreement.
+
+    A second run with a seed already in its group repeats a calibration subset rather than drawing a new
+    one; it would inflate the agreement, so only the first run of each seed counts (repeats are listed).
+    """
+    groups: dict[tuple, dict[int | None, int]] = defaultdict(dict)
+    repeats: dict[tuple, list[str]] = defaultdict(list)
     for i, run in enumerate(runs):
-        groups[run.settings_key()].append(i)
+        by_seed = groups[run.settings_key()]
+        if run.seed in by_seed:
+            repeats[run.settings_key()].append(run.name)
+        else:
+            by_seed[run.seed] = i
     out = []
-    for members in groups.values():
-        seeds = {runs[i].seed for i in members}
-        if len(members) < 2 or len(seeds) < 2:
+    for key, by_seed in groups.items():
+        members = list(by_seed.values())
+        if len(members) < 2:
             continue
         entry = {
             "runs": [runs[i].name for i in members],
             "seeds": [runs[i].seed for i in members],
             "label": f"{runs[members[0]].model} · {runs[members[0]].label.rsplit(' seed=', 1)[0]}",
+            "repeats_left_out": repeats.get(key, []),
             "by_k": {},
         }
         for k, per_run in sets.items():
@@ -222,6 +232,7 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
                 "seed": r.seed,
                 "has_scores": r.has_scores,
                 "data_fingerprint": r.summary.get("data_fingerprint"),
+                "ties_at_cutoff": {str(k): r.cutoff_tie(k) for k in usable if r.max_global_k >= k},
             }
             for i, r in enumerate(runs)
         ],
@@ -232,6 +243,17 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
         "stability": stability_groups(runs, sets, seed),
         "notes": notes,
     }
+    tied = [
+        f"{names[i]} at K={k} ({n} weights)"
+        for i, r in enumerate(result["runs"])
+        for k, n in r["ties_at_cutoff"].items()
+        if n
+    ]
+    if tied:
+        notes.append(
+            "some top-K end in a tie with the first weight left out, so their membership is decided by the "
+            f"tie-break (earlier parameter, lower index), not by the scores: {'; '.join(tied)}"
+        )
     for k in usable:
         jac, ovl = overlap_matrices(sets[k])
         result["overlap"][str(k)] = {"jaccard": _matrix(jac), "overlap_coefficient": _matrix(ovl)}

@@ -127,6 +127,7 @@ class Placement:
     """Where a run's global top-K sit, with enrichment tests against the share of weights."""
 
     k: int
+    tied: int = 0
     by_module: list[dict] = field(default_factory=list)
     by_layer: list[dict] = field(default_factory=list)
     recurring: list[dict] = field(default_factory=list)
@@ -161,6 +162,14 @@ def placement_of(run: Run, k: int = LOCATION_K) -> Placement | None:
     top = run.global_topk(k)
     if top is None or len(top) == 0:
         return None
+    tied = run.cutoff_tie(k) or 0
+    if tied:
+        # Weights tied with the first one left out are in the top-K by the tie-break alone: where they sit
+        # says nothing about the data, so only the weights strictly above the cutoff are placed.
+        keep = len(top) - tied
+        top = type(top)(top.names, top.param[:keep], top.index[:keep], top.score[:keep])
+    if len(top) == 0:
+        return Placement(k=0, tied=tied)
     infos = run.infos
     total = run.num_scored
     modules, layers = Counter(), Counter()
@@ -181,7 +190,7 @@ def placement_of(run: Run, k: int = LOCATION_K) -> Placement | None:
         else:
             coords[(info.module, "output row", int(rc[0]))].append(info.layer)
             coords[(info.module, "input column", int(rc[1]))].append(info.layer)
-    place = Placement(k=len(top))
+    place = Placement(k=len(top), tied=tied)
     place.by_module = _enrichment(modules, dict(module_sizes), len(top), total)
     place.by_layer = _enrichment(layers, dict(layer_sizes), len(top), total)
     dims = {}
@@ -215,6 +224,8 @@ def placement_of(run: Run, k: int = LOCATION_K) -> Placement | None:
 
 def placement_sentences(name: str, place: Placement) -> list[str]:
     out = []
+    if place.k == 0:
+        return out
     for kind, rows in (("module type", place.by_module), ("layer", place.by_layer)):
         enriched = [r for r in rows if r["enrichment"] >= ENRICHED_FACTOR and r["p_adjusted"] < ALPHA]
         for r in enriched[:3]:
@@ -320,9 +331,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def build_report(
-    runs: list[Run], output: Path, ks: list[int], sample: int = 1_000_000, seed: int = 0, figures: bool = True
+    runs: list[Run],
+    output: Path,
+    ks: list[int],
+    sample: int = 1_000_000,
+    seed: int = 0,
+    figures: bool = True,
+    location_k: int = LOCATION_K,
 ) -> tuple[str, dict]:
-    """The Markdown text and the numbers behind it (written beside the report as JSON)."""
+    """The Markdown text and the numbers behind it (written beside the report as JSON).
+
+    Args:
+        runs: the runs to report on.
+        output: path of the Markdown file (figures go to ``<stem>-figures/`` beside it).
+        ks: K of the top-K overlaps between runs.
+        sample: size of the uniform random sample of weights for rank correlations between runs.
+        seed: seed of that sample and of the bootstraps.
+        figures: write and embed figures.
+        location_k: size of the global top-K whose placement (modules, layers, rows/columns) is analysed.
+    """
     from cwa import report_figures
 
     names = unique_names(runs)
@@ -343,7 +370,7 @@ def build_report(
     # Concentration, placement and comparisons first: the summary quotes them.
     conc = {name: concentration_of(run) for name, run in zip(names, runs, strict=True)}
     data["concentration"] = {n: {k: v for k, v in c.items() if k != "curve"} for n, c in conc.items()}
-    places = {name: placement_of(run) for name, run in zip(names, runs, strict=True)}
+    places = {name: placement_of(run, location_k) for name, run in zip(names, runs, strict=True)}
     data["placement"] = {n: (p.__dict__ if p else None) for n, p in places.items()}
     comparisons = []
     for members in layout_groups(runs):
@@ -508,8 +535,17 @@ def build_report(
             continue
         top_modules = ", ".join(f"`{r['where']}` {r['count']}" for r in p.by_module if r["count"])[:160]
         top_layers = ", ".join(f"{r['where']}: {r['count']}" for r in p.by_layer[:5] if r["count"])
-        rows.append([f"[{i}]", str(p.k), top_modules, top_layers])
+        size = str(p.k) + (f" ({p.tied} tied at the cutoff left out)" if p.tied else "")
+        rows.append([f"[{i}]", size, top_modules or "—", top_layers or "—"])
     lines += _table(["run", "global top-K", "module types (count)", "most frequent layers (count)"], rows) + [""]
+    tied_runs = [f"[{i}]" for i, n in enumerate(names) if places[n] and places[n].tied]
+    if tied_runs:
+        lines += [
+            f"In {', '.join(tied_runs)} the last weights of the top-{location_k} tie with the first weight left "
+            "out, so their membership is decided by the tie-break rule, not by the scores; they are left out "
+            "of the placement analysis.",
+            "",
+        ]
     found = [s for name in names if places[name] for s in placement_sentences(name, places[name])]
     lines += [f"- {s}" for s in found] or [
         "- No module type, layer, row or column holds significantly more of the top-K than its share of the weights."
@@ -694,7 +730,7 @@ def build_report(
         f"|score| (≥ {CONCENTRATED_FACTOR:.0f}%); *close to evenly spread*: < {NEAR_UNIFORM_FACTOR:.0f}× (< "
         f"{NEAR_UNIFORM_FACTOR:.0f}%). Gini coefficient of |score| over every scored weight.",
         f"- *Holds more than its share* (module type, layer): ≥ {ENRICHED_FACTOR:.0f}× its share of the scored weights "
-        f"among the global top-{LOCATION_K} and a one-sided binomial p-value, Bonferroni-adjusted over the module "
+        f"among the global top-{location_k} and a one-sided binomial p-value, Bonferroni-adjusted over the module "
         f"types or layers, below {ALPHA}.",
         f"- *Recurs* (row, column or channel of one module type): ≥ {RECUR_MIN} of that module type's top-K weights "
         f"share it and the binomial p-value against a uniform spread over its rows/columns, Bonferroni-adjusted over "
@@ -851,6 +887,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="random weights for the rank correlation between runs (default %(default).0f)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sample and the bootstraps (default 0)")
+    parser.add_argument(
+        "--location-k",
+        type=int,
+        default=LOCATION_K,
+        help="size of the global top-K whose placement (module types, layers, recurring rows/columns) is analysed "
+        "(default %(default)s)",
+    )
     parser.add_argument("--no-figures", action="store_true", help="write the Markdown and JSON only")
     return parser
 
@@ -863,7 +906,11 @@ def main(argv: list[str]) -> int:
     if output.suffix.lower() != ".md":
         raise CwaError(f"--output must name a Markdown file ending in .md, not '{output}'.")
     runs = load_runs(args.runs)
-    text, data = build_report(runs, output, parse_ks(args.ks), int(args.sample), args.seed, not args.no_figures)
+    if args.location_k < 1:
+        raise CwaError(f"--location-k must be at least 1, got {args.location_k}.")
+    text, data = build_report(
+        runs, output, parse_ks(args.ks), int(args.sample), args.seed, not args.no_figures, args.location_k
+    )
     with atomic_open(output) as handle:
         handle.write(text)
     write_json(output.with_suffix(".json"), data)

@@ -25,6 +25,7 @@ from cwa.params import ParamInfo
 from cwa.topk import TopK, select_topk
 
 Key = tuple[str, int]  # (parameter name, flat index into the stored tensor)
+PREFETCH_K = 1024
 
 
 class LazyScores(Mapping[str, Tensor]):
@@ -267,10 +268,21 @@ class Run:
         cannot give it (no scores and k beyond what topk.csv holds)."""
         if k in self._topk:
             return self._topk[k]
+        larger = [c for c, top in self._topk.items() if c > k and top is not None]
+        if larger:
+            # select_topk orders by |score| then the tie-break, so a top-k is the prefix of any larger top-K.
+            top = self._topk[min(larger)]
+            result = TopK(top.names, top.param[:k], top.index[:k], top.score[:k])
+            self._topk[k] = result
+            return result
         result: TopK | None = None
         if k <= self.max_global_k:
             if k > self.csv_global_k:
-                result = select_topk(self.scores(), k, "global")
+                # One pass over a scores file costs the same for any small K: fetch a margin for later calls.
+                fetch = min(max(k, PREFETCH_K), self.num_scored)
+                full = select_topk(self.scores(), fetch, "global")
+                self._topk[fetch] = full
+                result = TopK(full.names, full.param[:k], full.index[:k], full.score[:k])
             else:
                 table = self.topk_table()
                 # Stable sort on |score| over rows in (parameter, index) order reproduces select_topk's tie-break.
@@ -281,6 +293,17 @@ class Run:
                 result = TopK(table.names, table.param[best_t], table.index[best_t], table.score[best_t])
         self._topk[k] = result
         return result
+
+    def cutoff_tie(self, k: int) -> int | None:
+        """How many of the global top-k tie with the (k+1)-th |score| (their membership is decided by the
+        tie-break, not the data); None when the (k+1)-th weight is not known."""
+        if k + 1 > self.max_global_k:
+            return None
+        top = self.global_topk(k + 1)
+        if top is None:
+            return None
+        key = top.score.abs()
+        return int((key[:k] == key[k]).sum())
 
     def topk_keys(self, k: int) -> list[Key] | None:
         top = self.global_topk(k)

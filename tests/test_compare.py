@@ -83,8 +83,14 @@ def make_run(
         "mean_loss": 2.5,
         "perplexity": math.exp(2.5),
         "seed": seed,
-        "data": {"source": "pydoc", "seq_len": 128, "num_samples": 8, "seed": seed,
-                 "calibration_fingerprint": f"cal{seed}", "heldout_fingerprint": "held"},
+        "data": {
+            "source": "pydoc",
+            "seq_len": 128,
+            "num_samples": 8,
+            "seed": seed,
+            "calibration_fingerprint": f"cal{seed}",
+            "heldout_fingerprint": "held",
+        },
         "data_fingerprint": f"cal{seed}",
         "world_size": 1,
         "strategy": "SingleDeviceStrategy",
@@ -92,8 +98,12 @@ def make_run(
         "memory": {"peak_rss_mib": 100.0},
         "environment": {"versions": {"torch": "2.13"}, "git_commit": "abc123", "device_count": 0},
         "tensors": {
-            n: {"shape": list(s.shape), "numel": s.numel(), "abs_sum": float(s.abs().double().sum()),
-                "topk_count": counts[i]}
+            n: {
+                "shape": list(s.shape),
+                "numel": s.numel(),
+                "abs_sum": float(s.abs().double().sum()),
+                "topk_count": counts[i],
+            }
             for i, (n, s) in enumerate(scores.items())
         },
         "layout": {n: {"layer": i.layer, "module": i.module, "transposed": False} for n, i in infos.items()},
