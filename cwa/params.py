@@ -45,7 +45,8 @@ class ParamInfo:
 
 
 def split_name(name: str) -> tuple[int | None, str]:
-    """``model.layers.3.mlp.down_proj.weight`` -> ``(3, "mlp.down_proj")``; ``transformer.wte.weight`` -> ``(None, "wte")``."""
+    """``model.layers.3.mlp.down_proj.weight`` -> ``(3, "mlp.down_proj")``;
+    ``transformer.wte.weight`` -> ``(None, "wte")``."""
     stem = _SUFFIX.sub("", name)
     match = _LAYER.search(stem)
     if match:

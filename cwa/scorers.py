@@ -325,9 +325,7 @@ class HutchinsonDiag(Scorer):
         return {n: self.acc[n] / denom for n in self.params}
 
 
-METRICS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag)
-}
+METRICS: dict[str, type[Scorer]] = {cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag)}
 
 
 def make_scorer(metric: Scorer | str) -> Scorer:

@@ -84,35 +84,69 @@ def select_topk(scores: Mapping[str, Tensor], k: int, mode: Mode = "global") -> 
     """
     names = list(scores)
     check_k({n: s.numel() for n, s in scores.items()}, k, mode)
+    if mode == "global":
+        param, index = _global_topk(scores, k)
+    else:
+        parts = [tensor_topk(scores[name], k)[1] for name in names]
+        param = torch.cat([torch.full((len(ix),), i, dtype=torch.long) for i, ix in enumerate(parts)])
+        index = torch.cat([ix.cpu() for ix in parts])
+    return TopK(names=names, param=param, index=index, score=_gather(scores, names, param, index))
+
+
+def _key(scores: Tensor) -> Tensor:
+    flat = scores.detach().reshape(-1)
+    return flat.abs() if flat.is_floating_point() and bool((flat < 0).any()) else flat
+
+
+def _global_topk(scores: Mapping[str, Tensor], k: int, sample_size: int = 1 << 21) -> tuple[Tensor, Tensor]:
+    """Exact global top-K by threshold: estimate a value below the k-th largest |score| from a strided
+    sample, collect every weight at or above it (one comparison pass per tensor), and rank only those
+    candidates. If the estimate was too high (fewer than k candidates), halve the sampled quantile and
+    retry; the last resort is the streaming per-tensor merge."""
+    names = list(scores)
+    total = sum(s.numel() for s in scores.values())
+    stride = max(1, total // sample_size)
+    sample = torch.cat([_key(scores[n])[::stride].float().cpu() for n in names])
+    margin = 2.0
+    while margin * k < 0.25 * total:
+        # Aim for about margin * k candidates (plus slack for sampling noise in the tail).
+        above = int(margin * k * sample.numel() / total) + 32
+        if above >= sample.numel():
+            break
+        threshold = torch.kthvalue(sample, sample.numel() - above).values
+        keys, params, indices = [], [], []
+        for i, name in enumerate(names):
+            key = _key(scores[name])
+            index = torch.nonzero(key >= threshold.to(key.device, key.dtype)).squeeze(1)
+            keys.append(key[index].float().cpu())
+            params.append(torch.full((index.numel(),), i, dtype=torch.long))
+            indices.append(index.cpu())
+        key = torch.cat(keys)
+        if key.numel() >= k:
+            # Candidates are in (parameter, index) order; a stable sort keeps that order among ties.
+            order = torch.sort(key, descending=True, stable=True).indices[:k]
+            return torch.cat(params)[order], torch.cat(indices)[order]
+        margin *= 4
+    return _streaming_topk(scores, k)
+
+
+def _streaming_topk(scores: Mapping[str, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Running K-sized candidate set merged tensor by tensor: memory O(k + largest tensor)."""
     best = (torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-    parts = []
-    for i, name in enumerate(names):
-        if mode == "global" and len(best[0]) == k:
+    for i, name in enumerate(scores):
+        if len(best[0]) == k:
             # Only weights strictly above the current k-th |score| can enter: an equal one loses the
-            # tie to the earlier parameter already held. This prunes almost every tensor to a handful.
-            flat = scores[name].detach().reshape(-1)
-            key_all = flat.abs() if flat.is_floating_point() else flat
+            # tie to the earlier parameter already held.
+            key_all = _key(scores[name])
             index = torch.nonzero(key_all > best[0][-1].to(key_all.device)).squeeze(1)
             if index.numel() == 0:
                 continue
-            if index.numel() > k:
-                key, sub = tensor_topk(key_all[index], k)
-                index = index[sub]
-            else:
-                key = key_all[index]
-                order = torch.sort(key, descending=True, stable=True).indices
-                key, index = key[order], index[order]
+            key, sub = tensor_topk(key_all[index], k)
+            index = index[sub]
         else:
             key, index = tensor_topk(scores[name], k)
-        cand = (key.float().cpu(), torch.full_like(index, i).cpu(), index.cpu())
-        if mode == "global":
-            best = _merge(best, cand, k)
-        else:
-            parts.append(cand)
-    if mode == "per_layer":
-        best = tuple(torch.cat(x) for x in zip(*parts, strict=True))
-    _, param, index = best
-    return TopK(names=names, param=param, index=index, score=_gather(scores, names, param, index))
+        best = _merge(best, (key.float().cpu(), torch.full_like(index, i).cpu(), index.cpu()), k)
+    return best[1], best[2]
 
 
 def _gather(scores: Mapping[str, Tensor], names: list[str], param: Tensor, index: Tensor) -> Tensor:

@@ -58,8 +58,14 @@ def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=vocab_size, n_embd=16, n_layer=layers, n_head=2, n_positions=128, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=vocab_size,
+        n_embd=16,
+        n_layer=layers,
+        n_head=2,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
 

@@ -41,8 +41,15 @@ def _run_dir(tmp_path) -> Path:
 def test_fit_sensitivity_writes_every_artifact(tmp_path, tiny_gpt2_dir, metric, capsys):
     assert _fit(tmp_path, tiny_gpt2_dir, f"--model.metric={metric}", "--model.k=25") == 0
     run = _run_dir(tmp_path)
-    for name in ("config.yaml", "scores.safetensors", "topk.csv", "summary.json", "figures/score_histogram.png",
-                 "figures/layer_module_heatmap.png", "figures/topk_locations.png"):
+    for name in (
+        "config.yaml",
+        "scores.safetensors",
+        "topk.csv",
+        "summary.json",
+        "figures/score_histogram.png",
+        "figures/layer_module_heatmap.png",
+        "figures/topk_locations.png",
+    ):
         assert (run / name).is_file(), name
     assert list(run.glob("events.out.tfevents.*"))
     assert not list(run.rglob("*.tmp")), "a temporary file was left behind"
@@ -52,7 +59,7 @@ def test_fit_sensitivity_writes_every_artifact(tmp_path, tiny_gpt2_dir, metric, 
     assert summary["data_fingerprint"] and summary["environment"]["versions"]["torch"]
     scores = load_file(run / "scores.safetensors")
     assert "lm_head.weight" not in scores  # tied to wte: scored once
-    rows = list(csv.DictReader(open(run / "topk.csv")))
+    rows = list(csv.DictReader((run / "topk.csv").read_text().splitlines()))
     assert len(rows) == 25 and [int(r["rank"]) for r in rows] == list(range(1, 26))
     flat = torch.cat([s.reshape(-1).abs() for s in scores.values()])
     assert abs(float(rows[-1]["score"])) == pytest.approx(float(torch.topk(flat, 25).values[-1]), rel=1e-6)
@@ -64,7 +71,7 @@ def test_fit_sensitivity_writes_every_artifact(tmp_path, tiny_gpt2_dir, metric, 
 
 def test_per_layer_mode_and_include(tmp_path, tiny_llama_dir):
     assert _fit(tmp_path, tiny_llama_dir, "--model.mode=per_layer", "--model.k=3", "--model.include=[mlp]") == 0
-    rows = list(csv.DictReader(open(_run_dir(tmp_path) / "topk.csv")))
+    rows = list(csv.DictReader((_run_dir(tmp_path) / "topk.csv").read_text().splitlines()))
     params = {r["parameter"] for r in rows}
     assert len(rows) == 3 * len(params) == 3 * 6 and all(".mlp." in p for p in params)
 
@@ -92,8 +99,7 @@ def test_bad_input_is_one_sentence_and_nonzero(tmp_path, tiny_llama_dir, capsys,
 
 def test_hub_unreachable_is_explained(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["fit-sensitivity", "--model.pretrained=gpt2",
-                 f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    code = main(["fit-sensitivity", "--model.pretrained=gpt2", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 1 and "unreachable" in err and "directory" in err
 
@@ -117,6 +123,15 @@ def test_help_lists_commands_and_options(capsys):
     with pytest.raises(SystemExit):
         main(["fit-sensitivity", "-h"])
     out = capsys.readouterr().out
-    for option in ("--model.pretrained", "--model.metric", "--model.k", "--model.mode", "--model.include",
-                   "--data.seq_len", "--data.num_samples", "--data.batch_size", "--data.source"):
+    for option in (
+        "--model.pretrained",
+        "--model.metric",
+        "--model.k",
+        "--model.mode",
+        "--model.include",
+        "--data.seq_len",
+        "--data.num_samples",
+        "--data.batch_size",
+        "--data.source",
+    ):
         assert option in out

@@ -95,3 +95,14 @@ def test_tied_weights_are_scored_once_and_conv1d_is_transposed():
     assert (int(row), int(col)) == (40, 3)
     assert split_name("model.layers.12.mlp.down_proj.weight") == (12, "mlp.down_proj")
     assert split_name("transformer.wte.weight") == (None, "wte")
+
+
+def test_threshold_and_streaming_paths_agree_on_heavy_ties():
+    from cwa.topk import _global_topk, _streaming_topk
+
+    g = torch.Generator().manual_seed(5)
+    scores = {f"t{i}": torch.randint(0, 6, (400 + 37 * i,), generator=g).float() for i in range(8)}
+    for k in (1, 50, 700, 3000):
+        p1, i1 = _global_topk(scores, k, sample_size=256)
+        p2, i2 = _streaming_topk(scores, k)
+        assert torch.equal(p1, p2) and torch.equal(i1, i2), k

