@@ -265,11 +265,14 @@ class CalibrationData(L.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def _loader(self, blocks: torch.Tensor) -> DataLoader:
-        # Each rank takes every world-th block: every block is used exactly once, none is padded in.
+        """Batches of ``batch_size`` consecutive blocks; in a distributed run rank r takes batches
+        r, r + world, ... of the single-process batching, so every block is used exactly once (no
+        sampler padding) and every batch is identical to the single-process run's."""
         rank, world = self._rank_world()
-        return DataLoader(
-            Blocks(blocks[rank::world]), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
+        batches = [
+            list(range(i, min(i + self.batch_size, len(blocks)))) for i in range(0, len(blocks), self.batch_size)
+        ]
+        return DataLoader(Blocks(blocks), batch_sampler=batches[rank::world], num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -117,8 +117,6 @@ class SensitivityModule(L.LightningModule):
         for param, _ in chosen.values():
             param.requires_grad_(self.scorer.needs_data)
         self.selected = {name: info for name, (_, info) in chosen.items()}
-        if hasattr(self.scorer, "rank"):
-            self.scorer.rank = self.global_rank
         self.scorer.bind({name: param for name, (param, _) in chosen.items()})
 
     def loss_fn(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -129,6 +127,7 @@ class SensitivityModule(L.LightningModule):
         self._started = time.perf_counter()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.scorer.set_step(batch_idx * self.trainer.world_size + self.trainer.global_rank)
         with torch.enable_grad():
             self.scorer.update(batch, self.loss_fn)
         self.log("calibration_nll", self.scorer.mean_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)

@@ -43,6 +43,7 @@ class Scorer:
         self.acc: dict[str, Tensor] = {}
         # tokens, summed NLL, micro-batches, probes: float64 so that token counts stay exact.
         self.counters = torch.zeros(4, dtype=torch.float64)
+        self.step = 0
 
     # -- setup ---------------------------------------------------------------------------------
     def required_attn_implementation(self) -> str | None:
@@ -76,6 +77,11 @@ class Scorer:
 
     def update(self, batch: Batch, loss_fn: LossFn) -> None:
         raise NotImplementedError
+
+    def set_step(self, step: int) -> None:
+        """The global index of the batch about to be seen (random metrics seed their probes with it,
+        so that any split of the batches over processes gives the same result)."""
+        self.step = step
 
     @contextlib.contextmanager
     def _consume_grads(self, fn: Callable[[str, Tensor], None]) -> Iterator[None]:
@@ -211,7 +217,8 @@ class HutchinsonDiag(Scorer):
             switches attention to ``eager``) or ``finite_difference`` (central difference of two
             gradients at w +- eps v; any attention kernel, sharded parameters; needs float32).
         fd_eps: relative finite-difference step: eps = fd_eps * ||w|| / ||v|| over the scored tensors.
-        seed: seed of the probe generator (offset by the process rank in distributed runs).
+        seed: seed of the probe generator; batch b draws its probes from seed and b, so results do not
+            depend on how batches are split over processes.
     """
 
     name = "hutchinson_diag"
@@ -232,7 +239,6 @@ class HutchinsonDiag(Scorer):
         if not fd_eps > 0:
             raise CwaError(f"fd_eps must be positive, got {fd_eps}.")
         self.probes, self.hvp, self.fd_eps, self.seed = probes, hvp, fd_eps, seed
-        self.rank = 0
         self._generator: torch.Generator | None = None
         self._eps = 0.0
         self._backup: dict[str, Tensor] = {}
@@ -248,7 +254,6 @@ class HutchinsonDiag(Scorer):
         self._backup = {}
         device = next(iter(params.values())).device
         self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(self.seed + 1_000_003 * self.rank)
         if self.hvp == "finite_difference":
             bad = [n for n, p in params.items() if p.dtype != torch.float32]
             if bad:
@@ -266,6 +271,7 @@ class HutchinsonDiag(Scorer):
         return v.mul_(2).sub_(1).to(dtype)
 
     def update(self, batch: Batch, loss_fn: LossFn) -> None:
+        self._generator.manual_seed(self.seed * 1_000_003 + self.step)
         if self.hvp == "autograd":
             self._update_autograd(batch, loss_fn)
         else:
