@@ -132,12 +132,12 @@ class RunArtifacts(L.Callback):
         start = time.perf_counter()
         pl_module.topk = select_topk(pl_module.scores, pl_module.k, pl_module.mode)
         pl_module.timings["topk_s"] = time.perf_counter() - start
-        self._write(trainer, pl_module)
+        # trainer.log_dir is a collective (a broadcast) in distributed runs: every rank asks for it.
+        self.run_dir = pl_module.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._write(trainer, pl_module, self.run_dir)
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, module) -> None:
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        self.run_dir = run_dir
+    def _write(self, trainer: L.Trainer, module, run_dir: Path) -> None:
         start = time.perf_counter()
         weights = {n: p for n, p in module.model.named_parameters() if n in module.selected}
         write_topk_csv(run_dir / "topk.csv", module.topk, module.selected, weights)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def print_fit_result(trainer, module, rows: int = 10) -> None:
     if not trainer.is_global_zero or module.topk is None:
         return
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    run_dir = module.run_dir
     scorer = module.scorer
     seconds = sum(module.timings.values())
     print()

@@ -83,6 +83,7 @@ class SensitivityModule(L.LightningModule):
         self.scores: dict[str, Tensor] = {}
         self.topk: TopK | None = None
         self.timings: dict[str, float] = {}
+        self.run_dir = None
         self._started = 0.0
 
     # -- model ---------------------------------------------------------------------------------

@@ -25,4 +25,4 @@ class CwaTrainer(L.Trainer):
         if not any(isinstance(c, RunArtifacts) for c in self.callbacks):
             self.callbacks.append(RunArtifacts())
         self.validate(model, datamodule=datamodule, verbose=False)
-        return Path(self.log_dir or self.default_root_dir)
+        return model.run_dir
