@@ -43,7 +43,11 @@ P_SIGNIFICANT = 0.05
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if 0 < abs(x) < 10 ** -(digits + 2):  # a tiny share (one layer norm of a model) keeps two significant digits
+        return f"{100 * x:.2g}%"
+    return f"{100 * x:.{digits}f}%"
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -232,10 +236,11 @@ def placement_sentences(name: str, place: Placement) -> list[str]:
             where = (
                 f"layer {r['where']}"
                 if kind == "layer" and r["where"] != "outside"
-                else ("tensors outside the blocks" if r["where"] == "outside" else f"`{r['where']}`")
+                else ("the tensors outside the blocks" if r["where"] == "outside" else f"`{r['where']}`")
             )
             out.append(
-                f"{name}: {where} holds {r['count']} of the top {place.k} ({_pct(r['share'], 0)}) against "
+                f"{name}: {where} {'hold' if r['where'] == 'outside' else 'holds'} {r['count']} of the top {place.k} "
+                f"({_pct(r['share'], 0)}) against "
                 f"{_pct(r['weight_share'], 1)} of the weights ({r['enrichment']:.1f}×, "
                 f"adjusted p = {_p(r['p_adjusted'])})."
             )
@@ -292,6 +297,15 @@ def perturbation_findings(name: str, run: Run) -> tuple[list[dict], list[str]]:
         if row.get("target") == "baseline":
             continue
         rows.append(row)
+    for r in rows:
+        if r.get("target") != "single" or r.get("delta_perplexity_low") is None:
+            continue
+        if r["delta_perplexity_low"] > 0 and r.get("p_value") is not None and r["p_value"] < P_SIGNIFICANT:
+            claims.append(
+                f"{name}: {r.get('perturbation')} of the single weight of rank {r.get('rank')} raises held-out "
+                f"perplexity (Δppl = {_num(r.get('delta_perplexity'))} [{_num(r['delta_perplexity_low'])}, "
+                f"{_num(r.get('delta_perplexity_high'))}], p = {_p(r['p_value'])})."
+            )
     topk = [r for r in rows if r.get("target") == "topk"]
     for r in topk:
         low, high, delta = r.get("delta_perplexity_low"), r.get("delta_perplexity_high"), r.get("delta_perplexity")
@@ -646,6 +660,22 @@ def build_report(
             if (run.path / "figures" / fig).exists():
                 lines += [f"![{fig}]({_rel(run.path / 'figures' / fig, output.parent)})", ""]
         summary_claims += [c for c in claims if "raises" in c or "costs more" in c][:2]
+    forest = [
+        {
+            "label": f"[{names.index(n)}] {r.get('target')} · {r.get('perturbation')} · K={r.get('k')} "
+            f"· seed {r.get('seed')}",
+            "delta": r.get("delta_perplexity"),
+            "low": r.get("delta_perplexity_low"),
+            "high": r.get("delta_perplexity_high"),
+        }
+        for n, entry in data["perturbation"].items()
+        for r in entry["rows"]
+        if r.get("target") not in ("single", "baseline") and r.get("delta_perplexity") is not None
+    ]
+    if figures and forest:
+        path = fig_dir / "perturbation_effects.png"
+        report_figures.perturbation_effects(forest[:60], path)
+        lines += [f"![Perturbation effects]({_rel(path, output.parent)})", ""]
     if not any_perturb:
         lines += [
             "None of these runs has perturbation results (perturb.csv), so this report makes no claim that "
@@ -792,6 +822,13 @@ def _comparison_section(runs, names, members, result, output, fig_dir, figures, 
     header = ["pair"] + [f"Jaccard / overlap @{k}" for k in ks]
     header += ["Spearman ρ, random weights [95% CI]", "Kendall τ, random weights", f"Spearman ρ, top-{largest} union"]
     lines += _table(header, rows) + [""]
+    lines += [
+        "Jaccard = |A∩B|/|A∪B| and overlap = |A∩B|/min(|A|,|B|) of the two global top-K sets. The random-weight "
+        "correlations rank |score| over the same uniform sample of weights in every run (the whole distribution); "
+        "the top-K-union correlation only ranks weights that at least one run put at the very top, a range so "
+        "restricted that it is typically far lower: it measures agreement on the order among the critical weights.",
+        "",
+    ]
     lines += [f"- {c}" for c in claims] or ["- No pair clears an agreement or disagreement threshold."]
     lines.append("")
     for note in result["notes"]:

@@ -153,7 +153,8 @@ def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
         },
     ]
     run = make_run(tmp_path, "p", random_scores(1), k=10, perturb_rows=rows)
-    text = report_text(tmp_path, [run], figures=False)
+    text = report_text(tmp_path, [run])
+    assert (tmp_path / "out" / "report-figures" / "perturbation_effects.png").exists()
     claims = _finding_lines(text, "### Perturbation effects")
     assert any("raises held-out perplexity" in c and "12.000 [8.000, 16.000]" in c for c in claims)
     assert any("costs more than the random_matched control" in c for c in claims)
