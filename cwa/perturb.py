@@ -282,6 +282,7 @@ def perturb(
     relative_to: Literal["weight", "tensor_std"] = "weight",
     bit: int | str = "exponent_msb",
     heldout_samples: int | None = None,
+    heldout_tokens: int | None = None,
     batch_size: int | None = None,
     magnitude_bins: int = 100,
     bootstrap: int = 2000,
@@ -314,6 +315,8 @@ def perturb(
         bit: the bit ``bit_flip`` flips in the weight's storage format (fp32, bf16, fp16): ``sign``,
             ``exponent_msb`` or an index, 0 = least-significant mantissa bit.
         heldout_samples: evaluate at most this many held-out blocks (None: the run's setting).
+        heldout_tokens: evaluate only the first this many tokens of each held-out block (None: whole
+            blocks): more, shorter sequences for the same compute give the statistics more units.
         batch_size: held-out blocks per forward pass (None: the run's setting).
         magnitude_bins: number of |w| quantile bins of ``magnitude_matched``.
         bootstrap: bootstrap resamples (over held-out sequences) for the confidence intervals.
@@ -400,6 +403,12 @@ def perturb(
     blocks = data.heldout
     if blocks is None or blocks.shape[0] == 0:
         raise CwaError("the held-out split is empty; raise heldout_fraction or use a longer corpus.")
+    if heldout_tokens is not None:
+        if heldout_tokens < 2:
+            raise CwaError(
+                f"heldout_tokens must be at least 2 (a sequence predicts its next tokens), got {heldout_tokens}."
+            )
+        blocks = blocks[:, :heldout_tokens].contiguous()
     timings["data_s"] = time.perf_counter() - start
     notes: list[str] = []
     run_fingerprint = (the_run.summary.get("data") or {}).get("heldout_fingerprint")
@@ -540,7 +549,8 @@ def perturb(
             "heldout": {
                 "sequences": len(base_stats),
                 "tokens": int(base_stats.tokens.sum()),
-                "seq_len": data.seq_len,
+                "seq_len": int(blocks.shape[1]),
+                "block_len": data.seq_len,
                 "fingerprint": data.fingerprint("heldout"),
                 "run_fingerprint": run_fingerprint,
                 "calibration_fingerprint": data.fingerprint("calibration"),

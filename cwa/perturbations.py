@@ -380,7 +380,7 @@ class MagnitudeBins:
                 )
             # Among the first 2n of a random order of the bin at most n are top-K weights, so at least n remain.
             positions = torch.randperm(population, generator=generator)[: 2 * n]
-            rows = torch.searchsorted(starts[:, b], positions, right=True) - 1
+            rows = torch.searchsorted(starts[:, b].contiguous(), positions, right=True) - 1
             for row in torch.unique(rows).tolist():
                 mask = rows == row
                 order = torch.nonzero(mask).squeeze(1)
