@@ -135,6 +135,7 @@ class Placement:
     by_module: list[dict] = field(default_factory=list)
     by_layer: list[dict] = field(default_factory=list)
     recurring: list[dict] = field(default_factory=list)
+    residual: list[dict] = field(default_factory=list)
 
 
 def _enrichment(counts: Counter, sizes: dict, k: int, total: int) -> list[dict]:
@@ -156,6 +157,74 @@ def _enrichment(counts: Counter, sizes: dict, k: int, total: int) -> list[dict]:
             }
         )
     out.sort(key=lambda d: (-d["count"], str(d["where"])))
+    return out
+
+
+# Modules whose output is added to the residual stream (their output rows index it); every other 2-D
+# tensor with a hidden-sized input reads the residual stream through its input columns.
+_WRITES_RESIDUAL = ("o_proj", "down_proj", "c_proj", "out_proj", "dense_4h_to_h", "fc2", "w2")
+
+
+def _axes(module: str) -> tuple[str, str]:
+    """Names of a 2-D tensor's (row, column): an embedding's rows are tokens, its columns hidden dimensions."""
+    if "embed" in module or module in ("wte", "wpe", "lm_head"):
+        return "token row" if module != "wpe" else "position row", "hidden dimension"
+    return "output row", "input column"
+
+
+def hidden_size(run: Run) -> int | None:
+    """The residual-stream width: the most common size of the 1-D tensors (layer norms), else None."""
+    sizes = Counter(i.numel for i in run.infos.values() if len(i.shape) == 1)
+    return sizes.most_common(1)[0][0] if sizes else None
+
+
+def residual_coordinate(info, index: int, hidden: int) -> int | None:
+    """The residual-stream dimension a weight reads from or writes to, where its tensor says so."""
+    if len(info.shape) == 1:
+        return index if info.numel == hidden else None
+    rc = info.row_col(np.int64(index))
+    if rc is None:
+        return None
+    out_dim, in_dim = (info.shape[1], info.shape[0]) if info.transposed else info.shape
+    if info.module.split(".")[-1] in _WRITES_RESIDUAL:
+        return int(rc[0]) if out_dim == hidden else None
+    return int(rc[1]) if in_dim == hidden else None  # embeddings, q/k/v, gate/up, lm_head
+
+
+def _residual_dimensions(run: Run, top) -> list[dict]:
+    """Residual-stream dimensions shared by top-K weights of several module types (binomial test against a
+    uniform spread over the hidden dimensions, Bonferroni over them) — the pattern of "super weights" and
+    massive-activation channels."""
+    hidden = hidden_size(run)
+    if not hidden or hidden < 2:
+        return []
+    where: dict[int, list[tuple[str, int | None]]] = defaultdict(list)
+    trials = 0
+    for p, index in zip(top.param.tolist(), top.index.tolist(), strict=True):
+        info = run.infos[top.names[p]]
+        d = residual_coordinate(info, index, hidden)
+        if d is not None:
+            trials += 1
+            where[d].append((info.module, info.layer))
+    out = []
+    for d, hits in where.items():
+        modules = sorted({m for m, _ in hits})
+        if len(hits) < RECUR_MIN or len(modules) < 2:
+            continue
+        p = min(1.0, hidden * agreement.binomial_tail(len(hits), trials, 1.0 / hidden))
+        if p < ALPHA:
+            out.append(
+                {
+                    "dimension": d,
+                    "count": len(hits),
+                    "of": trials,
+                    "hidden": hidden,
+                    "modules": modules,
+                    "layers": sorted({layer for _, layer in hits if layer is not None}),
+                    "p_adjusted": p,
+                }
+            )
+    out.sort(key=lambda r: r["p_adjusted"])
     return out
 
 
@@ -189,11 +258,12 @@ def placement_of(run: Run, k: int = LOCATION_K) -> Placement | None:
         layers["outside" if info.layer is None else info.layer] += 1
         per_module_top[info.module] += 1
         rc = info.row_col(np.int64(index))
+        row_axis, col_axis = _axes(info.module)
         if rc is None:
             coords[(info.module, "channel", index)].append(info.layer)
         else:
-            coords[(info.module, "output row", int(rc[0]))].append(info.layer)
-            coords[(info.module, "input column", int(rc[1]))].append(info.layer)
+            coords[(info.module, row_axis, int(rc[0]))].append(info.layer)
+            coords[(info.module, col_axis, int(rc[1]))].append(info.layer)
     place = Placement(k=len(top), tied=tied)
     place.by_module = _enrichment(modules, dict(module_sizes), len(top), total)
     place.by_layer = _enrichment(layers, dict(layer_sizes), len(top), total)
@@ -201,10 +271,12 @@ def placement_of(run: Run, k: int = LOCATION_K) -> Placement | None:
     for info in infos.values():
         if len(info.shape) == 2:
             out_dim, in_dim = (info.shape[1], info.shape[0]) if info.transposed else info.shape
-            dims[(info.module, "output row")] = out_dim
-            dims[(info.module, "input column")] = in_dim
+            row_axis, col_axis = _axes(info.module)
+            dims[(info.module, row_axis)] = out_dim
+            dims[(info.module, col_axis)] = in_dim
         else:
             dims[(info.module, "channel")] = info.numel
+    place.residual = _residual_dimensions(run, top)
     for (module, axis, coord), where in coords.items():
         count, trials, dim = len(where), per_module_top[module], dims[(module, axis)]
         if count < RECUR_MIN or dim <= 1:
@@ -244,6 +316,13 @@ def placement_sentences(name: str, place: Placement) -> list[str]:
                 f"{_pct(r['weight_share'], 1)} of the weights ({r['enrichment']:.1f}×, "
                 f"adjusted p = {_p(r['p_adjusted'])})."
             )
+    for r in place.residual[:3]:
+        out.append(
+            f"{name}: residual-stream dimension {r['dimension']} recurs across module types "
+            f"({', '.join(f'`{m}`' for m in r['modules'])}): {r['count']} of the {r['of']} top-{place.k} weights that "
+            f"read or write the residual stream use it (adjusted binomial p = {_p(r['p_adjusted'])} against a uniform "
+            f"spread over its {r['hidden']} dimensions)."
+        )
     for r in place.recurring[:4]:
         layers = (
             f" across layers {', '.join(map(str, r['layers']))}"
@@ -765,6 +844,10 @@ def build_report(
         f"- *Recurs* (row, column or channel of one module type): ≥ {RECUR_MIN} of that module type's top-K weights "
         f"share it and the binomial p-value against a uniform spread over its rows/columns, Bonferroni-adjusted over "
         f"them, is below {ALPHA}.",
+        "- *Residual-stream dimension recurs*: top-K weights of at least two module types read or write the same "
+        "hidden dimension (norm channels, embedding columns, input columns of q/k/v/gate/up, output rows of "
+        f"o_proj/down_proj), ≥ {RECUR_MIN} of them, Bonferroni-adjusted binomial p below {ALPHA} against a uniform "
+        "spread over the hidden dimensions.",
         "- *Rank the weights alike*: the lower end of Spearman's 95% interval (Fisher z, se 1.06/√(n−3)) "
         f"over a uniform "
         f"random sample of weights ≥ {AGREE_RHO}; *differently*: its upper end < {DISAGREE_RHO}. Top-K sets *largely "

@@ -39,6 +39,7 @@ def concentrated_scores() -> dict[str, torch.Tensor]:
     for layer in range(3):
         q = scores[f"model.layers.{layer}.self_attn.q_proj.weight"]
         q[:, 5] = 1.0 + layer + 0.01 * torch.arange(8)  # distinct values: no tie decides the top-K
+    scores["model.norm.weight"][5] = 5.0  # the same hidden dimension, in another module type
     return scores
 
 
@@ -76,7 +77,8 @@ def test_concentrated_run_is_called_concentrated_with_its_numbers(tmp_path):
     assert share > 10.0  # the threshold the claim is gated on
     where = _finding_lines(text, "### Where the critical weights live")
     assert any("input column 5 of `self_attn.q_proj` recurs" in line for line in where)
-    assert any("`self_attn.q_proj` holds 20 of the top 20" in line for line in where)
+    assert any("`self_attn.q_proj` holds 19 of the top 20" in line for line in where)
+    assert any("residual-stream dimension 5 recurs" in line and "`norm`" in line for line in where)
 
 
 def test_agreement_claims_follow_the_correlations(tmp_path):
