@@ -143,7 +143,14 @@ def as_source(source: TextSource | str) -> TextSource:
     return HubDataset(source)
 
 
+PAD_KEY = "cwa_pad"
+"""Marks a filler batch: under sharding every rank must run the same number of steps (each forward and
+backward is a collective), so ranks short of batches take part with a batch whose loss counts zero."""
+
+
 class Blocks(Dataset):
+    """Blocks by index; the index ``len(self)`` is the filler item (block 0 marked with ``PAD_KEY``)."""
+
     def __init__(self, blocks: torch.Tensor) -> None:
         self.blocks = blocks
 
@@ -151,6 +158,8 @@ class Blocks(Dataset):
         return self.blocks.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i == len(self):
+            return {"input_ids": self.blocks[0], PAD_KEY: torch.tensor(True)}
         return {"input_ids": self.blocks[i]}
 
 
@@ -264,19 +273,29 @@ class CalibrationData(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, blocks: torch.Tensor) -> DataLoader:
+    def _sharded(self) -> bool:
+        from cwa.distributed import is_sharded_strategy
+
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and is_sharded_strategy(trainer.strategy)
+
+    def _loader(self, blocks: torch.Tensor, equal_steps: bool = False) -> DataLoader:
         """Batches of ``batch_size`` consecutive blocks; in a distributed run rank r takes batches
         r, r + world, ... of the single-process batching, so every block is used exactly once (no
-        sampler padding) and every batch is identical to the single-process run's."""
+        sampler padding) and every batch is identical to the single-process run's. With ``equal_steps``
+        (sharded models) ranks short of a batch get one filler batch (``PAD_KEY``) whose loss counts zero."""
         rank, world = self._rank_world()
         batches = [
             list(range(i, min(i + self.batch_size, len(blocks)))) for i in range(0, len(blocks), self.batch_size)
         ]
-        return DataLoader(Blocks(blocks), batch_sampler=batches[rank::world], num_workers=self.num_workers)
+        mine = batches[rank::world]
+        if equal_steps:
+            mine += [[len(blocks)]] * (-(-len(batches) // world) - len(mine))
+        return DataLoader(Blocks(blocks), batch_sampler=mine, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.calibration)
+        return self._loader(self.calibration, equal_steps=self._sharded())
 
     def heldout_dataloader(self) -> DataLoader:
         self.setup()

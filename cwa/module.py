@@ -1,8 +1,20 @@
-"""The LightningModule that drives a scorer over calibration batches."""
+"""The LightningModule that drives a scorer over calibration batches.
+
+Under Lightning's ``ModelParallelStrategy`` the module shards the model with FSDP2 in
+``configure_model``. Every forward and backward is then a collective, so all ranks run the same number
+of steps (the data module adds filler batches whose loss counts zero). Metrics linear in the batch
+(``grad_x_weight``) run every rank's batch at once: backward's reduce-scatter sums the gradients. Metrics
+that are not (``grad_squared`` squares per-micro-batch gradients, ``hutchinson_diag`` draws one probe per
+batch) take turns: in each step rank t's batch is scored while the other ranks join the collectives with
+a two-token batch whose loss is multiplied by zero, so one step costs world_size forward/backward passes
+of the turn-taking kind but matches the single-process result exactly.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -10,11 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cwa import checkpoint
+from cwa.data import PAD_KEY
+from cwa.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    apply_fsdp2,
+    check_supported_strategy,
+    is_sharded_strategy,
+)
+from cwa.environment import peak_memory
 from cwa.errors import CwaError
 from cwa.models import Dtype, load_model, set_attn_implementation
 from cwa.params import ParamInfo, select_parameters
-from cwa.scorers import Scorer, make_scorer
+from cwa.scorers import Scorer, make_scorer, nonfinite_error
 from cwa.topk import Mode, TopK, check_k
+
+FAIL_AFTER_ENV = "CWA_FAIL_AFTER_BATCHES"
+"""Test hook: raise after this many batches of this run (after any checkpoint), as a kill would."""
 
 
 def next_token_nll(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -52,6 +77,12 @@ class SensitivityModule(L.LightningModule):
         trust_remote_code: allow custom model code from the hub (off unless you trust the repository).
         revision: hub revision (branch, tag or commit) of the model.
         save_scores: dtype of ``scores.safetensors`` (``float32``, ``bfloat16``) or ``off``.
+        checkpoint_every: save the accumulators, counters and position in the data every this many
+            batches (per process), so that a killed run can be resumed with ``resume_from``. None: never.
+        checkpoint_dir: where those checkpoints go (default: ``accumulators/`` in the run directory).
+        resume_from: a checkpoint directory (or the run directory holding ``accumulators/``) of an
+            interrupted run with the same settings and process count: its accumulators are loaded and
+            the batches it had already seen are skipped; the scores equal an uninterrupted run's.
     """
 
     def __init__(
@@ -67,8 +98,13 @@ class SensitivityModule(L.LightningModule):
         trust_remote_code: bool = False,
         revision: str | None = None,
         save_scores: Literal["float32", "bfloat16", "off"] = "float32",
+        checkpoint_every: int | None = None,
+        checkpoint_dir: str | None = None,
+        resume_from: str | None = None,
     ) -> None:
         super().__init__()
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise CwaError(f"checkpoint_every must be at least 1, got {checkpoint_every}.")
         if k < 1:
             raise CwaError(f"k must be at least 1, got {k}.")
         if mode not in ("global", "per_layer"):
@@ -84,13 +120,21 @@ class SensitivityModule(L.LightningModule):
         self.topk: TopK | None = None
         self.timings: dict[str, float] = {}
         self.run_dir = None
+        self.checkpoint_every, self.checkpoint_dir, self.resume_from = checkpoint_every, checkpoint_dir, resume_from
+        self.resumed_batches = 0
+        self.rank_memory: list[dict] | None = None
+        self._ckpt_dir: Path | None = None
         self._started = 0.0
+        self._seen = 0  # batches of this run processed by this process (for the test hook)
 
     # -- model ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
         start = time.perf_counter()
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        check_supported_strategy(strategy)
+        self.scorer.sharded = is_sharded_strategy(strategy)
         needed = self.scorer.required_attn_implementation()
         if needed and self.attn_implementation and self.attn_implementation != needed:
             raise CwaError(
@@ -106,11 +150,13 @@ class SensitivityModule(L.LightningModule):
         )
         if needed:
             set_attn_implementation(self.model, needed)
-        self.bind_scorer()
+        self.select_parameters()
+        if self.scorer.sharded:
+            apply_fsdp2(self.model, strategy.root_device.type)
         self.timings["load_model_s"] = time.perf_counter() - start
 
-    def bind_scorer(self) -> None:
-        """Select the scored tensors, freeze the rest (their gradients are never computed) and bind."""
+    def select_parameters(self) -> None:
+        """Select the scored tensors and freeze the rest (their gradients are never computed)."""
         chosen = select_parameters(self.model, self.include, self.exclude)
         check_k({name: info.numel for name, (_, info) in chosen.items()}, self.k, self.mode)
         for param in self.model.parameters():
@@ -118,32 +164,114 @@ class SensitivityModule(L.LightningModule):
         for param, _ in chosen.values():
             param.requires_grad_(self.scorer.needs_data)
         self.selected = {name: info for name, (_, info) in chosen.items()}
-        self.scorer.bind({name: param for name, (param, _) in chosen.items()})
+
+    def bind_scorer(self) -> None:
+        """Bind the scorer to the selected parameters as they are now: after sharding (FSDP2 replaces
+        them with DTensors) and after the strategy moved them to their device."""
+        if not self.selected:
+            self.select_parameters()
+        params = dict(self.model.named_parameters())
+        self.scorer.bind({name: params[name] for name in self.selected})
 
     def loss_fn(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         return next_token_nll(self.model, batch)
 
     # -- loop ----------------------------------------------------------------------------------
+    def idle_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """A loss that takes part in every collective of forward and backward but weighs nothing."""
+        nll, _ = next_token_nll(self.model, batch)
+        return nll * 0.0, 0
+
     def on_validation_epoch_start(self) -> None:
+        self.bind_scorer()
+        if self.checkpoint_every or self.resume_from:
+            # trainer.log_dir is a collective in distributed runs: every rank asks for it.
+            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            self._ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir else run_dir / "accumulators"
+        if self.resume_from:
+            self.resumed_batches = checkpoint.load(self.resume_from, self.scorer, self._fingerprint(), self.trainer)
+        self._seen = 0
         self._started = time.perf_counter()
 
+    def _fingerprint(self) -> dict:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        fingerprint = getattr(datamodule, "fingerprint", None)
+        return {
+            "model": self.pretrained,
+            "metric": self.scorer.name,
+            "settings": self.scorer.settings(),
+            "scored": list(self.selected),
+            "data": fingerprint() if callable(fingerprint) else None,
+            "batch_size": getattr(datamodule, "batch_size", None),
+            "world_size": self.trainer.world_size,
+        }
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.scorer.set_step(batch_idx * self.trainer.world_size + self.trainer.global_rank)
+        if batch_idx < self.resumed_batches:
+            return  # seen before the interruption; its contribution is in the loaded accumulators
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        filler = PAD_KEY in batch
+        batch = {k: v for k, v in batch.items() if k != PAD_KEY}
         with torch.enable_grad():
-            self.scorer.update(batch, self.loss_fn)
+            if not self.scorer.sharded:
+                self.scorer.set_step(batch_idx * world + rank)
+                self.scorer.update(batch, self.loss_fn)
+            elif not self.scorer.turn_taking:
+                self.scorer.set_step(batch_idx * world + rank)
+                self._update(_idle_batch(batch, 1) if filler else batch, counting=not filler)
+            else:
+                self._take_turns(batch, batch_idx, 0 if filler else batch["input_ids"].shape[0])
+        self._seen += 1
+        if self.checkpoint_every and (batch_idx + 1) % self.checkpoint_every == 0:
+            checkpoint.save(self._ckpt_dir, self.scorer, batch_idx + 1, self._fingerprint(), self.trainer)
+        fail_after = os.environ.get(FAIL_AFTER_ENV)
+        if fail_after and self._seen >= int(fail_after):
+            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {self._seen} batches")
         self.log("calibration_nll", self.scorer.mean_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+
+    def _update(self, batch: dict[str, Tensor], counting: bool) -> None:
+        self.scorer.counting = counting
+        try:
+            self.scorer.update(batch, self.loss_fn if counting else self.idle_loss)
+        finally:
+            self.scorer.counting = True
+
+    def _take_turns(self, batch: dict[str, Tensor], batch_idx: int, rows: int) -> None:
+        """Score each rank's batch in turn (one small all-gather of batch sizes per step)."""
+        import torch.distributed as dist
+
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([rows], dtype=torch.long, device=self.device))
+        for turn, size in enumerate(int(s) for s in sizes):
+            if size == 0:
+                continue  # that rank had only a filler batch this step
+            self.scorer.set_step(batch_idx * world + turn)
+            if turn == rank:
+                self._update(batch, counting=True)
+            else:
+                # Same number of rows, so micro-batch loops run the same number of collectives.
+                self._update(_idle_batch(batch, size), counting=False)
 
     def on_validation_epoch_end(self) -> None:
         self.timings["accumulate_s"] = time.perf_counter() - self._started
         start = time.perf_counter()
         if self.trainer.world_size > 1:
-            import torch.distributed as dist
-
-            self.scorer.reduce(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+            self.scorer.reduce(all_reduce_sum)
+        # Every rank must raise together (or none), or the others would wait in the next collective.
+        bad = [(name, rank) for rank, names in enumerate(all_gather_objects(self.scorer.nonfinite())) for name in names]
+        if bad:
+            raise nonfinite_error(bad[0][0], next(iter(self.scorer.params.values())).dtype)
         if self.scorer.tokens == 0:
             raise CwaError("no calibration tokens were scored; check num_samples and the data.")
         self.scores = self.scorer.compute()
         self.timings["reduce_s"] = time.perf_counter() - start
+        self.rank_memory = all_gather_objects(peak_memory())
 
     def configure_optimizers(self):  # noqa: D102 - scoring never optimizes
         return None
+
+
+def _idle_batch(batch: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """``rows`` copies of the first two tokens of ``batch``: the cheapest input that still runs every layer."""
+    return {"input_ids": batch["input_ids"][:1, :2].expand(rows, 2).contiguous()}

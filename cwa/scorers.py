@@ -12,6 +12,11 @@ A scorer is bound to the parameters it scores, sees the calibration batches one 
 Accumulators are float32 whatever the model's dtype. Gradients are consumed by
 post-accumulate-grad hooks as soon as each one is ready and then freed, so a scorer never holds a
 second full copy of the gradients.
+
+Sharded parameters (FSDP2 DTensors, ``sharded = True``): accumulators cover this rank's row shard only;
+the gradient a hook sees is already the sum over ranks (reduce-scatter), so ``reduce`` sums only the
+counters. Metrics that are not linear in the batch (``turn_taking``) let the module run one rank's
+batch at a time with the other ranks idle (see ``SensitivityModule``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from cwa.distributed import all_reduce_sum, is_dtensor, local_slice
 from cwa.errors import CwaError
 
 Batch = dict[str, Tensor]
@@ -37,6 +43,8 @@ class Scorer:
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = True
     signed: ClassVar[bool] = False
+    turn_taking: ClassVar[bool] = False
+    """Not linear in the batch (squares, per-batch probes): under sharding each rank's batch runs alone."""
 
     def __init__(self) -> None:
         self.params: dict[str, nn.Parameter] = {}
@@ -44,6 +52,8 @@ class Scorer:
         # tokens, summed NLL, micro-batches, probes: float64 so that token counts stay exact.
         self.counters = torch.zeros(4, dtype=torch.float64)
         self.step = 0
+        self.sharded = False  # set by the module before bind under FSDP2
+        self.counting = True  # False while this rank only takes part in another rank's turn
 
     # -- setup ---------------------------------------------------------------------------------
     def required_attn_implementation(self) -> str | None:
@@ -53,7 +63,11 @@ class Scorer:
     def bind(self, params: dict[str, nn.Parameter]) -> None:
         """Attach to the parameters to score and allocate zeroed float32 accumulators beside them."""
         self.params = dict(params)
-        self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        self.acc = {}
+        if self.needs_data:
+            self.acc = {
+                n: torch.zeros(_local(p).shape, dtype=torch.float32, device=p.device) for n, p in params.items()
+            }
         self.counters = torch.zeros(4, dtype=torch.float64)
 
     def settings(self) -> dict:
@@ -70,6 +84,8 @@ class Scorer:
         return float(self.counters[1] / self.counters[0]) if self.counters[0] > 0 else float("nan")
 
     def _count(self, nll: Tensor, tokens: int, microbatches: int = 0, probes: int = 0) -> None:
+        if not self.counting:
+            return
         value = float(nll.detach())
         if not math.isfinite(value):
             raise CwaError(f"the calibration loss became {value}; check the model's dtype and the data.")
@@ -104,21 +120,29 @@ class Scorer:
 
     # -- results -------------------------------------------------------------------------------
     def reduce(self, all_reduce: Callable[[Tensor], None]) -> None:
-        """Sum accumulators and counters over processes: one collective per tensor."""
-        for tensor in self.acc.values():
-            all_reduce(tensor)
-        all_reduce(self.counters)
+        """Sum accumulators and counters over processes: one collective per tensor. Sharded
+        accumulators already hold the sum over ranks (backward reduce-scatters gradients): only the
+        counters are summed then."""
+        if not self.sharded:
+            for tensor in self.acc.values():
+                all_reduce(tensor)
+        # Counters live on the CPU; NCCL reduces device tensors only.
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        counters = self.counters.to(device)
+        all_reduce(counters)
+        self.counters.copy_(counters.cpu())
 
     def compute(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def nonfinite(self) -> list[str]:
+        """Names of the accumulators (this rank's part) holding NaN or Inf: an overflowed gradient."""
+        return [name for name, tensor in self.acc.items() if not bool(torch.isfinite(tensor).all())]
+
     def check_finite(self) -> None:
-        for name, tensor in self.acc.items():
-            if not torch.isfinite(tensor).all():
-                raise CwaError(
-                    f"the gradient of '{name}' contained NaN or Inf; try dtype float32, a shorter seq_len, "
-                    "or exclude that tensor."
-                )
+        bad = self.nonfinite()
+        if bad:
+            raise nonfinite_error(bad[0], next(iter(self.params.values())).dtype)
 
     def state_dict(self) -> dict:
         return {"acc": self.acc, "counters": self.counters}
@@ -127,6 +151,14 @@ class Scorer:
         for name, tensor in state["acc"].items():
             self.acc[name].copy_(tensor)
         self.counters.copy_(state["counters"])
+
+
+def nonfinite_error(name: str, dtype: torch.dtype) -> CwaError:
+    hint = "use dtype bfloat16 or float32" if dtype == torch.float16 else "try dtype float32"
+    return CwaError(
+        f"the gradient of '{name}' overflowed (NaN or Inf in a {str(dtype).removeprefix('torch.')} model); "
+        f"{hint}, a shorter seq_len, or exclude that tensor."
+    )
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -167,7 +199,8 @@ class GradXWeight(Scorer):
     def compute(self) -> dict[str, Tensor]:
         self.check_finite()
         tokens = self.tokens
-        return {n: (self.acc[n] / tokens).mul_(_local(p.detach()).float()).abs_() for n, p in self.params.items()}
+        # In place: the scores take the accumulators' memory instead of another float32 copy of the model.
+        return {n: self.acc[n].div_(tokens).mul_(_local(p.detach())).abs_() for n, p in self.params.items()}
 
 
 class GradSquared(Scorer):
@@ -179,6 +212,7 @@ class GradSquared(Scorer):
     """
 
     name = "grad_squared"
+    turn_taking = True
 
     def __init__(self, fisher_microbatch: int = 1) -> None:
         super().__init__()
@@ -195,12 +229,13 @@ class GradSquared(Scorer):
             micro = {k: v[start : start + self.fisher_microbatch] for k, v in batch.items()}
             nll, tokens = loss_fn(micro)
             self._count(nll, tokens, microbatches=1)
-            with self._consume_grads(lambda n, g: self.acc[n].addcmul_(g, g)):
-                (nll / tokens).backward()
+            with self._consume_grads(lambda n, g: self.acc[n].addcmul_(g.float(), g.float())):
+                # An idle rank's loss is 0 with 0 tokens: its (zero) gradient must not be 0/0.
+                (nll / max(tokens, 1)).backward()
 
     def compute(self) -> dict[str, Tensor]:
         self.check_finite()
-        return {n: self.acc[n] / float(self.counters[2]) for n in self.params}
+        return {n: self.acc[n].div_(float(self.counters[2])) for n in self.params}
 
 
 class HutchinsonDiag(Scorer):
@@ -223,6 +258,7 @@ class HutchinsonDiag(Scorer):
 
     name = "hutchinson_diag"
     signed = True
+    turn_taking = True
 
     def __init__(
         self,
@@ -254,6 +290,11 @@ class HutchinsonDiag(Scorer):
         self._backup = {}
         device = next(iter(params.values())).device
         self._generator = torch.Generator(device=device)
+        if self.sharded and self.hvp == "autograd":
+            raise CwaError(
+                "hutchinson_diag on sharded parameters (ModelParallelStrategy) needs hvp: finite_difference; "
+                "double backward through FSDP is not supported."
+            )
         if self.hvp == "finite_difference":
             bad = [n for n, p in params.items() if p.dtype != torch.float32]
             if bad:
@@ -262,12 +303,23 @@ class HutchinsonDiag(Scorer):
                     f"{params[bad[0]].dtype}): a relative step of {self.fd_eps:g} is below the resolution "
                     "of 16-bit floats; set dtype: float32."
                 )
-            squares = sum(float(_local(p.detach()).float().pow(2).sum()) for p in params.values())
-            numel = sum(_local(p.detach()).numel() for p in params.values())
-            self._eps = self.fd_eps * math.sqrt(squares) / math.sqrt(numel)
+            # ||w|| over the whole model: under sharding each rank sums its shards, then one all-reduce.
+            norms = torch.zeros(2, dtype=torch.float64, device=device)
+            for p in params.values():
+                local = _local(p.detach())
+                norms[0] += local.double().pow(2).sum()
+                norms[1] += local.numel()
+            if self.sharded:
+                all_reduce_sum(norms)
+            self._eps = self.fd_eps * math.sqrt(float(norms[0])) / math.sqrt(float(norms[1]))
 
     def _probe(self, like: Tensor, dtype: torch.dtype) -> Tensor:
-        v = torch.randint(0, 2, like.shape, generator=self._generator, device=like.device, dtype=torch.int8)
+        """A Rademacher probe for ``like``; for a shard, its rows of the whole tensor's probe, so that
+        every process count draws the same v (at the cost of one int8 copy of the largest tensor)."""
+        device = _local(like).device
+        v = torch.randint(0, 2, like.shape, generator=self._generator, device=device, dtype=torch.int8)
+        if is_dtensor(like):
+            v = local_slice(like, v).clone()
         return v.mul_(2).sub_(1).to(dtype)
 
     def update(self, batch: Batch, loss_fn: LossFn) -> None:
@@ -298,7 +350,7 @@ class HutchinsonDiag(Scorer):
             self._backup = {n: _local(p.detach()).clone() for n, p in self.params.items()}
         scale = 1.0 / (2.0 * self._eps)
         for i in range(self.probes):
-            probes = {n: self._probe(_local(p), torch.int8) for n, p in self.params.items()}
+            probes = {n: self._probe(p, torch.int8) for n, p in self.params.items()}
             losses = []
             try:
                 # p.grad accumulates grad(w + eps v) and then -grad(w - eps v): their difference.
@@ -328,7 +380,7 @@ class HutchinsonDiag(Scorer):
     def compute(self) -> dict[str, Tensor]:
         self.check_finite()
         denom = self.tokens * self.probes  # each batch added one v * (H_b v) per probe
-        return {n: self.acc[n] / denom for n in self.params}
+        return {n: self.acc[n].div_(denom) for n in self.params}
 
 
 METRICS: dict[str, type[Scorer]] = {cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag)}

@@ -2,11 +2,15 @@
 
 Weights are ranked by |score| (Hutchinson scores are signed). Ties are broken deterministically:
 earlier parameter (in model order) first, then lower flat index.
+
+Sharded runs (``select_topk_sharded``): every rank selects on its own row shards, maps its candidates to
+global flat indices, and the candidates (at most k per rank, or k per tensor per rank) are gathered and
+merged under the same order, which gives exactly the single-process selection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +30,7 @@ class TopK:
     param: Tensor  # int64 index into ``names``
     index: Tensor  # int64 flat index into the parameter
     score: Tensor  # float32 signed score
+    weight: Tensor | None = None  # the weights' values, when known without the whole tensor (sharded runs)
 
     def __len__(self) -> int:
         return int(self.param.numel())
@@ -156,3 +161,76 @@ def _gather(scores: Mapping[str, Tensor], names: list[str], param: Tensor, index
         if mask.any():
             out[mask] = scores[name].reshape(-1)[index[mask].to(scores[name].device)].float().cpu()
     return out
+
+
+Candidates = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+"""(|score| key, parameter index, global flat index, signed score, weight), parallel 1-D CPU tensors."""
+
+
+def merge_candidates(parts: Sequence[Candidates], k: int, mode: Mode = "global") -> Candidates:
+    """Merge candidate sets from several ranks under the single-process order: |score| descending, then
+    parameter order, then flat index. ``global`` keeps k in all, ``per_layer`` k per parameter."""
+    key, param, index, score, weight = (torch.cat(column) for column in zip(*parts, strict=True))
+    # Three stable sorts from the least to the most significant key give the lexicographic order.
+    order = torch.sort(index, stable=True).indices
+    order = order[torch.sort(param[order], stable=True).indices]
+    order = order[torch.sort(key[order], descending=True, stable=True).indices]
+    if mode == "global":
+        order = order[:k]
+    else:
+        # Within each parameter keep the first k in that order; then list parameters in model order.
+        ranked = param[order]
+        seen: dict[int, int] = {}
+        keep = []
+        for position, p in enumerate(ranked.tolist()):
+            if seen.get(p, 0) < k:
+                seen[p] = seen.get(p, 0) + 1
+                keep.append(position)
+        order = order[torch.tensor(keep, dtype=torch.long)]
+        order = order[torch.sort(param[order], stable=True).indices]
+    return key[order], param[order], index[order], score[order], weight[order]
+
+
+def local_candidates(
+    scores: Mapping[str, Tensor], params: Mapping[str, Tensor], k: int, mode: Mode = "global"
+) -> Candidates:
+    """This rank's candidates: its best k (``global``) or best k per tensor (``per_layer``) over its
+    local shards, with flat indices into the whole tensors."""
+    from cwa.distributed import _local_of, global_flat_index
+
+    names = list(scores)
+    live = {n: s for n, s in scores.items() if s.numel() > 0}  # a shard can be empty (more ranks than rows)
+    empty = torch.empty(0)
+    if not live:
+        return empty, empty.long(), empty.long(), empty, empty
+    if mode == "global":
+        local = {n: s for n, s in live.items()}
+        param_local, index = _global_topk(local, min(k, sum(s.numel() for s in local.values())))
+        local_names = list(local)
+        param = torch.tensor([names.index(local_names[i]) for i in param_local.tolist()], dtype=torch.long)
+    else:
+        pieces = [(names.index(n), tensor_topk(s, k)[1].cpu()) for n, s in live.items()]
+        param = torch.cat([torch.full((ix.numel(),), i, dtype=torch.long) for i, ix in pieces])
+        index = torch.cat([ix for _, ix in pieces])
+    score = _gather(scores, names, param, index)
+    weight = torch.empty(param.numel(), dtype=torch.float32)
+    global_index = torch.empty_like(index)
+    for i, name in enumerate(names):
+        mask = param == i
+        if mask.any():
+            w = _local_of(params[name]).detach().reshape(-1)
+            weight[mask] = w[index[mask].to(w.device)].float().cpu()
+            global_index[mask] = global_flat_index(params[name], index[mask])
+    return score.abs(), param, global_index, score, weight
+
+
+def select_topk_sharded(scores: Mapping[str, Tensor], params: Mapping[str, Tensor], k: int, mode: Mode) -> TopK:
+    """Exact top-K when ``scores`` are this rank's row shards of ``params`` (a collective: every rank
+    calls it and gets the same result). Gathers at most k (per tensor) candidates per rank."""
+    from cwa.distributed import all_gather_objects
+
+    names = list(scores)
+    check_k({n: p.numel() for n, p in params.items()}, k, mode)
+    parts = all_gather_objects(local_candidates(scores, params, k, mode))
+    _, param, index, score, weight = merge_candidates(parts, k, mode)
+    return TopK(names=names, param=param, index=index, score=score, weight=weight)
