@@ -25,6 +25,9 @@ def print_fit_result(trainer, module, rows: int = 10) -> None:
 
         rc = info.row_col(torch.tensor(index))
         where = f"{name}[{int(rc[0])}, {int(rc[1])}]" if rc is not None else f"{name}[{index}]"
-        weight = dict(module.model.named_parameters())[name].detach().reshape(-1)[index]
+        if module.topk.weight is not None:  # sharded runs: no rank holds the whole tensor
+            weight = module.topk.weight[i]
+        else:
+            weight = dict(module.model.named_parameters())[name].detach().reshape(-1)[index]
         print(f"  {i + 1:>4}  {float(module.topk.score[i]):>11.4g}  {float(weight):>10.4g}  {where}")
     print(f"  run directory: {run_dir}")

@@ -23,6 +23,25 @@ from torch import Tensor, nn
 from cwa.errors import CwaError
 
 
+FSDP2_STRATEGY = "fsdp2"
+"""``--trainer.strategy=fsdp2``: Lightning's ``ModelParallelStrategy``, which cwa shards with FSDP2."""
+
+
+def register_strategy_name() -> None:
+    """Make ``fsdp2`` a strategy name (Lightning registers ModelParallelStrategy under none)."""
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+    except ImportError:
+        return
+    if FSDP2_STRATEGY not in StrategyRegistry:
+        StrategyRegistry.register(
+            FSDP2_STRATEGY, ModelParallelStrategy, description="FSDP2 fully_shard over all processes (cwa)"
+        )
+
+
+register_strategy_name()
+
+
 def is_sharded_strategy(strategy: object) -> bool:
     """True for Lightning's ``ModelParallelStrategy`` (FSDP2), where cwa shards the model itself."""
     try:
