@@ -47,6 +47,7 @@ def dose_response(rows: list[Mapping], title: str, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.4 * len(kinds), 4.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
+        lowest = 0.0
         for target, (label, color, marker) in _STYLE.items():
             mine = [r for r in rows if r["perturbation"] == kind and r["target"] == target]
             ks = sorted({r["k"] for r in mine})
@@ -62,9 +63,11 @@ def dose_response(rows: list[Mapping], title: str, path: Path) -> None:
             tag = f" ({seeds} seeds)" if seeds > 1 else ""
             ax.plot(ks, mean, marker=marker, color=color, label=label + tag)
             ax.fill_between(ks, low, high, color=color, alpha=0.18, linewidth=0)
+            lowest = min([lowest, *(v for v in low if v == v)])
         ax.set_xscale("log")
         # Damage spans from noise around zero to orders of magnitude: symlog keeps both readable.
         ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_ylim(bottom=min(2 * lowest, -0.01))  # symlog autoscaling mirrors the top; only show real lows
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel("K (weights perturbed)")
         ax.set_ylabel("Δ held-out perplexity (95% CI)")
