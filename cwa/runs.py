@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cwa.artifacts import TOPK_COLUMNS, read_topk_csv
 from cwa.errors import CwaError
 from cwa.params import ParamInfo
 from cwa.topk import TopK, select_topk
@@ -231,6 +230,8 @@ class Run:
     # -- top-K ---------------------------------------------------------------------------------
     @cached_property
     def topk_rows(self) -> list[dict]:
+        from cwa.artifacts import TOPK_COLUMNS, read_topk_csv  # imports Lightning: only when a table is read
+
         path = self.path / "topk.csv"
         try:
             rows = read_topk_csv(path)

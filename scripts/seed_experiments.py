@@ -150,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         "--embedded", action="store_true", help="run the grid on the embedded model without asking the hub"
     )
     parser.add_argument("--force", action="store_true", help="rerun experiments that already have a complete run")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated experiment names to run (e.g. to run parts of the grid in parallel); the report then "
+        "covers the complete runs of the whole grid found in the output directory",
+    )
+    parser.add_argument("--no-report", action="store_true", help="run the experiments only")
     args = parser.parse_args(argv)
 
     embedded = args.embedded
@@ -167,13 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     cwa = [sys.executable, "-m", "cwa"]
     env_note = "embedded SmolLM2-135M" if embedded else "hub models"
     print(f"seed_experiments: {len(SEED_GRID)} experiments on the {env_note}; runs under {logs}", flush=True)
-    runs = []
-    for exp in SEED_GRID:
-        runs.append(run_experiment(exp, exp.name, 0, logs, embedded, seq_len, args.force, cwa))
     stability = SEED_GRID[2]
-    for seed in range(1, max(1, args.replicates)):
-        name = f"{stability.name}_seed{seed}"
-        runs.append(run_experiment(stability, name, seed, logs, embedded, seq_len, args.force, cwa))
+    plan = [(exp, exp.name, 0) for exp in SEED_GRID]
+    plan += [(stability, f"{stability.name}_seed{seed}", seed) for seed in range(1, max(1, args.replicates))]
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = only - {name for _, name, _ in plan}
+    if unknown:
+        raise SystemExit(f"seed_experiments: unknown experiment(s) {sorted(unknown)}; see --help for the grid.")
+    for exp, name, seed in plan:
+        if not only or name in only:
+            run_experiment(exp, name, seed, logs, embedded, seq_len, args.force, cwa)
+    if args.no_report:
+        return 0
+    runs = []
+    for _, name, _ in plan:
+        found = sorted(complete_runs(logs / name))
+        if found:
+            runs.append(found[-1])
+        else:
+            print(f"seed_experiments: {name} has no complete run yet; the report leaves it out.", flush=True)
     report = args.output.resolve() / "reports" / "critical-weights.md"
     command = [*cwa, "report", *map(str, runs), "--output", str(report)]
     print(f"seed_experiments: writing the report: {' '.join(command[2:])}", flush=True)
