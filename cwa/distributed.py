@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from cwa.errors import CwaError
 
-
 FSDP2_STRATEGY = "fsdp2"
 """``--trainer.strategy=fsdp2``: Lightning's ``ModelParallelStrategy``, which cwa shards with FSDP2."""
 

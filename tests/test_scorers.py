@@ -172,3 +172,35 @@ def test_unknown_metric_and_bad_options():
     with pytest.raises(CwaError):
         GradSquared(fisher_microbatch=0)
     assert math.isnan(GradXWeight().mean_loss)
+
+
+@pytest.mark.parametrize("metric", [GradXWeight, lambda: GradSquared(2)])
+def test_bfloat16_weights_accumulate_in_float32(metric):
+    reference, model = tiny_llama(), tiny_llama().to(torch.bfloat16)
+    blocks = random_blocks(4, 12, seed=3)
+    scorers = []
+    for m in (reference, model):
+        scorer = metric()
+        _bind(scorer, m)
+        assert all(a.dtype == torch.float32 for a in scorer.acc.values())
+        scorers.append(_run(scorer, m, blocks, batch_size=2))
+    for name, expected in scorers[0].items():
+        got = scorers[1][name]
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        # bf16 has 8 mantissa bits: the scores agree in bulk, not to float32 precision.
+        cosine = F.cosine_similarity(got.reshape(1, -1).double(), expected.reshape(1, -1).double())
+        assert float(cosine) > 0.95, name
+
+
+def test_float16_overflow_is_reported_with_the_tensor_and_a_remedy():
+    model = tiny_llama().to(torch.float16)
+    scorer = GradXWeight()
+    _bind(scorer, model)
+
+    def loss_fn(batch):
+        nll, tokens = next_token_nll(model, batch)
+        return nll * 1e30, tokens  # every float16 gradient overflows to Inf
+
+    with pytest.raises(CwaError, match=r"overflowed.*float16.*bfloat16"):
+        scorer.update({"input_ids": random_blocks(2, 8)}, loss_fn)
+        scorer.compute()

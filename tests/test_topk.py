@@ -106,3 +106,34 @@ def test_threshold_and_streaming_paths_agree_on_heavy_ties():
         p1, i1 = _global_topk(scores, k, sample_size=256)
         p2, i2 = _streaming_topk(scores, k)
         assert torch.equal(p1, p2) and torch.equal(i1, i2), k
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_merging_row_shard_candidates_equals_single_process(mode, ties):
+    from cwa.topk import local_candidates, merge_candidates
+
+    scores = _scores(seed=4)
+    if ties:  # few distinct values: the tie-break decides most of the selection
+        scores = {n: s.mul(2).round() for n, s in scores.items()}
+    weights = {n: torch.randn(s.shape) for n, s in scores.items()}
+    k = 3 if mode == "per_layer" else 40
+    expected = select_topk(scores, k, mode)
+    parts = []
+    for shard in range(3):  # three ranks, torch.chunk rows like FSDP2 (one shard of t1 is empty)
+        local_s, local_w, offsets = {}, {}, {}
+        for name, s in scores.items():
+            chunks = torch.chunk(torch.arange(s.shape[0]), 3)
+            rows = chunks[shard] if shard < len(chunks) else torch.arange(0)
+            local_s[name], local_w[name] = s[rows], weights[name][rows]
+            offsets[name] = int(rows[0]) * (s[0].numel()) if rows.numel() else 0
+        key, param, index, score, weight = local_candidates(local_s, local_w, k, mode)
+        names = list(scores)
+        index = index + torch.tensor([offsets[names[p]] for p in param.tolist()], dtype=torch.long)
+        parts.append((key, param, index, score, weight))
+    _, param, index, score, weight = merge_candidates(parts, k, mode)
+    assert torch.equal(param, expected.param) and torch.equal(index, expected.index)
+    assert torch.equal(score, expected.score)
+    names = list(scores)
+    for p, i, w in zip(param.tolist(), index.tolist(), weight.tolist(), strict=True):
+        assert w == float(weights[names[p]].reshape(-1)[i])
