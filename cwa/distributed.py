@@ -15,7 +15,6 @@ Two layouts exist:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -165,16 +164,6 @@ def all_gather_objects(obj: object) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank when ``flag`` is true on at least one (so that all ranks raise together)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    all_reduce_sum(value)
-    return bool(value.item() > 0)
-
-
-ReduceFn = Callable[[Tensor], None]
 
 
 def _local_of(tensor: Tensor) -> Tensor:

@@ -266,7 +266,7 @@ class SensitivityModule(L.LightningModule):
             raise CwaError("no calibration tokens were scored; check num_samples and the data.")
         self.scores = self.scorer.compute()
         self.timings["reduce_s"] = time.perf_counter() - start
-        self.rank_memory = all_gather_objects(peak_memory())
+        self.rank_memory = all_gather_objects({**peak_memory(), "rss_at_scores_mib": _current_rss_mib()})
 
     def configure_optimizers(self):  # noqa: D102 - scoring never optimizes
         return None
@@ -275,3 +275,12 @@ class SensitivityModule(L.LightningModule):
 def _idle_batch(batch: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
     """``rows`` copies of the first two tokens of ``batch``: the cheapest input that still runs every layer."""
     return {"input_ids": batch["input_ids"][:1, :2].expand(rows, 2).contiguous()}
+
+
+def _current_rss_mib() -> float | None:
+    """Resident memory now (Linux), beside the peak: after sharding, the peak still shows the full load."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
