@@ -8,6 +8,7 @@ import lightning as L
 
 from cwa.artifacts import RunArtifacts
 from cwa.data import CalibrationData
+from cwa.distributed import check_supported_strategy
 from cwa.module import SensitivityModule
 
 
@@ -18,6 +19,8 @@ class CwaTrainer(L.Trainer):
         """Accumulate per-weight sensitivity scores over the calibration blocks, select the top-K and
         write the run directory. Runs in the validation loop with gradients enabled and the model in
         eval mode; every Lightning strategy, progress bar and logger applies."""
+        # Before any model is loaded: FSDP1 is refused in one sentence (cwa.distributed explains why).
+        check_supported_strategy(self.strategy)
         # Gradients are needed inside the loop: torch.inference_mode would forbid them.
         self.validate_loop.inference_mode = False
         # The data module shards blocks across ranks itself (no sampler padding duplicates a block).
