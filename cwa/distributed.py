@@ -166,5 +166,5 @@ def all_gather_objects(obj: object) -> list:
     return out
 
 
-def _local_of(tensor: Tensor) -> Tensor:
+def local_of(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor

@@ -30,6 +30,7 @@ from cwa.distributed import (
     apply_fsdp2,
     check_supported_strategy,
     is_sharded_strategy,
+    local_of,
 )
 from cwa.environment import peak_memory
 from cwa.errors import CwaError
@@ -266,7 +267,13 @@ class SensitivityModule(L.LightningModule):
             raise CwaError("no calibration tokens were scored; check num_samples and the data.")
         self.scores = self.scorer.compute()
         self.timings["reduce_s"] = time.perf_counter() - start
-        self.rank_memory = all_gather_objects({**peak_memory(), "rss_at_scores_mib": _current_rss_mib()})
+        # What this rank holds of the model and of the accumulators (row shards under FSDP2): the sizing check.
+        held = {
+            "weights_mib": sum(local_of(p).numel() * local_of(p).element_size() for p in self.model.parameters())
+            / 2**20,
+            "accumulators_mib": sum(t.numel() * t.element_size() for t in self.scores.values()) / 2**20,
+        }
+        self.rank_memory = all_gather_objects({**peak_memory(), "rss_at_scores_mib": _current_rss_mib(), **held})
 
     def configure_optimizers(self):  # noqa: D102 - scoring never optimizes
         return None

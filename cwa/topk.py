@@ -196,7 +196,7 @@ def local_candidates(
 ) -> Candidates:
     """This rank's candidates: its best k (``global``) or best k per tensor (``per_layer``) over its
     local shards, with flat indices into the whole tensors."""
-    from cwa.distributed import _local_of, global_flat_index
+    from cwa.distributed import global_flat_index, local_of
 
     names = list(scores)
     live = {n: s for n, s in scores.items() if s.numel() > 0}  # a shard can be empty (more ranks than rows)
@@ -218,7 +218,7 @@ def local_candidates(
     for i, name in enumerate(names):
         mask = param == i
         if mask.any():
-            w = _local_of(params[name]).detach().reshape(-1)
+            w = local_of(params[name]).detach().reshape(-1)
             weight[mask] = w[index[mask].to(w.device)].float().cpu()
             global_index[mask] = global_flat_index(params[name], index[mask])
     return score.abs(), param, global_index, score, weight
