@@ -900,8 +900,8 @@ def _comparison_section(runs, names, members, result, output, fig_dir, figures, 
         )
         if sentence:
             claims.append(sentence)
-            if ra.metric != rb.metric:
-                summary_claims.append(sentence)
+            if ra.metric != rb.metric and sum("and [" in c for c in summary_claims) < 3:
+                summary_claims.append(sentence)  # the first few; the section lists every pair
     header = ["pair"] + [f"Jaccard / overlap @{k}" for k in ks]
     header += ["Spearman ρ, random weights [95% CI]", "Kendall τ, random weights", f"Spearman ρ, top-{largest} union"]
     lines += _table(header, rows) + [""]

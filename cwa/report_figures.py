@@ -57,7 +57,9 @@ def overlap_heatmap(matrix: np.ndarray, names: Sequence[str], title: str, path: 
 
 def _layer_order(keys: Sequence[str]) -> list[str]:
     numbers = sorted(int(k) for k in keys if k.lstrip("-").isdigit())
-    return [str(k) for k in numbers] + sorted(k for k in keys if not k.lstrip("-").isdigit())
+    # Every layer in the range, so a layer no run puts a weight in shows as zero instead of vanishing.
+    filled = list(range(numbers[0], numbers[-1] + 1)) if numbers else []
+    return [str(k) for k in filled] + sorted(k for k in keys if not k.lstrip("-").isdigit())
 
 
 def layer_distribution(locations: Mapping[str, Mapping], path: Path) -> None:
