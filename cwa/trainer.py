@@ -13,12 +13,13 @@ from cwa.module import SensitivityModule
 
 
 class CwaTrainer(L.Trainer):
-    """A ``lightning.Trainer`` with ``fit_sensitivity`` (and, for ``cwa perturb``, ``perturb``)."""
+    """A ``lightning.Trainer`` with the ``fit_sensitivity`` research verb."""
 
     def fit_sensitivity(self, model: SensitivityModule, datamodule: CalibrationData | None = None) -> Path:
-        """Accumulate per-weight sensitivity scores over the calibration blocks, select the top-K and
-        write the run directory. Runs in the validation loop with gradients enabled and the model in
-        eval mode; every Lightning strategy, progress bar and logger applies."""
+        """Score every selected weight over the calibration blocks and write the top-K run directory.
+
+        Runs in the validation loop with gradients enabled and the model in eval mode, so every
+        Lightning strategy, progress bar and logger applies."""
         # Before any model is loaded: FSDP1 is refused in one sentence (cwa.distributed explains why).
         check_supported_strategy(self.strategy)
         # Gradients are needed inside the loop: torch.inference_mode would forbid them.
