@@ -57,32 +57,29 @@ def _constant(x: np.ndarray) -> bool:
     return x.size == 0 or bool(np.all(x == x.flat[0]))
 
 
-def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> Correlation:
-    """Spearman's rho (scipy.stats) with a Fisher-z 95% interval, standard error 1.06/sqrt(n-3)
-    (Fieller, Hartley & Pearson 1957)."""
+def _rank_correlation(x, y, statistic: str, standard_error) -> Correlation:
+    """A scipy.stats rank correlation with a Fisher-z 95% interval; NaN when undefined."""
     from scipy import stats
 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = int(x.size)
     if n < 3 or _constant(x) or _constant(y):
         return Correlation(math.nan, math.nan, math.nan, n)
-    rho = float(stats.spearmanr(x, y).statistic)
-    low, high = _fisher_interval(rho, n, 1.06 / math.sqrt(n - 3))
-    return Correlation(rho, low, high, n)
+    value = float(getattr(stats, statistic)(x, y).statistic)
+    low, high = _fisher_interval(value, n, standard_error(n))
+    return Correlation(value, low, high, n)
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> Correlation:
+    """Spearman's rho (scipy.stats) with a Fisher-z 95% interval, standard error 1.06/sqrt(n-3)
+    (Fieller, Hartley & Pearson 1957)."""
+    return _rank_correlation(x, y, "spearmanr", lambda n: 1.06 / math.sqrt(n - 3))
 
 
 def kendall(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> Correlation:
     """Kendall's tau-b (scipy.stats) with a Fisher-z 95% interval, standard error sqrt(0.437/(n-4))
     (Fieller, Hartley & Pearson 1957)."""
-    from scipy import stats
-
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    n = int(x.size)
-    if n < 3 or _constant(x) or _constant(y):
-        return Correlation(math.nan, math.nan, math.nan, n)
-    tau = float(stats.kendalltau(x, y).statistic)
-    low, high = _fisher_interval(tau, n, math.sqrt(0.437 / (n - 4)) if n > 4 else math.inf)
-    return Correlation(tau, low, high, n)
+    return _rank_correlation(x, y, "kendalltau", lambda n: math.sqrt(0.437 / (n - 4)) if n > 4 else math.inf)
 
 
 def gini_sorted(ascending: np.ndarray, chunk: int = 1 << 22) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cwa import agreement
-from cwa.compare import DEFAULT_KS, compare_runs
+from cwa.compare import DEFAULT_KS, DEFAULT_SAMPLE, compare_runs
 from cwa.errors import CwaError
 from cwa.io import atomic_open, write_json
 from cwa.runs import Run, load_runs, unique_names
@@ -1003,7 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sample",
         type=float,
-        default=1_000_000,
+        default=DEFAULT_SAMPLE,
         help="random weights for the rank correlation between runs (default %(default).0f)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sample and the bootstraps (default 0)")
