@@ -66,45 +66,9 @@ def _quiet_frameworks() -> None:
 
 
 def lightning_main(subcommand: str, args: list[str]) -> int:
-    from lightning.pytorch.cli import LightningCLI
+    from cwa.trainer import run_fit_sensitivity
 
-    from cwa.data import CalibrationData
-    from cwa.module import SensitivityModule
-    from cwa.trainer import CwaTrainer
-
-    class CwaCLI(LightningCLI):
-        @staticmethod
-        def subcommands() -> dict[str, set[str]]:
-            return {"fit_sensitivity": {"model", "datamodule"}}
-
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("model.pretrained", "data.tokenizer")
-
-        def after_fit_sensitivity(self) -> None:
-            from cwa.console import print_fit_result
-
-            print_fit_result(self.trainer, self.model)
-
-    CwaCLI(
-        SensitivityModule,
-        CalibrationData,
-        trainer_class=CwaTrainer,
-        args=[subcommand, *args],
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        trainer_defaults={
-            "inference_mode": False,
-            "use_distributed_sampler": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "lightning_logs", "name": "cwa", "default_hp_metric": False},
-            },
-        },
-        auto_configure_optimizers=False,
-    )
+    run_fit_sensitivity(args)
     return 0
 
 

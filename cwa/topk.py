@@ -35,6 +35,19 @@ class TopK:
     def __len__(self) -> int:
         return int(self.param.numel())
 
+    def prefix(self, k: int) -> TopK:
+        """The first k entries: a ranked list's top-k."""
+        weight = None if self.weight is None else self.weight[:k]
+        return TopK(self.names, self.param[:k], self.index[:k], self.score[:k], weight)
+
+
+def rank_order(key: Tensor, param: Tensor, index: Tensor) -> Tensor:
+    """The one ranking rule of cwa: ``key`` (|score|) descending, ties by parameter order, then by flat
+    index. Returns the permutation (three stable sorts, least significant key first)."""
+    order = torch.sort(index, stable=True).indices
+    order = order[torch.sort(param[order], stable=True).indices]
+    return order[torch.sort(key[order], descending=True, stable=True).indices]
+
 
 def tensor_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(|score| values, flat indices) of the k largest |scores|, ties resolved to the lowest indices,
@@ -171,10 +184,7 @@ def merge_candidates(parts: Sequence[Candidates], k: int, mode: Mode = "global")
     """Merge candidate sets from several ranks under the single-process order: |score| descending, then
     parameter order, then flat index. ``global`` keeps k in all, ``per_layer`` k per parameter."""
     key, param, index, score, weight = (torch.cat(column) for column in zip(*parts, strict=True))
-    # Three stable sorts from the least to the most significant key give the lexicographic order.
-    order = torch.sort(index, stable=True).indices
-    order = order[torch.sort(param[order], stable=True).indices]
-    order = order[torch.sort(key[order], descending=True, stable=True).indices]
+    order = rank_order(key, param, index)
     if mode == "global":
         order = order[:k]
     else:

@@ -1,4 +1,4 @@
-"""The Trainer with cwa's research verbs as methods (LightningCLI exposes them as subcommands)."""
+"""The Trainer with cwa's research verbs as methods, and the LightningCLI that exposes them."""
 
 from __future__ import annotations
 
@@ -30,3 +30,48 @@ class CwaTrainer(L.Trainer):
             self.callbacks.append(RunArtifacts())
         self.validate(model, datamodule=datamodule, verbose=False)
         return model.run_dir
+
+
+TRAINER_DEFAULTS = {
+    "inference_mode": False,
+    "use_distributed_sampler": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": "cwa", "default_hp_metric": False},
+    },
+}
+
+
+def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | None:
+    """``cwa fit-sensitivity ARGS`` as a function: parse the options (``--config`` files included) with
+    LightningCLI, score, write the run directory and return it (None for ``-h`` / ``--print_config``)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    class CwaCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {"fit_sensitivity": {"model", "datamodule"}}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("model.pretrained", "data.tokenizer")
+
+        def after_fit_sensitivity(self) -> None:
+            if print_result:
+                from cwa.console import print_fit_result
+
+                print_fit_result(self.trainer, self.model)
+
+    cli = CwaCLI(
+        SensitivityModule,
+        CalibrationData,
+        trainer_class=CwaTrainer,
+        args=["fit_sensitivity", *args],
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        trainer_defaults=TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+    )
+    return getattr(cli.model, "run_dir", None)
