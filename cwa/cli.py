@@ -1,33 +1,62 @@
-"""``cwa``: one command per research step.
+"""``cwa``: one command per research step, one command-line convention.
 
-``fit-sensitivity`` and ``perturb`` are LightningCLI subcommands (the Trainer's methods), configured
-from YAML; ``compare`` and ``report`` read finished run directories and never load a model.
+Every command's options come from a typed signature through jsonargparse: ``fit-sensitivity`` through
+LightningCLI (the module's, the data module's and the Trainer's ``__init__``), the others from their
+entry point's signature (a function, or a recipe class's ``__init__``). ``-h`` documents each option once
+(from the ``Args:`` docstrings), ``--config FILE`` works for every command, and a bad value ends in one
+sentence naming the option, never a usage dump.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 from cwa.errors import CwaError
 
-USAGE = """usage: cwa COMMAND [options]
+
+@dataclass(frozen=True)
+class Command:
+    """A command other than fit-sensitivity: ``target`` is ``module:function`` or ``module:RecipeClass``
+    (whose ``run()`` is called); ``positional`` names its ``list[str]`` parameter given as bare words."""
+
+    summary: str
+    target: str
+    positional: str | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "perturb": Command(
+        "perturb the top-K weights and matched controls, measure held-out perplexity", "cwa.perturb:PerturbRecipe"
+    ),
+    "compare": Command(
+        "agreement between runs: top-K overlap, rank correlations, stability", "cwa.compare:compare", "runs"
+    ),
+    "report": Command("a Markdown research report over a set of runs", "cwa.report:report", "runs"),
+}
+FIT = "fit-sensitivity"
+FIT_SUMMARY = "accumulate per-weight sensitivity scores and select the top-K critical weights"
+
+
+def usage() -> str:
+    rows = [(FIT, FIT_SUMMARY), *((name, c.summary) for name, c in COMMANDS.items())]
+    width = max(len(name) for name, _ in rows)
+    lines = "\n".join(f"  {name:<{width}}   {summary}" for name, summary in rows)
+    return f"""usage: cwa COMMAND [options]
 
 Critical weight analysis: find the weights of a language model that matter most, prove it, report it.
 
 commands:
-  fit-sensitivity   accumulate per-weight sensitivity scores and select the top-K critical weights
-  perturb           perturb the top-K weights and matched controls, measure held-out perplexity
-  compare           agreement between runs: top-K overlap, rank correlations, stability
-  report            a Markdown research report over a set of runs
+{lines}
 
-`cwa COMMAND -h` documents every option; `cwa fit-sensitivity --print_config` prints a full config.
+`cwa COMMAND -h` documents every option; every command takes `--config FILE` and `--print_config`.
 With no config, fit-sensitivity scores the embedded SmolLM2-135M on the pydoc corpus (offline).
 """
-
-_LIGHTNING_VERBS = {"fit-sensitivity": "fit_sensitivity", "fit_sensitivity": "fit_sensitivity"}
 
 
 def _quiet_frameworks() -> None:
@@ -65,43 +94,105 @@ def _quiet_frameworks() -> None:
         pass
 
 
-def lightning_main(subcommand: str, args: list[str]) -> int:
+# -- parsing ---------------------------------------------------------------------------------------
+_NO_VALUE = {"-h", "--help"}
+
+
+def _split_positionals(args: list[str], name: str) -> list[str]:
+    """Bare words (those that are not an option's value) become ``--NAME [json list]``, so that
+    ``cwa report lightning_logs/*/version_*`` works while the option stays a typed ``list[str]`` that a
+    ``--config`` file can also set."""
+    options, words, i = [], [], 0
+    while i < len(args):
+        token = args[i]
+        if token.startswith("-") and token != "-":
+            options.append(token)
+            takes_value = "=" not in token and token not in _NO_VALUE and not token.startswith("--print_config")
+            if takes_value and i + 1 < len(args):
+                options.append(args[i + 1])
+                i += 1
+        else:
+            words.append(token)
+        i += 1
+    if words:
+        options += [f"--{name}", json.dumps(words)]
+    return options
+
+
+def _resolve(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_parser(verb: str):
+    """The jsonargparse parser of a command, built from its entry point's typed signature."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    command = COMMANDS[verb]
+    target = _resolve(command.target)
+    doc = (target.__doc__ or command.summary).strip().split("\n\n")[0]
+    parser = ArgumentParser(prog=f"cwa {verb}", description=doc, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
+    if isinstance(target, type):
+        parser.add_class_arguments(target, fail_untyped=True, sub_configs=True)
+    else:
+        parser.add_function_arguments(target, fail_untyped=True, sub_configs=True)
+    return parser, target
+
+
+def _argument_error(verb: str, exc: Exception) -> CwaError:
+    """jsonargparse's multi-line message as one sentence naming the option."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text.replace('Parser key "', "option --").replace('":', ":", 1)
+    return CwaError(f"{text.rstrip('.')} (see `cwa {verb} -h`).")
+
+
+def run_command(verb: str, args: list[str]) -> int:
+    from jsonargparse import ArgumentError
+
+    command = COMMANDS[verb]
+    parser, target = build_parser(verb)
+    if command.positional:
+        args = _split_positionals(args, command.positional)
+    try:
+        config = parser.parse_args(args)
+        init = parser.instantiate_classes(config)
+    except ArgumentError as exc:
+        raise _argument_error(verb, exc) from None
+    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    if isinstance(target, type):
+        target(**kwargs).run()
+    else:
+        target(**kwargs)
+    return 0
+
+
+def fit_main(args: list[str]) -> int:
     from cwa.trainer import run_fit_sensitivity
 
     run_fit_sensitivity(args)
     return 0
 
 
+# -- entry point -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
-    verb, rest = argv[0], argv[1:]
+    verb, rest = argv[0].replace("_", "-"), argv[1:]
+    if verb != FIT and verb not in COMMANDS:
+        print(f"cwa: error: unknown command '{argv[0]}'.\n\n{usage()}", file=sys.stderr)
+        return 2
     _quiet_frameworks()
     try:
-        if verb in _LIGHTNING_VERBS:
-            return lightning_main(_LIGHTNING_VERBS[verb], rest)
-        if verb == "perturb":
-            from cwa.perturb import main as perturb_main
-
-            return perturb_main(rest)
-        if verb == "compare":
-            from cwa.compare import main as compare_main
-
-            return compare_main(rest)
-        if verb == "report":
-            from cwa.report import main as report_main
-
-            return report_main(rest)
+        return fit_main(rest) if verb == FIT else run_command(verb, rest)
     except CwaError as exc:
         print(f"cwa: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cwa: interrupted; no incomplete file was left looking complete.", file=sys.stderr)
         return 130
-    print(f"cwa: error: unknown command '{verb}'.\n\n{USAGE}", file=sys.stderr)
-    return 2
 
 
 def entrypoint() -> None:
