@@ -283,7 +283,9 @@ def correlations(
     tensors) and over a uniform random sample of ``sample`` weights of them (none when 0); each run's
     scores are read in one pass over the union of all those weights."""
     common_set = set(common)
-    usable_union = [k for k, per_run in sets.items() if all(s is None or all(n in common_set for n, _ in s) for s in per_run)]
+    usable_union = [
+        k for k, per_run in sets.items() if all(s is None or all(n in common_set for n, _ in s) for s in per_run)
+    ]
     union_all: dict[str, set[int]] = defaultdict(set)
     for k in usable_union:
         for s in sets[k]:
@@ -380,11 +382,12 @@ def write_figures(result: dict, out: Path) -> list[Path]:
         )
         paths.append(path)
     if result["locations"]:
+        located = {f"[{names.index(n)}] {n}": loc for n, loc in result["locations"].items()}
         path = out / "figures" / "topk_by_layer.png"
-        report_figures.layer_distribution(result["locations"], path)
+        report_figures.layer_distribution(located, path)
         paths.append(path)
         path = out / "figures" / "topk_by_module.png"
-        report_figures.module_distribution(result["locations"], path)
+        report_figures.module_distribution(located, path)
         paths.append(path)
     return paths
 
