@@ -216,6 +216,8 @@ def agreement(analysis: Analysis, fig: Figure) -> list[str]:
         lines += [f"{len(pairs) - LEAD} further pairs clear a threshold; the table above gives their numbers.", ""]
     for members, result in analysis.comparisons:
         for note in result["notes"]:
+            for i in members:  # name runs by their labels here too
+                note = note.replace(analysis.names[i], analysis.labels[i])
             lines += [f"Note: {note}.", ""]
         tag = "-".join(analysis.labels[i] for i in members)
         lines += fig(f"jaccard:{tag}", "Jaccard overlap") + fig(f"spearman:{tag}", "Spearman correlation")

@@ -12,7 +12,7 @@ import torch
 from scipy import stats
 
 from cwa import agreement
-from cwa.compare import compare_runs, main, parse_ks
+from cwa.compare import compare, compare_runs, main, parse_ks
 from cwa.errors import CwaError
 from cwa.params import ParamInfo, split_name
 from cwa.rundir import PerturbRow, Run, write_perturbation, write_topk
@@ -293,3 +293,20 @@ def test_cli_writes_json_and_figures(tmp_path, capsys):
         main([str(a)])
     with pytest.raises(CwaError):
         parse_ks("ten")
+
+
+def test_compare_skips_incomplete_run_directories_with_a_note(tmp_path, capsys):
+    a = make_run(tmp_path, "exp", random_scores(1), k=10)
+    b = make_run(tmp_path, "exp", random_scores(2), k=10, version=1)
+    failed = tmp_path / "exp" / "version_2"
+    failed.mkdir()  # a crashed run matched by lightning_logs/*/version_*
+    out = compare([str(a), str(b), str(failed)], ks=[5, 10], sample=300, output=tmp_path / "cmp", figures=False)
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in result["runs"]] == ["exp/version_0", "exp/version_1"]
+    assert len(result["skipped"]) == 1 and "version_2" in result["skipped"][0]
+    assert "version_2" in capsys.readouterr().err
+    assert parse_ks("[10,100]") == parse_ks([100, 10]) == [10, 100]
+    with pytest.raises(CwaError, match="at least two"):
+        compare([str(a), str(failed)], output=tmp_path / "cmp2")
+    with pytest.raises(CwaError, match="none of the given directories"):
+        compare([str(failed)])
