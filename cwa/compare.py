@@ -19,7 +19,9 @@ import argparse
 import datetime as dt
 import itertools
 import math
+import sys
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import numpy as np
 from cwa import agreement
 from cwa.errors import CwaError
 from cwa.io import write_json
-from cwa.runs import Key, Run, load_runs, unique_names
+from cwa.rundir import Key, Run, load_runs, unique_names
 
 DEFAULT_KS = (10, 100, 1000)
 DEFAULT_SAMPLE = 1_000_000
@@ -112,8 +114,9 @@ class ScoreTable:
             self.values = run.scores_at(self.index)
         else:
             known: dict[str, dict[int, float]] = defaultdict(dict)
-            for row in run.topk_rows:
-                known[row["parameter"]][int(row["index"])] = abs(float(row["score"]))
+            top = run.topk
+            for p, i, score in zip(top.param.tolist(), top.index.tolist(), top.score.abs().tolist(), strict=True):
+                known[top.names[p]][i] = score
             self.values = {
                 n: np.array([known[n].get(int(i), 0.0) for i in idx], dtype=np.float32) for n, idx in self.index.items()
             }
@@ -220,22 +223,7 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
         )
     sets = topk_sets(runs, usable)
     result: dict = {
-        "runs": [
-            {
-                "name": names[i],
-                "path": str(r.path),
-                "model": r.model,
-                "metric": r.metric,
-                "mode": r.mode,
-                "k": r.k,
-                "samples": r.samples,
-                "seed": r.seed,
-                "has_scores": r.has_scores,
-                "data_fingerprint": r.summary.get("data_fingerprint"),
-                "ties_at_cutoff": {str(k): r.cutoff_tie(k) for k in usable if r.max_global_k >= k},
-            }
-            for i, r in enumerate(runs)
-        ],
+        "runs": [_run_entry(name, r, usable) for name, r in zip(names, runs, strict=True)],
         "ks": usable,
         "overlap": {},
         "correlation": {"topk_union": {}, "random_sample": None},
@@ -263,39 +251,68 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
             f"{', '.join(missing)} saved no scores.safetensors: their correlations use topk.csv scores, with every "
             "weight outside topk.csv tied below it, and they are left out of the random-sample correlation"
         )
-    common_set = set(common)
     if common:
-        usable_union = [k for k in usable if all(s is None or all(n in common_set for n, _ in s) for s in sets[k])]
-        union_all: dict[str, set[int]] = defaultdict(set)
-        for k in usable_union:
-            for s in sets[k]:
-                for name, index in s or ():
-                    union_all[name].add(index)
-        sampled = random_sample(runs, common, sample, seed) if not missing else {}
-        wanted = {
-            n: np.array(sorted(union_all.get(n, set()) | set(sampled.get(n, np.empty(0)).tolist())), dtype=np.int64)
-            for n in set(union_all) | set(sampled)
-        }
-        tables = [ScoreTable(r, wanted) for r in runs]
-        for k in usable_union:
-
-            def pair_keys(i: int, j: int, k: int = k) -> list[Key]:
-                a, b = sets[k][i], sets[k][j]
-                return sorted(a | b) if a is not None and b is not None else []
-
-            result["correlation"]["topk_union"][str(k)] = correlation_matrices(tables, pair_keys)
-        if sampled:
-            sample_keys = _keys_of(sampled)
-            result["correlation"]["random_sample"] = {
-                "size": len(sample_keys),
-                "seed": seed,
-                **correlation_matrices(tables, lambda i, j: sample_keys),
-            }
+        result["correlation"] = correlations(runs, common, sets, sample if not missing else 0, seed)
     for i, run in enumerate(runs):
         fits = [k for k in usable if run.max_global_k >= k]
         if fits:
             result["locations"][names[i]] = locations(run, fits[-1])
     return result
+
+
+def _run_entry(name: str, r: Run, ks: list[int]) -> dict:
+    return {
+        "name": name,
+        "path": str(r.path),
+        "model": r.model,
+        "metric": r.metric,
+        "mode": r.mode,
+        "k": r.k,
+        "samples": r.samples,
+        "seed": r.seed,
+        "has_scores": r.has_scores,
+        "data_fingerprint": r.summary.data_fingerprint,
+        "ties_at_cutoff": {str(k): r.cutoff_tie(k) for k in ks if r.max_global_k >= k},
+    }
+
+
+def correlations(
+    runs: list[Run], common: list[str], sets: dict[int, list[set[Key] | None]], sample: int, seed: int
+) -> dict:
+    """Spearman and Kendall matrices over each K's top-K union (the K whose sets lie in the ``common``
+    tensors) and over a uniform random sample of ``sample`` weights of them (none when 0); each run's
+    scores are read in one pass over the union of all those weights."""
+    common_set = set(common)
+    usable_union = [
+        k for k, per_run in sets.items() if all(s is None or all(n in common_set for n, _ in s) for s in per_run)
+    ]
+    union_all: dict[str, set[int]] = defaultdict(set)
+    for k in usable_union:
+        for s in sets[k]:
+            for name, index in s or ():
+                union_all[name].add(index)
+    sampled = random_sample(runs, common, sample, seed) if sample > 0 else {}
+    wanted = {
+        n: np.array(sorted(union_all.get(n, set()) | set(sampled.get(n, np.empty(0)).tolist())), dtype=np.int64)
+        for n in set(union_all) | set(sampled)
+    }
+    tables = [ScoreTable(r, wanted) for r in runs]
+    out: dict = {"topk_union": {}, "random_sample": None}
+    for k in usable_union:
+
+        def pair_keys(i: int, j: int, k: int = k) -> list[Key]:
+            a, b = sets[k][i], sets[k][j]
+            return sorted(a | b) if a is not None and b is not None else []
+
+        out["topk_union"][str(k)] = correlation_matrices(tables, pair_keys)
+    if sampled:
+        sample_keys = _keys_of(sampled)
+        out["random_sample"] = {
+            "size": len(sample_keys),
+            "seed": seed,
+            **correlation_matrices(tables, lambda i, j: sample_keys),
+        }
+    return out
 
 
 def _matrix(m: np.ndarray) -> list[list[float | None]]:
@@ -365,29 +382,90 @@ def write_figures(result: dict, out: Path) -> list[Path]:
         )
         paths.append(path)
     if result["locations"]:
+        located = {f"[{names.index(n)}] {n}": loc for n, loc in result["locations"].items()}
         path = out / "figures" / "topk_by_layer.png"
-        report_figures.layer_distribution(result["locations"], path)
+        report_figures.layer_distribution(located, path)
         paths.append(path)
         path = out / "figures" / "topk_by_module.png"
-        report_figures.module_distribution(result["locations"], path)
+        report_figures.module_distribution(located, path)
         paths.append(path)
     return paths
 
 
-def parse_ks(text: str) -> list[int]:
+def parse_ks(ks: str | Sequence[int]) -> list[int]:
+    """K values from a list or a comma-separated string such as ``10,100,1000`` (sorted, unique, ≥ 1)."""
     try:
-        ks = sorted({int(float(x)) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise CwaError(f"--ks must be comma-separated integers such as 10,100,1000, not '{text}'.") from None
-    if not ks or ks[0] < 1:
-        raise CwaError(f"--ks needs positive integers, got '{text}'.")
-    return ks
+        if isinstance(ks, str):
+            values = {int(float(x)) for x in ks.strip("[]").split(",") if x.strip()}
+        else:
+            values = {int(k) for k in ks}
+    except (TypeError, ValueError):
+        raise CwaError(f"--ks must be integers such as [10,100,1000] (or 10,100,1000), not '{ks}'.") from None
+    out = sorted(values)
+    if not out or out[0] < 1:
+        raise CwaError(f"--ks needs positive integers, got '{ks}'.")
+    return out
 
 
 def default_output(runs: list[Run]) -> Path:
     """``<lightning_logs>/compare/<timestamp>`` beside the first run's experiment folder."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return runs[0].path.resolve().parent.parent / "compare" / stamp
+
+
+def load_complete_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
+    """The complete runs among ``paths``; each directory that is not one (a failed or running run matched by a
+    glob) is skipped with a printed note. One CwaError sentence when none is complete."""
+    runs, notes = load_runs(paths, skip_incomplete=True)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return runs, notes
+
+
+def compare(
+    runs: list[str],
+    ks: Sequence[int] | str = DEFAULT_KS,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = 0,
+    output: Path | None = None,
+    figures: bool = True,
+) -> Path:
+    """Agreement between fit-sensitivity runs: top-K overlap, rank correlations of the scores, where the top-K
+    live, and stability over calibration seeds. Reads the runs' files only; prints a table and writes
+    ``compare.json`` and ``figures/``.
+
+    Args:
+        runs: run directories (``lightning_logs/NAME/version_N``), two or more; a directory that is not a
+            complete run (a failed or running one matched by a glob) is skipped with a note.
+        ks: K of the top-K overlaps, e.g. ``[10,100,1000]`` (a comma string ``10,100,1000`` works too); a K
+            that fewer than two runs can give exactly (no scores file and a shorter topk.csv) is dropped
+            with a note.
+        sample: size of the uniform random sample of weights for the rank correlation over all weights
+            (0 skips it).
+        seed: seed of the random sample and of the bootstraps.
+        output: directory for ``compare.json`` and ``figures/`` (default:
+            ``<lightning_logs>/compare/<timestamp>`` beside the first run).
+        figures: draw the figures.
+
+    Returns:
+        The output directory.
+    """
+    k_values = parse_ks(ks)
+    if sample < 0:
+        raise CwaError(f"--sample must be 0 or more, got {sample}.")
+    loaded, skipped = load_complete_runs(runs)
+    if len(loaded) < 2:
+        raise CwaError("compare needs at least two different complete run directories.")
+    result = compare_runs(loaded, k_values, int(sample), seed)
+    result["skipped"] = skipped
+    out = Path(output) if output is not None else default_output(loaded)
+    write_json(out / "compare.json", result)
+    if figures:
+        result["figures"] = [str(p.relative_to(out)) for p in write_figures(result, out)]
+        write_json(out / "compare.json", result)
+    print(format_table(result))
+    print(f"\ncompare.json and figures in {out}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,42 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
         "where the top-K live, and stability over calibration seeds. Reads the runs' files only.",
     )
     parser.add_argument("runs", nargs="+", help="run directories (lightning_logs/NAME/version_N), two or more")
-    parser.add_argument(
-        "--ks",
-        default=",".join(map(str, DEFAULT_KS)),
-        help="comma-separated K for the top-K overlap (default %(default)s); a K that fewer than two runs can give "
-        "exactly (no scores file and a shorter topk.csv) is dropped with a note",
-    )
-    parser.add_argument(
-        "--sample",
-        type=float,
-        default=DEFAULT_SAMPLE,
-        help="size of the uniform random sample of weights for the rank correlation over all weights "
-        "(default %(default).0f; 0 skips it)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample and the bootstraps (default 0)")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="directory for compare.json and figures/ "
-        "(default: <lightning_logs>/compare/<timestamp> beside the first run)",
-    )
+    parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="K for the top-K overlap (%(default)s)")
+    parser.add_argument("--sample", type=float, default=DEFAULT_SAMPLE, help="random weights (%(default).0f)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample and the bootstraps")
+    parser.add_argument("--output", type=Path, default=None, help="directory for compare.json and figures/")
     parser.add_argument("--no-figures", action="store_true", help="write compare.json only")
     return parser
 
 
 def main(argv: list[str]) -> int:
+    """The argparse front end (until cli.py builds the parser from :func:`compare`'s signature)."""
     args = build_parser().parse_args(argv)
-    runs = load_runs(args.runs)
-    if len(runs) < 2:
-        raise CwaError("compare needs at least two different run directories.")
-    result = compare_runs(runs, parse_ks(args.ks), int(args.sample), args.seed)
-    out = args.output or default_output(runs)
-    write_json(out / "compare.json", result)
-    if not args.no_figures:
-        result["figures"] = [str(p.relative_to(out)) for p in write_figures(result, out)]
-        write_json(out / "compare.json", result)
-    print(format_table(result))
-    print(f"\ncompare.json and figures in {out}")
+    compare(args.runs, args.ks, int(args.sample), args.seed, args.output, not args.no_figures)
     return 0

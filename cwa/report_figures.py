@@ -29,15 +29,21 @@ def _short(names: Sequence[str], width: int = 38) -> list[str]:
     return [n if len(n) <= width else "…" + n[-(width - 1) :] for n in names]
 
 
-def overlap_heatmap(matrix: np.ndarray, names: Sequence[str], title: str, path: Path) -> None:
-    """Pairwise matrix (Jaccard or a correlation) with the value in every cell; NaN cells stay blank."""
+def overlap_heatmap(
+    matrix: np.ndarray, names: Sequence[str], title: str, path: Path, ticks: Sequence[str] | None = None
+) -> None:
+    """Pairwise matrix (Jaccard or a correlation) with the value in every cell; NaN cells stay blank.
+    ``ticks`` label the columns (and prefix the rows): ``[0]``, ``[1]``, ... unless given."""
     plt = _pyplot()
     n = len(names)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * n + 3.5), max(4.0, 0.6 * n + 2.0)))
     image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis")
     labels = _short(names)
-    ax.set_xticks(range(n), [f"[{i}]" for i in range(n)], fontsize=8)
-    ax.set_yticks(range(n), [f"[{i}] {s}" for i, s in enumerate(labels)], fontsize=8)
+    ticks = list(ticks) if ticks is not None else [f"[{i}]" for i in range(n)]
+    ax.set_xticks(range(n), ticks, fontsize=8)
+    ax.set_yticks(
+        range(n), [s if s.startswith(t) else f"{t} {s}" for t, s in zip(ticks, labels, strict=True)], fontsize=8
+    )
     for i in range(n):
         for j in range(n):
             if np.isfinite(matrix[i, j]):
@@ -67,7 +73,7 @@ def layer_distribution(locations: Mapping[str, Mapping], path: Path) -> None:
     plt = _pyplot()
     layers = _layer_order(sorted({layer for loc in locations.values() for layer in loc.get("by_layer", {})}))
     fig, ax = plt.subplots(figsize=(max(7.0, 0.25 * len(layers) + 4), 4.2))
-    for i, (name, loc) in enumerate(locations.items()):
+    for name, loc in locations.items():
         counts = np.array([loc["by_layer"].get(layer, 0) for layer in layers], dtype=float)
         ax.plot(
             range(len(layers)),
@@ -75,7 +81,7 @@ def layer_distribution(locations: Mapping[str, Mapping], path: Path) -> None:
             marker="o",
             ms=3,
             lw=1.2,
-            label=f"[{i}] {_short([name])[0]} (K={loc['k']})",
+            label=f"{_short([name])[0]} (K={loc['k']})",
         )
     step = max(1, len(layers) // 20)
     ax.set_xticks(range(0, len(layers), step), layers[::step], fontsize=8, rotation=90 if "outside" in layers else 0)
@@ -100,7 +106,7 @@ def module_distribution(locations: Mapping[str, Mapping], path: Path) -> None:
             np.arange(len(modules)) + i * width - 0.4 + width / 2,
             counts / max(1.0, counts.sum()),
             width,
-            label=f"[{i}] {_short([name])[0]} (K={loc['k']})",
+            label=f"{_short([name])[0]} (K={loc['k']})",
         )
     ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("share of the run's global top-K")
@@ -115,8 +121,8 @@ def concentration_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     lo = 1.0
-    for i, (name, (q, share)) in enumerate(curves.items()):
-        ax.plot(q, share, lw=1.4, label=f"[{i}] {_short([name])[0]}")
+    for name, (q, share) in curves.items():
+        ax.plot(q, share, lw=1.4, label=_short([name])[0])
         lo = min(lo, float(np.min(q)))
     grid = np.logspace(np.log10(lo), 0, 50)
     ax.plot(grid, grid, color="grey", ls="--", lw=1, label="equal scores")

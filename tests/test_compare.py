@@ -12,11 +12,11 @@ import torch
 from scipy import stats
 
 from cwa import agreement
-from cwa.artifacts import write_topk_csv
-from cwa.compare import compare_runs, main, parse_ks
+from cwa.compare import compare, compare_runs, main, parse_ks
 from cwa.errors import CwaError
 from cwa.params import ParamInfo, split_name
-from cwa.runs import Run, load_runs
+from cwa.rundir import PerturbRow, Run, write_perturbation, write_topk
+from cwa.rundir import load_runs as load_runs_with_notes
 from cwa.topk import select_topk
 
 LAYOUT = {
@@ -59,7 +59,7 @@ def make_run(
         layer, module = split_name(n)
         infos[n] = ParamInfo(n, tuple(s.shape), layer, module)
     topk = select_topk(scores, k, mode)
-    write_topk_csv(run / "topk.csv", topk, infos, {n: torch.zeros_like(s) for n, s in scores.items()})
+    write_topk(run / "topk.csv", topk, infos, {n: torch.zeros_like(s) for n, s in scores.items()})
     if save_scores:
         save_file({n: s.float().contiguous() for n, s in scores.items()}, str(run / "scores.safetensors"))
     counts = torch.bincount(topk.param, minlength=len(topk.names)).tolist()
@@ -110,13 +110,15 @@ def make_run(
     }
     (run / "summary.json").write_text(json.dumps(summary))
     if perturb_rows:
-        import csv
-
-        with open(run / "perturb.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(perturb_rows[0]))
-            writer.writeheader()
-            writer.writerows(perturb_rows)
+        rows = [PerturbRow.parse({key: str(value) for key, value in row.items()}) for row in perturb_rows]
+        write_perturbation(run, rows, {"run": str(run)})
     return run
+
+
+def load_runs(paths: list) -> list[Run]:
+    """The runs, failing on any directory that is not a complete run."""
+    runs, _ = load_runs_with_notes(paths)
+    return runs
 
 
 # -- pure statistics ------------------------------------------------------------------------------
@@ -291,3 +293,20 @@ def test_cli_writes_json_and_figures(tmp_path, capsys):
         main([str(a)])
     with pytest.raises(CwaError):
         parse_ks("ten")
+
+
+def test_compare_skips_incomplete_run_directories_with_a_note(tmp_path, capsys):
+    a = make_run(tmp_path, "exp", random_scores(1), k=10)
+    b = make_run(tmp_path, "exp", random_scores(2), k=10, version=1)
+    failed = tmp_path / "exp" / "version_2"
+    failed.mkdir()  # a crashed run matched by lightning_logs/*/version_*
+    out = compare([str(a), str(b), str(failed)], ks=[5, 10], sample=300, output=tmp_path / "cmp", figures=False)
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in result["runs"]] == ["exp/version_0", "exp/version_1"]
+    assert len(result["skipped"]) == 1 and "version_2" in result["skipped"][0]
+    assert "version_2" in capsys.readouterr().err
+    assert parse_ks("[10,100]") == parse_ks([100, 10]) == [10, 100]
+    with pytest.raises(CwaError, match="at least two"):
+        compare([str(a), str(failed)], output=tmp_path / "cmp2")
+    with pytest.raises(CwaError, match="none of the given directories"):
+        compare([str(failed)])

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
-from test_compare import LAYOUT, make_run, random_scores
+from test_compare import LAYOUT, load_runs, make_run, random_scores
 
 from cwa.errors import CwaError
-from cwa.report import build_report, main
-from cwa.runs import load_runs
+from cwa.findings import CONCENTRATED_FACTOR, Finding
+from cwa.report import Analysis, analyse, headlines, main, report
+from cwa.report_markdown import render
 
 SECTIONS = [
     "## Executive Summary",
@@ -43,42 +45,56 @@ def concentrated_scores() -> dict[str, torch.Tensor]:
     return scores
 
 
-def report_text(tmp_path, runs, **kwargs) -> str:
-    text, _ = build_report(load_runs(runs), tmp_path / "out" / "report.md", [10], sample=5000, **kwargs)
-    return text
+def analysis_of(runs, **kwargs) -> Analysis:
+    return analyse(load_runs(runs), [10], sample=5000, **kwargs)
 
 
-def _finding_lines(text: str, heading: str) -> list[str]:
-    section = text.split(heading, 1)[1].split("\n### ", 1)[0]
-    return [line for line in section.splitlines() if line.startswith("- ")]
+def text_of(analysis: Analysis, tmp_path) -> str:
+    return render(analysis, tmp_path / "out" / "report.md", {}, headlines(analysis))
+
+
+def verdicts(analysis: Analysis, section: str) -> list[str]:
+    return [f.verdict for f in analysis.of(section)]
 
 
 def test_uniform_scores_make_no_concentration_claim(tmp_path):
     run = make_run(tmp_path, "uniform", uniform_scores(), k=10, metric="magnitude")
-    text = report_text(tmp_path, [run], figures=False)
+    analysis = analysis_of([run])
+    text = text_of(analysis, tmp_path)
     for section in SECTIONS:
         assert section in text
-    findings = _finding_lines(text, "### How concentrated the scores are")
-    assert not any("are concentrated" in line for line in findings)
-    assert any("close to evenly spread" in line for line in findings)
-    assert "1.03% (7)" in text  # the top 1% of 680 weights is 7 of them: 7/680 of the mass
-    where = _finding_lines(text, "### Where the critical weights live")
-    assert len(where) == 1 and where[0].startswith("- No module type")  # a tie-break is not a finding
-    assert "tied at the cutoff" in text
+    assert verdicts(analysis, "concentration") == ["evenly_spread"]
+    top1 = analysis.concentration[0]["top_shares"]["0.01"]
+    assert top1["count"] == 7 and top1["share"] == pytest.approx(7 / 680)  # 7 of 680 equal weights
+    assert "1.03% (7)" in text
+    assert analysis.of("placement") == []  # a tie-break is not a finding
+    assert analysis.placements[0].tied > 0
+    assert not any(analysis.perturbation) and not headlines(analysis)
     assert "no claim that the selected weights matter" in text
 
 
 def test_concentrated_run_is_called_concentrated_with_its_numbers(tmp_path):
     run = make_run(tmp_path, "conc", concentrated_scores(), k=10)
-    text = report_text(tmp_path, [run], figures=False, location_k=20)
-    findings = _finding_lines(text, "### How concentrated the scores are")
-    (claim,) = [line for line in findings if "are concentrated" in line]
-    share = float(re.search(r"top 1% hold ([0-9.]+)%", claim).group(1))
-    assert share > 10.0  # the threshold the claim is gated on
-    where = _finding_lines(text, "### Where the critical weights live")
-    assert any("input column 5 of `self_attn.q_proj` recurs" in line for line in where)
-    assert any("`self_attn.q_proj` holds 19 of the top 20" in line for line in where)
-    assert any("residual-stream dimension 5 recurs" in line and "`norm`" in line for line in where)
+    analysis = analysis_of([run], location_k=20)
+    (claim,) = analysis.of("concentration")
+    assert claim.verdict == "concentrated" and claim.runs == (0,)
+    assert claim.numbers["top_share"] > 0.10 and claim.value >= claim.threshold == CONCENTRATED_FACTOR
+    scores = torch.cat([s.reshape(-1) for s in concentrated_scores().values()]).abs().sort(descending=True).values
+    assert claim.numbers["top_share"] == pytest.approx(float(scores[:7].sum() / scores.sum()), rel=1e-5)
+    where = analysis.of("placement")
+    recurs = [f.numbers for f in where if f.verdict == "recurs"]
+    assert any(
+        r["module"] == "self_attn.q_proj" and r["axis"] == "input column" and r["coordinate"] == 5 for r in recurs
+    )
+    enriched = [f.numbers for f in where if f.verdict == "enriched_module"]
+    assert any(r["where"] == "self_attn.q_proj" and r["count"] == 19 and r["k"] == 20 for r in enriched)
+    residual = [f.numbers for f in where if f.verdict == "residual_dimension_recurs"]
+    assert any(r["dimension"] == 5 and "norm" in r["modules"] for r in residual)
+    assert all(f.value < f.threshold for f in where if f.verdict != "enriched_module")  # adjusted p < alpha
+    summary = [g[0] for g in headlines(analysis)]
+    assert summary[0].verdict == "concentrated"
+    recurring = [f for f in where if f.verdict in ("recurs", "residual_dimension_recurs")]
+    assert summary[1] is recurring[0]  # the strongest recurring row, column or dimension leads
 
 
 def test_agreement_claims_follow_the_correlations(tmp_path):
@@ -87,24 +103,30 @@ def test_agreement_claims_follow_the_correlations(tmp_path):
     a = make_run(tmp_path, "a", base, k=10)
     b = make_run(tmp_path, "b", noisy, k=10, metric="magnitude")
     c = make_run(tmp_path, "c", random_scores(7), k=10, metric="hutchinson_diag")
-    text = report_text(tmp_path, [a, b, c], figures=False)
-    claims = _finding_lines(text, "### Agreement between runs")
-    ab = [line for line in claims if line.startswith("- [0]") and "and [1]" in line]
-    assert ab and "rank the weights alike" in ab[0]
-    ac = [line for line in claims if "and [2]" in line]
-    assert all("alike" not in line for line in ac)
-    assert any("rank the weights differently" in line for line in ac)
+    analysis = analysis_of([a, b, c])
+    found = {(f.runs, f.verdict): f for f in analysis.of("agreement")}
+    alike = found[((0, 1), "rank_alike")]
+    assert alike.interval[0] >= alike.threshold
+    assert not any(v == "rank_alike" and 2 in runs for runs, v in found)
+    assert any(v == "rank_differently" and 2 in runs for runs, v in found)
+    assert all(f.interval[1] < f.threshold for f in found.values() if f.verdict == "rank_differently")
+    text = text_of(analysis, tmp_path)
+    assert str(tmp_path) not in text  # runs are named by their labels, defined once in the run table
+    assert "version_0" not in text.split("## Key Findings", 1)[1]
 
 
 def test_stability_and_reproducibility_sections(tmp_path):
     runs = [make_run(tmp_path, f"s{seed}", random_scores(seed), k=10, seed=seed) for seed in range(3)]
     same = make_run(tmp_path, "s0", random_scores(0), k=10, seed=0, version=1)
-    text = report_text(tmp_path, [*runs, same], figures=False)
-    stability = text.split("### Stability over calibration subsets", 1)[1].split("### ", 1)[0]
-    assert "seeds [0, 1, 2, 0]" not in stability  # a repeat with the same seed is not a new calibration subset
-    assert "seeds [0, 1, 2] (3 runs)" in stability
-    assert "mean pairwise Jaccard" in stability
-    assert "the analysis is deterministic" in text
+    analysis = analysis_of([*runs, same])
+    (group, positions) = analysis.stability[0]
+    assert len(analysis.stability) == 1
+    assert group["seeds"] == [0, 1, 2] and positions == (0, 1, 2)  # a repeat of seed 0 is not a new subset
+    assert group["by_k"]["10"]["mean"] is not None
+    repro = {f.verdict: f for f in analysis.of("reproducibility")}
+    assert repro["deterministic"].runs == (0, 3) and repro["deterministic"].value == 1.0
+    text = text_of(analysis, tmp_path)
+    assert "mean pairwise Jaccard" in text and "the analysis is deterministic" in text
 
 
 def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
@@ -155,18 +177,22 @@ def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
         },
     ]
     run = make_run(tmp_path, "p", random_scores(1), k=10, perturb_rows=rows)
-    text = report_text(tmp_path, [run])
+    output = report([str(run)], tmp_path / "out" / "report.md", ks=[10], sample=5000)
     assert (tmp_path / "out" / "report-figures" / "perturbation_effects.png").exists()
-    claims = _finding_lines(text, "### Perturbation effects")
-    assert any("raises held-out perplexity" in c and "12.000 [8.000, 16.000]" in c for c in claims)
-    assert any("costs more than the random_matched control" in c for c in claims)
+    analysis = analysis_of([run])
+    found = {f.verdict: f for f in analysis.of("perturbation")}
+    raises = found["raises_perplexity"]
+    assert (raises.value, raises.interval, raises.numbers["target"]) == (12.0, (8.0, 16.0), "topk")
+    control = found["costs_more_than_control"]
+    assert control.numbers["control"] == "random_matched" and control.numbers["p_value"] == 0.002
+    assert {g[0].verdict for g in headlines(analysis)} == {"raises_perplexity", "costs_more_than_control"}
+    saved = json.loads(output.with_suffix(".json").read_text())
+    assert saved["perturbation"]["p/version_0"]["rows"][0]["delta_perplexity"] == 12.0
+    assert {f["verdict"] for f in saved["findings"]} >= {"raises_perplexity", "costs_more_than_control"}
 
     null = [rows[0], {**rows[1], "delta_perplexity": 0.1, "delta_perplexity_low": -0.2, "p_value": 0.4}]
     run = make_run(tmp_path, "q", random_scores(1), k=10, perturb_rows=null)
-    text = report_text(tmp_path / "q", [run], figures=False)
-    claims = _finding_lines(text, "### Perturbation effects")
-    assert not any("raises" in c for c in claims)
-    assert any("no detectable effect" in c for c in claims)
+    assert verdicts(analysis_of([run]), "perturbation") == ["no_effect"]
 
 
 def test_cli_writes_markdown_json_and_figures_with_relative_links(tmp_path):
@@ -180,3 +206,21 @@ def test_cli_writes_markdown_json_and_figures_with_relative_links(tmp_path):
     assert links and all(not link.startswith("/") and (out.parent / link).exists() for link in links)
     with pytest.raises(CwaError, match=r"\.md"):
         main([str(a), "--output", str(tmp_path / "r.txt")])
+
+
+def test_incomplete_run_directories_are_skipped_with_a_note(tmp_path, capsys):
+    good = make_run(tmp_path, "exp", random_scores(1), k=10)
+    failed = tmp_path / "exp" / "version_1"
+    failed.mkdir()  # a crashed run: no summary.json
+    out = report([str(good), str(failed)], tmp_path / "r.md", ks="5,10", sample=500, figures=False)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["runs"] == ["exp/version_0"] and len(saved["skipped"]) == 1 and "version_1" in saved["skipped"][0]
+    assert "version_1" in capsys.readouterr().err
+    with pytest.raises(CwaError, match="none of the given directories is a complete run"):
+        report([str(failed)], tmp_path / "r.md")
+
+
+def test_findings_are_dataclasses_with_their_threshold(tmp_path):
+    run = make_run(tmp_path, "conc", concentrated_scores(), k=10)
+    for f in analysis_of([run], location_k=20).findings:
+        assert isinstance(f, Finding) and f.runs and f.statistic and f.verdict

@@ -1,0 +1,190 @@
+"""The report's wording: number formats, Markdown tables and one sentence per finding.
+
+A sentence only words a :class:`~cwa.findings.Finding`; it never decides a verdict. Runs are named by their
+label (R1, R2, ...). To add a finding, give its verdict a branch in :func:`sentence`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from cwa import findings as th
+from cwa.findings import Finding
+from cwa.report import Analysis
+
+
+# -- formatting ----------------------------------------------------------------------------------
+def _pct(x: float | None, digits: int = 2) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if 0 < abs(x) < 10 ** -(digits + 2):  # a tiny share (one layer norm of a model) keeps two significant digits
+        return f"{100 * x:.2g}%"
+    return f"{100 * x:.{digits}f}%"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if x != 0 and (abs(x) < 10**-digits or abs(x) >= 1e5):
+        return f"{x:.2e}"
+    return f"{x:.{digits}f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def _ci(value: float | None, interval: tuple | None) -> str:
+    low, high = interval or (None, None)
+    return f"{_num(value)} [{_num(low)}, {_num(high)}]"
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _bullets(sentences: list[str], none: str) -> list[str]:
+    return [f"- {s}" for s in sentences] + [""] if sentences else [f"- {none}", ""]
+
+
+# -- one sentence per finding --------------------------------------------------------------------
+def _where(r: dict, kind: str) -> str:
+    if r["where"] == "outside":
+        return "the tensors outside the blocks hold"
+    return f"layer {r['where']} holds" if kind == "layer" else f"`{r['where']}` holds"
+
+
+def _layers(layers: list) -> str:
+    if len(layers) > 1:
+        return f" across layers {', '.join(map(str, layers))}"
+    return f" in layer {layers[0]}" if layers else ""
+
+
+def _perturbed(n: dict) -> str:
+    if n["target"] == "single":
+        return f"{n['perturbation']} of the single weight of rank {n['rank']}"
+    return f"{n['perturbation']} of the top {n['k']} ({n['n_weights']} weights)"
+
+
+def sentence(f: Finding, labels: list[str]) -> str:
+    """The finding as one sentence with its numbers, its runs named by their labels."""
+    n, who = f.numbers, " and ".join(labels[i] for i in f.runs)
+    if f.verdict in ("concentrated", "evenly_spread"):
+        numbers = (
+            f"the top 1% hold {_pct(n['top_share'])} of the total |score| ({f.value:.1f}× an equal share), "
+            f"Gini {_num(n['gini'])}"
+        )
+        if f.verdict == "evenly_spread":
+            return f"{who}: the scores are close to evenly spread (no concentration): {numbers}."
+        tiny = (
+            f"; the top 0.01% alone ({n['tiny_count']:,} weights) hold {_pct(n['tiny_share'])}"
+            if "tiny_count" in n
+            else ""
+        )
+        return f"**{who}: the scores are concentrated**: {numbers}{tiny}."
+    if f.verdict in ("enriched_module", "enriched_layer"):
+        return (
+            f"{who}: {_where(n, f.verdict.split('_')[1])} {n['count']} of the top {n['k']} ({_pct(n['share'], 0)}) "
+            f"against {_pct(n['weight_share'], 1)} of the weights ({f.value:.1f}×, adjusted p = {_p(n['p_adjusted'])})."
+        )
+    if f.verdict == "residual_dimension_recurs":
+        return (
+            f"{who}: residual-stream dimension {n['dimension']} recurs across module types "
+            f"({', '.join(f'`{m}`' for m in n['modules'])}): {n['count']} of the {n['of']} top-{n['k']} weights that "
+            f"read or write the residual stream use it (adjusted binomial p = {_p(f.value)} against a uniform "
+            f"spread over its {n['hidden']} dimensions)."
+        )
+    if f.verdict == "recurs":
+        return (
+            f"{who}: {n['axis']} {n['coordinate']} of `{n['module']}` recurs: {n['count']} of the {n['of']} "
+            f"top-{n['k']} weights in that module type{_layers(n['layers'])} (adjusted binomial p = {_p(f.value)})."
+        )
+    if f.verdict in ("stable", "unstable"):
+        return (
+            f"The top-{n['k']} of {n['label']} ({who}) is {f.verdict} across calibration seeds "
+            f"(mean pairwise Jaccard {_ci(f.value, f.interval)})."
+        )
+    if f.verdict == "raises_perplexity":
+        numbers = f"Δppl = {_ci(f.value, f.interval)}, p = {_p(n['p_value'])}"
+        return f"{who}: {_perturbed(n)} raises held-out perplexity ({numbers})."
+    if f.verdict == "no_effect":
+        return (
+            f"{who}: {_perturbed(n)} has no detectable effect on held-out perplexity "
+            f"(Δppl = {_ci(f.value, f.interval)}, p = {_p(n['p_value'])})."
+        )
+    if f.verdict == "costs_more_than_control":
+        return (
+            f"{who}: at K={n['k']}, {n['perturbation']} of the top-K costs more than the {n['control']} control "
+            f"(Δppl {_num(n['topk_delta'])} vs {_ci(f.value, f.interval)}, paired p = {_p(n['p_value'])})."
+        )
+    if f.verdict == "deterministic":
+        return (
+            f"{who} repeat the same settings on the same calibration data (fingerprint `{n['fingerprint']}`) and "
+            f"select the identical top-{n['k']} (Jaccard 1.000): the analysis is deterministic."
+        )
+    if f.verdict == "not_reproduced":
+        same = "same" if n["same_data"] else "different"
+        return (
+            f"{who} repeat the same settings ({same} calibration fingerprint) but their top-{n['k']} differ "
+            f"(Jaccard {_num(f.value)})."
+        )
+    if f.verdict == "same_heldout":
+        return f"All {len(f.runs)} runs hold out the same evaluation text (held-out fingerprint `{n['fingerprint']}`)."
+    return f"{who}: {f.verdict} ({f.statistic} = {_num(f.value)})."
+
+
+def pair_sentence(group: list[Finding], analysis: Analysis) -> str:
+    """Two runs' agreement findings as one sentence."""
+    a, b = group[0].runs
+    parts = []
+    for f in group:
+        if f.verdict in ("rank_alike", "rank_differently"):
+            how = "alike" if f.verdict == "rank_alike" else "differently"
+            parts.append(
+                f"rank the weights {how} (Spearman ρ = {_ci(f.value, f.interval)} "
+                f"over {f.numbers['n']:,} random weights)"
+            )
+        elif f.verdict == "share_topk":
+            parts.append(f"largely share their top-{f.numbers['k']} (Jaccard {_num(f.value)})")
+        elif f.verdict == "disjoint_topk":
+            parts.append(f"share almost none of their top-{f.numbers['k']} (Jaccard {_num(f.value)})")
+    la, lb = analysis.labels[a], analysis.labels[b]
+    ma, mb = analysis.runs[a].metric, analysis.runs[b].metric
+    return f"{la} ({ma}) and {lb} ({mb}) " + " and ".join(parts) + "."
+
+
+def headline_sentence(group: list[Finding], analysis: Analysis) -> str:
+    """One executive-summary claim from its group of findings."""
+    first = group[0]
+    if first.verdict == "concentrated":
+        who = ", ".join(analysis.labels[f.runs[0]] for f in group)
+        return (
+            f"The scores of {len(group)} of {len(analysis.runs)} runs ({who}) are concentrated (top 1% of weights "
+            f"≥ {th.CONCENTRATED_FACTOR:.0f}× an equal share of the score)."
+        )
+    if first.verdict in ("recurs", "residual_dimension_recurs"):
+        n, who = first.numbers, analysis.labels[first.runs[0]]
+        if first.verdict == "recurs":
+            return (
+                f"Critical weights recur on shared rows/columns: e.g. {n['axis']} {n['coordinate']} of `{n['module']}` "
+                f"holds {n['count']} of {n['of']} top-K weights of that module type in {who} "
+                f"(adjusted p = {_p(first.value)})."
+            )
+        return (
+            f"Critical weights share residual-stream dimensions: e.g. dimension {n['dimension']} holds {n['count']} "
+            f"of {n['of']} top-K weights across {len(n['modules'])} module types in {who} "
+            f"(adjusted p = {_p(first.value)})."
+        )
+    if first.section == "agreement":
+        return pair_sentence(group, analysis)
+    return sentence(first, analysis.labels)
