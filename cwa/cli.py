@@ -131,7 +131,8 @@ def build_parser(verb: str):
     command = COMMANDS[verb]
     target = _resolve(command.target)
     doc = (target.__doc__ or command.summary).strip().split("\n\n")[0]
-    parser = ArgumentParser(prog=f"cwa {verb}", description=doc, exit_on_error=False)
+    usage = f"cwa {verb} RUN [RUN ...] [options]" if command.positional else f"cwa {verb} [options]"
+    parser = ArgumentParser(prog=f"cwa {verb}", usage=usage, description=doc, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
     if isinstance(target, type):
         parser.add_class_arguments(target, fail_untyped=True, sub_configs=True)
