@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cwa.distributed import all_gather_objects
+from cwa.sharding import all_gather_objects
 from cwa.errors import CwaError
 from cwa.io import atomic_path
 from cwa.scorers import Scorer
