@@ -162,9 +162,7 @@ class ScoreFigures(FitCallback):
         fig_dir = result.run_dir / rundir.FIGURES
         figures.score_histogram(result.scores, result.topk, title, fig_dir / "score_histogram.png")
         figures.layer_module_heatmap(result.scores, result.infos, title, fig_dir / "layer_module_heatmap.png")
-        figures.topk_locations(
-            result.topk, result.infos, f"{title} · {pl_module.mode}", fig_dir / "topk_locations.png"
-        )
+        figures.topk_locations(result.topk, result.infos, f"{title} · {pl_module.mode}", fig_dir / "topk_locations.png")
         result.timings["figures_s"] = time.perf_counter() - start
 
 

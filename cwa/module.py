@@ -19,7 +19,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cwa import checkpoint
@@ -27,25 +26,12 @@ from cwa.data import PAD_KEY
 from cwa.distributed import check_supported_strategy, is_sharded_strategy
 from cwa.environment import peak_memory
 from cwa.errors import CwaError
+from cwa.loss import next_token_nll
 from cwa.models import Dtype, load_model, set_attn_implementation
 from cwa.params import ParamInfo, select_parameters
 from cwa.scorers import Scorer, make_scorer, nonfinite_error
 from cwa.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
 from cwa.topk import Mode, check_k
-
-
-def next_token_nll(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    """(sum of next-token NLL over counted tokens, number of counted tokens); padding never counts."""
-    input_ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
-    labels = input_ids[:, 1:]
-    if mask is not None:
-        labels = labels.masked_fill(mask[:, 1:] == 0, -100)
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return nll, int((labels != -100).sum())
 
 
 class SensitivityModule(L.LightningModule):

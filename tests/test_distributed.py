@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from crash import crash_after
+from safetensors.torch import load_file
 
 from cwa.cli import main
 
