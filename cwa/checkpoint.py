@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from cwa.distributed import all_gather_objects
 from cwa.errors import CwaError
 from cwa.io import atomic_path
 from cwa.scorers import Scorer
+from cwa.sharding import all_gather_objects
 
 _NAME = re.compile(r"rank(\d+)-of-(\d+)-batch(\d+)\.pt$")
 

@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+from cwa.callbacks import FitResult
 
-def print_fit_result(trainer, module, rows: int = 10) -> None:
-    if not trainer.is_global_zero or module.topk is None:
+
+def print_fit_result(result: FitResult, rows: int = 10) -> None:
+    """The run in a few lines and its best ``rows`` weights (on the process that wrote the summary).
+
+    Args:
+        result: the finished run, as ``CwaTrainer.fit_sensitivity`` returns it.
+        rows: how many of the top-K weights to list.
+    """
+    summary, topk = result.summary, result.topk
+    if summary is None or topk is None:
         return
-    run_dir = module.run_dir
-    scorer = module.scorer
-    seconds = sum(module.timings.values())
+    seconds = sum(summary.timings.values())
     print()
-    print(f"cwa fit-sensitivity: {module.pretrained} · {scorer.name} · {module.mode} k={module.k}")
+    print(f"cwa fit-sensitivity: {summary.model} · {summary.metric_name} · {summary.mode} k={summary.k}")
     print(
-        f"  {int(scorer.tokens):,} calibration tokens, mean NLL {scorer.mean_loss:.4f}, "
-        f"{sum(i.numel for i in module.selected.values()):,} weights scored in {len(module.selected)} tensors, "
-        f"{seconds:.1f} s"
+        f"  {summary.tokens:,} calibration tokens, mean NLL {summary.mean_loss:.4f}, "
+        f"{summary.num_scored:,} weights scored in {summary.scored_tensors} tensors, {seconds:.1f} s"
     )
     print(f"  {'rank':>4}  {'score':>11}  {'weight':>10}  where")
-    for i in range(min(rows, len(module.topk))):
-        name = module.topk.names[int(module.topk.param[i])]
-        index = int(module.topk.index[i])
-        info = module.selected[name]
-        import torch
-
-        rc = info.row_col(torch.tensor(index))
+    for i in range(min(rows, len(topk))):
+        name = topk.names[int(topk.param[i])]
+        index = int(topk.index[i])
+        rc = result.infos[name].row_col(topk.index[i])
         where = f"{name}[{int(rc[0])}, {int(rc[1])}]" if rc is not None else f"{name}[{index}]"
-        if module.topk.weight is not None:  # sharded runs: no rank holds the whole tensor
-            weight = module.topk.weight[i]
-        else:
-            weight = dict(module.model.named_parameters())[name].detach().reshape(-1)[index]
-        print(f"  {i + 1:>4}  {float(module.topk.score[i]):>11.4g}  {float(weight):>10.4g}  {where}")
-    print(f"  run directory: {run_dir}")
+        weight = float("nan") if topk.weight is None else float(topk.weight[i])
+        print(f"  {i + 1:>4}  {float(topk.score[i]):>11.4g}  {weight:>10.4g}  {where}")
+    print(f"  run directory: {result.run_dir}")

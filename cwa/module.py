@@ -19,42 +19,19 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cwa import checkpoint
 from cwa.data import PAD_KEY
-from cwa.distributed import (
-    all_gather_objects,
-    all_reduce_sum,
-    apply_fsdp2,
-    check_supported_strategy,
-    is_sharded_strategy,
-    local_of,
-)
+from cwa.distributed import check_supported_strategy, is_sharded_strategy
 from cwa.environment import peak_memory
 from cwa.errors import CwaError
+from cwa.loss import next_token_nll
 from cwa.models import Dtype, load_model, set_attn_implementation
 from cwa.params import ParamInfo, select_parameters
 from cwa.scorers import Scorer, make_scorer, nonfinite_error
-from cwa.topk import Mode, TopK, check_k
-
-FAIL_AFTER_ENV = "CWA_FAIL_AFTER_BATCHES"
-"""Test hook: raise after this many batches of this run (after any checkpoint), as a kill would."""
-
-
-def next_token_nll(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    """(sum of next-token NLL over counted tokens, number of counted tokens); padding never counts."""
-    input_ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
-    labels = input_ids[:, 1:]
-    if mask is not None:
-        labels = labels.masked_fill(mask[:, 1:] == 0, -100)
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return nll, int((labels != -100).sum())
+from cwa.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
+from cwa.topk import Mode, check_k
 
 
 class SensitivityModule(L.LightningModule):
@@ -118,15 +95,12 @@ class SensitivityModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.selected: dict[str, ParamInfo] = {}
         self.scores: dict[str, Tensor] = {}
-        self.topk: TopK | None = None
-        self.timings: dict[str, float] = {}
-        self.run_dir = None
+        self.timings: dict[str, float] = {}  # this module's phases: load_model_s, accumulate_s, reduce_s
         self.checkpoint_every, self.checkpoint_dir, self.resume_from = checkpoint_every, checkpoint_dir, resume_from
         self.resumed_batches = 0
         self.rank_memory: list[dict] | None = None
         self._ckpt_dir: Path | None = None
         self._started = 0.0
-        self._seen = 0  # batches of this run processed by this process (for the test hook)
 
     # -- model ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -191,7 +165,6 @@ class SensitivityModule(L.LightningModule):
             self._ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir else run_dir / "accumulators"
         if self.resume_from:
             self.resumed_batches = checkpoint.load(self.resume_from, self.scorer, self._fingerprint(), self.trainer)
-        self._seen = 0
         self._started = time.perf_counter()
 
     def _fingerprint(self) -> dict:
@@ -222,12 +195,8 @@ class SensitivityModule(L.LightningModule):
                 self._update(_idle_batch(batch, 1) if filler else batch, counting=not filler)
             else:
                 self._take_turns(batch, batch_idx, 0 if filler else batch["input_ids"].shape[0])
-        self._seen += 1
         if self.checkpoint_every and (batch_idx + 1) % self.checkpoint_every == 0:
             checkpoint.save(self._ckpt_dir, self.scorer, batch_idx + 1, self._fingerprint(), self.trainer)
-        fail_after = os.environ.get(FAIL_AFTER_ENV)
-        if fail_after and self._seen >= int(fail_after):
-            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {self._seen} batches")
         self.log("calibration_nll", self.scorer.mean_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
     def _update(self, batch: dict[str, Tensor], counting: bool) -> None:

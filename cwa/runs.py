@@ -230,11 +230,12 @@ class Run:
     # -- top-K ---------------------------------------------------------------------------------
     @cached_property
     def topk_rows(self) -> list[dict]:
-        from cwa.artifacts import TOPK_COLUMNS, read_topk_csv  # imports Lightning: only when a table is read
+        from cwa.rundir import TOPK_COLUMNS
 
         path = self.path / "topk.csv"
         try:
-            rows = read_topk_csv(path)
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
         except OSError as exc:
             raise CwaError(f"cannot read '{path}': {exc}.") from None
         if rows and not set(TOPK_COLUMNS) <= set(rows[0]):

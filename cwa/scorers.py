@@ -29,8 +29,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from cwa.distributed import all_reduce_sum, is_dtensor, local_slice
 from cwa.errors import CwaError
+from cwa.sharding import all_reduce_sum, is_dtensor, local_slice
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Batch], tuple[Tensor, int]]

@@ -50,8 +50,8 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
     import torch
 
     from cwa.data import PydocCorpus, tokenize_stream
+    from cwa.loss import next_token_nll
     from cwa.models import load_model, load_tokenizer
-    from cwa.module import next_token_nll
     from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
     torch.manual_seed(0)

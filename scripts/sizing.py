@@ -64,7 +64,7 @@ def build_meta_model(name: str) -> torch.nn.Module:
 
 def layout(model: torch.nn.Module) -> dict[str, int]:
     """Parameter counts: total, largest tensor, largest FSDP unit (a decoder layer or the root's own)."""
-    from cwa.distributed import decoder_layers
+    from cwa.sharding import decoder_layers
 
     params = dict(model.named_parameters())  # tied weights once
     layers = decoder_layers(model)

@@ -3,14 +3,13 @@
 Spawning processes and importing torch, transformers and Lightning dominates a tiny run's time, so
 ``test_distributed.py`` starts two of these once (as torchrun would: RANK, WORLD_SIZE, MASTER_ADDR ...
 in the environment, so Lightning joins them instead of launching its own) and each runs every job of a
-JSON list: ``{"args": [...], "env": {...}, "expect": 0}``. Exits non-zero if any job's exit code
+JSON list: ``{"args": [...], "expect": 0}``. Exits non-zero if any job's exit code
 differs from what it expects.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 
@@ -22,19 +21,11 @@ def run_jobs(path: str) -> int:
         jobs = json.load(handle)
     failures = 0
     for job in jobs:
-        saved = {k: os.environ.get(k) for k in job.get("env", {})}
-        os.environ.update(job.get("env", {}))
         try:
             code = main(job["args"])
-        except Exception:  # the simulated crash: Lightning re-raises it
+        except Exception:  # the simulated crash (tests/crash.py): Lightning re-raises it
             traceback.print_exc()
             code = -1
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if code != job.get("expect", 0):
             print(f"job {job['args']} exited {code}, expected {job.get('expect', 0)}", file=sys.stderr)
             failures += 1

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crash import crash_after
 from safetensors.torch import load_file
 
 from cwa.cli import main
@@ -51,8 +52,8 @@ def _args(model_dir: Path, save_dir: Path, *extra: str) -> list[str]:
         f"--trainer.logger.init_args.save_dir={save_dir}",
         "--trainer.logger.init_args.name=run",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.artifacts.RunArtifacts",
-        "--trainer.callbacks.figures=false",
+        "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+        "--trainer.callbacks.enabled=false",
         *extra,
     ]
 
@@ -162,12 +163,11 @@ def two_process_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("two")
     jobs, dirs = [], {}
 
-    def add(key: str, *extra: str, env: dict | None = None, expect: int = 0) -> None:
+    def add(key: str, *extra: str, expect: int = 0) -> None:
         dirs[key] = base / key
         jobs.append(
             {
                 "args": _args(tiny_llama_dir, dirs[key], "--trainer.devices=2", *extra),
-                "env": env or {},
                 "expect": expect,
             }
         )
@@ -185,7 +185,7 @@ def two_process_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
             f"--trainer.strategy={strategy}",
             *METRICS[metric],
             "--model.checkpoint_every=1",
-            env={"CWA_FAIL_AFTER_BATCHES": "1"},
+            *crash_after(1),
             expect=-1,
         )
         add(
@@ -243,11 +243,17 @@ def test_lightning_launcher_ddp_odd_blocks(references, tiny_llama_dir, tmp_path)
     _assert_same_run(references["grad_x_weight"], _run_dir(tmp_path))
 
 
-def test_resume_in_one_process(tiny_llama_dir, tmp_path, monkeypatch, references):
-    monkeypatch.setenv("CWA_FAIL_AFTER_BATCHES", "2")
+def test_resume_in_one_process(tiny_llama_dir, tmp_path, references):
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(_args(tiny_llama_dir, tmp_path / "a", *METRICS["hutchinson_diag"], "--model.checkpoint_every=1"))
-    monkeypatch.delenv("CWA_FAIL_AFTER_BATCHES")
+        main(
+            _args(
+                tiny_llama_dir,
+                tmp_path / "a",
+                *METRICS["hutchinson_diag"],
+                "--model.checkpoint_every=1",
+                *crash_after(2),
+            )
+        )
     killed = _run_dir(tmp_path / "a")
     assert (
         main(_args(tiny_llama_dir, tmp_path / "b", *METRICS["hutchinson_diag"], f"--model.resume_from={killed}")) == 0

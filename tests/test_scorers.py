@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import random_blocks, tiny_gpt2, tiny_llama
 
 from cwa.errors import CwaError
-from cwa.module import next_token_nll
+from cwa.loss import next_token_nll
 from cwa.params import select_parameters
 from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, make_scorer
 

@@ -1,0 +1,133 @@
+"""The fit-sensitivity pipeline: one callback per job, one result object, nothing written into the module;
+and the pure-torch layer imports no Lightning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cwa import rundir
+from cwa.callbacks import (
+    FitResult,
+    RunDirectoryWriter,
+    ScoreFigures,
+    SummaryWriter,
+    TensorBoardHistograms,
+    TopKSelection,
+    selected_weights,
+)
+from cwa.data import CalibrationData
+from cwa.module import SensitivityModule
+from cwa.topk import select_topk
+from cwa.trainer import CwaTrainer, run_fit_sensitivity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a clean ``sys.modules``) with this checkout's cwa."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+
+
+def test_scorers_import_no_lightning():
+    code = (
+        "import sys, cwa.scorers, cwa.sharding, cwa.loss, cwa.topk, cwa.params, cwa.checkpoint; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+        "'lightning_fabric')))"
+    )
+    out = _python(code)
+    assert out.stdout.strip() == "[]"
+
+
+def test_strategy_name_is_registered_explicitly():
+    code = (
+        "import cwa.distributed, cwa.trainer; from lightning.pytorch.strategies import StrategyRegistry; "
+        "before = 'fsdp2' in StrategyRegistry; cwa.distributed.register_strategy_name(); "
+        "print(before, 'fsdp2' in StrategyRegistry)"
+    )
+    out = _python(code)
+    assert out.stdout.split() == ["False", "True"]
+
+
+class _Attributes(L.Callback):
+    """The module's attributes (name and object) when the loop starts, the model loaded."""
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.before = {name: id(value) for name, value in vars(pl_module).items()}
+
+
+def test_fit_sensitivity_returns_its_result_and_leaves_the_module_alone(tiny_llama_dir, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    module = SensitivityModule(pretrained=str(tiny_llama_dir), metric="grad_x_weight", k=7)
+    data = CalibrationData(tokenizer=str(tiny_llama_dir), seq_len=32, num_samples=4, batch_size=2)
+    attributes = _Attributes()
+    trainer = CwaTrainer(
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path, name="t", default_hp_metric=False),
+        callbacks=[SummaryWriter(), ScoreFigures(enabled=False), attributes],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    result = trainer.fit_sensitivity(module, data)
+    after = {name: id(value) for name, value in vars(module).items()}
+    assert after.keys() == attributes.before.keys(), "a callback added an attribute to the module"
+    # Only the module (its final scores and counters) and Lightning (mode, device, hook name) replace these.
+    changed = {name for name in after if after[name] != attributes.before[name]}
+    assert changed <= {"scores", "rank_memory", "_started", "_current_fx_name", "training", "_device"}, changed
+    stages = [type(c) for c in trainer.callbacks if hasattr(c, "stage")]
+    assert stages == [TopKSelection, RunDirectoryWriter, ScoreFigures, TensorBoardHistograms, SummaryWriter]
+    assert isinstance(result, FitResult) and result is trainer.fit_result
+    assert result.run_dir == tmp_path / "t" / "version_0"
+    assert not (result.run_dir / rundir.FIGURES).exists()  # the given ScoreFigures(enabled=False) was kept
+    run = rundir.Run.load(result.run_dir)
+    assert run.summary == result.summary and run.summary.schema == rundir.SCHEMA_VERSION
+    assert set(result.summary.timings) >= {"load_model_s", "accumulate_s", "reduce_s", "topk_s", "write_s"}
+    # The result's top-K is the one in topk.csv and in an independent selection over the written scores.
+    scores = load_file(result.run_dir / rundir.SCORES)
+    expected = select_topk({n: scores[n] for n in module.selected}, 7, "global")
+    assert torch.equal(result.topk.index, expected.index) and torch.equal(run.topk.index, expected.index)
+    params = dict(module.model.named_parameters())
+    for i in range(len(expected)):
+        name = expected.names[int(expected.param[i])]
+        assert float(result.topk.weight[i]) == float(params[name].reshape(-1)[int(expected.index[i])])
+
+
+def test_selected_weights_reads_each_value():
+    params = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([10.0, -20.0], dtype=torch.bfloat16)}
+    top = select_topk({"a": params["a"], "b": params["b"].float()}, 4, "global")
+    weights = selected_weights(top, params)
+    assert weights.tolist() == [-20.0, 10.0, 5.0, 4.0]
+
+
+def test_callbacks_need_the_result_object():
+    with pytest.raises(RuntimeError, match="fit_sensitivity"):
+        TopKSelection.result(L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False))
+
+
+def test_run_fit_sensitivity_returns_the_run_directory(tiny_llama_dir, tmp_path, capsys):
+    run_dir = run_fit_sensitivity(
+        [
+            f"--model.pretrained={tiny_llama_dir}",
+            "--data.seq_len=32",
+            "--data.num_samples=3",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.logger.init_args.name=r",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks+=cwa.callbacks.TensorBoardHistograms",
+            "--trainer.callbacks.enabled=false",
+            "--model.k=3",
+        ]
+    )
+    assert run_dir == tmp_path / "r" / "version_0" and rundir.is_complete(run_dir)
+    assert (run_dir / rundir.FIGURES / "topk_locations.png").is_file()
+    assert f"run directory: {run_dir}" in capsys.readouterr().out
