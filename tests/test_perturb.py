@@ -322,9 +322,9 @@ def test_evaluation_equals_a_hand_computation(tiny_dir: Path) -> None:
 def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, heldout_fraction: float = 0.1) -> Path:
     """A fit-sensitivity run directory written by hand (magnitude scores) for the tiny model."""
     import yaml
+    from cwa.artifacts import write_scores, write_topk_csv
     from transformers import AutoModelForCausalLM
 
-    from cwa.artifacts import write_scores, write_topk_csv
     from cwa.io import write_json
     from cwa.params import select_parameters
 
