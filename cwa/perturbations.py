@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -22,9 +23,6 @@ from cwa.topk import TopK
 
 Selection = dict[str, Tensor]
 """Parameter name -> sorted, unique int64 flat indices into that tensor's storage."""
-
-PERTURBATIONS = ("zero", "sign_flip", "scale", "gaussian_noise", "bit_flip")
-PerturbationKind = Literal["zero", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
 
 # Storage formats: (integer view, total bits, mantissa bits). Bit 0 is the least-significant mantissa bit.
 _FORMATS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
@@ -89,76 +87,163 @@ def flip_bit(values: Tensor, bit: int | str) -> Tensor:
     return ints.view(values.dtype)
 
 
-# -- perturbations ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Perturbation:
-    """How the chosen weights change.
+# -- perturbations: a registry of small classes ----------------------------------------------------
+class Perturbation(ABC):
+    """How the chosen weights change. A subclass sets ``name`` (its short name on the command line),
+    takes its options as typed ``__init__`` arguments and implements :meth:`write`; adding one is one
+    class here (``PERTURBATIONS`` finds it by its name)."""
 
-    Args:
-        kind: ``zero``, ``sign_flip``, ``scale`` (multiply by ``factor``), ``gaussian_noise`` (add
-            ``sigma`` times |w| or times the tensor's standard deviation, times N(0, 1)) or ``bit_flip``
-            (flip ``bit`` of the weight's storage format).
-        factor: the multiplier of ``scale``.
-        sigma: the noise level of ``gaussian_noise``.
-        relative_to: ``weight`` (noise scaled by each weight's |w|) or ``tensor_std`` (by the standard
-            deviation of the whole tensor).
-        bit: the bit ``bit_flip`` flips: ``sign``, ``exponent_msb`` or an index (0 = least-significant
-            mantissa bit).
-    """
+    name: ClassVar[str] = ""
+    random: ClassVar[bool] = False  # draws random numbers (from the generator given to write)
 
-    kind: str = "zero"
-    factor: float = 0.0
-    sigma: float = 1.0
-    relative_to: Literal["weight", "tensor_std"] = "weight"
-    bit: int | str = "exponent_msb"
-
-    def __post_init__(self) -> None:
-        if self.kind not in PERTURBATIONS:
-            raise CwaError(f"unknown perturbation '{self.kind}': use {', '.join(PERTURBATIONS)}.")
-        if self.relative_to not in ("weight", "tensor_std"):
-            raise CwaError(f"unknown noise reference '{self.relative_to}': use weight or tensor_std.")
-
-    @property
-    def random(self) -> bool:
-        return self.kind == "gaussian_noise"
+    @abstractmethod
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write)."""
 
     def describe(self) -> str:
-        if self.kind == "scale":
-            return f"scale x{self.factor:g}"
-        if self.kind == "gaussian_noise":
-            return f"gaussian_noise sigma={self.sigma:g}*{'|w|' if self.relative_to == 'weight' else 'std'}"
-        if self.kind == "bit_flip":
-            return f"bit_flip bit={self.bit}"
-        return self.kind
+        return self.name
+
+    def options(self) -> dict[str, object]:
+        """The perturbation's settings, as recorded in perturb.json."""
+        return dict(vars(self))
 
     def validate(self, dtype: torch.dtype) -> None:
         """Fail early (before any evaluation) on a setting the weights' format cannot take."""
-        if self.kind == "bit_flip":
-            resolve_bit(self.bit, dtype)
+        return  # most perturbations take every float format
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.describe()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def _rewrite(tensor: Tensor, index: Tensor, new: Callable[[Tensor], Tensor]) -> None:
+    """``tensor.view(-1)[index] = new(its float32 values)``, cast back to the tensor's dtype."""
+    flat = tensor.view(-1)
+    flat[index] = new(flat[index].float()).to(tensor.dtype)
+
+
+class Zero(Perturbation):
+    """w ← 0."""
+
+    name = "zero"
 
     def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
-        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write)."""
-        flat = tensor.view(-1)
-        if self.kind == "bit_flip":
-            int_dtype, total, _ = storage_format(tensor.dtype)
-            ints = flat.view(int_dtype)
-            mask = _bit_mask(resolve_bit(self.bit, tensor.dtype), int_dtype, total).to(tensor.device)
-            ints[index] = ints[index] ^ mask
-            return
-        if self.kind == "zero":
-            flat[index] = 0
-            return
-        values = flat[index].float()
-        if self.kind == "sign_flip":
-            new = -values
-        elif self.kind == "scale":
-            new = values * self.factor
-        else:
-            noise = torch.randn(values.shape, generator=generator, dtype=torch.float32).to(values.device)
-            scale = values.abs() if self.relative_to == "weight" else flat.float().std()
-            new = values + self.sigma * scale * noise
-        flat[index] = new.to(tensor.dtype)
+        tensor.view(-1)[index] = 0
 
+
+class SignFlip(Perturbation):
+    """w ← -w."""
+
+    name = "sign_flip"
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        _rewrite(tensor, index, torch.neg)
+
+
+class Scale(Perturbation):
+    """w ← factor · w.
+
+    Args:
+        factor: the multiplier.
+    """
+
+    name = "scale"
+
+    def __init__(self, factor: float = 0.0) -> None:
+        self.factor = float(factor)
+
+    def describe(self) -> str:
+        return f"scale x{self.factor:g}"
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        _rewrite(tensor, index, lambda values: values * self.factor)
+
+
+class GaussianNoise(Perturbation):
+    """w ← w + sigma · s · z with z ~ N(0, 1) from the condition's seeded generator.
+
+    Args:
+        sigma: the noise level.
+        relative_to: ``weight`` (s = |w|, each weight's own magnitude) or ``tensor_std`` (s = the
+            standard deviation of the whole tensor).
+    """
+
+    name = "gaussian_noise"
+    random = True
+
+    def __init__(self, sigma: float = 1.0, relative_to: Literal["weight", "tensor_std"] = "weight") -> None:
+        if relative_to not in ("weight", "tensor_std"):
+            raise CwaError(f"unknown noise reference '{relative_to}': use weight or tensor_std.")
+        self.sigma, self.relative_to = float(sigma), relative_to
+
+    def describe(self) -> str:
+        return f"gaussian_noise sigma={self.sigma:g}*{'|w|' if self.relative_to == 'weight' else 'std'}"
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        def noisy(values: Tensor) -> Tensor:
+            noise = torch.randn(values.shape, generator=generator, dtype=torch.float32).to(values.device)
+            scale = values.abs() if self.relative_to == "weight" else tensor.view(-1).float().std()
+            return values + self.sigma * scale * noise
+
+        _rewrite(tensor, index, noisy)
+
+
+class BitFlip(Perturbation):
+    """XOR of one bit of the weight's storage format (fp32 via int32, bf16/fp16 via int16).
+
+    Args:
+        bit: ``sign`` (the top bit), ``exponent_msb`` (the highest exponent bit) or an index, 0 = the
+            least-significant mantissa bit.
+    """
+
+    name = "bit_flip"
+
+    def __init__(self, bit: int | Literal["sign", "exponent_msb"] = "exponent_msb") -> None:
+        self.bit = bit
+
+    def describe(self) -> str:
+        return f"bit_flip bit={self.bit}"
+
+    def validate(self, dtype: torch.dtype) -> None:
+        resolve_bit(self.bit, dtype)
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        int_dtype, total, _ = storage_format(tensor.dtype)
+        ints = tensor.view(-1).view(int_dtype)
+        mask = _bit_mask(resolve_bit(self.bit, tensor.dtype), int_dtype, total).to(tensor.device)
+        ints[index] = ints[index] ^ mask
+
+
+PERTURBATIONS: dict[str, type[Perturbation]] = {
+    cls.name: cls for cls in (Zero, SignFlip, Scale, GaussianNoise, BitFlip)
+}
+PerturbationName = Literal["zero", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
+
+
+def make_perturbation(spec: str | Perturbation) -> Perturbation:
+    """A perturbation from its short name (default options) or as given.
+
+    Args:
+        spec: a name of ``PERTURBATIONS`` or a :class:`Perturbation`.
+    """
+    if isinstance(spec, Perturbation):
+        return spec
+    if spec not in PERTURBATIONS:
+        raise CwaError(f"unknown perturbation '{spec}': use {', '.join(PERTURBATIONS)} or a class_path.")
+    return PERTURBATIONS[spec]()
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (a condition's seed, K, rank, stream)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
 
 def tensor_checksum(tensor: Tensor) -> str:
     """sha256 of a tensor's storage bytes (the exact bits)."""
