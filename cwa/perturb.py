@@ -13,6 +13,7 @@ only through :func:`cwa.rundir.write_perturbation` (csv, figures and json togeth
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sys
 import time
 from pathlib import Path
@@ -416,7 +417,9 @@ def main(argv: list[str]) -> int:
         config = cli.parse_args(list(argv))
     except ArgumentError as exc:
         raise CwaError(_one_sentence(exc)) from None
-    PerturbRecipe(**cli.instantiate(config).as_dict()).run()
+    options = cli.instantiate(config).as_dict()
+    options.pop("config", None)
+    PerturbRecipe(**options).run()
     return 0
 
 
@@ -425,7 +428,8 @@ def _one_sentence(exc: Exception) -> str:
     text = str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     key = text.split('"')[1] if text.startswith('Parser key "') else ""
-    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    values = re.findall(r"(?:Given|Got) value: (.*)$", text, flags=re.MULTILINE)
+    given = values[-1].strip() if values else None
     if key in ("perturbation", "controls") and given is not None:
         from cwa.controls import CONTROLS
         from cwa.perturbations import PERTURBATIONS
