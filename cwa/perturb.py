@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from cwa.controls import Control, ControlContext, ControlName, make_control
+from cwa.controls import Control, ControlContext, ControlName, ControlUnavailable, make_control
 from cwa.errors import CwaError
 from cwa.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
 from cwa.perturbations import (
     ChecksumCache,
-    ControlUnavailable,
     Perturbation,
     PerturbationName,
     Selection,

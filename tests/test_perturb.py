@@ -15,20 +15,18 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from cwa.controls import MagnitudeBins, bottomk, random_matched  # noqa: E402
 from cwa.errors import CwaError  # noqa: E402
 from cwa.perturbations import (  # noqa: E402
     BitFlip,
     ChecksumCache,
     GaussianNoise,
-    MagnitudeBins,
     Scale,
     SignFlip,
     Zero,
-    bottomk,
     flip_bit,
     make_perturbation,
     perturbed,
-    random_matched,
     resolve_bit,
     selection_from,
     topk_prefix,
@@ -471,14 +469,16 @@ def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, ca
             ["--run", "{run}", "--perturbation", "BitFlip", "--perturbation.bit", "32"],
             "bit index 32 is outside the fp32 format",
         ),
-        (["--run", "{run}", "--perturbation", "shuffle"], "unknown perturbation 'shuffle'"),
+        (["--run", "{run}", "--perturbation", "shuffle"], ("--perturbation", "shuffle")),
         (["--run", "{run}", "--heldout_samples", "0"], "held-out split is empty"),
         (["--run", "{no_heldout}"], "held-out split is empty"),
-        (["--run", "{run}", "--controls", "[nearby]"], "unknown control 'nearby'"),
-        (["--run", "{run}", "--ks", "[a]"], "--ks does not accept 'a'"),
+        (["--run", "{run}", "--controls", "[nearby]"], ("--controls", "nearby")),
+        (["--run", "{run}", "--ks", "[a]"], ("--ks", "a")),
     ],
 )
-def test_bad_input_is_one_clear_sentence(tiny_dir: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+def test_bad_input_is_one_clear_sentence(
+    tiny_dir: Path, tmp_path: Path, capsys, args: list[str], message: str | tuple[str, ...]
+) -> None:
     from cwa.cli import main
 
     paths = {"empty": tmp_path / "empty", "run": tmp_path / "ok" / "run", "no_heldout": tmp_path / "nh" / "run"}
@@ -491,7 +491,8 @@ def test_bad_input_is_one_clear_sentence(tiny_dir: Path, tmp_path: Path, capsys,
     argv = ["perturb", *base, *[a.format(**paths) for a in args]]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cwa: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("cwa: error: "), err
+    assert all(part in err[0] for part in ((message,) if isinstance(message, str) else message)), err
 
 
 def test_short_names_and_classes_parse_from_the_signature() -> None:
