@@ -706,3 +706,15 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
     _, rows = _read_csv(run_dir / "perturb.csv")
     assert len(rows) == 1 + 2 * 4 + 2
     assert 5 < float(rows[0]["perplexity"]) < 200
+
+
+def test_the_short_names_are_the_registries() -> None:
+    """The Literal types that -h shows list exactly the registered classes."""
+    from typing import get_args
+
+    from cwa.controls import CONTROLS, ControlName
+    from cwa.perturbations import PERTURBATIONS, PerturbationName
+
+    assert list(get_args(PerturbationName)) == list(PERTURBATIONS)
+    assert list(get_args(ControlName)) == list(CONTROLS)
+    assert all(cls.name == name for name, cls in {**PERTURBATIONS, **CONTROLS}.items())
