@@ -1,4 +1,4 @@
-"""Perturbing chosen weights in place and restoring them bit for bit; choosing the control weights.
+"""Perturbing chosen weights in place and restoring them bit for bit.
 
 Pure tensor code, no model or Trainer: a *selection* maps a parameter name to the sorted flat indices
 of the weights to perturb in that tensor. Every write is one indexed write per tensor (no Python loop
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -23,9 +24,6 @@ from cwa.topk import TopK
 Selection = dict[str, Tensor]
 """Parameter name -> sorted, unique int64 flat indices into that tensor's storage."""
 
-PERTURBATIONS = ("zero", "sign_flip", "scale", "gaussian_noise", "bit_flip")
-PerturbationKind = Literal["zero", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
-
 # Storage formats: (integer view, total bits, mantissa bits). Bit 0 is the least-significant mantissa bit.
 _FORMATS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
     torch.float32: (torch.int32, 32, 23),
@@ -34,10 +32,6 @@ _FORMATS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
     torch.float64: (torch.int64, 64, 52),
 }
 _FORMAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
-class ControlUnavailable(CwaError):
-    """A control of the requested size cannot be drawn (too few eligible weights)."""
 
 
 # -- bit flips -------------------------------------------------------------------------------------
@@ -89,75 +83,163 @@ def flip_bit(values: Tensor, bit: int | str) -> Tensor:
     return ints.view(values.dtype)
 
 
-# -- perturbations ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Perturbation:
-    """How the chosen weights change.
+# -- perturbations: a registry of small classes ----------------------------------------------------
+class Perturbation(ABC):
+    """How the chosen weights change. A subclass sets ``name`` (its short name on the command line),
+    takes its options as typed ``__init__`` arguments and implements :meth:`write`; adding one is one
+    class here (``PERTURBATIONS`` finds it by its name)."""
 
-    Args:
-        kind: ``zero``, ``sign_flip``, ``scale`` (multiply by ``factor``), ``gaussian_noise`` (add
-            ``sigma`` times |w| or times the tensor's standard deviation, times N(0, 1)) or ``bit_flip``
-            (flip ``bit`` of the weight's storage format).
-        factor: the multiplier of ``scale``.
-        sigma: the noise level of ``gaussian_noise``.
-        relative_to: ``weight`` (noise scaled by each weight's |w|) or ``tensor_std`` (by the standard
-            deviation of the whole tensor).
-        bit: the bit ``bit_flip`` flips: ``sign``, ``exponent_msb`` or an index (0 = least-significant
-            mantissa bit).
-    """
+    name: ClassVar[str] = ""
+    random: ClassVar[bool] = False  # draws random numbers (from the generator given to write)
 
-    kind: str = "zero"
-    factor: float = 0.0
-    sigma: float = 1.0
-    relative_to: Literal["weight", "tensor_std"] = "weight"
-    bit: int | str = "exponent_msb"
-
-    def __post_init__(self) -> None:
-        if self.kind not in PERTURBATIONS:
-            raise CwaError(f"unknown perturbation '{self.kind}': use {', '.join(PERTURBATIONS)}.")
-        if self.relative_to not in ("weight", "tensor_std"):
-            raise CwaError(f"unknown noise reference '{self.relative_to}': use weight or tensor_std.")
-
-    @property
-    def random(self) -> bool:
-        return self.kind == "gaussian_noise"
+    @abstractmethod
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write)."""
 
     def describe(self) -> str:
-        if self.kind == "scale":
-            return f"scale x{self.factor:g}"
-        if self.kind == "gaussian_noise":
-            return f"gaussian_noise sigma={self.sigma:g}*{'|w|' if self.relative_to == 'weight' else 'std'}"
-        if self.kind == "bit_flip":
-            return f"bit_flip bit={self.bit}"
-        return self.kind
+        return self.name
+
+    def options(self) -> dict[str, object]:
+        """The perturbation's settings, as recorded in perturb.json."""
+        return dict(vars(self))
 
     def validate(self, dtype: torch.dtype) -> None:
         """Fail early (before any evaluation) on a setting the weights' format cannot take."""
-        if self.kind == "bit_flip":
-            resolve_bit(self.bit, dtype)
+        return  # most perturbations take every float format
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.describe()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def _rewrite(tensor: Tensor, index: Tensor, new: Callable[[Tensor], Tensor]) -> None:
+    """``tensor.view(-1)[index] = new(its float32 values)``, cast back to the tensor's dtype."""
+    flat = tensor.view(-1)
+    flat[index] = new(flat[index].float()).to(tensor.dtype)
+
+
+class Zero(Perturbation):
+    """w ← 0."""
+
+    name = "zero"
 
     def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
-        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write)."""
-        flat = tensor.view(-1)
-        if self.kind == "bit_flip":
-            int_dtype, total, _ = storage_format(tensor.dtype)
-            ints = flat.view(int_dtype)
-            mask = _bit_mask(resolve_bit(self.bit, tensor.dtype), int_dtype, total).to(tensor.device)
-            ints[index] = ints[index] ^ mask
-            return
-        if self.kind == "zero":
-            flat[index] = 0
-            return
-        values = flat[index].float()
-        if self.kind == "sign_flip":
-            new = -values
-        elif self.kind == "scale":
-            new = values * self.factor
-        else:
+        tensor.view(-1)[index] = 0
+
+
+class SignFlip(Perturbation):
+    """w ← -w."""
+
+    name = "sign_flip"
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        _rewrite(tensor, index, torch.neg)
+
+
+class Scale(Perturbation):
+    """w ← factor · w.
+
+    Args:
+        factor: the multiplier.
+    """
+
+    name = "scale"
+
+    def __init__(self, factor: float = 0.0) -> None:
+        self.factor = float(factor)
+
+    def describe(self) -> str:
+        return f"scale x{self.factor:g}"
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        _rewrite(tensor, index, lambda values: values * self.factor)
+
+
+class GaussianNoise(Perturbation):
+    """w ← w + sigma · s · z with z ~ N(0, 1) from the condition's seeded generator.
+
+    Args:
+        sigma: the noise level.
+        relative_to: ``weight`` (s = |w|, each weight's own magnitude) or ``tensor_std`` (s = the
+            standard deviation of the whole tensor).
+    """
+
+    name = "gaussian_noise"
+    random = True
+
+    def __init__(self, sigma: float = 1.0, relative_to: Literal["weight", "tensor_std"] = "weight") -> None:
+        if relative_to not in ("weight", "tensor_std"):
+            raise CwaError(f"unknown noise reference '{relative_to}': use weight or tensor_std.")
+        self.sigma, self.relative_to = float(sigma), relative_to
+
+    def describe(self) -> str:
+        return f"gaussian_noise sigma={self.sigma:g}*{'|w|' if self.relative_to == 'weight' else 'std'}"
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        def noisy(values: Tensor) -> Tensor:
             noise = torch.randn(values.shape, generator=generator, dtype=torch.float32).to(values.device)
-            scale = values.abs() if self.relative_to == "weight" else flat.float().std()
-            new = values + self.sigma * scale * noise
-        flat[index] = new.to(tensor.dtype)
+            scale = values.abs() if self.relative_to == "weight" else tensor.view(-1).float().std()
+            return values + self.sigma * scale * noise
+
+        _rewrite(tensor, index, noisy)
+
+
+class BitFlip(Perturbation):
+    """XOR of one bit of the weight's storage format (fp32 via int32, bf16/fp16 via int16).
+
+    Args:
+        bit: ``sign`` (the top bit), ``exponent_msb`` (the highest exponent bit) or an index, 0 = the
+            least-significant mantissa bit.
+    """
+
+    name = "bit_flip"
+
+    def __init__(self, bit: int | Literal["sign", "exponent_msb"] = "exponent_msb") -> None:
+        self.bit = bit
+
+    def describe(self) -> str:
+        return f"bit_flip bit={self.bit}"
+
+    def validate(self, dtype: torch.dtype) -> None:
+        resolve_bit(self.bit, dtype)
+
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+        int_dtype, total, _ = storage_format(tensor.dtype)
+        ints = tensor.view(-1).view(int_dtype)
+        mask = _bit_mask(resolve_bit(self.bit, tensor.dtype), int_dtype, total).to(tensor.device)
+        ints[index] = ints[index] ^ mask
+
+
+PERTURBATIONS: dict[str, type[Perturbation]] = {
+    cls.name: cls for cls in (Zero, SignFlip, Scale, GaussianNoise, BitFlip)
+}
+PerturbationName = Literal["zero", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
+
+
+def make_perturbation(spec: str | Perturbation) -> Perturbation:
+    """A perturbation from its short name (default options) or as given.
+
+    Args:
+        spec: a name of ``PERTURBATIONS`` or a :class:`Perturbation`.
+    """
+    if isinstance(spec, Perturbation):
+        return spec
+    if spec not in PERTURBATIONS:
+        raise CwaError(f"unknown perturbation '{spec}': use {', '.join(PERTURBATIONS)} or a class_path.")
+    return PERTURBATIONS[spec]()
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (a condition's seed, K, rank, stream)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
 
 
 def tensor_checksum(tensor: Tensor) -> str:
@@ -251,206 +333,3 @@ def topk_prefix(topk: TopK, k: int) -> Selection:
 
 def selection_size(selection: Selection) -> int:
     return sum(int(idx.numel()) for idx in selection.values())
-
-
-def _first_occurrences(values: Tensor) -> Tensor:
-    """``values`` without repeats, each kept at its first position."""
-    if values.numel() == 0:
-        return values
-    uniq, inverse = torch.unique(values, return_inverse=True)
-    positions = torch.arange(values.numel())
-    first = torch.full((uniq.numel(),), values.numel(), dtype=torch.long).scatter_reduce(
-        0, inverse, positions, reduce="amin"
-    )
-    return values[first.sort().values]
-
-
-def sample_excluding(numel: int, exclude: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    """``n`` distinct indices drawn uniformly from ``range(numel)`` minus ``exclude`` (sorted), sorted.
-
-    Small populations use a permutation; large ones draw with replacement and drop repeats and
-    excluded indices in order, which is the same uniform sample without replacement.
-    """
-    available = numel - int(exclude.numel())
-    if n > available:
-        raise ControlUnavailable(f"cannot draw {n} weights from {available} eligible ones.")
-    if n == 0:
-        return torch.empty(0, dtype=torch.long)
-    if numel <= 1 << 22 or available < 4 * n:
-        perm = torch.randperm(numel, generator=generator)
-        return perm[~torch.isin(perm, exclude)][:n].sort().values
-    chosen = torch.empty(0, dtype=torch.long)
-    while chosen.numel() < n:
-        draw = torch.randint(0, numel, (2 * (n - chosen.numel()) + 16,), generator=generator)
-        draw = draw[~torch.isin(draw, exclude)]
-        chosen = _first_occurrences(torch.cat([chosen, draw]))[:n]
-    return chosen.sort().values
-
-
-def random_matched(params: Mapping[str, Tensor], target: Selection, generator: torch.Generator) -> Selection:
-    """Random weights with exactly the per-tensor counts of ``target``, never one of ``target``'s weights.
-
-    Args:
-        params: parameter name -> tensor (only shapes are read).
-        target: the top-K selection to match.
-        generator: the control's seed.
-    """
-    out: Selection = {}
-    for name, index in target.items():
-        try:
-            out[name] = sample_excluding(params[name].numel(), index, int(index.numel()), generator)
-        except ControlUnavailable:
-            raise ControlUnavailable(
-                f"'{name}' holds {index.numel()} of the top-K weights and only "
-                f"{params[name].numel() - index.numel()} others, too few for a matched random control."
-            ) from None
-    return out
-
-
-class MagnitudeBins:
-    """Quantile bins of |w| over a set of tensors, with per-tensor bin counts.
-
-    The edges are quantiles of |w| over all weights (of a fixed random subsample of 2^22 when there
-    are more); a weight's bin is ``torch.bucketize(|w|, edges, right=True)``, so bins are half-open
-    ``[edge_{b-1}, edge_b)``. Repeated edges (e.g. many exact zeros) leave some bins empty.
-
-    Args:
-        params: parameter name -> tensor, in model order.
-        bins: number of quantile bins.
-        seed: seed of the subsample on very large models.
-    """
-
-    def __init__(self, params: Mapping[str, Tensor], bins: int = 100, seed: int = 0) -> None:
-        if bins < 1:
-            raise CwaError(f"magnitude_bins must be at least 1, got {bins}.")
-        self.params, self.names, self.bins = params, list(params), bins
-        self.edges = self._edges(seed)
-        self.counts = torch.stack(
-            [torch.bincount(self.bin_of(params[n].detach().reshape(-1)), minlength=bins) for n in self.names]
-        )  # (tensors, bins)
-        self._order: dict[str, Tensor] = {}
-
-    def _edges(self, seed: int, limit: int = 1 << 22) -> Tensor:
-        total = sum(self.params[n].numel() for n in self.names)
-        generator = torch.Generator().manual_seed(seed)
-        parts = []
-        for name in self.names:
-            flat = self.params[name].detach().reshape(-1)
-            if total > limit:
-                take = max(1, round(limit * flat.numel() / total))
-                flat = flat[torch.randint(0, flat.numel(), (take,), generator=generator).to(flat.device)]
-            parts.append(flat.abs().float().cpu())
-        values = torch.cat(parts).sort().values
-        q = torch.arange(1, self.bins, dtype=torch.float64) / self.bins
-        # Edge b is the first value of quantile b, so with ``right=True`` each bin holds ~1/bins of the weights.
-        positions = (q * values.numel()).floor().long().clamp(max=values.numel() - 1)
-        return values[positions]
-
-    def bin_of(self, values: Tensor) -> Tensor:
-        """Bin index of each weight value (by |value|)."""
-        return torch.bucketize(values.detach().abs().float().cpu(), self.edges, right=True)
-
-    def _members(self, row: int) -> Tensor:
-        """Flat indices of a tensor grouped by bin (bin 0 first, ascending index within a bin)."""
-        name = self.names[row]
-        if name not in self._order:
-            order = torch.argsort(self.bin_of(self.params[name].reshape(-1)), stable=True)
-            self._order[name] = order.to(torch.int32) if order.numel() < 1 << 31 else order
-        return self._order[name]
-
-    def matched(self, target: Selection, generator: torch.Generator) -> Selection:
-        """Random weights with exactly the bin counts of ``target`` (over all tensors), never one of
-        ``target``'s weights: for each bin, a uniform sample of the other weights in that bin."""
-        row_of = {n: i for i, n in enumerate(self.names)}
-        need = torch.zeros(self.bins, dtype=torch.long)
-        target_bins: dict[int, Tensor] = {}
-        for name, index in target.items():
-            values = self.params[name].detach().reshape(-1)[index.to(self.params[name].device)]
-            target_bins[row_of[name]] = self.bin_of(values)
-            need += torch.bincount(target_bins[row_of[name]], minlength=self.bins)
-        starts = torch.cumsum(self.counts, 0) - self.counts  # (tensors, bins): first position of a tensor in a bin
-        requests: dict[int, list[tuple[int, Tensor, Tensor]]] = {}  # row -> [(bin, local rank, order)]
-        candidates: dict[int, tuple[Tensor, Tensor]] = {}
-        for b in torch.nonzero(need).squeeze(1).tolist():
-            n, population = int(need[b]), int(self.counts[:, b].sum())
-            if population - n < n:
-                raise ControlUnavailable(
-                    f"magnitude bin {b} holds {n} of the top-K weights and only {population - n} others, too few "
-                    "for a magnitude-matched control; use fewer magnitude_bins."
-                )
-            # Among the first 2n of a random order of the bin at most n are top-K weights, so at least n remain.
-            positions = torch.randperm(population, generator=generator)[: 2 * n]
-            rows = torch.searchsorted(starts[:, b].contiguous(), positions, right=True) - 1
-            for row in torch.unique(rows).tolist():
-                mask = rows == row
-                order = torch.nonzero(mask).squeeze(1)
-                requests.setdefault(row, []).append((b, positions[mask] - starts[row, b], order))
-            candidates[b] = (
-                torch.empty(positions.numel(), dtype=torch.long),
-                torch.empty(positions.numel(), dtype=torch.long),
-            )
-        for row, items in requests.items():
-            members = self._members(row)
-            first_in_bin = torch.cumsum(self.counts[row], 0) - self.counts[row]
-            for b, local, order in items:
-                flat = members[(first_in_bin[b] + local).long()].long()
-                candidates[b][0][order] = row
-                candidates[b][1][order] = flat
-        chosen_rows, chosen_index = [], []
-        for b, (rows, flat) in candidates.items():
-            keep = torch.ones(rows.numel(), dtype=torch.bool)
-            for row in torch.unique(rows).tolist():
-                name = self.names[row]
-                if name in target:
-                    mask = rows == row
-                    keep[mask] = ~torch.isin(flat[mask], target[name])
-            picked = torch.nonzero(keep).squeeze(1)[: int(need[b])]
-            chosen_rows.append(rows[picked])
-            chosen_index.append(flat[picked])
-        if not chosen_rows:
-            return {}
-        return selection_from(self.names, torch.cat(chosen_rows), torch.cat(chosen_index))
-
-
-def bottomk(scores: Mapping[str, Tensor], k: int) -> TopK:
-    """The k lowest |scores| over all tensors; ties: earlier parameter, then lower flat index.
-
-    Args:
-        scores: one score tensor per parameter, in model order.
-        k: how many weights.
-    """
-    names = list(scores)
-    total = sum(s.numel() for s in scores.values())
-    if k > total:
-        raise CwaError(f"bottom-K with k={k} is larger than the {total} scored weights.")
-    best_key = torch.empty(0)
-    best_param = torch.empty(0, dtype=torch.long)
-    best_index = torch.empty(0, dtype=torch.long)
-    for i, name in enumerate(names):
-        key = scores[name].detach().reshape(-1).float().abs().cpu()
-        key = torch.nan_to_num(key, nan=float("inf"))
-        # Once k are held, only weights strictly below the k-th can enter: an equal one loses to the earlier tensor.
-        full = best_key.numel() == k
-        index = torch.nonzero(key < best_key[-1]).squeeze(1) if full else torch.arange(key.numel())
-        if index.numel() > k:
-            values = torch.topk(key[index], k, largest=False, sorted=False).values
-            threshold = values.max()
-            sub = key[index]
-            below = index[sub < threshold]
-            at = index[sub == threshold][: k - below.numel()]
-            index = torch.cat([below, at]).sort().values
-        if index.numel() == 0:
-            continue
-        order = torch.sort(key[index], stable=True).indices
-        index = index[order]
-        cat_key = torch.cat([best_key, key[index]])
-        cat_param = torch.cat([best_param, torch.full_like(index, i)])
-        cat_index = torch.cat([best_index, index])
-        order = torch.sort(cat_key, stable=True).indices[:k]
-        best_key, best_param, best_index = cat_key[order], cat_param[order], cat_index[order]
-    score = torch.empty(best_param.numel(), dtype=torch.float32)
-    for i, name in enumerate(names):
-        mask = best_param == i
-        if mask.any():
-            score[mask] = scores[name].detach().reshape(-1)[best_index[mask]].float().cpu()
-    return TopK(names=names, param=best_param, index=best_index, score=score)

@@ -15,15 +15,18 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from cwa.controls import MagnitudeBins, bottomk, random_matched  # noqa: E402
 from cwa.errors import CwaError  # noqa: E402
 from cwa.perturbations import (  # noqa: E402
+    BitFlip,
     ChecksumCache,
-    MagnitudeBins,
-    Perturbation,
-    bottomk,
+    GaussianNoise,
+    Scale,
+    SignFlip,
+    Zero,
     flip_bit,
+    make_perturbation,
     perturbed,
-    random_matched,
     resolve_bit,
     selection_from,
     topk_prefix,
@@ -63,18 +66,18 @@ def _params(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torc
 @pytest.mark.parametrize(
     "perturbation",
     [
-        Perturbation("zero"),
-        Perturbation("sign_flip"),
-        Perturbation("scale", factor=3.0),
-        Perturbation("gaussian_noise", sigma=0.5, relative_to="weight"),
-        Perturbation("gaussian_noise", sigma=0.5, relative_to="tensor_std"),
-        Perturbation("bit_flip", bit="sign"),
-        Perturbation("bit_flip", bit="exponent_msb"),
-        Perturbation("bit_flip", bit=0),
+        Zero(),
+        SignFlip(),
+        Scale(factor=3.0),
+        GaussianNoise(sigma=0.5, relative_to="weight"),
+        GaussianNoise(sigma=0.5, relative_to="tensor_std"),
+        BitFlip(bit="sign"),
+        BitFlip(bit="exponent_msb"),
+        BitFlip(bit=0),
     ],
     ids=lambda p: p.describe().replace(" ", "_"),
 )
-def test_restoration_is_bit_exact(perturbation: Perturbation, dtype: torch.dtype) -> None:
+def test_restoration_is_bit_exact(perturbation, dtype: torch.dtype) -> None:
     params = _params(dtype)
     before = {n: _bits(t) for n, t in params.items()}
     selection = {"a.weight": torch.tensor([0, 1, 2, 3, 7, 100]), "c.weight": torch.tensor([5, 999])}
@@ -85,7 +88,7 @@ def test_restoration_is_bit_exact(perturbation: Perturbation, dtype: torch.dtype
             changed = after[name].view(-1) != before[name].view(-1)
             assert not changed[[i for i in range(changed.numel()) if i not in set(index.tolist())]].any()
         assert torch.equal(after["b.weight"], before["b.weight"])
-        if perturbation.kind != "zero":
+        if perturbation.name != "zero":
             assert (
                 after["c.weight"].view(-1)[selection["c.weight"]] != before["c.weight"].view(-1)[selection["c.weight"]]
             ).any()
@@ -98,7 +101,7 @@ def test_restoration_also_when_the_condition_fails() -> None:
     before = {n: _bits(t) for n, t in params.items()}
     with (
         pytest.raises(RuntimeError, match="boom"),
-        perturbed(params, {"b.weight": torch.arange(10)}, Perturbation("zero")),
+        perturbed(params, {"b.weight": torch.arange(10)}, Zero()),
     ):
         assert (params["b.weight"][:10] == 0).all()
         raise RuntimeError("boom")
@@ -110,14 +113,14 @@ def test_checksum_detects_a_stray_write() -> None:
     checksums = ChecksumCache(params)
     with (
         pytest.raises(RuntimeError, match="original bits"),
-        perturbed(params, {"b.weight": torch.tensor([1])}, Perturbation("zero"), checksums=checksums),
+        perturbed(params, {"b.weight": torch.tensor([1])}, Zero(), checksums=checksums),
     ):
         params["b.weight"][5] += 1.0  # outside the selection: restoration cannot undo it
 
 
 def test_zero_writes_exactly_the_selected_weights() -> None:
     params = _params()
-    with perturbed(params, {"c.weight": torch.tensor([0, 26, 999])}, Perturbation("zero")):
+    with perturbed(params, {"c.weight": torch.tensor([0, 26, 999])}, Zero()):
         flat = params["c.weight"].view(-1)
         assert (flat[[0, 26, 999]] == 0).all() and int((flat == 0).sum()) == 3
 
@@ -170,9 +173,33 @@ def test_bit_indices_of_each_format() -> None:
         resolve_bit("mantissa", torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_each_registered_perturbation_writes_its_formula(dtype: torch.dtype) -> None:
+    from cwa.perturbations import PERTURBATIONS
+
+    values = torch.tensor([1.5, -0.25, 3.0, 0.0, -2.0], dtype=dtype)
+    index = torch.tensor([0, 2, 4])
+    chosen = values[index].float()
+    noise = torch.randn(3, generator=torch.Generator().manual_seed(5))
+    expected = {
+        "zero": torch.zeros(3),
+        "sign_flip": -chosen,
+        "scale": chosen * 3.0,
+        "gaussian_noise": chosen + 0.5 * chosen.abs() * noise,
+        "bit_flip": flip_bit(values[index], "sign").float(),
+    }
+    options = {"scale": {"factor": 3.0}, "gaussian_noise": {"sigma": 0.5}, "bit_flip": {"bit": "sign"}}
+    assert set(PERTURBATIONS) == set(expected)
+    for name, cls in PERTURBATIONS.items():
+        tensor = values.clone()
+        cls(**options.get(name, {})).write(tensor, index, torch.Generator().manual_seed(5))
+        assert torch.equal(tensor[index].float(), expected[name].to(dtype).float()), name
+        assert torch.equal(tensor[[1, 3]], values[[1, 3]]), name
+
+
 def test_unknown_perturbation_is_refused() -> None:
     with pytest.raises(CwaError, match="unknown perturbation 'prune'"):
-        Perturbation("prune")
+        make_perturbation("prune")
 
 
 # -- controls -------------------------------------------------------------------------------------
@@ -297,8 +324,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def test_evaluation_equals_a_hand_computation(tiny_dir: Path) -> None:
+    from cwa.evaluate import evaluate
     from cwa.models import load_model
-    from cwa.perturb import evaluate
 
     model = load_model(str(tiny_dir))
     blocks = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(0))
@@ -320,22 +347,20 @@ def test_evaluation_equals_a_hand_computation(tiny_dir: Path) -> None:
 
 # -- the command ----------------------------------------------------------------------------------
 def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, heldout_fraction: float = 0.1) -> Path:
-    """A fit-sensitivity run directory written by hand (magnitude scores) for the tiny model."""
+    """A complete fit-sensitivity run directory written through cwa.rundir (magnitude scores) for the tiny model."""
     import yaml
-    from cwa.artifacts import write_scores, write_topk_csv
     from transformers import AutoModelForCausalLM
 
-    from cwa.io import write_json
     from cwa.params import select_parameters
+    from cwa.rundir import Summary, write_scores, write_summary, write_topk
 
     run = root / "run"
+    run.mkdir(parents=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     chosen = select_parameters(model)
     score = {n: p.detach().abs() for n, (p, _) in chosen.items()}
     topk = select_topk(score, k)
-    write_topk_csv(
-        run / "topk.csv", topk, {n: i for n, (_, i) in chosen.items()}, {n: p for n, (p, _) in chosen.items()}
-    )
+    write_topk(run / "topk.csv", topk, {n: i for n, (_, i) in chosen.items()}, {n: p for n, (p, _) in chosen.items()})
     if scores:
         write_scores(run / "scores.safetensors", score, "float32", {"metric": "magnitude"})
     config = {
@@ -352,17 +377,9 @@ def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, held
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     layout = {n: {"layer": i.layer, "module": i.module, "transposed": i.transposed} for n, (_, i) in chosen.items()}
-    write_json(
-        run / "summary.json",
-        {
-            "model": str(model_dir),
-            "dtype": "float32",
-            "metric": {"name": "magnitude"},
-            "mode": "global",
-            "k": k,
-            "layout": layout,
-        },
-    )
+    tensors = {n: {"shape": list(p.shape), "numel": p.numel()} for n, (p, _) in chosen.items()}
+    summary = Summary(str(model_dir), {"name": "magnitude"}, "global", k, tensors, dtype="float32", layout=layout)
+    write_summary(run, summary)
     return run
 
 
@@ -372,23 +389,31 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+def _quick(run: Path, **options):
+    from cwa.perturb import PerturbRecipe
+
+    settings = {"ks": (2,), "single": 1, "seeds": (0,), "controls": ("random_matched",), "bootstrap": 50}
+    return PerturbRecipe(run=str(run), **{**settings, **options})
+
+
 def test_perturb_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
-    from cwa.perturb import PERTURB_COLUMNS, perturb
+    from cwa.controls import BottomK, MagnitudeMatched, RandomMatched
+    from cwa.perturb import PerturbRecipe
+    from cwa.rundir import PerturbRow, Run
 
     run = make_run(tmp_path, tiny_dir)
-    perturb(
+    PerturbRecipe(
         run=str(run),
-        perturbation=["zero", "bit_flip"],
-        bit="sign",
+        perturbation=["zero", BitFlip(bit="sign")],
         ks=(1, 5, 20),
         single=2,
+        controls=(RandomMatched(), MagnitudeMatched(bins=20), BottomK()),
         seeds=(0, 1),
         bootstrap=200,
         permutations=500,
-        magnitude_bins=20,
-    )
+    ).run()
     columns, rows = _read_csv(run / "perturb.csv")
-    assert columns == PERTURB_COLUMNS
+    assert columns == PerturbRow.columns()
     report = json.loads((run / "perturb.json").read_text())
     # The magnitude top-20 holds all 16 weights of the first RMSNorm (all 1.0 at init): no tensor-matched
     # random control exists there, which is skipped and said, for both seeds and both perturbations.
@@ -418,27 +443,18 @@ def test_perturb_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     assert report["status"] == "complete" and report["heldout"]["sequences"] == 6
     assert report["baseline"]["torchmetrics_relative_gap"] < 1e-4
     assert report["timings"]["mean_eval_s_per_condition"] > 0
+    assert report["settings"]["controls"][1] == {"name": "magnitude_matched", "bins": 20}
     assert (run / "figures" / "perturb_dose_response.png").stat().st_size > 1000
     assert (run / "figures" / "perturb_single_weight.png").stat().st_size > 1000
     assert list(run.glob("events.out.tfevents.*"))
+    assert Run.load(run).perturbation.rows[0].target == "baseline"  # the set reads back through rundir
     out = capsys.readouterr().out
     assert "cwa perturb" in out and "baseline: perplexity" in out
 
 
 def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, capsys) -> None:
-    from cwa.perturb import perturb
-
     run = make_run(tmp_path, tiny_dir, scores=False)
-    perturb(
-        run=str(run),
-        ks=(2,),
-        single=0,
-        seeds=(0,),
-        controls=("random_matched", "bottomk"),
-        bootstrap=50,
-        figures=False,
-        tensorboard=False,
-    )
+    _quick(run, single=0, controls=("random_matched", "bottomk"), figures=False, tensorboard=False).run()
     _, rows = _read_csv(run / "perturb.csv")
     assert [r["target"] for r in rows] == ["baseline", "topk", "random_matched"]
     assert "bottom-K skipped" in capsys.readouterr().out
@@ -447,16 +463,22 @@ def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, ca
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--run", "{empty}"], "has no top-K list"),
+        (["--run", "{empty}"], "has no summary.json"),
         (["--run", "{run}", "--ks", "[1,61]"], "K=61 is larger than the run's top-K list"),
-        (["--run", "{run}", "--perturbation", "bit_flip", "--bit", "32"], "bit index 32 is outside the fp32 format"),
-        (["--run", "{run}", "--perturbation", "shuffle"], "unknown perturbation 'shuffle'"),
+        (
+            ["--run", "{run}", "--perturbation", "BitFlip", "--perturbation.bit", "32"],
+            "bit index 32 is outside the fp32 format",
+        ),
+        (["--run", "{run}", "--perturbation", "shuffle"], ("--perturbation", "shuffle")),
         (["--run", "{run}", "--heldout_samples", "0"], "held-out split is empty"),
         (["--run", "{no_heldout}"], "held-out split is empty"),
-        (["--run", "{run}", "--controls", "[nearby]"], "unknown control 'nearby'"),
+        (["--run", "{run}", "--controls", "[nearby]"], ("--controls", "nearby")),
+        (["--run", "{run}", "--ks", "[a]"], ("--ks", "a")),
     ],
 )
-def test_bad_input_is_one_clear_sentence(tiny_dir: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+def test_bad_input_is_one_clear_sentence(
+    tiny_dir: Path, tmp_path: Path, capsys, args: list[str], message: str | tuple[str, ...]
+) -> None:
     from cwa.cli import main
 
     paths = {"empty": tmp_path / "empty", "run": tmp_path / "ok" / "run", "no_heldout": tmp_path / "nh" / "run"}
@@ -469,13 +491,152 @@ def test_bad_input_is_one_clear_sentence(tiny_dir: Path, tmp_path: Path, capsys,
     argv = ["perturb", *base, *[a.format(**paths) for a in args]]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cwa: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("cwa: error: "), err
+    assert all(part in err[0] for part in ((message,) if isinstance(message, str) else message)), err
+
+
+def test_short_names_and_classes_parse_from_the_signature() -> None:
+    """The command line of the recipe's typed signature: short names, lists of them, and classes with options."""
+    from cwa.controls import MagnitudeMatched
+    from cwa.perturb import parser
+
+    def parsed(*args: str):
+        cli = parser()
+        return cli.instantiate(cli.parse_args(["--run", "x", *args]))
+
+    assert parsed("--perturbation", "zero").perturbation == "zero"
+    assert parsed("--perturbation", "[zero,sign_flip]").perturbation == ["zero", "sign_flip"]
+    got = parsed("--controls", "[random_matched,bottomk]", "--ks", "[1,10,100]", "--seeds", "[0,1]")
+    assert got.controls == ("random_matched", "bottomk") and got.ks == (1, 10, 100) and got.seeds == (0, 1)
+    assert parsed("--perturbation", "Scale", "--perturbation.factor", "2").perturbation == Scale(factor=2.0)
+    got = parsed("--controls", "[bottomk, {class_path: MagnitudeMatched, init_args: {bins: 7}}]")
+    assert got.controls[0] == "bottomk" and isinstance(got.controls[1], MagnitudeMatched)
+    assert got.controls[1].bins == 7
+
+
+def test_the_help_documents_the_choices_and_class_options(capsys) -> None:
+    from cwa.perturb import main
+
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    text = capsys.readouterr().out
+    assert "'gaussian_noise'" in text and "'magnitude_matched'" in text and "--trust_remote_code" in text
+    with pytest.raises(SystemExit):
+        main(["--perturbation.help", "GaussianNoise"])
+    text = capsys.readouterr().out
+    assert "--perturbation.sigma" in text and "tensor_std" in text
+
+
+# -- issue 9: nothing runs from a run directory, outputs change together, unfinished runs refused ---------
+def test_an_incomplete_run_is_refused_in_one_sentence(tiny_dir: Path, tmp_path: Path) -> None:
+    run = make_run(tmp_path, tiny_dir)
+    (run / "summary.json").unlink()
+    with pytest.raises(CwaError, match="has no summary.json"):
+        _quick(run).run()
+    assert not (run / "perturb.csv").exists()
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["figure", "json"])
+def test_an_interrupted_perturb_leaves_the_previous_set(
+    tiny_dir: Path, tmp_path: Path, monkeypatch, where: str
+) -> None:
+    import cwa.perturb_figures
+    import cwa.rundir
+
+    run = make_run(tmp_path, tiny_dir)
+    _quick(run, tensorboard=False).run()
+    before = _outputs(run)
+    assert {"perturb.csv", "perturb.json", "figures/perturb_dose_response.png"} <= set(before)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "figure":
+        monkeypatch.setattr(cwa.perturb_figures, "single_weight", interrupt)
+    else:
+        monkeypatch.setattr(cwa.rundir, "write_json", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _quick(run, ks=(1, 2), seeds=(1,), tensorboard=False).run()  # different settings: a different csv
+    assert _outputs(run) == before  # the previous csv, json and figures, and no temporary file beside them
+
+
+@pytest.mark.parametrize(
+    "class_path", ["os.system", "subprocess.Popen", "evil_module.Source", "cwa.perturb.PerturbRecipe", "cwa.nowhere.X"]
+)
+def test_a_crafted_class_path_in_the_config_runs_nothing(
+    tiny_dir: Path, tmp_path: Path, monkeypatch, class_path: str
+) -> None:
+    import sys
+
+    import yaml
+
+    run = make_run(tmp_path, tiny_dir)
+    marker = tmp_path / "marker"
+    (tmp_path / "evil_module.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Source: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["source"] = {"class_path": class_path, "init_args": {"command": f"touch {marker}"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CwaError, match="not one of cwa's TextSource classes"):
+        _quick(run, figures=False, tensorboard=False).run()
+    assert not marker.exists() and "evil_module" not in sys.modules
+    assert not (run / "perturb.csv").exists()
+
+
+def test_a_cwa_text_source_and_every_data_setting_are_carried_over(tiny_dir: Path, tmp_path: Path) -> None:
+    from pydoc_data.topics import topics
+
+    import yaml
+
+    from cwa.run_data import build_data
+    from cwa.rundir import Run
+
+    run = make_run(tmp_path, tiny_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["source"] = {"class_path": "cwa.data.TextFiles", "init_args": {"paths": [str(corpus)]}}
+    config["data"]["num_workers"] = 0
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    data = build_data(Run.load(run), batch_size=3)
+    assert data.source.paths == [str(corpus)] and data.seq_len == 16 and data.batch_size == 3
+    assert data.heldout_samples == 6 and data.heldout.shape == (6, 16)
+    config["data"]["shuffle_blocks"] = True  # an argument CalibrationData does not have
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CwaError, match="does not fit CalibrationData"):
+        build_data(Run.load(run))
+
+
+def test_trust_remote_code_comes_only_from_the_command(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    import cwa.models
+
+    run = make_run(tmp_path, tiny_dir)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["trust_remote_code"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    seen = []
+    load_model = cwa.models.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(cwa.models, "load_model", spy)
+    _quick(run, figures=False, tensorboard=False).run()
+    _quick(run, figures=False, tensorboard=False, trust_remote_code=True).run()
+    assert seen == [False, True]
 
 
 def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import yaml
 
-    from cwa.perturb import perturb
+    from cwa.perturb import PerturbRecipe
 
     monkeypatch.chdir(tmp_path)
     config = {
@@ -491,7 +652,7 @@ def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, m
         "data": {"source": "pydoc", "seq_len": 16, "num_samples": 2, "heldout_samples": 4},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    run_dir = perturb(
+    run_dir = PerturbRecipe(
         fit_config=str(tmp_path / "fit.yaml"),
         fit_args=["--model.k", "6"],
         ks=(1, 6),
@@ -501,7 +662,7 @@ def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, m
         bootstrap=50,
         figures=False,
         tensorboard=False,
-    )
+    ).run()
     assert run_dir.parent.name == "tiny" and (run_dir / "topk.csv").exists()
     _, rows = _read_csv(run_dir / "perturb.csv")
     assert [r["condition"] for r in rows] == [
@@ -519,7 +680,7 @@ def test_the_config_parses(capsys) -> None:
         main(["--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "ks:" in printed and "fit_config:" in printed
+    assert "ks:" in printed and "fit_config:" in printed and "bins: 100" in printed
 
 
 @pytest.mark.slow
@@ -527,7 +688,7 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
     """The embedded SmolLM2-135M with tiny settings: magnitude top-K, a few held-out blocks."""
     import yaml
 
-    from cwa.perturb import perturb
+    from cwa.perturb import PerturbRecipe
 
     config = {
         "trainer": {
@@ -540,7 +701,20 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
         "data": {"source": "pydoc", "seq_len": 64, "num_samples": 1, "heldout_samples": 3},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    run_dir = perturb(fit_config=str(tmp_path / "fit.yaml"), ks=(1, 10), single=2, seeds=(0,), bootstrap=100)
+    recipe = PerturbRecipe(fit_config=str(tmp_path / "fit.yaml"), ks=(1, 10), single=2, seeds=(0,), bootstrap=100)
+    run_dir = recipe.run()
     _, rows = _read_csv(run_dir / "perturb.csv")
     assert len(rows) == 1 + 2 * 4 + 2
     assert 5 < float(rows[0]["perplexity"]) < 200
+
+
+def test_the_short_names_are_the_registries() -> None:
+    """The Literal types that -h shows list exactly the registered classes."""
+    from typing import get_args
+
+    from cwa.controls import CONTROLS, ControlName
+    from cwa.perturbations import PERTURBATIONS, PerturbationName
+
+    assert list(get_args(PerturbationName)) == list(PERTURBATIONS)
+    assert list(get_args(ControlName)) == list(CONTROLS)
+    assert all(cls.name == name for name, cls in {**PERTURBATIONS, **CONTROLS}.items())

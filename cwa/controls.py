@@ -1,0 +1,345 @@
+"""Controls of ``cwa perturb``: weights chosen to match the top-K set, perturbed in the same way, so that
+the top-K set's damage can be told from the damage of perturbing any K weights.
+
+A control is a small class with a short ``name``, typed ``__init__`` options and two steps:
+:meth:`Control.prepare` (once, before any evaluation: load or index what it needs) and
+:meth:`Control.select` (the weights for one K and, for a random control, one seed). ``CONTROLS`` maps
+the names to the classes; adding a control is one class in this file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from cwa.errors import CwaError
+from cwa.perturbations import Selection, seeded, selection_from, topk_prefix
+from cwa.topk import TopK
+
+
+class ControlUnavailable(CwaError):
+    """A control of the requested size cannot be drawn (too few eligible weights)."""
+
+
+# -- drawing control weights (pure tensor code) ----------------------------------------------------
+def _first_occurrences(values: Tensor) -> Tensor:
+    """``values`` without repeats, each kept at its first position."""
+    if values.numel() == 0:
+        return values
+    uniq, inverse = torch.unique(values, return_inverse=True)
+    positions = torch.arange(values.numel())
+    first = torch.full((uniq.numel(),), values.numel(), dtype=torch.long).scatter_reduce(
+        0, inverse, positions, reduce="amin"
+    )
+    return values[first.sort().values]
+
+
+def sample_excluding(numel: int, exclude: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` distinct indices drawn uniformly from ``range(numel)`` minus ``exclude`` (sorted), sorted.
+
+    Small populations use a permutation; large ones draw with replacement and drop repeats and
+    excluded indices in order, which is the same uniform sample without replacement.
+    """
+    available = numel - int(exclude.numel())
+    if n > available:
+        raise ControlUnavailable(f"cannot draw {n} weights from {available} eligible ones.")
+    if n == 0:
+        return torch.empty(0, dtype=torch.long)
+    if numel <= 1 << 22 or available < 4 * n:
+        perm = torch.randperm(numel, generator=generator)
+        return perm[~torch.isin(perm, exclude)][:n].sort().values
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < n:
+        draw = torch.randint(0, numel, (2 * (n - chosen.numel()) + 16,), generator=generator)
+        draw = draw[~torch.isin(draw, exclude)]
+        chosen = _first_occurrences(torch.cat([chosen, draw]))[:n]
+    return chosen.sort().values
+
+
+def random_matched(params: Mapping[str, Tensor], target: Selection, generator: torch.Generator) -> Selection:
+    """Random weights with exactly the per-tensor counts of ``target``, never one of ``target``'s weights.
+
+    Args:
+        params: parameter name -> tensor (only shapes are read).
+        target: the top-K selection to match.
+        generator: the control's seed.
+    """
+    out: Selection = {}
+    for name, index in target.items():
+        try:
+            out[name] = sample_excluding(params[name].numel(), index, int(index.numel()), generator)
+        except ControlUnavailable:
+            raise ControlUnavailable(
+                f"'{name}' holds {index.numel()} of the top-K weights and only "
+                f"{params[name].numel() - index.numel()} others, too few for a matched random control."
+            ) from None
+    return out
+
+
+class MagnitudeBins:
+    """Quantile bins of |w| over a set of tensors, with per-tensor bin counts.
+
+    The edges are quantiles of |w| over all weights (of a fixed random subsample of 2^22 when there
+    are more); a weight's bin is ``torch.bucketize(|w|, edges, right=True)``, so bins are half-open
+    ``[edge_{b-1}, edge_b)``. Repeated edges (e.g. many exact zeros) leave some bins empty.
+
+    Args:
+        params: parameter name -> tensor, in model order.
+        bins: number of quantile bins.
+        seed: seed of the subsample on very large models.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], bins: int = 100, seed: int = 0) -> None:
+        if bins < 1:
+            raise CwaError(f"magnitude_bins must be at least 1, got {bins}.")
+        self.params, self.names, self.bins = params, list(params), bins
+        self.edges = self._edges(seed)
+        self.counts = torch.stack(
+            [torch.bincount(self.bin_of(params[n].detach().reshape(-1)), minlength=bins) for n in self.names]
+        )  # (tensors, bins)
+        self._order: dict[str, Tensor] = {}
+
+    def _edges(self, seed: int, limit: int = 1 << 22) -> Tensor:
+        total = sum(self.params[n].numel() for n in self.names)
+        generator = torch.Generator().manual_seed(seed)
+        parts = []
+        for name in self.names:
+            flat = self.params[name].detach().reshape(-1)
+            if total > limit:
+                take = max(1, round(limit * flat.numel() / total))
+                flat = flat[torch.randint(0, flat.numel(), (take,), generator=generator).to(flat.device)]
+            parts.append(flat.abs().float().cpu())
+        values = torch.cat(parts).sort().values
+        q = torch.arange(1, self.bins, dtype=torch.float64) / self.bins
+        # Edge b is the first value of quantile b, so with ``right=True`` each bin holds ~1/bins of the weights.
+        positions = (q * values.numel()).floor().long().clamp(max=values.numel() - 1)
+        return values[positions]
+
+    def bin_of(self, values: Tensor) -> Tensor:
+        """Bin index of each weight value (by |value|)."""
+        return torch.bucketize(values.detach().abs().float().cpu(), self.edges, right=True)
+
+    def _members(self, row: int) -> Tensor:
+        """Flat indices of a tensor grouped by bin (bin 0 first, ascending index within a bin)."""
+        name = self.names[row]
+        if name not in self._order:
+            order = torch.argsort(self.bin_of(self.params[name].reshape(-1)), stable=True)
+            self._order[name] = order.to(torch.int32) if order.numel() < 1 << 31 else order
+        return self._order[name]
+
+    def matched(self, target: Selection, generator: torch.Generator) -> Selection:
+        """Random weights with exactly the bin counts of ``target`` (over all tensors), never one of
+        ``target``'s weights: for each bin, a uniform sample of the other weights in that bin."""
+        row_of = {n: i for i, n in enumerate(self.names)}
+        need = torch.zeros(self.bins, dtype=torch.long)
+        target_bins: dict[int, Tensor] = {}
+        for name, index in target.items():
+            values = self.params[name].detach().reshape(-1)[index.to(self.params[name].device)]
+            target_bins[row_of[name]] = self.bin_of(values)
+            need += torch.bincount(target_bins[row_of[name]], minlength=self.bins)
+        starts = torch.cumsum(self.counts, 0) - self.counts  # (tensors, bins): first position of a tensor in a bin
+        requests: dict[int, list[tuple[int, Tensor, Tensor]]] = {}  # row -> [(bin, local rank, order)]
+        candidates: dict[int, tuple[Tensor, Tensor]] = {}
+        for b in torch.nonzero(need).squeeze(1).tolist():
+            n, population = int(need[b]), int(self.counts[:, b].sum())
+            if population - n < n:
+                raise ControlUnavailable(
+                    f"magnitude bin {b} holds {n} of the top-K weights and only {population - n} others, too few "
+                    "for a magnitude-matched control; use fewer magnitude_bins."
+                )
+            # Among the first 2n of a random order of the bin at most n are top-K weights, so at least n remain.
+            positions = torch.randperm(population, generator=generator)[: 2 * n]
+            rows = torch.searchsorted(starts[:, b].contiguous(), positions, right=True) - 1
+            for row in torch.unique(rows).tolist():
+                mask = rows == row
+                order = torch.nonzero(mask).squeeze(1)
+                requests.setdefault(row, []).append((b, positions[mask] - starts[row, b], order))
+            candidates[b] = (
+                torch.empty(positions.numel(), dtype=torch.long),
+                torch.empty(positions.numel(), dtype=torch.long),
+            )
+        for row, items in requests.items():
+            members = self._members(row)
+            first_in_bin = torch.cumsum(self.counts[row], 0) - self.counts[row]
+            for b, local, order in items:
+                flat = members[(first_in_bin[b] + local).long()].long()
+                candidates[b][0][order] = row
+                candidates[b][1][order] = flat
+        chosen_rows, chosen_index = [], []
+        for b, (rows, flat) in candidates.items():
+            keep = torch.ones(rows.numel(), dtype=torch.bool)
+            for row in torch.unique(rows).tolist():
+                name = self.names[row]
+                if name in target:
+                    mask = rows == row
+                    keep[mask] = ~torch.isin(flat[mask], target[name])
+            picked = torch.nonzero(keep).squeeze(1)[: int(need[b])]
+            chosen_rows.append(rows[picked])
+            chosen_index.append(flat[picked])
+        if not chosen_rows:
+            return {}
+        return selection_from(self.names, torch.cat(chosen_rows), torch.cat(chosen_index))
+
+
+def bottomk(scores: Mapping[str, Tensor], k: int) -> TopK:
+    """The k lowest |scores| over all tensors; ties: earlier parameter, then lower flat index.
+
+    Args:
+        scores: one score tensor per parameter, in model order.
+        k: how many weights.
+    """
+    names = list(scores)
+    total = sum(s.numel() for s in scores.values())
+    if k > total:
+        raise CwaError(f"bottom-K with k={k} is larger than the {total} scored weights.")
+    best_key = torch.empty(0)
+    best_param = torch.empty(0, dtype=torch.long)
+    best_index = torch.empty(0, dtype=torch.long)
+    for i, name in enumerate(names):
+        key = scores[name].detach().reshape(-1).float().abs().cpu()
+        key = torch.nan_to_num(key, nan=float("inf"))
+        # Once k are held, only weights strictly below the k-th can enter: an equal one loses to the earlier tensor.
+        full = best_key.numel() == k
+        index = torch.nonzero(key < best_key[-1]).squeeze(1) if full else torch.arange(key.numel())
+        if index.numel() > k:
+            values = torch.topk(key[index], k, largest=False, sorted=False).values
+            threshold = values.max()
+            sub = key[index]
+            below = index[sub < threshold]
+            at = index[sub == threshold][: k - below.numel()]
+            index = torch.cat([below, at]).sort().values
+        if index.numel() == 0:
+            continue
+        order = torch.sort(key[index], stable=True).indices
+        index = index[order]
+        cat_key = torch.cat([best_key, key[index]])
+        cat_param = torch.cat([best_param, torch.full_like(index, i)])
+        cat_index = torch.cat([best_index, index])
+        order = torch.sort(cat_key, stable=True).indices[:k]
+        best_key, best_param, best_index = cat_key[order], cat_param[order], cat_index[order]
+    score = torch.empty(best_param.numel(), dtype=torch.float32)
+    for i, name in enumerate(names):
+        mask = best_param == i
+        if mask.any():
+            score[mask] = scores[name].detach().reshape(-1)[best_index[mask]].float().cpu()
+    return TopK(names=names, param=best_param, index=best_index, score=score)
+
+
+# -- the controls: a registry of small classes -----------------------------------------------------
+@dataclass
+class ControlContext:
+    """What a control may draw from.
+
+    Args:
+        params: the scored parameters (name -> the model's own tensor), in model order.
+        topk: the run's ranked top-K list.
+        max_k: the largest K of the dose-response curve.
+        scores: loads the run's score tensors (name -> tensor, model order), or None without scores.
+    """
+
+    params: Mapping[str, Tensor]
+    topk: TopK
+    max_k: int
+    scores: Callable[[], Mapping[str, Tensor]] | None
+
+
+class Control(ABC):
+    """A set of K weights to perturb instead of the top-K set. ``seeded`` controls are drawn once per seed."""
+
+    name: ClassVar[str] = ""
+    seeded: ClassVar[bool] = True
+
+    def prepare(self, context: ControlContext) -> str | None:
+        """Get ready to select; return a note when this control cannot be drawn for this run (it is then left out)."""
+        self.context = context
+        return None
+
+    @abstractmethod
+    def select(self, k: int, seed: int | None) -> Selection:
+        """The control's weights for the top-``k`` set (``seed``: None for an unseeded control).
+
+        Raises:
+            ControlUnavailable: too few eligible weights for this K (the condition is skipped with a note).
+        """
+
+    def options(self) -> dict[str, object]:
+        """The control's settings, as recorded in perturb.json."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "context"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
+
+class RandomMatched(Control):
+    """K random weights with exactly the top-K set's count in each tensor, none of them in the top-K set."""
+
+    name = "random_matched"
+    stream: ClassVar[int] = 1  # keeps its draws independent of the other random controls' for the same seed
+
+    def select(self, k: int, seed: int | None) -> Selection:
+        target = topk_prefix(self.context.topk, k)
+        return random_matched(self.context.params, target, seeded(seed or 0, k, self.stream))
+
+
+class MagnitudeMatched(Control):
+    """K random weights with exactly the top-K set's count in each |w| quantile bin (bins over all scored
+    weights), none of them in the top-K set.
+
+    Args:
+        bins: number of |w| quantile bins.
+    """
+
+    name = "magnitude_matched"
+    stream: ClassVar[int] = 2
+
+    def __init__(self, bins: int = 100) -> None:
+        if bins < 1:
+            raise CwaError(f"magnitude_matched bins must be at least 1, got {bins}.")
+        self.bins = bins
+
+    def prepare(self, context: ControlContext) -> str | None:
+        super().prepare(context)
+        self._bins = MagnitudeBins(context.params, self.bins)
+        return None
+
+    def select(self, k: int, seed: int | None) -> Selection:
+        return self._bins.matched(topk_prefix(self.context.topk, k), seeded(seed or 0, k, self.stream))
+
+
+class BottomK(Control):
+    """The K weights of lowest |score| over all scored tensors (needs the run's scores.safetensors)."""
+
+    name = "bottomk"
+    seeded = False
+
+    def prepare(self, context: ControlContext) -> str | None:
+        super().prepare(context)
+        if context.scores is None:
+            return "bottom-K skipped: the run has no scores.safetensors."
+        self._bottom = bottomk(context.scores(), context.max_k)
+        return None
+
+    def select(self, k: int, seed: int | None) -> Selection:
+        return topk_prefix(self._bottom, k)
+
+
+CONTROLS: dict[str, type[Control]] = {cls.name: cls for cls in (RandomMatched, MagnitudeMatched, BottomK)}
+ControlName = Literal["random_matched", "magnitude_matched", "bottomk"]
+
+
+def make_control(spec: str | Control) -> Control:
+    """A control from its short name (default options) or as given.
+
+    Args:
+        spec: a name of ``CONTROLS`` or a :class:`Control`.
+    """
+    if isinstance(spec, Control):
+        return spec
+    if spec not in CONTROLS:
+        raise CwaError(f"unknown control '{spec}': use {', '.join(CONTROLS)} or a class_path.")
+    return CONTROLS[spec]()

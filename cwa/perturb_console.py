@@ -1,0 +1,89 @@
+"""The summary ``cwa perturb`` prints at the end: Δ perplexity per K for the top-K set and each control."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cwa.rundir import PerturbRow
+from cwa.stats import SequenceStats
+
+_SHORT = {"random_matched": "random", "magnitude_matched": "magnitude", "bottomk": "bottom-K"}
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    if value is None or math.isnan(value):
+        return "nan"
+    return f"{value:+.{digits}g}"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else (f"{value:.3g}" if value >= 1e-3 else "<1e-3")
+
+
+def _interval(row: PerturbRow) -> str:
+    return (
+        f"{_signed(row.delta_perplexity):>9} [{_signed(row.delta_perplexity_low)}, "
+        f"{_signed(row.delta_perplexity_high)}]"
+    )
+
+
+def _dose_lines(mine: list[PerturbRow], kind: str, targets: list[str]) -> list[str]:
+    ks = sorted({r.k for r in mine if r.target == "topk"})
+    if not ks:
+        return []
+    lines = [
+        f"  {kind}: Δ perplexity [95% CI]; controls: mean Δ over seeds (largest p of top-K vs control)",
+        f"  {'K':>6}  {'top-K':>28}" + "".join(f"  {_SHORT.get(t, t):>22}" for t in targets),
+    ]
+    for k in ks:
+        top = next(r for r in mine if r.target == "topk" and r.k == k)
+        line = f"  {k:>6}  {_interval(top)}"
+        line = f"{line:<38}"
+        for target in targets:
+            ctl = [r for r in mine if r.target == target and r.k == k]
+            if not ctl:
+                line += f"  {'-':>22}"
+                continue
+            mean = sum(r.delta_perplexity for r in ctl) / len(ctl)
+            ps = [r.p_value for r in ctl if r.p_value is not None]
+            cell = f"{_signed(mean)} (p {_p(max(ps)) if ps else '-'})"
+            line += f"  {cell:>22}"
+        lines.append(line)
+    return lines
+
+
+def print_table(
+    rows: list[PerturbRow], title: str, base: SequenceStats, timings: dict, notes: list[str], run_dir: Path
+) -> None:
+    """Print the baseline, the dose-response table per perturbation, the single weights, notes and timings.
+
+    Args:
+        rows: perturb.csv's rows, baseline first.
+        title: the model and the metric that ranked the weights.
+        base: the baseline's per-sequence statistics.
+        timings: perturb.json's timings.
+        notes: what was skipped or differs, one sentence each.
+        run_dir: where the results are.
+    """
+    print()
+    print(f"cwa perturb: {title} top-K · {len(base)} held-out sequences ({int(base.tokens.sum()):,} tokens)")
+    print(f"  baseline: perplexity {base.perplexity:.4g}, NLL {base.mean_nll:.4f}, accuracy {base.accuracy:.4f}")
+    targets = list(dict.fromkeys(r.target for r in rows[1:] if r.target not in ("topk", "single")))
+    for kind in dict.fromkeys(r.perturbation for r in rows[1:]):
+        mine = [r for r in rows[1:] if r.perturbation == kind]
+        for line in _dose_lines(mine, kind, targets):
+            print(line)
+        singles = [r for r in mine if r.target == "single"]
+        if singles:
+            print(f"  {kind}, each of the top {len(singles)} weights alone: Δ perplexity [95% CI] (p vs baseline)")
+            for r in singles:
+                print(f"  {r.rank:>6}  {_interval(r)}  (p {_p(r.p_value)})")
+    for note in notes:
+        print(f"  note: {note}")
+    print(
+        f"  {timings.get('conditions', 0)} conditions, {timings.get('mean_eval_s_per_condition', 0.0):.2f} s per "
+        f"condition (evaluation), {timings.get('mean_apply_restore_s_per_condition', 0.0) * 1000:.1f} ms "
+        f"perturb+restore; total {timings.get('total_s', 0.0):.1f} s"
+    )
+    print(f"  results: {run_dir / 'perturb.csv'}")
