@@ -61,6 +61,9 @@ class TextFiles(TextSource):
             matches = sorted(glob.glob(os.path.expanduser(pattern)))
             if not matches:
                 raise CwaError(f"data file '{pattern}' does not exist.")
+            for match in matches:
+                if os.path.isdir(match):
+                    raise CwaError(f"data path '{match}' is a directory; give its files (e.g. '{match}/*.txt').")
             found.extend(matches)
         return found
 
@@ -79,12 +82,12 @@ class TextFiles(TextSource):
     def _load_records(self, kind: str, files: list[str]) -> list[str]:
         import datasets
 
+        for file in files:  # pyarrow would only fail on non-UTF-8 text later, naming no file
+            _check_readable(file, utf8=kind == "json")
         datasets.disable_progress_bars()
         try:
             ds = datasets.load_dataset(kind, data_files=files, split="train")
         except Exception as exc:
-            for file in files:
-                _check_readable(file, utf8=kind == "json")
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CwaError(f"cannot read the data files {', '.join(files)} as {kind}: {first}") from exc
         if self.text_field not in ds.column_names:
@@ -121,8 +124,6 @@ def _check_readable(file: str, utf8: bool) -> None:
                     raise _not_utf8(file, exc, offset) from None
                 offset += len(chunk)
             decoder.decode(b"", final=True)
-    except IsADirectoryError:
-        raise CwaError(f"data file '{file}' is a directory; give the files in it (e.g. '{file}/*.txt').") from None
     except OSError as exc:
         raise CwaError(f"cannot read data file '{file}': {exc.strerror or exc}.") from None
 

@@ -103,6 +103,11 @@ def resolve_model_path(name: str) -> str:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tekken.json")
+_TOKENIZER_GLOBS = ("*.model", "*.tiktoken", "vocab*", "tokenizer*.json")
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any(next(directory.glob(pattern), None) is not None for pattern in _TOKENIZER_GLOBS)
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.gguf")
 
 
@@ -112,7 +117,7 @@ def _local_error(directory: Path, what: Literal["tokenizer", "model"], exc: Exce
     Never blames the hub: nothing was fetched (a local directory is read as it is)."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if what == "tokenizer":
-        if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+        if not _has_tokenizer_files(directory):
             return CwaError(
                 f"'{directory}' has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}...); copy them "
                 "from where the model came from."
@@ -176,6 +181,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | N
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    if Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
+        # transformers would build an empty tokenizer from config.json alone and carry on.
+        raise _local_error(Path(path), "tokenizer", FileNotFoundError("no tokenizer files"))
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except CwaError:

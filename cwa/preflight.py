@@ -125,19 +125,19 @@ def check_device(accelerator: str | None, devices: Any) -> None:
 
     name = (str(accelerator) if accelerator is not None else "auto").lower()
     if name in ("cuda", "gpu"):
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        label = "CUDA GPU"
+        available, label = (torch.cuda.device_count() if torch.cuda.is_available() else 0), "CUDA GPU"
     elif name == "mps":
-        available = 1 if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else 0
-        label = "MPS device"
+        mps = getattr(torch.backends, "mps", None)
+        available, label = (1 if mps is not None and mps.is_available() else 0), "MPS device"
     else:
-        available, label = os.cpu_count() or 1, "CPU core"
-    if name in ("cuda", "gpu", "mps") and available == 0:
+        return  # cpu (processes may outnumber cores), auto, or an accelerator Lightning checks itself
+    if available == 0:
         raise CwaError(f"accelerator '{accelerator}' was requested but this machine has no {label}; use cpu or auto.")
     wanted = _device_count(devices)
     if wanted is not None and wanted > available:
-        where = f"accelerator '{accelerator}'" if accelerator else "this machine"
-        raise CwaError(f"devices={devices} asks for {wanted} but {where} has {available} {label}(s).")
+        raise CwaError(
+            f"devices={devices} asks for {wanted} but accelerator '{accelerator}' has {available} {label}(s)."
+        )
 
 
 def _device_count(devices: Any) -> int | None:
@@ -192,20 +192,42 @@ def check_trainer(trainer: Any) -> None:
             "trainer.fast_dev_run scores one batch and writes the run into the current directory; "
             "use a small --data.num_samples for a quick run instead."
         )
+    overfit = getattr(trainer, "overfit_batches", 0)
+    if overfit:
+        raise CwaError(
+            f"trainer.overfit_batches={overfit} would score a few batches repeatedly; use --data.num_samples."
+        )
     limit = getattr(trainer, "limit_val_batches", 1.0)
     if not (isinstance(limit, float) and limit == 1.0):
         raise CwaError(
             f"trainer.limit_val_batches={limit} would score only part of the calibration blocks (or none); "
             "choose how many with --data.num_samples instead."
         )
-    overfit = getattr(trainer, "overfit_batches", 0)
-    if overfit:
-        raise CwaError(
-            f"trainer.overfit_batches={overfit} would score a few batches repeatedly; use --data.num_samples."
-        )
+    _check_nodes(trainer)
     _check_fit_only(trainer)
     _check_precision(trainer)
     _check_output_location(trainer)
+
+
+_CLUSTER_VARIABLES = (
+    "MASTER_ADDR",
+    "NODE_RANK",
+    "SLURM_NTASKS",
+    "LSB_JOBID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def _check_nodes(trainer: Any) -> None:
+    """Several nodes without a cluster launcher: every process would wait for nodes that never come."""
+    nodes = getattr(trainer, "num_nodes", 1) or 1
+    if nodes > 1 and not any(v in os.environ for v in _CLUSTER_VARIABLES):
+        raise CwaError(
+            f"trainer.num_nodes={nodes} but no cluster launcher started this process (no MASTER_ADDR, NODE_RANK "
+            "or SLURM variables), so it would wait forever for the other nodes; start it with torchrun or srun "
+            "on each node, or use num_nodes=1."
+        )
 
 
 def _check_fit_only(trainer: Any) -> None:
