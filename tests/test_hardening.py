@@ -306,7 +306,7 @@ def test_local_model_directory_problems_are_named(tmp_path, tiny_gpt2_dir, monke
         load_model(str(truncated))
     messages.append(str(info.value))
     assert f"'{truncated}' has no weight files" in messages[-1]
-    assert not [m for m in messages if "hub" in m.lower() or "download" in m]
+    assert not [m for m in messages if "hub" in m.lower() or "hf download" in m]
 
 
 def test_include_patterns(tmp_path, capsys):
