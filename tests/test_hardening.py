@@ -380,3 +380,38 @@ def test_default_trainer_passes(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     preflight.check_trainer(_trainer(tmp_path, num_nodes=2))
     assert (tmp_path / "logs").is_dir()  # check_writable created it
+
+
+def test_killed_run_keeps_only_its_newest_checkpoint_and_resumes_exactly(tiny_gpt2_dir, tmp_path, monkeypatch):
+    def args(save_dir: Path, *extra: str) -> list[str]:
+        return [
+            "fit-sensitivity",
+            f"--model.pretrained={tiny_gpt2_dir}",
+            "--data.seq_len=16",
+            "--data.num_samples=6",
+            "--data.batch_size=1",
+            "--model.metric=grad_squared",
+            "--model.k=5",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+            "--trainer.callbacks+=cwa.artifacts.RunArtifacts",
+            "--trainer.callbacks.figures=false",
+            *extra,
+        ]
+
+    from safetensors.torch import load_file
+
+    assert main(args(tmp_path / "whole")) == 0
+    monkeypatch.setenv("CWA_FAIL_AFTER_BATCHES", "4")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args(tmp_path / "killed", "--model.checkpoint_every=1"))
+    monkeypatch.delenv("CWA_FAIL_AFTER_BATCHES")
+    killed = next((tmp_path / "killed").rglob("version_0"))
+    assert [p.name for p in (killed / "accumulators").iterdir()] == ["rank0-of-1-batch4.safetensors"]
+    assert main(args(tmp_path / "resumed", f"--model.resume_from={killed}")) == 0
+    whole = load_file(next((tmp_path / "whole").rglob("scores.safetensors")))
+    resumed = load_file(next((tmp_path / "resumed").rglob("scores.safetensors")))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
