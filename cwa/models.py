@@ -108,6 +108,8 @@ _TOKENIZER_GLOBS = ("*.model", "*.tiktoken", "vocab*", "tokenizer*.json")
 
 def _has_tokenizer_files(directory: Path) -> bool:
     return any(next(directory.glob(pattern), None) is not None for pattern in _TOKENIZER_GLOBS)
+
+
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.gguf")
 
 
