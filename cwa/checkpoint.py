@@ -1,16 +1,23 @@
 """Resumable accumulation: each process saves its accumulators, counters and position in the data.
 
-A checkpoint is one file per process, ``rank<r>-of-<world>-batch<n>.pt`` (written atomically) holding
-that process's float32 accumulators (its row shards under FSDP2), the counters, how many of its batches
-it has seen, and a fingerprint of the settings. The previous file is kept until the next one is on disk,
-so a kill at any moment leaves a usable checkpoint. On resume each process loads the latest batch count
-that every process has (sharded processes step together, so they must agree on it), and the module skips
-those batches. Probes are seeded by global batch index, so the resumed run adds exactly what the
-uninterrupted run would have added.
+A checkpoint is one safetensors file per process, ``rank<r>-of-<world>-batch<n>.safetensors`` (written
+atomically): that process's float32 accumulators (its row shards under FSDP2) and float64 counters as
+tensors, and how many of its batches it has seen and a fingerprint of the settings as JSON in the file's
+metadata. Nothing in it is ever unpickled, so a file planted in the directory cannot run code: safetensors
+reads a JSON header and raw tensor bytes only.
+
+While running only the newest checkpoint is kept: the new file is on disk before the older one is removed
+(under sharding, only after every process has written its new file, so they always share a position), so
+a kill at any moment leaves a usable checkpoint. ``finish`` removes them once the run has completed. On
+resume each process loads the latest batch count that every process has (sharded processes step together,
+so they must agree on it), and the module skips those batches. Probes are seeded by global batch index,
+so the resumed run adds exactly what the uninterrupted run would have added.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -21,37 +28,90 @@ from cwa.io import atomic_path
 from cwa.scorers import Scorer
 from cwa.sharding import all_gather_objects
 
-_NAME = re.compile(r"rank(\d+)-of-(\d+)-batch(\d+)\.pt$")
+SUFFIX = ".safetensors"
+_NAME = re.compile(r"rank(\d+)-of-(\d+)-batch(\d+)\.safetensors$")
+_ACC = "acc."
+_COUNTERS = "counters"
+_META = "cwa_checkpoint"
 
 
 def _path(directory: Path, rank: int, world: int, batches: int) -> Path:
-    return directory / f"rank{rank}-of-{world}-batch{batches}.pt"
+    return directory / f"rank{rank}-of-{world}-batch{batches}{SUFFIX}"
 
 
 def _saved(directory: Path, rank: int, world: int) -> list[int]:
     found = []
-    for path in directory.glob(f"rank{rank}-of-{world}-batch*.pt"):
+    for path in directory.glob(f"rank{rank}-of-{world}-batch*{SUFFIX}"):
         match = _NAME.search(path.name)
         if match:
             found.append(int(match.group(3)))
     return sorted(found)
 
 
+def _jsonable(fingerprint: dict) -> dict:
+    """The fingerprint as it reads back from JSON (tuples become lists), so comparisons are like for like."""
+    return json.loads(json.dumps(fingerprint))
+
+
 def save(directory: Path, scorer: Scorer, batches: int, fingerprint: dict, trainer) -> Path:
-    """Save this process's state after ``batches`` of its batches; keep only the previous file besides."""
+    """Save this process's state after ``batches`` of its batches, then remove its older checkpoints.
+
+    Args:
+        directory: the checkpoint directory (created if missing).
+        scorer: the scorer whose accumulators and counters are saved.
+        batches: how many of this process's batches the state covers.
+        fingerprint: the settings the state is only valid for (JSON-serializable).
+        trainer: gives the process's rank and the number of processes.
+    """
+    from safetensors.torch import save_file
+
     rank, world = trainer.global_rank, trainer.world_size
-    directory.mkdir(parents=True, exist_ok=True)
     path = _path(directory, rank, world, batches)
-    state = {"scorer": scorer.state_dict(), "batches": batches, "fingerprint": fingerprint}
+    state = scorer.state_dict()
+    tensors = {f"{_ACC}{name}": t.detach().cpu().contiguous() for name, t in state["acc"].items()}
+    tensors[_COUNTERS] = state["counters"].detach().cpu().contiguous()
+    metadata = {_META: json.dumps({"batches": batches, "fingerprint": fingerprint})}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    for older in _saved(directory, rank, world)[:-2]:
-        _path(directory, rank, world, older).unlink(missing_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+    if scorer.sharded and world > 1:
+        # Sharded processes resume from a position they all have: nobody drops its older file before
+        # everyone has written the new one.
+        all_gather_objects(batches)
+    for older in _saved(directory, rank, world):
+        if older != batches:
+            _path(directory, rank, world, older).unlink(missing_ok=True)
     return path
 
 
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a checkpoint file, or one sentence saying it is not a cwa checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = json.loads((handle.metadata() or {})[_META])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+        if not isinstance(meta, dict) or "batches" not in meta or "fingerprint" not in meta:
+            raise ValueError("incomplete metadata")
+    except OSError as exc:
+        raise CwaError(f"cannot read the checkpoint '{path}': {exc.strerror or exc}.") from None
+    except Exception:  # safetensors raises its own error type for a file that is not safetensors
+        raise CwaError(
+            f"'{path}' is not a cwa checkpoint (not a safetensors file with cwa's metadata); "
+            "remove it or resume from another directory."
+        ) from None
+    return tensors, meta
+
+
 def load(location: str | Path, scorer: Scorer, fingerprint: dict, trainer) -> int:
-    """Load the latest usable checkpoint into ``scorer``; returns how many batches it covers."""
+    """Load the latest usable checkpoint into ``scorer``; returns how many batches it covers.
+
+    Args:
+        location: a checkpoint directory, or a run directory holding ``accumulators/``.
+        scorer: the bound scorer to load the accumulators and counters into.
+        fingerprint: this run's settings; the checkpoint must have been made with the same.
+        trainer: gives the process's rank and the number of processes.
+    """
     rank, world = trainer.global_rank, trainer.world_size
     directory = Path(location).expanduser()
     if (directory / "accumulators").is_dir():
@@ -67,17 +127,53 @@ def load(location: str | Path, scorer: Scorer, fingerprint: dict, trainer) -> in
     else:
         batches = mine[-1] if mine else None
     if batches is None:
-        others = sorted({p.name for p in directory.glob("rank*-of-*-batch*.pt")})
-        raise CwaError(
-            f"'{directory}' has no checkpoint for process {rank} of {world}"
-            + (f" (it has {others[0]}...; resume with the same number of processes)." if others else ".")
-        )
-    state = torch.load(_path(directory, rank, world, batches), map_location="cpu", weights_only=False)
-    if state["fingerprint"] != fingerprint:
-        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+        raise _no_checkpoint(directory, rank, world)
+    path = _path(directory, rank, world, batches)
+    tensors, meta = _read(path)
+    if meta["fingerprint"] != _jsonable(fingerprint):
+        stored = meta["fingerprint"] if isinstance(meta["fingerprint"], dict) else {}
+        changed = sorted(k for k in fingerprint if stored.get(k) != _jsonable(fingerprint)[k])
         raise CwaError(
             f"the checkpoint in '{directory}' was made with different settings ({', '.join(changed)}); "
             "resume with the settings of the interrupted run."
         )
-    scorer.load_state_dict(state["scorer"])
-    return int(state["batches"])
+    acc = {key[len(_ACC) :]: t for key, t in tensors.items() if key.startswith(_ACC)}
+    expected = scorer.state_dict()
+    shapes = {name: tuple(t.shape) for name, t in expected["acc"].items()}
+    if _COUNTERS not in tensors or {n: tuple(t.shape) for n, t in acc.items()} != shapes:
+        raise CwaError(f"'{path}' does not hold the accumulators of this run; resume from another directory.")
+    scorer.load_state_dict({"acc": acc, "counters": tensors[_COUNTERS]})
+    return int(meta["batches"])
+
+
+def _no_checkpoint(directory: Path, rank: int, world: int) -> CwaError:
+    legacy = sorted(p.name for p in directory.glob("*.pt"))
+    if legacy:
+        return CwaError(
+            f"'{directory}' holds {legacy[0]}, a checkpoint format cwa no longer reads (pickle files can run "
+            "code when loaded); rerun the analysis from the start."
+        )
+    others = sorted(p.name for p in directory.glob(f"rank*-of-*-batch*{SUFFIX}"))
+    return CwaError(
+        f"'{directory}' has no checkpoint for process {rank} of {world}"
+        + (f" (it has {others[0]}...; resume with the same number of processes)." if others else ".")
+    )
+
+
+def finish(directory: str | Path | None, keep: bool = False) -> None:
+    """After a completed run: remove its checkpoints (and the directory, once empty) unless ``keep``.
+
+    Args:
+        directory: the run's checkpoint directory; None or a missing directory is a no-op.
+        keep: keep the checkpoints (``keep_checkpoints``).
+    """
+    if keep or directory is None:
+        return
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.glob(f"rank*-of-*-batch*{SUFFIX}"):
+        if _NAME.search(path.name):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only when nothing else is in it

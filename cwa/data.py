@@ -61,12 +61,13 @@ class TextFiles(TextSource):
             matches = sorted(glob.glob(os.path.expanduser(pattern)))
             if not matches:
                 raise CwaError(f"data file '{pattern}' does not exist.")
+            for match in matches:
+                if os.path.isdir(match):
+                    raise CwaError(f"data path '{match}' is a directory; give its files (e.g. '{match}/*.txt').")
             found.extend(matches)
         return found
 
     def load(self) -> list[str]:
-        import datasets
-
         files = self.files()
         suffixes = {Path(f).suffix.lower() for f in files}
         builder = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -74,16 +75,64 @@ class TextFiles(TextSource):
         if None in kinds or len(kinds) != 1:
             raise CwaError(f"data files must all be .txt, .jsonl/.json or .parquet, got {sorted(suffixes)}.")
         kind = kinds.pop()
+        if kind == "text":
+            return [t for t in (_read_text(f) for f in files) if t]
+        return self._load_records(kind, files)
+
+    def _load_records(self, kind: str, files: list[str]) -> list[str]:
+        import datasets
+
+        for file in files:  # pyarrow would only fail on non-UTF-8 text later, naming no file
+            _check_readable(file, utf8=kind == "json")
         datasets.disable_progress_bars()
-        kwargs = {"sample_by": "document"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", **kwargs)
-        field = "text" if kind == "text" else self.text_field
-        if field not in ds.column_names:
-            raise CwaError(f"the data files have no field '{field}' (fields: {', '.join(ds.column_names)}).")
-        return [t for t in ds[field] if t]
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CwaError(f"cannot read the data files {', '.join(files)} as {kind}: {first}") from exc
+        if self.text_field not in ds.column_names:
+            raise CwaError(f"the data files have no field '{self.text_field}' (fields: {', '.join(ds.column_names)}).")
+        return [t for t in ds[self.text_field] if t]
 
     def describe(self) -> str:
         return ",".join(self.paths)
+
+
+def _read_text(file: str) -> str:
+    """One document: the whole file, as UTF-8."""
+    _check_readable(file, utf8=False)
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(file, exc) from None
+
+
+def _check_readable(file: str, utf8: bool) -> None:
+    """One sentence naming ``file`` if it cannot be opened, or (``utf8``) is not UTF-8 text."""
+    try:
+        with open(file, "rb") as handle:
+            if not utf8:
+                return
+            import codecs
+
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            offset = 0
+            while chunk := handle.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(file, exc, offset) from None
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except OSError as exc:
+        raise CwaError(f"cannot read data file '{file}': {exc.strerror or exc}.") from None
+
+
+def _not_utf8(file: str, exc: UnicodeDecodeError, offset: int = 0) -> CwaError:
+    return CwaError(
+        f"data file '{file}' is not UTF-8 text (byte {offset + exc.start} is 0x{exc.object[exc.start]:02x}); "
+        "convert it, e.g. `iconv -f latin1 -t utf-8`."
+    )
 
 
 class HubDataset(TextSource):
@@ -130,10 +179,11 @@ class HubDataset(TextSource):
         return f"{self.name}/{self.config or ''}:{self.split}"
 
 
-def as_source(source: TextSource | str) -> TextSource:
+def as_source(source: TextSource | str | os.PathLike) -> TextSource:
     """``pydoc`` -> the embedded corpus; an existing path or glob -> TextFiles; otherwise a hub dataset."""
     if isinstance(source, TextSource):
         return source
+    source = os.fspath(source)
     if source in ("pydoc", "pydoc_data", "embedded"):
         return PydocCorpus()
     if glob.glob(os.path.expanduser(source)):
@@ -182,7 +232,9 @@ class CalibrationData(L.LightningDataModule):
 
     def __init__(
         self,
-        source: TextSource | str = "pydoc",
+        # ``Path`` in the union is what makes jsonargparse treat a string as a path: with a class in the
+        # union alone, it would read an existing file as a YAML config and pass on the file's text.
+        source: TextSource | str | Path = "pydoc",
         tokenizer: str = "smollm2-135m",
         seq_len: int = 256,
         num_samples: int = 32,
@@ -214,7 +266,9 @@ class CalibrationData(L.LightningDataModule):
         if self.calibration is not None:
             return
         from cwa.models import load_tokenizer
+        from cwa.preflight import check_context
 
+        check_context(self.tokenizer_name, self.seq_len)  # before reading and tokenizing the corpus
         texts = self.source.load()
         if not texts or not any(t.strip() for t in texts):
             raise CwaError(f"the corpus {self.source.describe()} is empty.")

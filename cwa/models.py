@@ -102,6 +102,62 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub name
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tekken.json")
+_TOKENIZER_GLOBS = ("*.model", "*.tiktoken", "vocab*", "tokenizer*.json")
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any(next(directory.glob(pattern), None) is not None for pattern in _TOKENIZER_GLOBS)
+
+
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.gguf")
+
+
+def _local_error(directory: Path, what: Literal["tokenizer", "model"], exc: Exception) -> CwaError:
+    """What is wrong with a local model directory, naming it and the missing or broken file.
+
+    Never blames the hub: nothing was fetched (a local directory is read as it is)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if what == "tokenizer":
+        if not _has_tokenizer_files(directory):
+            return CwaError(
+                f"'{directory}' has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}...); copy them "
+                "from where the model came from."
+            )
+        return CwaError(f"cannot load the tokenizer in '{directory}': {first}")
+    weights = sorted(p for pattern in _WEIGHT_GLOBS for p in directory.glob(pattern))
+    if not weights:
+        return CwaError(f"'{directory}' has no weight files (model.safetensors or pytorch_model.bin).")
+    broken = next((p for p in weights if p.suffix == ".safetensors" and _safetensors_problem(p)), None)
+    if broken is not None:
+        return CwaError(f"the weight file '{broken}' is {_safetensors_problem(broken)}; copy or download it again.")
+    return CwaError(f"cannot load the model in '{directory}': {first}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be complete (truncated, bad header), or None if it looks whole."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "truncated (shorter than a safetensors header)"
+            (length,) = struct.unpack("<Q", head)
+            if 8 + length > size:
+                return f"truncated ({size:,} bytes, its header alone needs {8 + length:,})"
+            header = json.loads(handle.read(length))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except ValueError:
+        return "not a safetensors file (its header is not valid)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    needed = 8 + length + max(ends, default=0)
+    return f"truncated ({size:,} bytes of {needed:,})" if size < needed else None
+
+
 def _hub_error(name: str, exc: Exception) -> CwaError:
     text = f"{type(exc).__name__}: {exc}"
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -127,11 +183,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | N
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    if Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
+        # transformers would build an empty tokenizer from config.json alone and carry on.
+        raise _local_error(Path(path), "tokenizer", FileNotFoundError("no tokenizer files"))
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except CwaError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors here
+        if Path(path).is_dir():
+            raise _local_error(Path(path), "tokenizer", exc) from exc
         raise _hub_error(name, exc) from exc
 
 
@@ -154,6 +215,8 @@ def load_model(
     except CwaError:
         raise
     except Exception as exc:
+        if Path(path).is_dir():
+            raise _local_error(Path(path), "model", exc) from exc
         raise _hub_error(name, exc) from exc
     return model.eval()
 

@@ -21,14 +21,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from cwa import checkpoint
+from cwa import checkpoint, preflight
 from cwa.data import PAD_KEY
 from cwa.distributed import check_supported_strategy, is_sharded_strategy
 from cwa.environment import peak_memory
 from cwa.errors import CwaError
 from cwa.loss import next_token_nll
 from cwa.models import Dtype, load_model, set_attn_implementation
-from cwa.params import ParamInfo, select_parameters
+from cwa.params import ParamInfo, as_patterns, compile_patterns, select_parameters
 from cwa.scorers import Scorer, make_scorer, nonfinite_error
 from cwa.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
 from cwa.topk import Mode, check_k
@@ -61,6 +61,8 @@ class SensitivityModule(L.LightningModule):
         resume_from: a checkpoint directory (or the run directory holding ``accumulators/``) of an
             interrupted run with the same settings and process count: its accumulators are loaded and
             the batches it had already seen are skipped; the scores equal an uninterrupted run's.
+        keep_checkpoints: keep the checkpoints after the run completes (by default only the newest is
+            kept while running, and it is removed once the run directory is complete).
     """
 
     def __init__(
@@ -69,8 +71,8 @@ class SensitivityModule(L.LightningModule):
         metric: Scorer | str = "grad_x_weight",
         k: int = 100,
         mode: Mode = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        include: list[str] | str | None = None,
+        exclude: list[str] | str | None = None,
         dtype: Dtype = "float32",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
@@ -79,6 +81,7 @@ class SensitivityModule(L.LightningModule):
         checkpoint_every: int | None = None,
         checkpoint_dir: str | None = None,
         resume_from: str | None = None,
+        keep_checkpoints: bool = False,
     ) -> None:
         super().__init__()
         if checkpoint_every is not None and checkpoint_every < 1:
@@ -88,10 +91,14 @@ class SensitivityModule(L.LightningModule):
         if mode not in ("global", "per_layer"):
             raise CwaError(f"unknown mode '{mode}': use global or per_layer.")
         self.pretrained, self.k, self.mode = pretrained, k, mode
-        self.include, self.exclude = list(include or []), list(exclude or [])
+        self.include, self.exclude = as_patterns(include), as_patterns(exclude)
+        for patterns, what in ((self.include, "include"), (self.exclude, "exclude")):
+            compile_patterns(patterns, what)  # a bad regex fails here, before any model is loaded
         self.dtype_name, self.attn_implementation = dtype, attn_implementation
         self.trust_remote_code, self.revision, self.save_scores = trust_remote_code, revision, save_scores
         self.scorer = make_scorer(metric)
+        preflight.check_scorer(self.scorer)
+        self.keep_checkpoints = keep_checkpoints
         self.model: torch.nn.Module | None = None
         self.selected: dict[str, ParamInfo] = {}
         self.scores: dict[str, Tensor] = {}
@@ -106,6 +113,7 @@ class SensitivityModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        self._preflight()
         start = time.perf_counter()
         strategy = self._trainer.strategy if self._trainer is not None else None
         check_supported_strategy(strategy)
@@ -129,6 +137,19 @@ class SensitivityModule(L.LightningModule):
         if self.scorer.sharded:
             apply_fsdp2(self.model, strategy.root_device.type)
         self.timings["load_model_s"] = time.perf_counter() - start
+
+    def _preflight(self) -> None:
+        """Limits that are cheap to check before the weights are loaded (cwa.preflight)."""
+        seq_len = _data_attr(self, "seq_len") or 0
+        preflight.check_context(self.pretrained, seq_len, self.trust_remote_code, self.revision)
+        num_samples, batch_size = _data_attr(self, "num_samples"), _data_attr(self, "batch_size")
+        if self._trainer is not None and num_samples and batch_size:
+            preflight.check_processes(self._trainer.world_size, num_samples, batch_size)
+
+    @property
+    def checkpoint_directory(self) -> Path | None:
+        """Where this run's checkpoints are written (None when it writes none)."""
+        return self._ckpt_dir
 
     def select_parameters(self) -> None:
         """Select the scored tensors and freeze the rest (their gradients are never computed)."""
@@ -246,6 +267,12 @@ class SensitivityModule(L.LightningModule):
 
     def configure_optimizers(self):  # noqa: D102 - scoring never optimizes
         return None
+
+
+def _data_attr(module: L.LightningModule, name: str):
+    """An attribute of the trainer's data module, or None before there is one."""
+    trainer = module._trainer
+    return getattr(getattr(trainer, "datamodule", None), name, None) if trainer is not None else None
 
 
 def _idle_batch(batch: dict[str, Tensor], rows: int) -> dict[str, Tensor]:

@@ -55,16 +55,36 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, parts[-1] if parts else stem
 
 
-def compile_patterns(patterns: Sequence[str] | None, what: str) -> list[re.Pattern]:
+def as_patterns(patterns: Sequence[str] | str | None) -> list[str]:
+    """``include`` / ``exclude`` as a list: a single string is one pattern (``--model.include mlp``).
+
+    Args:
+        patterns: None, one pattern, or several.
+    """
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    return [str(p) for p in patterns]
+
+
+def compile_patterns(patterns: Sequence[str] | str | None, what: str) -> list[re.Pattern]:
+    """Compile ``include`` / ``exclude`` patterns; a bad one is one sentence naming it.
+
+    Args:
+        patterns: the patterns (a single string is one pattern).
+        what: ``include`` or ``exclude``, for the message.
+    """
     compiled = []
-    for pattern in patterns or []:
+    for pattern in as_patterns(patterns):
+        original = pattern
         if re.fullmatch(r"[\w.-]+", pattern):
             # Only name characters and dots: a plain name, dots literal ("layers.1." is not "layers.10.").
             pattern = re.escape(pattern)
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:
-            raise CwaError(f"{what} pattern '{pattern}' is not a valid regular expression: {exc}.") from None
+            raise CwaError(f"{what} pattern '{original}' is not a valid regular expression: {exc}.") from None
     return compiled
 
 
@@ -82,7 +102,7 @@ def _matches(name: str, pattern: re.Pattern) -> bool:
 
 
 def select_parameters(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+    model: nn.Module, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None
 ) -> dict[str, tuple[nn.Parameter, ParamInfo]]:
     """Parameters chosen by ``include`` / ``exclude`` regexes, tied weights once, in model order.
 
@@ -103,7 +123,7 @@ def select_parameters(
         selected[name] = (param, ParamInfo(name, shape, layer, module, name in transposed))
     if not selected:
         raise CwaError(
-            f"include={list(include or [])} / exclude={list(exclude or [])} select no parameter of the model; "
+            f"include={as_patterns(include)} / exclude={as_patterns(exclude)} select no parameter of the model; "
             f"names look like '{next(iter(dict(model.named_parameters())), '?')}'."
         )
     return selected

@@ -59,10 +59,12 @@ def test_bad_data_is_one_clear_error(tmp_path, tiny_llama_dir):
         short.setup()
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(CwaError, match="empty"):
-        CalibrationData(source=str(tmp_path / "empty.txt"), tokenizer=str(tiny_llama_dir)).setup()
+        CalibrationData(source=str(tmp_path / "empty.txt"), tokenizer=str(tiny_llama_dir), seq_len=64).setup()
     with pytest.raises(CwaError, match="does not exist"):
         as_source(str(tmp_path / "missing.txt"))
     with pytest.raises(CwaError, match="num_samples=100000"):
-        CalibrationData(tokenizer=str(tiny_llama_dir), num_samples=100000).setup()
+        CalibrationData(tokenizer=str(tiny_llama_dir), seq_len=64, num_samples=100000).setup()
+    with pytest.raises(CwaError, match=r"seq_len=256 is beyond the context of .* \(128 tokens\)"):
+        CalibrationData(tokenizer=str(tiny_llama_dir), seq_len=256).setup()
     with pytest.raises(CwaError, match="seq_len"):
         CalibrationData(seq_len=1)

@@ -224,9 +224,9 @@ def test_sharded_autograd_hutchinson_is_refused(two_process_runs):
 def test_kill_and_resume_equals_uninterrupted(references, two_process_runs, strategy, metric):
     killed = two_process_runs[f"{strategy}-killed-{metric}"] / "run" / "version_0"
     assert not (killed / "summary.json").exists()
-    assert sorted(p.name for p in (killed / "accumulators").glob("*.pt")) == [
-        "rank0-of-2-batch1.pt",
-        "rank1-of-2-batch1.pt",
+    assert sorted(p.name for p in (killed / "accumulators").iterdir()) == [
+        "rank0-of-2-batch1.safetensors",
+        "rank1-of-2-batch1.safetensors",
     ]
     resumed = _run_dir(two_process_runs[f"{strategy}-resumed-{metric}"])
     _assert_same_run(references[metric], resumed)
