@@ -28,8 +28,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from cwa import rundir
+from cwa import checkpoint, rundir
 from cwa.environment import environment, peak_memory
+from cwa.io import remove_stale_temporaries
 from cwa.params import ParamInfo
 from cwa.topk import TopK, select_topk, select_topk_sharded
 
@@ -225,6 +226,9 @@ class SummaryWriter(FitCallback):
             return
         result.summary = build_summary(trainer, pl_module, result)
         rundir.write_summary(result.run_dir, result.summary)
+        # The run is complete: its resume points and anything a killed writer left are no longer needed.
+        checkpoint.finish(pl_module.checkpoint_directory, pl_module.keep_checkpoints)
+        remove_stale_temporaries(result.run_dir)
 
 
 def tensor_statistics(scores: Mapping[str, Tensor], topk: TopK) -> dict[str, dict]:

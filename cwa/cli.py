@@ -17,7 +17,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from cwa.errors import CwaError
+from cwa.errors import CwaError, argument_error
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,6 @@ def build_parser(verb: str):
     return parser, target
 
 
-def _argument_error(verb: str, exc: Exception) -> CwaError:
-    """jsonargparse's multi-line message as one sentence naming the option."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    text = text.replace('Parser key "', "option --").replace('":', ":", 1)
-    return CwaError(f"{text.rstrip('.')} (see `cwa {verb} -h`).")
-
-
 def run_command(verb: str, args: list[str]) -> int:
     from jsonargparse import ArgumentError
 
@@ -159,7 +152,7 @@ def run_command(verb: str, args: list[str]) -> int:
         config = parser.parse_args(args)
         init = parser.instantiate_classes(config)
     except ArgumentError as exc:
-        raise _argument_error(verb, exc) from None
+        raise argument_error(verb, exc) from None
     kwargs = {k: v for k, v in vars(init).items() if k != "config"}
     if isinstance(target, type):
         target(**kwargs).run()

@@ -739,6 +739,23 @@ class Run:
 PREFETCH_K = 1024
 
 
+def remove_unfinished_run(path: Path) -> bool:
+    """Remove a run directory whose run failed (no ``summary.json``), unless it holds checkpoints to
+    resume from (then it stays, and ``resume_from`` can use it). Returns whether it was removed."""
+    import shutil
+
+    path = Path(path)
+    if not path.is_dir() or (path / SUMMARY).exists():
+        return False
+    accumulators = path / ACCUMULATORS
+    if accumulators.is_dir() and any(accumulators.iterdir()):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the experiment folder the logger made for it, when now empty
+        path.parent.rmdir()
+    return True
+
+
 def is_complete(path: str | Path) -> bool:
     """Whether ``path`` holds a complete run (cheap: reads only the summary's status)."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +10,10 @@ import lightning as L
 from cwa.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult
 from cwa.data import CalibrationData
 from cwa.distributed import check_supported_strategy, register_strategy_name
+from cwa.errors import argument_error
 from cwa.module import SensitivityModule
+from cwa.preflight import check_device, check_trainer
+from cwa.rundir import remove_unfinished_run
 
 
 class CwaTrainer(L.Trainer):
@@ -32,16 +36,36 @@ class CwaTrainer(L.Trainer):
         Returns:
             The run's result: its directory, top-K, summary and timings (the summary on global zero only).
         """
-        # Before any model is loaded: FSDP1 is refused in one sentence (cwa.distributed explains why).
+        # Before any model is loaded: FSDP1 and flags that would quietly change the work are refused.
         check_supported_strategy(self.strategy)
+        check_trainer(self)
         # Gradients are needed inside the loop: torch.inference_mode would forbid them.
         self.validate_loop.inference_mode = False
         # The data module shards blocks across ranks itself (no sampler padding duplicates a block).
         self._accelerator_connector.use_distributed_sampler = False
         self._order_fit_callbacks()
         self.fit_result = FitResult()
-        self.validate(model, datamodule=datamodule, verbose=False)
+        try:
+            self.validate(model, datamodule=datamodule, verbose=False)
+        except SystemExit:
+            if not self.interrupted:
+                raise
+            # Lightning turns Ctrl-C into a silent exit 1 and leaves SIGINT ignored: make it an interrupt.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._remove_unfinished_run()
+            raise KeyboardInterrupt from None
+        except BaseException:
+            self._remove_unfinished_run()
+            raise
         return self.fit_result
+
+    def _remove_unfinished_run(self) -> None:
+        """A run that failed leaves no ``version_N`` behind, unless it holds checkpoints to resume from."""
+        logger = self.logger
+        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+        if not self.is_global_zero or not log_dir:
+            return
+        remove_unfinished_run(Path(log_dir))
 
     def _order_fit_callbacks(self) -> None:
         """Add each missing fit callback with its defaults; put them last, in pipeline order."""
@@ -84,21 +108,32 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | No
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.pretrained", "data.tokenizer")
 
+        def before_instantiate_classes(self) -> None:
+            # The requested device must exist before Lightning builds the Trainer (a traceback otherwise).
+            trainer = self.config.get(str(self.subcommand), self.config).get("trainer", {})
+            check_device(trainer.get("accelerator"), trainer.get("devices"))
+
         def after_fit_sensitivity(self) -> None:
             if print_result:
                 from cwa.console import print_fit_result
 
                 print_fit_result(self.trainer.fit_result)
 
-    cli = CwaCLI(
-        SensitivityModule,
-        CalibrationData,
-        trainer_class=CwaTrainer,
-        args=["fit_sensitivity", *args],
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-    )
+    from jsonargparse import ArgumentError
+
+    try:
+        cli = CwaCLI(
+            SensitivityModule,
+            CalibrationData,
+            trainer_class=CwaTrainer,
+            args=["fit_sensitivity", *args],
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            trainer_defaults=TRAINER_DEFAULTS,
+            auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False, "fit_sensitivity": {"exit_on_error": False}},
+        )
+    except ArgumentError as exc:
+        raise argument_error("fit-sensitivity", exc) from None
     result = getattr(getattr(cli, "trainer", None), "fit_result", None)
     return None if result is None else result.run_dir
