@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from crash import crash_after
 
 from cwa import checkpoint, io, preflight
 from cwa.cli import main
@@ -156,8 +157,8 @@ def test_txt_corpus_that_parses_as_yaml_is_scored_as_a_file(tmp_path, tiny_gpt2_
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={save_dir}",
-            "--trainer.callbacks+=cwa.artifacts.RunArtifacts",
-            "--trainer.callbacks.figures=false",
+            "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+            "--trainer.callbacks.enabled=false",
         ]
     )
     assert code == 0
@@ -395,18 +396,16 @@ def test_killed_run_keeps_only_its_newest_checkpoint_and_resumes_exactly(tiny_gp
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={save_dir}",
-            "--trainer.callbacks+=cwa.artifacts.RunArtifacts",
-            "--trainer.callbacks.figures=false",
+            "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+            "--trainer.callbacks.enabled=false",
             *extra,
         ]
 
     from safetensors.torch import load_file
 
     assert main(args(tmp_path / "whole")) == 0
-    monkeypatch.setenv("CWA_FAIL_AFTER_BATCHES", "4")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(args(tmp_path / "killed", "--model.checkpoint_every=1"))
-    monkeypatch.delenv("CWA_FAIL_AFTER_BATCHES")
+        main(args(tmp_path / "killed", "--model.checkpoint_every=1", *crash_after(4)))
     killed = next((tmp_path / "killed").rglob("version_0"))
     assert [p.name for p in (killed / "accumulators").iterdir()] == ["rank0-of-1-batch4.safetensors"]
     assert main(args(tmp_path / "resumed", f"--model.resume_from={killed}")) == 0
