@@ -168,6 +168,7 @@ class SensitivityModule(L.LightningModule):
             self.select_parameters()
         params = dict(self.model.named_parameters())
         self.scorer.bind({name: params[name] for name in self.selected})
+        self.scorer.attach(self.model)
 
     def loss_fn(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         return next_token_nll(self.model, batch)

@@ -74,6 +74,10 @@ class Scorer:
         """The metric's options, for the summary."""
         return {}
 
+    def attach(self, model: nn.Module) -> None:
+        """Called by the module after ``bind`` with the model itself; scorers that read layer inputs
+        (``cwa.saliency``) register their hooks here. Default: nothing."""
+
     # -- accumulation --------------------------------------------------------------------------
     @property
     def tokens(self) -> float:
@@ -394,13 +398,20 @@ class HutchinsonDiag(Scorer):
 
 
 METRICS: dict[str, type[Scorer]] = {cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag)}
+SALIENCY_METRICS = {"wanda": "Wanda", "obs": "OBS", "obd": "OBD"}
+"""Short names of the classes in ``cwa.saliency``, imported on first use (that module imports this one)."""
 
 
 def make_scorer(metric: Scorer | str) -> Scorer:
     """A scorer instance from an instance or a short name (``grad_x_weight``, ...)."""
     if isinstance(metric, Scorer):
         return metric
+    if metric in SALIENCY_METRICS:
+        from cwa import saliency
+
+        return getattr(saliency, SALIENCY_METRICS[metric])()
     try:
         return METRICS[metric]()
     except KeyError:
-        raise CwaError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}.") from None
+        names = ", ".join([*METRICS, *SALIENCY_METRICS])
+        raise CwaError(f"unknown metric '{metric}': choose one of {names}.") from None

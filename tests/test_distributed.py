@@ -34,6 +34,9 @@ METRICS = {
         "--model.metric.probes=2",
         "--model.metric.hvp=finite_difference",
     ],
+    "wanda": ["--model.metric=wanda"],
+    "obs": ["--model.metric=obs"],
+    "obd": ["--model.metric=obd"],
 }
 # 5 blocks in batches of 2, 2, 1: over 2 ranks, rank 0 gets batches 0 and 2, rank 1 batch 1 (and, when
 # sharded, one filler step).
