@@ -86,7 +86,8 @@ class TopKSelection(FitCallback):
         else:
             topk = select_topk(pl_module.scores, pl_module.k, pl_module.mode)
             topk.weight = selected_weights(topk, dict(pl_module.model.named_parameters()))
-        result.topk, result.infos = topk, dict(pl_module.selected)
+        # Only the tensors the metric scored (wanda and obs leave out embeddings, norms and biases).
+        result.topk, result.infos = topk, {n: pl_module.selected[n] for n in pl_module.scores}
         result.timings["topk_s"] = time.perf_counter() - start
 
 
