@@ -47,11 +47,16 @@ TOPK = "topk.csv"
 SUMMARY = "summary.json"
 PERTURB_CSV = "perturb.csv"
 PERTURB_JSON = "perturb.json"
+SUPER_WEIGHTS = "super_weights.csv"
 FIGURES = "figures"
 ACCUMULATORS = "accumulators"
 SCORES_FORMAT = "cwa-scores/1"
 
 Key = tuple[str, int]  # (parameter name, flat index into the stored tensor)
+
+
+FIT_KIND = "fit-sensitivity"
+SUPER_WEIGHTS_KIND = "find-super-weights"
 
 
 # -- summary.json ----------------------------------------------------------------------------------
@@ -66,6 +71,7 @@ class Summary:
     tensors: dict[str, dict]  # per-tensor statistics: shape, numel, mean, std, min, max, abs_sum, zeros, topk_count
     status: str = "complete"
     schema: int = SCHEMA_VERSION
+    kind: str = FIT_KIND
     created: str | None = None
     model_class: str | None = None
     dtype: str | None = None
@@ -98,6 +104,11 @@ class Summary:
         """Validate a parsed ``summary.json``; one CwaError sentence when it is not a complete cwa run."""
         if not isinstance(data, dict) or data.get("status") != "complete":
             raise CwaError(f"'{path.parent}' is not a complete run (summary.json status is not 'complete'); rerun it.")
+        kind = data.get("kind", FIT_KIND)
+        if kind != FIT_KIND:
+            raise CwaError(
+                f"'{path.parent}' is a {kind} run, not a fit-sensitivity run; pass fit-sensitivity run directories."
+            )
         schema = data.get("schema", 0)
         if not isinstance(schema, int) or schema > SCHEMA_VERSION:
             raise CwaError(
@@ -450,6 +461,28 @@ def write_perturbation(
             draw(outputs.stage(f"{FIGURES}/{name}"))
         json_tmp = outputs.stage(PERTURB_JSON)
         write_json(json_tmp, {"status": "complete", **meta, "perturb_csv_sha256": _sha256(csv_tmp)})
+        outputs.commit()
+    finally:
+        outputs.discard()
+
+
+# -- find-super-weights ------------------------------------------------------------------------------
+def write_super_weights(
+    run_dir: Path, rows: list[dict], summary: dict, figures: Mapping[str, Callable[[Path], None]] | None = None
+) -> None:
+    """A find-super-weights run: ``super_weights.csv`` (one row per MLP output projection), the figures and
+    ``summary.json`` (``kind: find-super-weights``, written last) as one set."""
+    outputs = OutputSet(Path(run_dir))
+    try:
+        with open(outputs.stage(SUPER_WEIGHTS), "w", newline="", encoding="utf-8") as handle:
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        for name, draw in (figures or {}).items():
+            draw(outputs.stage(f"{FIGURES}/{name}"))
+        full = {"status": "complete", "schema": SCHEMA_VERSION, "kind": SUPER_WEIGHTS_KIND, **summary}
+        write_json(outputs.stage(SUMMARY), full)
         outputs.commit()
     finally:
         outputs.discard()
