@@ -41,10 +41,14 @@ COMMANDS: dict[str, Command] = {
 }
 FIT = "fit-sensitivity"
 FIT_SUMMARY = "accumulate per-weight sensitivity scores and select the top-K critical weights"
+SUPER = "find-super-weights"
+SUPER_SUMMARY = "activation spikes at every MLP output projection; candidates verified by ablation"
+LIGHTNING_COMMANDS = {FIT: FIT_SUMMARY, SUPER: SUPER_SUMMARY}
+"""Commands parsed by LightningCLI (the model, data and trainer sections of one YAML)."""
 
 
 def usage() -> str:
-    rows = [(FIT, FIT_SUMMARY), *((name, c.summary) for name, c in COMMANDS.items())]
+    rows = [*LIGHTNING_COMMANDS.items(), *((name, c.summary) for name, c in COMMANDS.items())]
     width = max(len(name) for name, _ in rows)
     lines = "\n".join(f"  {name:<{width}}   {summary}" for name, summary in rows)
     return f"""usage: cwa COMMAND [options]
@@ -161,10 +165,15 @@ def run_command(verb: str, args: list[str]) -> int:
     return 0
 
 
-def fit_main(args: list[str]) -> int:
-    from cwa.trainer import run_fit_sensitivity
+def lightning_main(verb: str, args: list[str]) -> int:
+    if verb == FIT:
+        from cwa.trainer import run_fit_sensitivity
 
-    run_fit_sensitivity(args)
+        run_fit_sensitivity(args)
+    else:
+        from cwa.find_super_weights import run_find_super_weights
+
+        run_find_super_weights(args)
     return 0
 
 
@@ -175,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     verb, rest = argv[0].replace("_", "-"), argv[1:]
-    if verb != FIT and verb not in COMMANDS:
+    if verb not in LIGHTNING_COMMANDS and verb not in COMMANDS:
         print(f"cwa: error: unknown command '{argv[0]}'.\n\n{usage()}", file=sys.stderr)
         return 2
     _quiet_frameworks()
     try:
-        return fit_main(rest) if verb == FIT else run_command(verb, rest)
+        return lightning_main(verb, rest) if verb in LIGHTNING_COMMANDS else run_command(verb, rest)
     except CwaError as exc:
         print(f"cwa: error: {exc}", file=sys.stderr)
         return 1

@@ -130,3 +130,44 @@ def topk_locations(topk: TopK, infos: Mapping[str, ParamInfo], title: str, path:
     ax.legend(fontsize=7, ncols=2)
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def activation_spikes(scan, title: str, path: Path) -> None:
+    """Largest |activation| per layer at the input and the output of each MLP output projection (log scale),
+    with the layers' median channel maxima for reference and the candidates marked.
+
+    Args:
+        scan: a :class:`cwa.super_weights.SuperWeightScan`.
+        title: the figure's title.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    layers = [r.layer for r in scan.layers]
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    for side, color, marker in (("input", "tab:blue", "o"), ("output", "tab:red", "s")):
+        values = [getattr(r, side).value for r in scan.layers]
+        typical = [
+            v / r if r and r != float("inf") else float("nan")
+            for v, r in zip(values, (getattr(x, side).ratio for x in scan.layers), strict=True)
+        ]
+        ax.plot(layers, values, marker=marker, color=color, label=f"largest |{side}|")
+        ax.plot(layers, typical, linestyle=":", color=color, alpha=0.7, label=f"median channel max, {side}")
+    for c in scan.candidates:
+        record = next(r for r in scan.layers if r.layer == c.layer and r.parameter == c.parameter)
+        ax.annotate(
+            f"#{c.rank} [{c.row}, {c.col}]",
+            (c.layer, record.output.value),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize=8,
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("|activation|")
+    ax.set_title(f"{title}\ncandidates: input and output spikes ≥ {scan.threshold:g}× the median channel max")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

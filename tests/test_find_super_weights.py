@@ -1,0 +1,134 @@
+"""``cwa find-super-weights`` end to end on tiny models with a planted super weight: the run directory,
+the recovered coordinates, the ablation against a hand computation, the verdict rule."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import make_tokenizer
+from test_super_weights import COL, LAYER, ROW, _planted_gpt2, _planted_llama
+
+from cwa.cli import main
+from cwa.errors import CwaError
+from cwa.rundir import Run, load_runs
+
+
+def _model_dir(tmp_path, make):
+    path = tmp_path / "model"
+    make().save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+def _find(tmp_path, model_dir, *extra):
+    return main(
+        [
+            "find-super-weights",
+            f"--model.pretrained={model_dir}",
+            "--data.seq_len=32",
+            "--data.num_samples=8",
+            "--data.heldout_fraction=0.3",
+            "--data.batch_size=4",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            "--trainer.logger.init_args.name=sw",
+            "--super_weights.bootstrap=300",
+            "--super_weights.permutations=300",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize("make", [_planted_llama, _planted_gpt2])
+def test_find_super_weights_writes_its_run_directory(tmp_path, make, capsys):
+    model_dir = _model_dir(tmp_path, make)
+    assert _find(tmp_path, model_dir) == 0
+    run = tmp_path / "logs" / "sw" / "version_0"
+    for name in ("config.yaml", "super_weights.csv", "summary.json", "figures/activation_spikes.png"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*")) and not list(run.rglob("*.tmp"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["kind"] == "find-super-weights"
+    top = summary["candidates"][0]
+    assert (top["rank"], top["layer"], top["row"], top["col"]) == (1, LAYER, ROW, COL)
+    assert top["verdict"] in ("super_weight", "damaging", "activation_only") and "ablation" in top
+    with open(run / "super_weights.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and rows[LAYER]["candidate_rank"] == "1" and rows[LAYER]["verdict"] == top["verdict"]
+    out = capsys.readouterr().out
+    assert f"layer   {LAYER} [{ROW}, {COL}]" in out and "run directory" in out
+    # It is not a fit-sensitivity run: readers of those refuse it in one sentence, globs skip it.
+    with pytest.raises(CwaError, match="is a find-super-weights run"):
+        Run.load(run)
+    with pytest.raises(CwaError, match="none of the given directories"):
+        load_runs([run], skip_incomplete=True)
+
+
+def test_ablation_equals_zeroing_the_weight_by_hand(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cwa.data import CalibrationData
+    from cwa.evaluate import evaluate
+
+    model_dir = _model_dir(tmp_path, _planted_llama)
+    assert _find(tmp_path, model_dir) == 0
+    summary = json.loads((tmp_path / "logs" / "sw" / "version_0" / "summary.json").read_text())
+    ablation = summary["candidates"][0]["ablation"]
+    data = CalibrationData(
+        source="pydoc", tokenizer=str(model_dir), seq_len=32, num_samples=8, heldout_fraction=0.3, batch_size=4
+    )
+    data.setup()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    before = evaluate(model, data.heldout, 4, torch.device("cpu")).stats.perplexity
+    with torch.no_grad():
+        model.model.layers[LAYER].mlp.down_proj.weight[ROW, COL] = 0.0
+    after = evaluate(model, data.heldout, 4, torch.device("cpu")).stats.perplexity
+    assert summary["heldout"]["perplexity"] == pytest.approx(before, rel=1e-5)
+    assert ablation["delta_perplexity"] == pytest.approx(after - before, rel=1e-4, abs=1e-6)
+
+
+def test_verdicts_follow_the_stated_rule():
+    from cwa.find_super_weights import FindSuperWeights
+    from cwa.rundir import PerturbRow
+
+    def row(rank, ppl, low, p):
+        return PerturbRow(
+            "c",
+            "zero",
+            "single",
+            None,
+            rank,
+            None,
+            1,
+            ppl,
+            0,
+            0,
+            ppl - 10,
+            low,
+            ppl - 9,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            p,
+            "baseline",
+        )
+
+    recipe = FindSuperWeights(min_increase=0.5)
+    recipe.rows = [row(None, 10.0, 0, None), row(1, 40.0, 20.0, 0.001), row(2, 12.0, 1.0, 0.01), row(3, 30.0, -1, 0.3)]
+    verdicts = {rank: v for rank, (v, _) in recipe.verdicts().items()}
+    assert verdicts == {1: "super_weight", 2: "damaging", 3: "activation_only"}
+
+
+def test_bad_settings_are_one_sentence(tmp_path, capsys):
+    model_dir = _model_dir(tmp_path, _planted_llama)
+    assert _find(tmp_path, model_dir, "--super_weights.threshold=0.5") == 1
+    assert _find(tmp_path, model_dir, "--super_weights.projections=(") == 1
+    assert _find(tmp_path, model_dir, "--super_weights.projections=nothing\\.matches") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cwa")]
+    assert len(err) == 3 and all(line.startswith("cwa: error: ") for line in err), err
+    assert not (tmp_path / "logs" / "sw").exists() or not any((tmp_path / "logs" / "sw").iterdir())
