@@ -252,12 +252,13 @@ class HutchinsonDiag(Scorer):
 
     Finite differences divide by the step float32 actually applied, weight by weight: w + eps v rounds
     to a multiple of the weight's ulp, so for weights far above the tensor's rms (super weights) the
-    applied step differs from eps by a factor, and below half an ulp it is 0. Since the perturbation is
-    d = s * v elementwise (s the applied step, independent of the sign of v for ``central``), the
-    contribution v_i (H d)_i / s_i = (H d)_i / d_i keeps the diagonal term exact and the cross terms
-    zero-mean. Weights whose applied step is 0 (for ``forward``: for either sign of v) cannot be moved
-    by eps: they score 0, and their count per tensor is in ``zero_steps`` (and in ``settings()`` as
-    ``fd_zero_steps``); a larger ``fd_eps`` reaches them.
+    applied step differs from eps by a factor, and below half an ulp it is 0. With the perturbation
+    d = s * v elementwise (s >= 0 the applied step), the contribution v_i (H d)_i / s_i = (H d)_i / d_i
+    keeps the diagonal term exact. The cross terms are zero-mean when s does not depend on the sign of
+    v: always for ``central``; for ``forward`` except at weights within eps of a power of two, where the
+    two signs round to steps one ulp apart. Weights whose applied step is 0 (for ``forward``: for either
+    sign of v) cannot be moved by eps: they score 0, not inf or NaN, and their count per tensor is in
+    ``zero_steps`` (and in ``settings()`` as ``fd_zero_steps``); a larger ``fd_eps`` reaches them.
 
     Args:
         probes: Rademacher probes per batch. The estimate's standard error per weight falls as
@@ -271,8 +272,9 @@ class HutchinsonDiag(Scorer):
         fd_scheme: ``forward``: one unperturbed gradient per batch, shared by the probes, and one gradient
             at w + eps v per probe, so probes + 1 gradients per batch; the unperturbed gradient is held
             during the batch (one float32 copy of the scored gradients beside the accumulators).
-            ``central``: gradients at w + eps v and w - eps v, two per probe; truncation error O(eps^2)
-            instead of O(eps), no held gradient.
+            ``central``: gradients at w + eps v and w - eps v, two per probe, no held gradient. Its
+            truncation error is O(eps^2); the forward scheme's O(eps) term is odd in v and averages out
+            over probes, so both are unbiased to second order.
     """
 
     name = "hutchinson_diag"
