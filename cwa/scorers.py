@@ -210,6 +210,9 @@ class GradXWeight(Scorer):
 class GradSquared(Scorer):
     """Empirical Fisher diagonal: the mean over micro-batches of the squared micro-batch gradient.
 
+    A micro-batch without a predicted token (all padding) has no loss to take a gradient of: it is not
+    counted, so it does not dilute the mean.
+
     Args:
         fisher_microbatch: sequences per micro-batch; each micro-batch's gradient (of its own mean
             loss) is squared separately. 1 gives the per-sequence empirical Fisher.
@@ -232,7 +235,9 @@ class GradSquared(Scorer):
         for start in range(0, size, self.fisher_microbatch):
             micro = {k: v[start : start + self.fisher_microbatch] for k, v in batch.items()}
             nll, tokens = loss_fn(micro)
-            self._count(nll, tokens, microbatches=1)
+            self._count(nll, tokens, microbatches=int(tokens > 0))
+            if tokens == 0 and not self.sharded:
+                continue  # nothing to add; sharded ranks still join backward's collectives (zero gradient)
             with self._consume_grads(lambda n, g: self.acc[n].addcmul_(g.float(), g.float())):
                 # An idle rank's loss is 0 with 0 tokens: its (zero) gradient must not be 0/0.
                 (nll / max(tokens, 1)).backward()
@@ -249,15 +254,31 @@ class HutchinsonDiag(Scorer):
     v * (H_b v) with H_b the Hessian of the batch's summed NLL; dividing by the total token count
     and the probe count gives an unbiased estimate of diag of the Hessian of L.
 
+    Finite differences divide by the step float32 actually applied, weight by weight: w + eps v rounds
+    to a multiple of the weight's ulp, so for weights far above the tensor's rms (super weights) the
+    applied step differs from eps by a factor, and below half an ulp it is 0. With the perturbation
+    d = s * v elementwise (s >= 0 the applied step), the contribution v_i (H d)_i / s_i = (H d)_i / d_i
+    keeps the diagonal term exact. The cross terms are zero-mean when s does not depend on the sign of
+    v: always for ``central``; for ``forward`` except at weights within eps of a power of two, where the
+    two signs round to steps one ulp apart. Weights whose applied step is 0 (for ``forward``: for either
+    sign of v) cannot be moved by eps: they score 0, not inf or NaN, and their count per tensor is in
+    ``zero_steps`` (and in ``settings()`` as ``fd_zero_steps``); a larger ``fd_eps`` reaches them.
+
     Args:
         probes: Rademacher probes per batch. The estimate's standard error per weight falls as
             1/sqrt(probes x batches).
         hvp: ``autograd`` (double backward; several probes share one forward and one backward;
-            switches attention to ``eager``) or ``finite_difference`` (central difference of two
-            gradients at w +- eps v; any attention kernel, sharded parameters; needs float32).
+            switches attention to ``eager``) or ``finite_difference`` (differences of gradients; any
+            attention kernel, sharded parameters; needs float32).
         fd_eps: relative finite-difference step: eps = fd_eps * ||w|| / ||v|| over the scored tensors.
         seed: seed of the probe generator; batch b draws its probes from seed and b, so results do not
             depend on how batches are split over processes.
+        fd_scheme: ``forward``: one unperturbed gradient per batch, shared by the probes, and one gradient
+            at w + eps v per probe, so probes + 1 gradients per batch; the unperturbed gradient is held
+            during the batch (one float32 copy of the scored gradients beside the accumulators).
+            ``central``: gradients at w + eps v and w - eps v, two per probe, no held gradient. Its
+            truncation error is O(eps^2); the forward scheme's O(eps) term is odd in v and averages out
+            over probes, so both are unbiased to second order.
     """
 
     name = "hutchinson_diag"
@@ -270,21 +291,31 @@ class HutchinsonDiag(Scorer):
         hvp: Literal["autograd", "finite_difference"] = "autograd",
         fd_eps: float = 1e-4,
         seed: int = 0,
+        fd_scheme: Literal["forward", "central"] = "forward",
     ) -> None:
         super().__init__()
         if probes < 1:
             raise CwaError(f"probes must be at least 1, got {probes}.")
         if hvp not in ("autograd", "finite_difference"):
             raise CwaError(f"unknown hvp backend '{hvp}': use autograd or finite_difference.")
+        if fd_scheme not in ("forward", "central"):
+            raise CwaError(f"unknown fd_scheme '{fd_scheme}': use forward or central.")
         if not fd_eps > 0:
             raise CwaError(f"fd_eps must be positive, got {fd_eps}.")
-        self.probes, self.hvp, self.fd_eps, self.seed = probes, hvp, fd_eps, seed
+        self.probes, self.hvp, self.fd_eps, self.seed, self.fd_scheme = probes, hvp, fd_eps, seed, fd_scheme
         self._generator: torch.Generator | None = None
         self._eps = 0.0
         self._backup: dict[str, Tensor] = {}
+        self._zero_index: dict[str, Tensor] = {}
+        self.zero_steps: dict[str, int] = {}
+        """Weights per tensor (all ranks) whose finite-difference step rounds to 0: they score 0."""
 
     def settings(self) -> dict:
-        return {"probes": self.probes, "hvp": self.hvp, "fd_eps": self.fd_eps, "seed": self.seed}
+        settings = {"probes": self.probes, "hvp": self.hvp, "fd_eps": self.fd_eps, "seed": self.seed}
+        if self.hvp == "finite_difference":
+            settings["fd_scheme"] = self.fd_scheme
+            settings["fd_zero_steps"] = {n: c for n, c in self.zero_steps.items() if c}
+        return settings
 
     def required_attn_implementation(self) -> str | None:
         return "eager" if self.hvp == "autograd" else None
@@ -316,6 +347,25 @@ class HutchinsonDiag(Scorer):
             if self.sharded:
                 all_reduce_sum(norms)
             self._eps = self.fd_eps * math.sqrt(float(norms[0])) / math.sqrt(float(norms[1]))
+            self._find_zero_steps()
+
+    def _find_zero_steps(self) -> None:
+        """The weights that eps cannot move, found with the kernel that shifts them (``_shift``)."""
+        self._zero_index = {}
+        counts = []
+        for n, p in self.params.items():
+            w = _local(p.detach()).reshape(-1)
+            ones = torch.ones_like(w)
+            up, down = torch.add(w, ones, alpha=self._eps), torch.add(w, ones, alpha=-self._eps)
+            zero = (up == down) if self.fd_scheme == "central" else (up == w) | (down == w)
+            index = torch.nonzero(zero).squeeze(1)
+            if index.numel():
+                self._zero_index[n] = index
+            counts.append(index.numel())
+        total = torch.tensor(counts, dtype=torch.float64, device=self._generator.device)
+        if self.sharded:
+            all_reduce_sum(total)
+        self.zero_steps = dict(zip(self.params, (int(c) for c in total.tolist()), strict=True))
 
     def _probe(self, like: Tensor, dtype: torch.dtype) -> Tensor:
         """A Rademacher probe for ``like``; for a shard, its rows of the whole tensor's probe, so that
@@ -336,8 +386,16 @@ class HutchinsonDiag(Scorer):
         self._generator.manual_seed(self.seed * 1_000_003 + self.step)
         if self.hvp == "autograd":
             self._update_autograd(batch, loss_fn)
-        else:
-            self._update_finite_difference(batch, loss_fn)
+            return
+        if not self._backup:
+            self._backup = {n: _local(p.detach()).clone() for n, p in self.params.items()}
+        try:
+            if self.fd_scheme == "forward":
+                self._update_forward(batch, loss_fn)
+            else:
+                self._update_central(batch, loss_fn)
+        finally:
+            self._shift(None, 0.0)
 
     def _update_autograd(self, batch: Batch, loss_fn: LossFn) -> None:
         names, params = list(self.params), list(self.params.values())
@@ -355,39 +413,65 @@ class HutchinsonDiag(Scorer):
             for name, v, hv in zip(names, vs, hvs, strict=True):
                 self.acc[name].addcmul_(v.float(), hv.float())
 
-    def _update_finite_difference(self, batch: Batch, loss_fn: LossFn) -> None:
-        if not self._backup:
-            self._backup = {n: _local(p.detach()).clone() for n, p in self.params.items()}
-        scale = 1.0 / (2.0 * self._eps)
+    def _add_difference(self, name: str, difference: Tensor, step: Tensor) -> None:
+        """acc += difference / step: v_i (H d)_i / s_i with d = s * v is (H d)_i / d_i for v_i = +-1.
+        Weights with a zero step (known from ``bind``) get nothing instead of inf or NaN."""
+        self.acc[name].add_(difference.div_(step))
+        index = self._zero_index.get(name)
+        if index is not None:
+            self.acc[name].view(-1).index_fill_(0, index, 0.0)
+
+    def _update_forward(self, batch: Batch, loss_fn: LossFn) -> None:
+        """(g(w + eps v) - g(w)) / d per probe, g(w) computed once for the batch and held."""
+        held: dict[str, Tensor] = {}
+        nll, tokens = loss_fn(batch)
+        self._count(nll, tokens, probes=self.probes)
+        with self._consume_grads(lambda n, g: held.__setitem__(n, g.float())):  # float32 weights: no copy
+            nll.backward()
+        del nll
+
+        def consume(name: str, grad: Tensor) -> None:
+            if name in held:  # absent: the loss does not depend on this tensor
+                step = _local(self.params[name].detach()) - self._backup[name]
+                self._add_difference(name, grad.float().sub_(held[name]), step)
+
+        for _ in range(self.probes):
+            # One tensor's probe at a time: v is not needed after the shift (d = w + eps v - w gives it).
+            for n, p in self.params.items():
+                self._shift({n: self._probe(p, torch.float32)}, self._eps)
+            nll, _ = loss_fn(batch)
+            with self._consume_grads(consume):
+                nll.backward()
+
+    def _update_central(self, batch: Batch, loss_fn: LossFn) -> None:
+        """(g(w + eps v) - g(w - eps v)) / d per probe: two gradients per probe."""
         for i in range(self.probes):
             # float32 probes: adding an int8 tensor to float weights converts on the fly, 5x slower.
             probes = {n: self._probe(p, torch.float32) for n, p in self.params.items()}
             losses = []
-            try:
-                # p.grad accumulates grad(w + eps v) and then -grad(w - eps v): their difference.
-                for sign in (1.0, -1.0):
-                    self._shift(probes, sign * self._eps, from_backup=sign < 0)
-                    nll, tokens = loss_fn(batch)
-                    losses.append(nll.detach())
-                    (sign * nll).backward()
-            finally:
-                self._shift(probes, 0.0)
+            # p.grad accumulates grad(w + eps v) and then -grad(w - eps v): their difference.
+            for sign in (1.0, -1.0):
+                self._shift(probes, sign * self._eps)
+                nll, tokens = loss_fn(batch)
+                losses.append(nll.detach())
+                (sign * nll).backward()
             # (L(w + eps v) + L(w - eps v)) / 2 = L(w) + O(eps^2): the loss for the summary.
             if i == 0:
                 self._count((losses[0] + losses[1]) / 2, tokens, probes=self.probes)
             for name, p in self.params.items():
                 if p.grad is not None:  # None: the loss does not depend on this tensor
-                    self.acc[name].addcmul_(probes[name], _local(p.grad).float(), value=scale)
+                    # The weights still hold w - eps v: d is (w + eps v) - (w - eps v) as float32 computes them.
+                    step = torch.add(self._backup[name], probes[name], alpha=self._eps).sub_(_local(p.detach()))
+                    self._add_difference(name, _local(p.grad).float(), step)
                     p.grad = None
 
-    def _shift(self, probes: dict[str, Tensor], step: float, from_backup: bool = True) -> None:
-        """Set the scored weights to backup + step * v exactly (step 0 restores them bit for bit).
-        ``from_backup=False`` skips the copy when the weights already equal the backup."""
+    def _shift(self, probes: dict[str, Tensor] | None, step: float) -> None:
+        """Set the scored weights in ``probes`` (all if None) to backup + step * v exactly (step 0
+        restores them bit for bit)."""
         with torch.no_grad():
-            for n, p in self.params.items():
-                local = _local(p.data)
-                if from_backup:
-                    local.copy_(self._backup[n])
+            for n in self.params if probes is None else probes:
+                local = _local(self.params[n].data)
+                local.copy_(self._backup[n])
                 if step:
                     local.add_(probes[n], alpha=step)
 

@@ -55,23 +55,14 @@ def tensor_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     flat = scores.detach().reshape(-1)
     key = flat.abs() if flat.is_floating_point() else flat
     k = min(k, key.numel())
-    values, _ = torch.topk(key, k, sorted=False)
-    threshold = values.min()
-    above = torch.nonzero(key > threshold).squeeze(1)
-    at = torch.nonzero(key == threshold).squeeze(1)[: k - above.numel()]
-    index = torch.cat([above, at])
-    index = index.sort().values
+    threshold = key.min() if k == key.numel() else torch.topk(key, k, sorted=False).values.min()
+    chosen = key > threshold
+    at = torch.nonzero(key == threshold).squeeze(1)[: k - int(chosen.sum())]
+    chosen[at] = True
+    index = torch.nonzero(chosen).squeeze(1)  # ascending: a stable sort then resolves ties to low indices
     order = torch.sort(key[index], descending=True, stable=True).indices
     index = index[order]
     return key[index], index
-
-
-def _merge(a: tuple[Tensor, ...], b: tuple[Tensor, ...], k: int) -> tuple[Tensor, ...]:
-    """Merge two candidate sets (key, param, index), each already ordered by the tie-break rule."""
-    key, param, index = (torch.cat([x, y]) for x, y in zip(a, b, strict=True))
-    # a holds earlier parameters than b, so a stable sort on the key alone keeps the tie-break order.
-    order = torch.sort(key, descending=True, stable=True).indices[:k]
-    return key[order], param[order], index[order]
 
 
 def check_k(sizes: Mapping[str, int], k: int, mode: Mode) -> None:
@@ -97,18 +88,20 @@ def check_k(sizes: Mapping[str, int], k: int, mode: Mode) -> None:
 def select_topk(scores: Mapping[str, Tensor], k: int, mode: Mode = "global") -> TopK:
     """Top-K over ``scores`` (one tensor per parameter, in model order).
 
-    ``global``: the k highest |scores| over all tensors; memory O(k + largest tensor).
+    ``global``: the k highest |scores| over all tensors; memory O(k + largest tensor), or a float32 copy
+    of all scores when k is at least 1/8 of them (a sort's cost, whatever k).
     ``per_layer``: the k highest within each tensor, tensors in model order.
     """
     names = list(scores)
     check_k({n: s.numel() for n, s in scores.items()}, k, mode)
     if mode == "global":
-        param, index = _global_topk(scores, k)
+        param, index, score = _global_topk(scores, k)
     else:
         parts = [tensor_topk(scores[name], k)[1] for name in names]
         param = torch.cat([torch.full((len(ix),), i, dtype=torch.long) for i, ix in enumerate(parts)])
         index = torch.cat([ix.cpu() for ix in parts])
-    return TopK(names=names, param=param, index=index, score=_gather(scores, names, param, index))
+        score = _gather(scores, names, param, index)
+    return TopK(names=names, param=param, index=index, score=score)
 
 
 def _key(scores: Tensor) -> Tensor:
@@ -116,11 +109,14 @@ def _key(scores: Tensor) -> Tensor:
     return flat.abs() if flat.is_floating_point() and bool((flat < 0).any()) else flat
 
 
-def _global_topk(scores: Mapping[str, Tensor], k: int, sample_size: int = 1 << 21) -> tuple[Tensor, Tensor]:
+def _global_topk(scores: Mapping[str, Tensor], k: int, sample_size: int = 1 << 21) -> tuple[Tensor, Tensor, Tensor]:
     """Exact global top-K by threshold: estimate a value below the k-th largest |score| from a strided
     sample, collect every weight at or above it (one comparison pass per tensor), and rank only those
-    candidates. If the estimate was too high (fewer than k candidates), halve the sampled quantile and
-    retry; the last resort is the streaming per-tensor merge."""
+    candidates. If the estimate was too high (fewer than k candidates), raise the sampled quantile and
+    retry. When k is a large share of the weights (or the retries run out), the candidates would be most
+    weights anyway: rank the concatenation at the cost of one selection and one sort of k keys.
+
+    Returns (parameter number, flat index, signed float32 score), best first."""
     names = list(scores)
     total = sum(s.numel() for s in scores.values())
     stride = max(1, total // sample_size)
@@ -132,47 +128,49 @@ def _global_topk(scores: Mapping[str, Tensor], k: int, sample_size: int = 1 << 2
         if above >= sample.numel():
             break
         threshold = torch.kthvalue(sample, sample.numel() - above).values
-        keys, params, indices = [], [], []
+        keys, values, params, indices = [], [], [], []
         for i, name in enumerate(names):
             key = _key(scores[name])
             index = torch.nonzero(key >= threshold.to(key.device, key.dtype)).squeeze(1)
             keys.append(key[index].float().cpu())
+            values.append(scores[name].detach().reshape(-1)[index].float().cpu())
             params.append(torch.full((index.numel(),), i, dtype=torch.long))
             indices.append(index.cpu())
         key = torch.cat(keys)
         if key.numel() >= k:
             # Candidates are in (parameter, index) order; a stable sort keeps that order among ties.
             order = torch.sort(key, descending=True, stable=True).indices[:k]
-            return torch.cat(params)[order], torch.cat(indices)[order]
+            return torch.cat(params)[order], torch.cat(indices)[order], torch.cat(values)[order]
         margin *= 4
-    return _streaming_topk(scores, k)
+    return _concatenated_topk(scores, k)
 
 
-def _streaming_topk(scores: Mapping[str, Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """Running K-sized candidate set merged tensor by tensor: memory O(k + largest tensor)."""
-    best = (torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-    for i, name in enumerate(scores):
-        if len(best[0]) == k:
-            # Only weights strictly above the current k-th |score| can enter: an equal one loses the
-            # tie to the earlier parameter already held.
-            key_all = _key(scores[name])
-            index = torch.nonzero(key_all > best[0][-1].to(key_all.device)).squeeze(1)
-            if index.numel() == 0:
-                continue
-            key, sub = tensor_topk(key_all[index], k)
-            index = index[sub]
-        else:
-            key, index = tensor_topk(scores[name], k)
-        best = _merge(best, (key.float().cpu(), torch.full_like(index, i).cpu(), index.cpu()), k)
-    return best[1], best[2]
+def _concatenated_topk(scores: Mapping[str, Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-K over the float32 concatenation of all scores (memory: 8 bytes per weight for the scores and
+    their |score|, plus 16 per selected weight). The concatenation is in (parameter, index) order, so
+    ``tensor_topk``'s rule (ties to the lowest position) is the tie rule across tensors too."""
+    names = list(scores)
+    sizes = torch.tensor([scores[n].numel() for n in names], dtype=torch.long)
+    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])
+    _, position = tensor_topk(flat, k)
+    offsets = sizes.cumsum(0)
+    param = torch.searchsorted(offsets, position, right=True)
+    return param, position - (offsets - sizes)[param], flat[position]
+
+
+def _groups(param: Tensor, count: int) -> list[tuple[int, Tensor]]:
+    """(parameter number, positions in ``param`` that point at it) for each parameter present: one sort
+    instead of one full comparison per parameter, which matters when k is most of the weights."""
+    order = torch.sort(param, stable=True).indices
+    sizes = torch.bincount(param, minlength=count).tolist()
+    return [(i, chunk) for i, chunk in enumerate(torch.split(order, sizes)) if chunk.numel()]
 
 
 def _gather(scores: Mapping[str, Tensor], names: list[str], param: Tensor, index: Tensor) -> Tensor:
     out = torch.empty(param.numel(), dtype=torch.float32)
-    for i, name in enumerate(names):
-        mask = param == i
-        if mask.any():
-            out[mask] = scores[name].reshape(-1)[index[mask].to(scores[name].device)].float().cpu()
+    for i, positions in _groups(param, len(names)):
+        scores_i = scores[names[i]]
+        out[positions] = scores_i.reshape(-1)[index[positions].to(scores_i.device)].float().cpu()
     return out
 
 
@@ -215,22 +213,19 @@ def local_candidates(
         return empty, empty.long(), empty.long(), empty, empty
     if mode == "global":
         local = {n: s for n, s in live.items()}
-        param_local, index = _global_topk(local, min(k, sum(s.numel() for s in local.values())))
-        local_names = list(local)
-        param = torch.tensor([names.index(local_names[i]) for i in param_local.tolist()], dtype=torch.long)
+        param_local, index, score = _global_topk(local, min(k, sum(s.numel() for s in local.values())))
+        param = torch.tensor([names.index(n) for n in local], dtype=torch.long)[param_local]
     else:
         pieces = [(names.index(n), tensor_topk(s, k)[1].cpu()) for n, s in live.items()]
         param = torch.cat([torch.full((ix.numel(),), i, dtype=torch.long) for i, ix in pieces])
         index = torch.cat([ix for _, ix in pieces])
-    score = _gather(scores, names, param, index)
+        score = _gather(scores, names, param, index)
     weight = torch.empty(param.numel(), dtype=torch.float32)
     global_index = torch.empty_like(index)
-    for i, name in enumerate(names):
-        mask = param == i
-        if mask.any():
-            w = local_of(params[name]).detach().reshape(-1)
-            weight[mask] = w[index[mask].to(w.device)].float().cpu()
-            global_index[mask] = global_flat_index(params[name], index[mask])
+    for i, positions in _groups(param, len(names)):
+        w = local_of(params[names[i]]).detach().reshape(-1)
+        weight[positions] = w[index[positions].to(w.device)].float().cpu()
+        global_index[positions] = global_flat_index(params[names[i]], index[positions])
     return score.abs(), param, global_index, score, weight
 
 

@@ -2,6 +2,9 @@
 
     python scripts/benchmark.py                 # all metrics, batch 4 x 256 tokens, fp32, CPU
     python scripts/benchmark.py --metrics grad_x_weight --reps 3
+    python scripts/benchmark.py --metrics hutchinson_diag/finite_difference --topk 0   # both FD schemes
+
+The finite-difference rows are followed by the error of their HVPs against double backward on one batch.
 
 Every configuration runs in its own process (peak RSS is per process). Inside a process the peak is
 reset after the model is loaded (Linux ``/proc/self/clear_refs``), the configuration runs twice for
@@ -24,10 +27,17 @@ CONFIGS = {
     "magnitude": {"metric": "magnitude"},
     "grad_x_weight": {"metric": "grad_x_weight"},
     "grad_squared": {"metric": "grad_squared"},
-    "hutchinson_diag/finite_difference (1 probe)": {
+    "hutchinson_diag/finite_difference central (1 probe)": {
         "metric": "hutchinson_diag",
         "hvp": "finite_difference",
+        "fd_scheme": "central",
         "probes": 1,
+    },
+    "hutchinson_diag/finite_difference forward (4 probes)": {
+        "metric": "hutchinson_diag",
+        "hvp": "finite_difference",
+        "fd_scheme": "forward",
+        "probes": 4,
     },
     "hutchinson_diag/autograd (4 probes)": {"metric": "hutchinson_diag", "hvp": "autograd", "probes": 4},
 }
@@ -77,7 +87,9 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
             "magnitude": lambda: Magnitude(),
             "grad_x_weight": lambda: GradXWeight(),
             "grad_squared": lambda: GradSquared(),
-            "hutchinson_diag": lambda: HutchinsonDiag(probes=spec["probes"], hvp=spec["hvp"]),
+            "hutchinson_diag": lambda: HutchinsonDiag(
+                probes=spec["probes"], hvp=spec["hvp"], fd_scheme=spec.get("fd_scheme", "forward")
+            ),
         }[metric]()
         scorer.bind(params)
 
@@ -107,6 +119,42 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
     }
 
 
+def hvp_accuracy(batch: int, seq_len: int) -> dict:
+    """Finite-difference HVPs against double backward on one batch and one probe v (eager attention for
+    both). Each scorer's accumulator after one update is v * (H v) for the same v (same seed and batch
+    index), so its sum is v^T H v and its norm is that of H v."""
+    import torch
+
+    from cwa.data import PydocCorpus, tokenize_stream
+    from cwa.models import load_model, load_tokenizer
+    from cwa.module import next_token_nll
+    from cwa.scorers import HutchinsonDiag
+
+    model = load_model("smollm2-135m", "float32", attn_implementation="eager")
+    stream = tokenize_stream(PydocCorpus().load(), load_tokenizer("smollm2-135m"))
+    data = {"input_ids": stream[: batch * seq_len].view(batch, seq_len)}
+    params = dict(model.named_parameters())
+
+    def products(**options: str) -> tuple[torch.Tensor, HutchinsonDiag]:
+        scorer = HutchinsonDiag(probes=1, seed=0, **options)
+        scorer.bind(params)
+        scorer.update(data, lambda b: next_token_nll(model, b))
+        flat = torch.cat([a.reshape(-1) for a in scorer.acc.values()])
+        scorer.acc = {}
+        return flat, scorer
+
+    exact, _ = products(hvp="autograd")
+    result = {"weights": int(exact.numel()), "vHv_autograd": float(exact.double().sum())}
+    for scheme in ("forward", "central"):
+        approx, scorer = products(hvp="finite_difference", fd_scheme=scheme)
+        result[scheme] = {
+            "hvp_relative_error": float((approx - exact).double().norm() / exact.double().norm()),
+            "vHv_relative_error": float(abs(approx.double().sum() - exact.double().sum()) / abs(exact.double().sum())),
+            "zero_step_weights": sum(scorer.zero_steps.values()),
+        }
+    return result
+
+
 def topk_benchmark(k: int) -> dict:
     """Global top-K over all 134.5M |w| of the embedded model (real, heavy-tailed values)."""
     import torch
@@ -128,7 +176,7 @@ def topk_benchmark(k: int) -> dict:
     start = time.perf_counter()
     reference = torch.topk(flat, k).values
     concat_seconds = time.perf_counter() - start
-    assert torch.equal(top.score.abs(), reference), "streaming top-K disagrees with torch.topk"
+    assert torch.equal(top.score.abs(), reference), "global top-K disagrees with torch.topk"
     return {
         "k": k,
         "weights": int(flat.numel()),
@@ -145,16 +193,20 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--reps", type=int, default=2, help="timed batches per configuration")
     parser.add_argument("--topk", type=int, default=100_000, help="k of the global top-K benchmark (0 skips it)")
+    parser.add_argument(
+        "--hvp-accuracy", type=int, default=1, help="compare finite-difference HVPs with double backward (0 skips it)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
-        result = (
-            topk_benchmark(args.topk)
-            if args.worker == "topk"
-            else worker(args.worker, args.batch, args.seq_len, args.reps)
-        )
+        if args.worker == "topk":
+            result = topk_benchmark(args.topk)
+        elif args.worker == "hvp_accuracy":
+            result = hvp_accuracy(args.batch, args.seq_len)
+        else:
+            result = worker(args.worker, args.batch, args.seq_len, args.reps)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -167,10 +219,10 @@ def main() -> int:
     )
     results = {}
     names = ["bare"] + [m for m in args.metrics if m != "bare"]
-    if args.topk:
-        names.append("topk")
+    extra = ["topk"] * bool(args.topk) + ["hvp_accuracy"] * bool(args.hvp_accuracy)
+    names += extra
     for name in names:
-        matches = [c for c in CONFIGS if c.startswith(name)] if name != "topk" else ["topk"]
+        matches = [c for c in CONFIGS if c.startswith(name)] if name not in extra else [name]
         for config in matches:
             cmd = [
                 sys.executable,
@@ -198,7 +250,7 @@ def main() -> int:
     print("| metric | s / batch | time vs bare fwd+bwd (same process) | per probe | peak RSS MiB | RSS vs bare |")
     print("|---|---:|---:|---:|---:|---:|")
     for config, r in results.items():
-        if config == "topk":
+        if config in extra:
             continue
         ratio = r["seconds_per_batch"] / r["bare_seconds_per_batch"]
         probes = CONFIGS[config].get("probes")
@@ -214,6 +266,16 @@ def main() -> int:
             f"{t['extra_mib']:.0f} MiB beyond the scores (torch.topk on the concatenation: "
             f"{t['torch_topk_on_concatenation_seconds']:.2f} s plus a {t['weights'] * 4 / 2**20:.0f} MiB copy)"
         )
+    if "hvp_accuracy" in results:
+        h = results["hvp_accuracy"]
+        print(f"\nfinite-difference HVPs against double backward (one batch, one probe, {h['weights']:,} weights):")
+        for scheme in ("forward", "central"):
+            r = h[scheme]
+            print(
+                f"  {scheme}: |Hv - Hv_autograd| / |Hv_autograd| = {r['hvp_relative_error']:.2e}, "
+                f"v^T H v relative error {r['vHv_relative_error']:.2e}, "
+                f"{r['zero_step_weights']} weights with a zero step"
+            )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

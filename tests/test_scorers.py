@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,28 @@ def test_grad_squared_is_mean_of_squared_microbatch_gradients(microbatch):
     assert not torch.allclose(scores["model.norm.weight"], total**2, rtol=1e-2)
 
 
+def test_grad_squared_does_not_count_microbatches_without_predicted_tokens():
+    model = tiny_llama()
+    blocks = random_blocks(4, 10, seed=6)
+    mask = torch.ones_like(blocks)
+    mask[1, 6:] = 0  # right padding: 5 predicted tokens
+    mask[2, 1:] = 0  # one real token: nothing to predict
+    params = _bind(GradSquared(), model)
+    scorer = GradSquared(fisher_microbatch=1)
+    scorer.bind(params)
+    scorer.update({"input_ids": blocks, "attention_mask": mask}, lambda b: next_token_nll(model, b))
+    scores = scorer.compute()
+    assert float(scorer.counters[2]) == 3
+    # Independent: the real tokens of each sequence alone (right padding under a causal mask).
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for row, length in ((0, 10), (1, 6), (3, 10)):
+        grads = torch.autograd.grad(_mean_loss(model, blocks[row : row + 1, :length]), list(params.values()))
+        for name, g in zip(params, grads, strict=True):
+            expected[name] += g**2 / 3
+    for name in params:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-12, msg=name)
+
+
 def _exact_hessian_diagonal(model, blocks, names):
     """Diagonal of the Hessian of the mean loss w.r.t. the named tensors, column by column (exact)."""
     params = dict(model.named_parameters())
@@ -89,8 +112,10 @@ def _exact_hessian_diagonal(model, blocks, names):
     return hessian
 
 
-@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
-def test_hutchinson_matches_exact_hessian_diagonal(hvp):
+@pytest.mark.parametrize(
+    ("hvp", "fd_scheme"), [("autograd", "forward"), ("finite_difference", "forward"), ("finite_difference", "central")]
+)
+def test_hutchinson_matches_exact_hessian_diagonal(hvp, fd_scheme):
     model = tiny_llama(layers=1)
     model.set_attn_implementation("eager")
     names = ["model.layers.0.self_attn.v_proj.weight", "model.layers.0.post_attention_layernorm.weight"]
@@ -98,7 +123,7 @@ def test_hutchinson_matches_exact_hessian_diagonal(hvp):
     hessian = _exact_hessian_diagonal(model, blocks, names)
     exact = hessian.diagonal()
     probes = 200
-    scorer = HutchinsonDiag(probes=probes, hvp=hvp, fd_eps=1e-3, seed=0)
+    scorer = HutchinsonDiag(probes=probes, hvp=hvp, fd_eps=1e-3, seed=0, fd_scheme=fd_scheme)
     _bind(scorer, model, include=[n.replace(".", r"\.") for n in names])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scores = _run(scorer, model, blocks, batch_size=3)
@@ -130,6 +155,76 @@ def test_hutchinson_probes_share_one_forward_pass():
     assert len(calls) == 1
     assert scorer.compute()  # signed values allowed
     assert HutchinsonDiag.signed
+
+
+@pytest.mark.parametrize(("fd_scheme", "gradients"), [("forward", 4 + 1), ("central", 2 * 4)])
+def test_finite_difference_gradients_per_batch(fd_scheme, gradients):
+    model = tiny_llama(layers=1)
+    scorer = HutchinsonDiag(probes=4, hvp="finite_difference", fd_scheme=fd_scheme)
+    _bind(scorer, model)
+    calls = []
+
+    def loss_fn(batch):
+        calls.append(1)
+        return next_token_nll(model, batch)
+
+    scorer.update({"input_ids": random_blocks(2, 8)}, loss_fn)
+    assert len(calls) == gradients
+    # The forward scheme's loss for the summary is the unperturbed one.
+    if fd_scheme == "forward":
+        with torch.no_grad():
+            nll, tokens = next_token_nll(model, {"input_ids": random_blocks(2, 8)})
+        assert scorer.mean_loss == pytest.approx(float(nll) / tokens, rel=1e-6)
+
+
+class _Quadratic(torch.nn.Module):
+    """L(w) = 0.5 * sum(h * w^2): Hessian diag(h), exact in float32 for h a power of two."""
+
+    def __init__(self, n: int = 1_000_000, planted: int = 100, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, generator=g) * 0.02
+        # Weights from 10x to 100x the tensor's rms (about 0.023), both signs, where super weights live.
+        big = torch.empty(planted).uniform_(0.2, 2.4, generator=g) * torch.randint(0, 2, (planted,), generator=g).mul(
+            2
+        ).sub(1)
+        self.where = torch.randperm(n, generator=g)[:planted]
+        w[self.where] = big
+        self.w = torch.nn.Parameter(w)
+        self.h = 2.0 ** torch.randint(-2, 3, (n,), generator=g).float()
+
+    def loss(self, batch):
+        return 0.5 * (self.h * self.w * self.w).sum(), 1
+
+
+@pytest.mark.parametrize("fd_scheme", ["forward", "central"])
+def test_finite_difference_divides_by_the_applied_step(fd_scheme):
+    model = _Quadratic()
+    w = model.w.detach().clone()
+    rms = float(w.double().pow(2).mean().sqrt())
+    assert float(w.abs().max()) / rms > 95
+    for fd_eps in (1e-4, 1e-6):
+        scorer = HutchinsonDiag(probes=3, hvp="finite_difference", fd_eps=fd_eps, fd_scheme=fd_scheme)
+        scorer.bind({"w": model.w})
+        scorer.update({"input_ids": torch.zeros(1, 1, dtype=torch.long)}, model.loss)
+        scores = scorer.compute()["w"]
+        assert torch.equal(model.w.detach(), w)  # restored bit for bit
+        # Independent: IEEE float32 rounding in numpy of w +- eps.
+        x = w.numpy()
+        eps = np.float32(fd_eps * rms)
+        up, down = x + eps, x - eps
+        zero = torch.from_numpy((up == down) if fd_scheme == "central" else (up == x) | (down == x))
+        assert scorer.zero_steps == {"w": int(zero.sum())}
+        assert scorer.settings()["fd_zero_steps"] == ({"w": int(zero.sum())} if zero.any() else {})
+        # The diagonal is exact wherever float32 can move the weight, whatever the step's rounding.
+        torch.testing.assert_close(scores[~zero], model.h[~zero], rtol=1e-6, atol=0)
+        assert torch.equal(scores[zero], torch.zeros(int(zero.sum())))
+        if fd_eps == 1e-4:
+            # No weight is stuck, and the planted ones (rounded steps up to ~15% off eps) are exact too.
+            assert not zero.any()
+            torch.testing.assert_close(scores[model.where], model.h[model.where], rtol=1e-6, atol=0)
+        else:
+            assert zero[model.where].sum() > 50 and not zero.all()  # every weight above 0.5 is stuck here
 
 
 def test_finite_difference_refuses_16_bit_weights():
