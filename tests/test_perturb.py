@@ -545,7 +545,7 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
     tiny_dir: Path, tmp_path: Path, monkeypatch, where: str
 ) -> None:
     import cwa.perturb_figures
-    import cwa.rundir
+    import cwa.rundir.perturbation
 
     run = make_run(tmp_path, tiny_dir)
     _quick(run, tensorboard=False).run()
@@ -558,7 +558,7 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
     if where == "figure":
         monkeypatch.setattr(cwa.perturb_figures, "single_weight", interrupt)
     else:
-        monkeypatch.setattr(cwa.rundir, "write_json", interrupt)
+        monkeypatch.setattr(cwa.rundir.perturbation, "write_json", interrupt)
     with pytest.raises(KeyboardInterrupt):
         _quick(run, ks=(1, 2), seeds=(1,), tensorboard=False).run()  # different settings: a different csv
     assert _outputs(run) == before  # the previous csv, json and figures, and no temporary file beside them
