@@ -15,7 +15,6 @@ It prints a table and writes ``compare.json`` and figures to the output director
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import itertools
 import math
@@ -466,25 +465,3 @@ def compare(
     print(format_table(result))
     print(f"\ncompare.json and figures in {out}")
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cwa compare",
-        description="Agreement between fit-sensitivity runs: top-K overlap, rank correlations of the scores, "
-        "where the top-K live, and stability over calibration seeds. Reads the runs' files only.",
-    )
-    parser.add_argument("runs", nargs="+", help="run directories (lightning_logs/NAME/version_N), two or more")
-    parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="K for the top-K overlap (%(default)s)")
-    parser.add_argument("--sample", type=float, default=DEFAULT_SAMPLE, help="random weights (%(default).0f)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample and the bootstraps")
-    parser.add_argument("--output", type=Path, default=None, help="directory for compare.json and figures/")
-    parser.add_argument("--no-figures", action="store_true", help="write compare.json only")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    """The argparse front end (until cli.py builds the parser from :func:`compare`'s signature)."""
-    args = build_parser().parse_args(argv)
-    compare(args.runs, args.ks, int(args.sample), args.seed, args.output, not args.no_figures)
-    return 0

@@ -8,7 +8,7 @@ by section, verdict and strength (:func:`cwa.report.headlines`). Where the place
 ``cwa.findings_placement``.
 
 To add a finding: write a function returning ``Finding``s with a new ``verdict``, call it from
-``cwa.report.analyse``, and give the verdict a sentence in ``cwa.report_markdown.SENTENCES``.
+``cwa.report.analyse``, and give the verdict its wording in :func:`cwa.report_text.sentence` (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ only through :func:`cwa.rundir.write_perturbation` (csv, figures and json togeth
 from __future__ import annotations
 
 import datetime as dt
-import re
 import sys
 import time
 from pathlib import Path
@@ -395,47 +394,3 @@ class PerturbRecipe:
             "notes": self.notes,
             "environment": environment(),
         }
-
-
-def parser():
-    """The ``cwa perturb`` argument parser, built from :class:`PerturbRecipe`'s signature."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="cwa perturb", description=PerturbRecipe.__doc__.split("\n")[0], exit_on_error=False)
-    parser.add_argument("--config", action="config")
-    parser.add_class_arguments(PerturbRecipe, as_group=False)
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    """``cwa perturb ARGS``: parse the options, run the recipe."""
-    from jsonargparse import ArgumentError
-
-    cli = parser()
-    try:
-        config = cli.parse_args(list(argv))
-    except ArgumentError as exc:
-        raise CwaError(_one_sentence(exc)) from None
-    options = cli.instantiate(config).as_dict()
-    options.pop("config", None)
-    PerturbRecipe(**options).run()
-    return 0
-
-
-def _one_sentence(exc: Exception) -> str:
-    """jsonargparse's multi-line error as one sentence: the option, the value given, the choices."""
-    text = str(exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    key = text.split('"')[1] if text.startswith('Parser key "') else ""
-    values = re.findall(r"(?:Given|Got) value: (.*)$", text, flags=re.MULTILINE)
-    given = values[-1].strip() if values else None
-    if key in ("perturbation", "controls") and given is not None:
-        from cwa.controls import CONTROLS
-        from cwa.perturbations import PERTURBATIONS
-
-        names = ", ".join(PERTURBATIONS if key == "perturbation" else CONTROLS)
-        what = "perturbation" if key == "perturbation" else "control"
-        return f"unknown {what} {given!r} in --{key}: use {names}, or a class with its options."
-    if key and given is not None:
-        return f"--{key} does not accept {given!r}; `cwa perturb -h` documents it."
-    return f"{lines[0] if lines else text}; `cwa perturb -h` documents every option."

@@ -8,7 +8,6 @@ deciding anything. The numbers behind the report go to ``<stem>.json`` beside it
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -322,22 +321,3 @@ def report(
     write_json(output.with_suffix(".json"), analysis.to_json())
     print(f"cwa report: {len(loaded)} runs -> {output}")
     return output
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cwa report", description=(report.__doc__ or "").split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (lightning_logs/NAME/version_N)")
-    parser.add_argument("--output", type=Path, default=Path("reports/critical-weights.md"), help="Markdown file")
-    parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="K of the top-K overlaps (%(default)s)")
-    parser.add_argument("--sample", type=float, default=DEFAULT_SAMPLE, help="random weights (%(default).0f)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample and the bootstraps")
-    parser.add_argument("--location-k", "--location_k", type=int, default=LOCATION_K, help="placement top-K")
-    parser.add_argument("--no-figures", action="store_true", help="write the Markdown and JSON only")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    """The argparse front end (until cli.py builds the parser from :func:`report`'s signature)."""
-    args = build_parser().parse_args(argv)
-    report(args.runs, args.output, args.ks, int(args.sample), args.seed, args.location_k, not args.no_figures)
-    return 0

@@ -12,7 +12,8 @@ import torch
 from scipy import stats
 
 from cwa import agreement
-from cwa.compare import compare, compare_runs, main, parse_ks
+from cwa.cli import main
+from cwa.compare import compare, compare_runs, parse_ks
 from cwa.errors import CwaError
 from cwa.params import ParamInfo, split_name
 from cwa.rundir import PerturbRow, Run, write_perturbation, write_topk
@@ -283,14 +284,14 @@ def test_cli_writes_json_and_figures(tmp_path, capsys):
     a = make_run(tmp_path, "a", random_scores(1), k=10)
     b = make_run(tmp_path, "b", random_scores(2), k=10, metric="magnitude")
     out = tmp_path / "cmp"
-    assert main([str(a), str(b), "--ks", "5,10", "--sample", "300", "--output", str(out)]) == 0
+    assert main(["compare", str(a), str(b), "--ks", "5,10", "--sample", "300", "--output", str(out)]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert result["ks"] == [5, 10]
     assert all((out / f).exists() for f in result["figures"])
     printed = capsys.readouterr().out
     assert "J@10" in printed and str(out) in printed
-    with pytest.raises(CwaError):
-        main([str(a)])
+    assert main(["compare", str(a)]) == 1
+    assert "at least two different complete run directories" in capsys.readouterr().err
     with pytest.raises(CwaError):
         parse_ks("ten")
 

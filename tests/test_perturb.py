@@ -469,10 +469,14 @@ def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, ca
             ["--run", "{run}", "--perturbation", "BitFlip", "--perturbation.bit", "32"],
             "bit index 32 is outside the fp32 format",
         ),
-        (["--run", "{run}", "--perturbation", "shuffle"], ("--perturbation", "shuffle")),
+        (
+            ["--run", "{run}", "--perturbation", "shuffle"],
+            ("unknown perturbation 'shuffle' for --perturbation", "zero, sign_flip"),
+        ),
         (["--run", "{run}", "--heldout_samples", "0"], "held-out split is empty"),
         (["--run", "{no_heldout}"], "held-out split is empty"),
-        (["--run", "{run}", "--controls", "[nearby]"], ("--controls", "nearby")),
+        (["--run", "{run}", "--controls", "[nearby]"], ("unknown control 'nearby' for --controls", "bottomk")),
+        (["--run", "{run}", "--perturbation", "Scale", "--perturbation.factor", "x"], ("--perturbation.factor", "'x'")),
         (["--run", "{run}", "--ks", "[a]"], ("--ks", "a")),
     ],
 )
@@ -497,12 +501,12 @@ def test_bad_input_is_one_clear_sentence(
 
 def test_short_names_and_classes_parse_from_the_signature() -> None:
     """The command line of the recipe's typed signature: short names, lists of them, and classes with options."""
+    from cwa.cli import build_parser
     from cwa.controls import MagnitudeMatched
-    from cwa.perturb import parser
 
     def parsed(*args: str):
-        cli = parser()
-        return cli.instantiate(cli.parse_args(["--run", "x", *args]))
+        cli, _ = build_parser("perturb")
+        return cli.instantiate_classes(cli.parse_args(["--run", "x", *args]))
 
     assert parsed("--perturbation", "zero").perturbation == "zero"
     assert parsed("--perturbation", "[zero,sign_flip]").perturbation == ["zero", "sign_flip"]
@@ -515,14 +519,14 @@ def test_short_names_and_classes_parse_from_the_signature() -> None:
 
 
 def test_the_help_documents_the_choices_and_class_options(capsys) -> None:
-    from cwa.perturb import main
+    from cwa.cli import main
 
     with pytest.raises(SystemExit):
-        main(["-h"])
+        main(["perturb", "-h"])
     text = capsys.readouterr().out
     assert "'gaussian_noise'" in text and "'magnitude_matched'" in text and "--trust_remote_code" in text
     with pytest.raises(SystemExit):
-        main(["--perturbation.help", "GaussianNoise"])
+        main(["perturb", "--perturbation.help", "GaussianNoise"])
     text = capsys.readouterr().out
     assert "--perturbation.sigma" in text and "tensor_std" in text
 
@@ -545,7 +549,7 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
     tiny_dir: Path, tmp_path: Path, monkeypatch, where: str
 ) -> None:
     import cwa.perturb_figures
-    import cwa.rundir
+    import cwa.rundir.perturbation
 
     run = make_run(tmp_path, tiny_dir)
     _quick(run, tensorboard=False).run()
@@ -558,7 +562,7 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
     if where == "figure":
         monkeypatch.setattr(cwa.perturb_figures, "single_weight", interrupt)
     else:
-        monkeypatch.setattr(cwa.rundir, "write_json", interrupt)
+        monkeypatch.setattr(cwa.rundir.perturbation, "write_json", interrupt)
     with pytest.raises(KeyboardInterrupt):
         _quick(run, ks=(1, 2), seeds=(1,), tensorboard=False).run()  # different settings: a different csv
     assert _outputs(run) == before  # the previous csv, json and figures, and no temporary file beside them
@@ -672,12 +676,12 @@ def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, m
 
 
 def test_the_config_parses(capsys) -> None:
-    from cwa.perturb import main
+    from cwa.cli import main
 
     config = Path(__file__).resolve().parent.parent / "configs" / "perturb-smollm2.yaml"
     assert config.read_text().startswith("# cwa perturb --config configs/perturb-smollm2.yaml")
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(config), "--print_config"])
+        main(["perturb", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "ks:" in printed and "fit_config:" in printed and "bins: 100" in printed

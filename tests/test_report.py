@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_compare import LAYOUT, load_runs, make_run, random_scores
 
+from cwa.cli import main
 from cwa.errors import CwaError
 from cwa.findings import CONCENTRATED_FACTOR, Finding
-from cwa.report import Analysis, analyse, headlines, main, report
+from cwa.report import Analysis, analyse, headlines, report
 from cwa.report_markdown import render
 
 SECTIONS = [
@@ -195,17 +196,18 @@ def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
     assert verdicts(analysis_of([run]), "perturbation") == ["no_effect"]
 
 
-def test_cli_writes_markdown_json_and_figures_with_relative_links(tmp_path):
+def test_cli_writes_markdown_json_and_figures_with_relative_links(tmp_path, capsys):
     a = make_run(tmp_path, "a", concentrated_scores(), k=10)
     b = make_run(tmp_path, "b", random_scores(1), k=10, metric="magnitude")
     out = tmp_path / "reports" / "r.md"
-    assert main([str(a), str(b), "--output", str(out), "--ks", "5,10", "--sample", "500"]) == 0
+    assert main(["report", str(a), str(b), "--output", str(out), "--ks", "5,10", "--sample", "500"]) == 0
     text = out.read_text()
     assert out.with_suffix(".json").exists()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links and all(not link.startswith("/") and (out.parent / link).exists() for link in links)
-    with pytest.raises(CwaError, match=r"\.md"):
-        main([str(a), "--output", str(tmp_path / "r.txt")])
+    assert main(["report", str(a), "--output", str(tmp_path / "r.txt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".md" in err[0], err
 
 
 def test_incomplete_run_directories_are_skipped_with_a_note(tmp_path, capsys):

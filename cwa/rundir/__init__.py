@@ -1,0 +1,93 @@
+"""The run directory: the one owner of its paths, its summary schema, its loaders and its writers.
+
+``cwa fit-sensitivity`` writes a run directory only through this package (its callbacks call the writers);
+``perturb``, ``compare`` and ``report`` read it only through :class:`Run`. A run directory is complete when
+its ``summary.json`` says ``status: complete``: it is written last, after every other file of the run is on
+disk. The package is pure I/O over torch, numpy and safetensors (no Lightning), so that the Lightning
+callbacks below it in the call chain can write through it.
+
+| file | written by | read by |
+|---|---|---|
+| ``config.yaml`` | fit-sensitivity's LightningCLI | :attr:`Run.config` (plain data, never code) |
+| ``scores.safetensors`` | :func:`.scores.write_scores` / :func:`.scores.stream_scores` | :class:`.scores.LazyScores` |
+| ``topk.csv`` | :func:`.topk.write_topk` | :func:`.topk.read_topk` (the one tie rule) |
+| ``summary.json`` | :func:`.summary.write_summary`, last | :meth:`Run.load` (refuses incomplete runs) |
+| ``perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` (one set) | :attr:`Run.perturbation` |
+| ``super_weights.csv`` | :func:`.super_weights.write_super_weights` (one set with its summary) | find-super-weights |
+| ``accumulators/`` | :mod:`cwa.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |
+| ``figures/`` | the figures callback; perturb (one set with its csv) | the report |
+
+File names and kinds live in :mod:`.files`; :class:`OutputSet` (in :mod:`.outputs`) is the all-or-nothing
+writer that perturb and find-super-weights use.
+"""
+
+from cwa.rundir.files import (
+    ACCUMULATORS,
+    CONFIG,
+    FIGURES,
+    FIT_KIND,
+    PERTURB_CSV,
+    PERTURB_JSON,
+    SCHEMA_VERSION,
+    SCORES,
+    SCORES_FORMAT,
+    SUMMARY,
+    SUPER_WEIGHTS,
+    SUPER_WEIGHTS_KIND,
+    TOPK,
+    Key,
+)
+from cwa.rundir.outputs import OutputSet
+from cwa.rundir.perturbation import (
+    Perturbation,
+    PerturbRow,
+    read_perturb_csv,
+    read_perturbation,
+    write_perturb_csv,
+    write_perturbation,
+)
+from cwa.rundir.run import PREFETCH_K, Run, is_complete, load_runs, remove_unfinished_run, unique_names
+from cwa.rundir.scores import LazyScores, scores_metadata, stream_scores, write_scores
+from cwa.rundir.summary import Summary, write_summary
+from cwa.rundir.super_weights import write_super_weights
+from cwa.rundir.topk import TOPK_COLUMNS, read_topk, write_topk
+
+__all__ = [
+    "ACCUMULATORS",
+    "CONFIG",
+    "FIGURES",
+    "FIT_KIND",
+    "PERTURB_CSV",
+    "PERTURB_JSON",
+    "PREFETCH_K",
+    "SCHEMA_VERSION",
+    "SCORES",
+    "SCORES_FORMAT",
+    "SUMMARY",
+    "SUPER_WEIGHTS",
+    "SUPER_WEIGHTS_KIND",
+    "TOPK",
+    "TOPK_COLUMNS",
+    "Key",
+    "LazyScores",
+    "OutputSet",
+    "PerturbRow",
+    "Perturbation",
+    "Run",
+    "Summary",
+    "is_complete",
+    "load_runs",
+    "read_perturb_csv",
+    "read_perturbation",
+    "read_topk",
+    "remove_unfinished_run",
+    "scores_metadata",
+    "stream_scores",
+    "unique_names",
+    "write_perturb_csv",
+    "write_perturbation",
+    "write_scores",
+    "write_summary",
+    "write_super_weights",
+    "write_topk",
+]

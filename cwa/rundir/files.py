@@ -1,0 +1,23 @@
+"""The names in a run directory, its summary schema version and the run kinds: shared by every module of
+:mod:`cwa.rundir` and by nobody else's string literals."""
+
+SCHEMA_VERSION = 1
+"""Version of ``summary.json``. Runs without one were written before versioning (same fields)."""
+
+CONFIG = "config.yaml"
+SCORES = "scores.safetensors"
+TOPK = "topk.csv"
+SUMMARY = "summary.json"
+PERTURB_CSV = "perturb.csv"
+PERTURB_JSON = "perturb.json"
+SUPER_WEIGHTS = "super_weights.csv"
+FIGURES = "figures"
+ACCUMULATORS = "accumulators"
+
+Key = tuple[str, int]  # (parameter name, flat index into the stored tensor)
+
+
+FIT_KIND = "fit-sensitivity"
+SUPER_WEIGHTS_KIND = "find-super-weights"
+
+SCORES_FORMAT = "cwa-scores/1"  # the safetensors metadata "format" of scores.safetensors

@@ -1,0 +1,165 @@
+"""``perturb.csv`` and ``perturb.json``: typed perturbation rows, written as one set with the figures, and
+read back only when the set is whole."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from cwa.errors import CwaError
+from cwa.io import atomic_open, write_json
+from cwa.rundir.files import FIGURES, PERTURB_CSV, PERTURB_JSON
+from cwa.rundir.outputs import OutputSet, sha256
+
+
+@dataclass
+class PerturbRow:
+    """One row of ``perturb.csv``: a condition's held-out result against the unperturbed baseline.
+
+    ``delta_*`` are condition minus baseline with their confidence interval (``_low``, ``_high``);
+    ``p_value`` tests the condition against ``p_value_vs`` (``baseline``, or ``topk`` for a control).
+    """
+
+    condition: str
+    perturbation: str
+    target: str
+    k: int | None
+    rank: int | None
+    seed: int | None
+    n_weights: int
+    perplexity: float
+    nll: float
+    accuracy: float
+    delta_perplexity: float
+    delta_perplexity_low: float
+    delta_perplexity_high: float
+    delta_nll: float
+    delta_nll_low: float
+    delta_nll_high: float
+    delta_accuracy: float
+    delta_accuracy_low: float
+    delta_accuracy_high: float
+    p_value: float | None
+    p_value_vs: str
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def cells(self) -> list[str]:
+        return [cell(getattr(self, name)) for name in self.columns()]
+
+    @classmethod
+    def parse(cls, row: Mapping[str, str]) -> PerturbRow:
+        """A row from its CSV cells, each converted to its field's type (empty cell: None)."""
+        hints = get_type_hints(cls)
+        values = {}
+        for name in cls.columns():
+            text = row.get(name)
+            kind = hints[name]
+            if text is None or text == "":
+                values[name] = "" if kind is str else None
+            elif kind is str:
+                values[name] = text
+            elif int in getattr(kind, "__args__", (kind,)):
+                values[name] = int(text)
+            else:
+                values[name] = float(text)
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cell(value: object) -> str:
+    """A CSV cell: empty for None, nine significant digits for a float."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.9g}"
+    return str(value)
+
+
+def write_perturb_csv(path: Path, rows: Iterable[PerturbRow]) -> None:
+    with atomic_open(path, newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PerturbRow.columns())
+        for row in rows:
+            writer.writerow(row.cells())
+
+
+def read_perturb_csv(path: Path) -> list[PerturbRow]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [PerturbRow.parse(row) for row in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as exc:
+        raise CwaError(f"cannot read '{path}' ({exc}); rerun cwa perturb for this run.") from None
+
+
+def write_perturbation(
+    run_dir: Path,
+    rows: list[PerturbRow],
+    meta: dict,
+    figures: Mapping[str, Callable[[Path], None]] | None = None,
+) -> None:
+    """Write ``perturb.csv``, the figures and ``perturb.json`` as one set: either all of them are the new
+    ones or, after any failure or interrupt, all are the previous ones. ``perturb.json`` records the
+    checksum of ``perturb.csv``, so a reader can tell a set that was split by a hard kill.
+
+    Args:
+        run_dir: the run directory.
+        rows: the table, baseline first.
+        meta: the contents of ``perturb.json`` (``status`` and the csv checksum are added).
+        figures: ``{file name under figures/: function drawing into a given path}``.
+    """
+    outputs = OutputSet(Path(run_dir))
+    try:
+        csv_tmp = outputs.stage(PERTURB_CSV)
+        write_perturb_csv(csv_tmp, rows)
+        for name, draw in (figures or {}).items():
+            draw(outputs.stage(f"{FIGURES}/{name}"))
+        json_tmp = outputs.stage(PERTURB_JSON)
+        write_json(json_tmp, {"status": "complete", **meta, "perturb_csv_sha256": sha256(csv_tmp)})
+        outputs.commit()
+    finally:
+        outputs.discard()
+
+
+@dataclass
+class Perturbation:
+    """A run's perturbation results (``perturb.csv`` and ``perturb.json``), or absent."""
+
+    rows: list[PerturbRow]
+    meta: dict
+
+    @property
+    def baseline(self) -> PerturbRow | None:
+        return next((r for r in self.rows if r.target == "baseline"), None)
+
+
+def read_perturbation(run_dir: Path) -> Perturbation | None:
+    """A run's perturbation results, None when it has none; one CwaError sentence when the set is
+    inconsistent (perturb.csv replaced without its perturb.json, as a hard kill could leave it)."""
+    run_dir = Path(run_dir)
+    csv_path, json_path = run_dir / PERTURB_CSV, run_dir / PERTURB_JSON
+    if not csv_path.exists() and not json_path.exists():
+        return None
+    if not (csv_path.exists() and json_path.exists()):
+        raise CwaError(f"'{run_dir}' has only one of perturb.csv and perturb.json; rerun cwa perturb for it.")
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CwaError(f"'{json_path}' is not readable JSON ({exc}); rerun cwa perturb for this run.") from None
+    expected = meta.get("perturb_csv_sha256") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("status") != "complete":
+        raise CwaError(f"'{json_path}' does not describe a complete perturbation; rerun cwa perturb for it.")
+    if expected is not None and expected != sha256(csv_path):
+        raise CwaError(
+            f"'{csv_path}' does not match its perturb.json (an interrupted cwa perturb); rerun cwa perturb for it."
+        )
+    return Perturbation(read_perturb_csv(csv_path), meta)

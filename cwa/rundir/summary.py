@@ -1,0 +1,93 @@
+"""``summary.json``: the typed summary of a run, validated when read and written last."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from cwa.errors import CwaError
+from cwa.io import write_json
+from cwa.rundir.files import FIT_KIND, SCHEMA_VERSION, SUMMARY
+
+
+@dataclass
+class Summary:
+    """``summary.json``: what a fit-sensitivity run did and found (the contract in DESIGN.md)."""
+
+    model: str
+    metric: dict  # {"name", "signed", **the scorer's settings}
+    mode: str
+    k: int
+    tensors: dict[str, dict]  # per-tensor statistics: shape, numel, mean, std, min, max, abs_sum, zeros, topk_count
+    status: str = "complete"
+    schema: int = SCHEMA_VERSION
+    kind: str = FIT_KIND
+    created: str | None = None
+    model_class: str | None = None
+    dtype: str | None = None
+    num_parameters: int | None = None
+    num_scored: int | None = None
+    scored_tensors: int | None = None
+    topk_rows: int | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    samples: int | None = None
+    tokens: int | None = None
+    mean_loss: float | None = None
+    perplexity: float | None = None
+    seed: int | None = None
+    data: dict = field(default_factory=dict)
+    data_fingerprint: str | None = None
+    world_size: int | None = None
+    strategy: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    memory_ranks: list[dict] | None = None
+    resumed_from: int = 0
+    environment: dict = field(default_factory=dict)
+    layout: dict[str, dict] = field(default_factory=dict)  # name -> {layer, module, transposed}
+
+    REQUIRED = ("model", "metric", "mode", "k", "tensors")
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> Summary:
+        """Validate a parsed ``summary.json``; one CwaError sentence when it is not a complete cwa run."""
+        if not isinstance(data, dict) or data.get("status") != "complete":
+            raise CwaError(f"'{path.parent}' is not a complete run (summary.json status is not 'complete'); rerun it.")
+        kind = data.get("kind", FIT_KIND)
+        if kind != FIT_KIND:
+            raise CwaError(
+                f"'{path.parent}' is a {kind} run, not a fit-sensitivity run; pass fit-sensitivity run directories."
+            )
+        schema = data.get("schema", 0)
+        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+            raise CwaError(
+                f"'{path}' has summary schema {schema!r}, newer than this cwa understands ({SCHEMA_VERSION}); "
+                "upgrade cwa."
+            )
+        missing = [key for key in cls.REQUIRED if key not in data]
+        if missing:
+            raise CwaError(f"'{path}' lacks '{missing[0]}': it was not written by cwa fit-sensitivity.")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["schema"] = schema
+        for key in ("include", "exclude"):
+            values[key] = list(values.get(key) or [])
+        for key in ("data", "timings", "memory", "environment", "layout"):
+            values[key] = dict(values.get(key) or {})
+        if not isinstance(values["metric"], dict) or not isinstance(values["tensors"], dict):
+            raise CwaError(f"'{path}' has a malformed metric or tensors entry; rerun fit-sensitivity for it.")
+        return cls(**values)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def metric_name(self) -> str:
+        return str(self.metric.get("name", "?"))
+
+
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    """Write ``summary.json`` (atomically). Call it last: its presence marks the run complete."""
+    write_json(Path(run_dir) / SUMMARY, summary.to_json())

@@ -1,0 +1,33 @@
+"""``super_weights.csv``: a find-super-weights run, written with its figures and summary as one set."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from cwa.io import write_json
+from cwa.rundir.files import FIGURES, SCHEMA_VERSION, SUMMARY, SUPER_WEIGHTS, SUPER_WEIGHTS_KIND
+from cwa.rundir.outputs import OutputSet
+from cwa.rundir.perturbation import cell
+
+
+def write_super_weights(
+    run_dir: Path, rows: list[dict], summary: dict, figures: Mapping[str, Callable[[Path], None]] | None = None
+) -> None:
+    """A find-super-weights run: ``super_weights.csv`` (one row per MLP output projection), the figures and
+    ``summary.json`` (``kind: find-super-weights``, written last) as one set."""
+    outputs = OutputSet(Path(run_dir))
+    try:
+        with open(outputs.stage(SUPER_WEIGHTS), "w", newline="", encoding="utf-8") as handle:
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({k: cell(v) for k, v in row.items()} for row in rows)
+        for name, draw in (figures or {}).items():
+            draw(outputs.stage(f"{FIGURES}/{name}"))
+        full = {"status": "complete", "schema": SCHEMA_VERSION, "kind": SUPER_WEIGHTS_KIND, **summary}
+        write_json(outputs.stage(SUMMARY), full)
+        outputs.commit()
+    finally:
+        outputs.discard()

@@ -1,0 +1,71 @@
+"""``topk.csv``: the selected weights, one row each, read back by the one tie rule."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cwa.errors import CwaError
+from cwa.io import atomic_open
+from cwa.params import ParamInfo
+from cwa.topk import TopK, rank_order
+
+TOPK_COLUMNS = ["rank", "parameter", "layer", "module", "row", "col", "index", "score", "weight"]
+
+
+def write_topk(path: Path, topk: TopK, infos: Mapping[str, ParamInfo], weights: Mapping[str, Tensor]) -> None:
+    """One row per selected weight, in ``topk``'s order. ``row``/``col`` are (output unit, input unit) for
+    2-D tensors (also for GPT-2's transposed Conv1D); ``index`` is the flat index into the stored tensor.
+    ``weights`` gives the weights' values unless ``topk.weight`` carries them (sharded runs)."""
+    with atomic_open(path, newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(TOPK_COLUMNS)
+        for rank, (p, index, score) in enumerate(
+            zip(topk.param.tolist(), topk.index.tolist(), topk.score.tolist(), strict=True), start=1
+        ):
+            name = topk.names[p]
+            info = infos[name]
+            rc = info.row_col(torch.tensor(index))
+            row, col = ("", "") if rc is None else (int(rc[0]), int(rc[1]))
+            if topk.weight is not None:
+                weight = float(topk.weight[rank - 1])
+            else:
+                weight = float(weights[name].detach().reshape(-1)[index])
+            layer = "" if info.layer is None else info.layer
+            writer.writerow([rank, name, layer, info.module, row, col, index, f"{score:.9g}", f"{weight:.9g}"])
+
+
+def read_topk(path: Path, names: list[str] | None = None) -> TopK:
+    """``topk.csv`` as a :class:`TopK` ranked by the one tie rule (|score| descending, then parameter order,
+    then flat index). A ``per_layer`` list (K per tensor, tensors in turn) is thereby re-ranked globally,
+    so that its first K rows are the K highest scores in it.
+
+    Args:
+        path: the ``topk.csv`` file.
+        names: the scored parameters in model order (from the summary); by first appearance where None.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CwaError(f"cannot read '{path}': {exc}.") from None
+    if rows and not set(TOPK_COLUMNS) <= set(rows[0]):
+        raise CwaError(f"'{path}' lacks the columns {TOPK_COLUMNS}; it was not written by cwa fit-sensitivity.")
+    names = list(names or [])
+    position = {n: i for i, n in enumerate(names)}
+    for row in rows:
+        if row["parameter"] not in position:
+            position[row["parameter"]] = len(names)
+            names.append(row["parameter"])
+    try:
+        param = torch.tensor([position[r["parameter"]] for r in rows], dtype=torch.long)
+        index = torch.tensor([int(r["index"]) for r in rows], dtype=torch.long)
+        score = torch.tensor([float(r["score"]) for r in rows], dtype=torch.float32)
+    except (TypeError, ValueError) as exc:
+        raise CwaError(f"'{path}' has a malformed row ({exc}); rerun fit-sensitivity for it.") from None
+    order = rank_order(score.abs(), param, index)
+    return TopK(names=names, param=param[order], index=index[order], score=score[order])
