@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cwa.distributed import local_slice
+from cwa.sharding import local_slice
 from cwa.errors import CwaError
 from cwa.scorers import Batch, GradSquared, GradXWeight, HutchinsonDiag, LossFn, Scorer, _local
 
