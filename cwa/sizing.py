@@ -254,8 +254,9 @@ def plan_memory(layout: Layout, scorer: object, dtype: str, save_scores: str = "
     return Memory(weights, gradients, accumulators, {k: v for k, v in extras.items() if v})
 
 
-def gib(n: int | float) -> str:
-    return f"{n / GIB:.2f}"
+def gib(n: int | float, unit: int = GIB) -> str:
+    """``n`` bytes in ``unit`` (GiB by default) with two decimals."""
+    return f"{n / unit:.2f}"
 
 
 def check_metric_plan(scorer: object, dtype: str, sharded: bool) -> None:
@@ -296,8 +297,9 @@ def format_memory(memory: Memory, title: str, device: tuple[str, int] | None) ->
     rows += [(f"+ {name}", value) for name, value in memory.extras.items()]
     rows.append(("total", memory.total))
     width = max(len(name) for name, _ in rows)
-    lines = [title, "", f"{'per rank':<{width}}   {'GiB':>7}"]
-    lines += [f"{name:<{width}}   {gib(value):>7}" for name, value in rows]
+    unit, label = (GIB, "GiB") if memory.total >= GIB else (2**20, "MiB")
+    lines = [title, "", f"{'per rank':<{width}}   {label:>9}"]
+    lines += [f"{name:<{width}}   {gib(value, unit):>9}" for name, value in rows]
     lines.append("")
     lines.append(
         "Not counted: activations (batch_size x seq_len dependent), the CUDA context and allocator caches, "

@@ -123,7 +123,7 @@ def dry_run_fit_sensitivity(
     scored, widths = input_scored(meta, {name: param for name, (param, _) in chosen.items()}, scorer)
     layout = model_layout(meta, scored, world_size, sharded, widths)
     memory = plan_memory(layout, scorer, model.dtype_name, model.save_scores)
-    plan = f"FSDP2, rows sharded over {world_size} ranks" if sharded else "replicated on every rank (DDP or one process)"
+    plan = f"FSDP2, rows sharded over {world_size} ranks" if sharded else "replicated (DDP or one process)"
     options = ", ".join(f"{k}={v}" for k, v in scorer.settings().items())
     title = (
         f"Dry run of fit-sensitivity: {model.pretrained} in {model.dtype_name}, {world_size} process(es), {plan}; "

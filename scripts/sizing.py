@@ -67,9 +67,7 @@ def make_metric(name: str, settings: dict | None = None):
     return cls(**{k: v for k, v in {**OPTIONS.get(name, {}), **(settings or {})}.items() if k in accepted})
 
 
-def estimate(
-    model: torch.nn.Module, dtype: str, metric: str, devices: int, settings: dict | None = None
-) -> Memory:
+def estimate(model: torch.nn.Module, dtype: str, metric: str, devices: int, settings: dict | None = None) -> Memory:
     """Bytes per device with every parameter selected, sharded over ``devices`` (> 1) or replicated (1).
 
     Args:
