@@ -228,3 +228,32 @@ def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None
         setter(implementation)
     else:
         model.config._attn_implementation = implementation
+
+
+def build_meta_model(
+    name: str, dtype: Dtype = "float32", trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedModel:
+    """Build ``name``'s architecture on the meta device from its ``config.json`` alone: every parameter has
+    its shape and dtype but no storage, and no weight file is read (a hub name fetches config.json only).
+
+    Args:
+        name: a hub name, a local directory (config.json is enough) or the embedded model's name.
+        dtype: the dtype the parameters are given.
+        trust_remote_code: allow custom configuration and model code from the hub.
+        revision: hub revision.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if is_embedded(name) and (cache_dir() / "smollm2-135m-instruct" / "config.json").exists():
+        path = str(cache_dir() / "smollm2-135m-instruct")  # no conversion needed for the shapes
+    else:
+        path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as exc:  # transformers raises OSError, ValueError or hub errors here
+        if Path(path).is_dir():
+            raise CwaError(f"cannot read the configuration in '{path}': {str(exc).splitlines()[0]}") from exc
+        raise _hub_error(name, exc) from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    return model.eval()

@@ -9,11 +9,12 @@ import lightning as L
 
 from cwa.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult
 from cwa.data import CalibrationData
-from cwa.distributed import check_supported_strategy, register_strategy_name
-from cwa.errors import argument_error
+from cwa.distributed import check_supported_strategy, is_sharded_strategy, register_strategy_name
+from cwa.errors import CwaError, argument_error
 from cwa.module import SensitivityModule
-from cwa.preflight import check_device, check_trainer
+from cwa.preflight import check_context, check_device, check_processes, check_trainer
 from cwa.rundir import remove_unfinished_run
+from cwa.sizing import Memory
 
 
 class CwaTrainer(L.Trainer):
@@ -26,18 +27,31 @@ class CwaTrainer(L.Trainer):
     fit_result: FitResult | None = None
     """The last ``fit_sensitivity`` run's result, filled in by the fit callbacks."""
 
-    def fit_sensitivity(self, model: SensitivityModule, datamodule: CalibrationData | None = None) -> FitResult:
+    def fit_sensitivity(
+        self, model: SensitivityModule, datamodule: CalibrationData | None = None, dry_run: bool = False
+    ) -> FitResult | Memory:
         """Score every selected weight over the calibration blocks and write the top-K run directory.
 
         Runs in the validation loop with gradients enabled and the model in eval mode, so every
         Lightning strategy, progress bar and logger applies. The fit callbacks (cwa.callbacks) that are
         not given are added with their defaults and all run in their pipeline order.
 
+        Args:
+            model: the module with the model and metric settings.
+            datamodule: the calibration data.
+            dry_run: only print the memory each rank would need (weights, gradients, accumulators and the
+                metric's extras, from the model's config.json on the meta device, sharded as configured)
+                and return it: no weights are loaded, no data is read, nothing is written and the
+                configured accelerator need not be present.
+
         Returns:
-            The run's result: its directory, top-K, summary and timings (the summary on global zero only).
+            The run's result: its directory, top-K, summary and timings (the summary on global zero only);
+            with ``dry_run`` the per-rank memory estimate.
         """
         # Before any model is loaded: FSDP1 and flags that would quietly change the work are refused.
         check_supported_strategy(self.strategy)
+        if dry_run:
+            return dry_run_fit_sensitivity(model, self.world_size, is_sharded_strategy(self.strategy), datamodule)
         check_trainer(self)
         # Gradients are needed inside the loop: torch.inference_mode would forbid them.
         self.validate_loop.inference_mode = False
@@ -75,6 +89,110 @@ class CwaTrainer(L.Trainer):
         self.callbacks[:] = others + sorted(given + missing, key=lambda c: c.stage)
 
 
+def dry_run_fit_sensitivity(
+    model: SensitivityModule, world_size: int, sharded: bool, datamodule: CalibrationData | None = None
+) -> Memory:
+    """Print and return the memory one rank of this fit-sensitivity run would need, without running it.
+
+    The model is built on the meta device from its config.json (no weights), the selection and the metric's
+    own restrictions (Linear / Conv1D weights for wanda and obs) decide which tensors count, and the FSDP2
+    plan (row shards over ``world_size`` ranks, one unit per decoder layer and the root) or DDP's
+    replication decides what each rank holds (``cwa.sizing``).
+
+    Args:
+        model: the module with the model and metric settings (nothing is loaded into it).
+        world_size: processes of the planned run (devices x nodes).
+        sharded: FSDP2 (``ModelParallelStrategy``) rather than DDP or one process.
+        datamodule: the calibration data, for the checks that need only its settings (it is not read).
+    """
+    import torch
+
+    from cwa.models import build_meta_model
+    from cwa.params import select_parameters
+    from cwa.sizing import check_metric_plan, format_memory, input_scored, model_layout, plan_memory
+    from cwa.topk import check_k
+
+    scorer = model.scorer
+    check_metric_plan(scorer, model.dtype_name, sharded)
+    if datamodule is not None:
+        check_context(model.pretrained, datamodule.seq_len, model.trust_remote_code, model.revision)
+        check_processes(world_size, datamodule.num_samples, datamodule.batch_size)
+    meta = build_meta_model(model.pretrained, model.dtype_name, model.trust_remote_code, model.revision)
+    chosen = select_parameters(meta, model.include, model.exclude)
+    check_k({name: info.numel for name, (_, info) in chosen.items()}, model.k, model.mode)
+    scored, widths = input_scored(meta, {name: param for name, (param, _) in chosen.items()}, scorer)
+    layout = model_layout(meta, scored, world_size, sharded, widths)
+    memory = plan_memory(layout, scorer, model.dtype_name, model.save_scores)
+    plan = f"FSDP2, rows sharded over {world_size} ranks" if sharded else "replicated (DDP or one process)"
+    options = ", ".join(f"{k}={v}" for k, v in scorer.settings().items())
+    title = (
+        f"Dry run of fit-sensitivity: {model.pretrained} in {model.dtype_name}, {world_size} process(es), {plan}; "
+        f"metric {scorer.name}{f' ({options})' if options else ''}; {layout.scored:,} of {layout.total:,} "
+        f"parameters scored in {len(scored)} tensors; largest FSDP unit {layout.largest_unit:,} parameters."
+    )
+    device = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = (props.name, props.total_memory)
+    print(format_memory(memory, title, device), flush=True)
+    return memory
+
+
+class PlannedTrainer:
+    """Stands in for the Trainer when ``cwa fit-sensitivity --dry_run true`` plans a run: the configured
+    accelerator (8 GPUs, say) need not exist where the plan is made, so no Trainer is built.
+
+    Args:
+        accelerator: the configured ``trainer.accelerator``.
+        devices: the configured ``trainer.devices``.
+        num_nodes: the configured ``trainer.num_nodes``.
+        strategy: the configured ``trainer.strategy`` (a name or a strategy instance).
+    """
+
+    fit_result: FitResult | None = None
+
+    def __init__(self, accelerator: object, devices: object, num_nodes: int, strategy: object) -> None:
+        self.world_size = _device_count(accelerator, devices) * max(int(num_nodes or 1), 1)
+        self.strategy = _strategy_instance(strategy)
+        check_supported_strategy(self.strategy)
+
+    def fit_sensitivity(
+        self, model: SensitivityModule, datamodule: CalibrationData | None = None, dry_run: bool = True
+    ) -> Memory:
+        return dry_run_fit_sensitivity(model, self.world_size, is_sharded_strategy(self.strategy), datamodule)
+
+
+def _device_count(accelerator: object, devices: object) -> int:
+    """The number of devices per node a Trainer would use, without building one."""
+    import torch
+
+    text = str(devices).strip() if devices is not None else "auto"
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    if text.lstrip("-").isdigit() and int(text) > 0:
+        return int(text)
+    name = str(accelerator or "auto").lower()
+    if name in ("cpu", "mps") or (name == "auto" and not torch.cuda.is_available()):
+        return 1
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    raise CwaError(
+        f"trainer.devices={devices} cannot be resolved without the {name} devices here; set --trainer.devices "
+        "to the number the run will use."
+    )
+
+
+def _strategy_instance(strategy: object) -> object:
+    """A strategy name resolved through Lightning's registry (``fsdp2``, ``ddp``, ``fsdp``); instances as given."""
+    if not isinstance(strategy, str):
+        return strategy
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return StrategyRegistry.get(strategy) if strategy in StrategyRegistry else strategy
+
+
 TRAINER_DEFAULTS = {
     "inference_mode": False,
     "use_distributed_sampler": False,
@@ -99,6 +217,11 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | No
     from lightning.pytorch.cli import LightningCLI
 
     register_strategy_name()
+    # `--dry_run` alone means `--dry_run true` (jsonargparse wants a value for a bool).
+    args = [
+        "--dry_run=true" if a == "--dry_run" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
+        for i, a in enumerate(args)
+    ]
 
     class CwaCLI(LightningCLI):
         @staticmethod
@@ -109,12 +232,24 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | No
             parser.link_arguments("model.pretrained", "data.tokenizer")
 
         def before_instantiate_classes(self) -> None:
+            section = self.config.get(str(self.subcommand), self.config)
+            if section.get("dry_run"):
+                return  # a dry run plans for devices that need not be here
             # The requested device must exist before Lightning builds the Trainer (a traceback otherwise).
-            trainer = self.config.get(str(self.subcommand), self.config).get("trainer", {})
+            trainer = section.get("trainer", {})
             check_device(trainer.get("accelerator"), trainer.get("devices"))
 
+        def instantiate_trainer(self, **kwargs):
+            section = self.config_init.get(str(self.subcommand), self.config_init)
+            if not section.get("dry_run"):
+                return super().instantiate_trainer(**kwargs)
+            trainer = section.get("trainer", {})
+            return PlannedTrainer(
+                trainer.get("accelerator"), trainer.get("devices"), trainer.get("num_nodes"), trainer.get("strategy")
+            )
+
         def after_fit_sensitivity(self) -> None:
-            if print_result:
+            if print_result and self.trainer.fit_result is not None:
                 from cwa.console import print_fit_result
 
                 print_fit_result(self.trainer.fit_result)
