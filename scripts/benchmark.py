@@ -40,6 +40,10 @@ CONFIGS = {
         "probes": 4,
     },
     "hutchinson_diag/autograd (4 probes)": {"metric": "hutchinson_diag", "hvp": "autograd", "probes": 4},
+    # Forward-only analyses: their ratio is against a bare forward pass (no backward) of the same batch.
+    "wanda": {"metric": "wanda", "forward_only": True},
+    "obs": {"metric": "obs", "forward_only": True},
+    "find_super_weights": {"metric": "find_super_weights", "forward_only": True},
 }
 
 
@@ -62,7 +66,9 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
     from cwa.data import PydocCorpus, tokenize_stream
     from cwa.loss import next_token_nll
     from cwa.models import load_model, load_tokenizer
+    from cwa.saliency import OBS, Wanda
     from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
+    from cwa.super_weights import find_super_weights
 
     torch.manual_seed(0)
     spec = CONFIGS[name]
@@ -74,13 +80,22 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
     params = dict(model.named_parameters())
 
     def bare() -> None:
+        if spec.get("forward_only"):
+            with torch.no_grad():
+                next_token_nll(model, data)
+            return
         nll, tokens = next_token_nll(model, data)
         (nll / tokens).backward()
         for p in params.values():
             p.grad = None
 
+    extra: dict = {}
     if name == "bare":
         step = bare
+    elif spec["metric"] == "find_super_weights":
+
+        def step() -> None:
+            find_super_weights(model, [data])
     else:
         metric = spec["metric"]
         scorer = {
@@ -90,12 +105,20 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
             "hutchinson_diag": lambda: HutchinsonDiag(
                 probes=spec["probes"], hvp=spec["hvp"], fd_scheme=spec.get("fd_scheme", "forward")
             ),
+            "wanda": lambda: Wanda(),
+            "obs": lambda: OBS(),
         }[metric]()
         scorer.bind(params)
+        scorer.attach(model)
+        if metric == "obs":
+            extra["obs_bound_mib"] = scorer.memory_bytes()["peak"] / 2**20
 
         def step() -> None:
             scorer.update(data, lambda b: next_token_nll(model, b))
 
+    bare()  # the first pass's one-time allocations are not the analysis's
+    _reset_peak()
+    rss_before = _rss_mib("VmRSS")  # the model and data only: obs's accumulators are measured from here
     step()  # warm-up: allocator, kernels, accumulators
     _reset_peak()
     base_rss = _rss_mib("VmRSS")
@@ -110,13 +133,25 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    if metric_needs_compute(name):
+        start = time.perf_counter()
+        scorer.compute()
+        extra["compute_s"] = time.perf_counter() - start
+        extra["peak_rss_after_compute_mib"] = _rss_mib("VmHWM")
     return {
+        **extra,
         "config": name,
+        "rss_before_mib": rss_before,
         "seconds_per_batch": statistics.median(times),
         "bare_seconds_per_batch": statistics.median(bare_times),
         "peak_rss_mib": peak,
         "rss_after_warmup_mib": base_rss,
     }
+
+
+def metric_needs_compute(name: str) -> bool:
+    """obs inverts its X^T X at compute time: its memory bound covers that step, so the row measures it."""
+    return name == "obs"
 
 
 def hvp_accuracy(batch: int, seq_len: int) -> dict:
@@ -126,8 +161,8 @@ def hvp_accuracy(batch: int, seq_len: int) -> dict:
     import torch
 
     from cwa.data import PydocCorpus, tokenize_stream
+    from cwa.loss import next_token_nll
     from cwa.models import load_model, load_tokenizer
-    from cwa.module import next_token_nll
     from cwa.scorers import HutchinsonDiag
 
     model = load_model("smollm2-135m", "float32", attn_implementation="eager")
@@ -249,8 +284,9 @@ def main() -> int:
     print()
     print("| metric | s / batch | time vs bare fwd+bwd (same process) | per probe | peak RSS MiB | RSS vs bare |")
     print("|---|---:|---:|---:|---:|---:|")
+    forward_only = [c for c in results if c not in extra and CONFIGS[c].get("forward_only")]
     for config, r in results.items():
-        if config in extra:
+        if config in extra or config in forward_only:
             continue
         ratio = r["seconds_per_batch"] / r["bare_seconds_per_batch"]
         probes = CONFIGS[config].get("probes")
@@ -259,6 +295,19 @@ def main() -> int:
             f"| {config} | {r['seconds_per_batch']:.2f} | {ratio:.2f}x | {per_probe} | {r['peak_rss_mib']:.0f} | "
             f"{r['peak_rss_mib'] / bare['peak_rss_mib']:.2f}x |"
         )
+    if forward_only:
+        print(
+            "\n| forward-only analysis | s / batch | time vs bare forward (same process) | peak RSS MiB | "
+            "RSS growth over model+data MiB | stated bound MiB |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
+        for config in forward_only:
+            r = results[config]
+            peak = max(r["peak_rss_mib"], r.get("peak_rss_after_compute_mib", 0.0))
+            bound = f"{r['obs_bound_mib']:.0f}" if "obs_bound_mib" in r else ""
+            ratio = r["seconds_per_batch"] / r["bare_seconds_per_batch"]
+            growth = peak - r["rss_before_mib"]
+            print(f"| {config} | {r['seconds_per_batch']:.2f} | {ratio:.2f}x | {peak:.0f} | {growth:.0f} | {bound} |")
     if "topk" in results:
         t = results["topk"]
         print(
