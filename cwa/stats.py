@@ -105,11 +105,12 @@ def studentized_replicates(
         total = t @ w.T
         ratio = (x @ w.T) / total
         g = torch.exp(ratio) if transform == "exp" else ratio
-        slope = g if transform == "exp" else torch.ones_like(ratio)
         values.append(g)
-        influences.append((slope / total).unsqueeze(-1) * (x.unsqueeze(-2) - ratio.unsqueeze(-1) * t.unsqueeze(-2)))
-    u = influences[0] - influences[1]
-    return values[0] - values[1], (w * u.square()).sum(-1).sqrt()
+        # in place: these are (..., 1 + resamples, n), the bulk of the work
+        deviation = torch.addcmul(x.unsqueeze(-2), ratio.unsqueeze(-1), t.unsqueeze(-2), value=-1)
+        influences.append(deviation.mul_(((g if transform == "exp" else 1.0) / total).unsqueeze(-1)))
+    u = influences[0].sub_(influences[1]).square_().mul_(w)
+    return values[0] - values[1], u.sum(-1).sqrt_()
 
 
 def _roots(theta: Tensor, se: Tensor, null: Tensor) -> Tensor:
@@ -196,6 +197,10 @@ def paired_bootstrap_test(a: SequenceStats, b: SequenceStats, weights: Tensor) -
     """Two-sided p-value that passes ``a`` and ``b`` have the same token-weighted mean NLL, pairing
     sequences (the bootstrap-t test of :func:`bootstrap_t_p_value`; non-finite NLLs give NaN).
 
+    The p-value is at least 2^(1-n), the smallest that n paired sequences can support (that of an exact
+    sign-flip test): a handful of sequences that all changed by the same amount has no spread for the
+    bootstrap to measure and would otherwise look infinitely significant.
+
     Args:
         a: first pass.
         b: second pass, on the same sequences.
@@ -205,4 +210,4 @@ def paired_bootstrap_test(a: SequenceStats, b: SequenceStats, weights: Tensor) -
     if bool(a.broken.any() or b.broken.any()):
         return float("nan")
     theta, se = _paired(a, b, "nll", weights)
-    return float(bootstrap_t_p_value(theta, se))
+    return max(float(bootstrap_t_p_value(theta, se)), 2.0 ** (1 - len(a)))
