@@ -3,6 +3,7 @@ each condition's per-sequence results into a :class:`~cwa.rundir.PerturbRow` aga
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ from cwa.controls import Control
 from cwa.errors import CwaError
 from cwa.perturbations import Perturbation
 from cwa.rundir import PerturbRow
-from cwa.stats import SequenceStats, bootstrap_deltas, bootstrap_weights, paired_sign_flip_test
+from cwa.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
 
 
 @dataclass
@@ -97,8 +98,9 @@ class StatisticsOptions:
     """How each condition is compared with the baseline (and each control with its top-K set).
 
     Args:
-        bootstrap: bootstrap resamples (over held-out sequences) for the confidence intervals.
-        permutations: random sign patterns of the paired test (exact enumeration up to 16 sequences).
+        bootstrap: bootstrap resamples (over held-out sequences) for the studentized confidence intervals.
+        permutations: bootstrap resamples of the paired bootstrap-t test (the smallest p-value it can give
+            is 2 / (1 + permutations)).
         confidence: coverage of the confidence intervals.
     """
 
@@ -116,8 +118,10 @@ class StatisticsOptions:
 def perturb_rows(baseline: Result, results: list[Result], options: StatisticsOptions) -> list[PerturbRow]:
     """The rows of perturb.csv: the baseline, then every condition in the order evaluated. A control is
     tested against the top-K set of the same perturbation and K; top-K and single weights against the
-    baseline. All conditions share one set of bootstrap resamples (paired intervals)."""
-    weights = bootstrap_weights(len(baseline.evaluation.stats), options.bootstrap, seed=0)
+    baseline. All conditions share one set of bootstrap resamples for the intervals and one for the
+    tests (paired statistics, comparable across conditions)."""
+    n = len(baseline.evaluation.stats)
+    weights = bootstrap_weights(n, options.bootstrap, seed=0), bootstrap_weights(n, options.permutations, seed=1)
     topk = {(r.condition.perturbation, r.condition.k): r for r in results if r.condition.target == "topk"}
     rows = [_row(baseline, baseline, weights, options, None)]
     for result in results:
@@ -128,18 +132,31 @@ def perturb_rows(baseline: Result, results: list[Result], options: StatisticsOpt
 
 
 def _row(
-    result: Result, baseline: Result, weights: Tensor, options: StatisticsOptions, reference: Result | None
+    result: Result,
+    baseline: Result,
+    weights: tuple[Tensor, Tensor],
+    options: StatisticsOptions,
+    reference: Result | None,
 ) -> PerturbRow:
+    """A condition's row. A pass with any non-finite sequence NLL (a bit flip to inf or NaN) has no mean
+    change and no test: its ``delta_*`` are NaN, its p-value empty, and ``broken_fraction`` says on how
+    many sequences the model broke."""
     cond, stats, base = result.condition, result.evaluation.stats, baseline.evaluation.stats
-    deltas = bootstrap_deltas(base, stats, weights, options.confidence)
-    if cond is None:
-        p_value, vs = None, ""
-    elif not cond.is_control:
-        p_value, vs = paired_sign_flip_test(stats, base, options.permutations), "baseline"
-    elif reference is not None:
-        p_value, vs = paired_sign_flip_test(reference.evaluation.stats, stats, options.permutations), "topk"
+    interval_weights, test_weights = weights
+    if stats.broken_fraction > 0 or base.broken_fraction > 0:
+        deltas = {metric: (math.nan, math.nan, math.nan) for metric in METRICS}
     else:
-        p_value, vs = None, ""
+        deltas = bootstrap_deltas(base, stats, interval_weights, options.confidence)
+    if cond is None:
+        pair, vs = None, ""
+    elif not cond.is_control:
+        pair, vs = (stats, base), "baseline"
+    elif reference is not None:
+        pair, vs = (reference.evaluation.stats, stats), "topk"
+    else:
+        pair, vs = None, ""
+    testable = pair is not None and not any(s.broken_fraction > 0 for s in pair)
+    p_value = paired_bootstrap_test(*pair, test_weights) if testable else None
     return PerturbRow(
         condition="baseline" if cond is None else cond.name,
         perturbation="" if cond is None else cond.perturbation.name,
@@ -153,9 +170,10 @@ def _row(
         accuracy=stats.accuracy,
         **{
             f"delta_{metric}{suffix}": value
-            for metric in ("perplexity", "nll", "accuracy")
+            for metric in METRICS
             for suffix, value in zip(("", "_low", "_high"), deltas[metric], strict=True)
         },
         p_value=p_value,
         p_value_vs=vs,
+        broken_fraction=stats.broken_fraction,
     )

@@ -21,7 +21,15 @@ def _p(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else (f"{value:.3g}" if value >= 1e-3 else "<1e-3")
 
 
+def _broken(rows: list[PerturbRow]) -> str | None:
+    """Says "broken on x% of sequences" where the model gave a non-finite NLL on a sequence (worst row)."""
+    worst = max((r.broken_fraction or 0.0 for r in rows), default=0.0)
+    return f"broken on {100 * worst:.3g}% of sequences" if worst > 0 else None
+
+
 def _interval(row: PerturbRow) -> str:
+    if broken := _broken([row]):
+        return f"{broken:>28}"
     return (
         f"{_signed(row.delta_perplexity):>9} [{_signed(row.delta_perplexity_low)}, "
         f"{_signed(row.delta_perplexity_high)}]"
@@ -47,7 +55,7 @@ def _dose_lines(mine: list[PerturbRow], kind: str, targets: list[str]) -> list[s
                 continue
             mean = sum(r.delta_perplexity for r in ctl) / len(ctl)
             ps = [r.p_value for r in ctl if r.p_value is not None]
-            cell = f"{_signed(mean)} (p {_p(max(ps)) if ps else '-'})"
+            cell = _broken(ctl) or f"{_signed(mean)} (p {_p(max(ps)) if ps else '-'})"
             line += f"  {cell:>22}"
         lines.append(line)
     return lines

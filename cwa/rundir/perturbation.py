@@ -23,6 +23,8 @@ class PerturbRow:
 
     ``delta_*`` are condition minus baseline with their confidence interval (``_low``, ``_high``);
     ``p_value`` tests the condition against ``p_value_vs`` (``baseline``, or ``topk`` for a control).
+    ``broken_fraction`` is the share of held-out sequences with a non-finite NLL (the model broke on
+    them; ``delta_*`` are then NaN and ``p_value`` empty); None in a perturb.csv written before it existed.
     """
 
     condition: str
@@ -46,6 +48,7 @@ class PerturbRow:
     delta_accuracy_high: float
     p_value: float | None
     p_value_vs: str
+    broken_fraction: float | None = None
 
     @classmethod
     def columns(cls) -> list[str]:
