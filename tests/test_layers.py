@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cwa.saliency",
             "cwa.scorers",
             "cwa.sharding",
+            "cwa.sizing",
             "cwa.stats",
             "cwa.super_weights",
             "cwa.topk",
