@@ -51,7 +51,7 @@ class FindSuperWeights:
             significant damage is ``activation_only`` (a large activation, not a super weight).
         heldout_samples: evaluate at most this many held-out blocks (None: the data settings').
         bootstrap: bootstrap resamples (over held-out sequences) for the intervals.
-        permutations: random sign patterns of the paired test.
+        permutations: bootstrap resamples of the paired bootstrap-t test (smallest p: 2 / (1 + permutations)).
         confidence: coverage of the intervals.
         figures: write figures/activation_spikes.png.
         tensorboard: write per-layer spike scalars to TensorBoard.

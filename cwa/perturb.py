@@ -63,7 +63,7 @@ class PerturbRecipe:
             blocks): more, shorter sequences for the same compute give the statistics more units.
         batch_size: held-out blocks per forward pass (None: the run's setting).
         bootstrap: bootstrap resamples (over held-out sequences) for the confidence intervals.
-        permutations: random sign patterns of the paired test (exact enumeration up to 16 sequences).
+        permutations: bootstrap resamples of the paired bootstrap-t test (smallest p: 2 / (1 + permutations)).
         confidence: coverage of the confidence intervals.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
         trust_remote_code: let the model's own code from its repository run; taken only from this
