@@ -22,6 +22,7 @@ import torch
 from cwa.controls import Control, ControlContext, ControlName, ControlUnavailable, make_control
 from cwa.errors import CwaError
 from cwa.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
+from cwa.io import remove_stale_temporaries
 from cwa.perturbations import (
     ChecksumCache,
     Perturbation,
@@ -192,6 +193,7 @@ class PerturbRecipe:
         self.timings.update(self._condition_timings())
         figures = self._figures() if self.figures else {}
         write_perturbation(self.run_dir.path, self.rows, self._meta(), figures)
+        remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:
             from cwa.perturb_figures import tensorboard_scalars
 
