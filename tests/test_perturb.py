@@ -722,3 +722,14 @@ def test_the_short_names_are_the_registries() -> None:
     assert list(get_args(PerturbationName)) == list(PERTURBATIONS)
     assert list(get_args(ControlName)) == list(CONTROLS)
     assert all(cls.name == name for name, cls in {**PERTURBATIONS, **CONTROLS}.items())
+
+
+def test_perturb_removes_the_temporaries_a_killed_perturb_left(tiny_dir: Path, tmp_path: Path) -> None:
+    run = make_run(tmp_path, tiny_dir)
+    stale = [run / ".perturb.csv.4242.staged.tmp", run / "figures" / ".perturb_dose_response.png.a1b2c3.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half-written")
+    _quick(run, tensorboard=False).run()
+    assert not any(path.exists() for path in stale)
+    assert (run / "perturb.csv").is_file() and not list(run.rglob("*.tmp"))
