@@ -135,6 +135,11 @@ def studentized_interval(theta: Tensor, se: Tensor, confidence: float = 0.95) ->
     degenerate = scale == 0  # every sequence changed by the same per-token amount: no spread to scale
     low = torch.where(degenerate, estimate, estimate - q[1] * scale)
     high = torch.where(degenerate, estimate, estimate - q[0] * scale)
+    # A change confined to one or two sequences leaves many resamples without it (no spread: an infinite
+    # root), and then a studentized bound is undefined; the percentile bound of those resamples stands in.
+    percentile = torch.quantile(theta[..., 1:], probabilities, dim=-1)
+    low = torch.where(torch.isfinite(low), low, torch.minimum(percentile[0], estimate))
+    high = torch.where(torch.isfinite(high), high, torch.maximum(percentile[1], estimate))
     return low, high
 
 

@@ -216,3 +216,21 @@ def test_a_bit_flip_to_inf_is_reported_as_broken_sequences(tmp_path: Path, capsy
 
     print_table([base_row, row], "tiny", baseline.evaluation.stats, {}, [], tmp_path)
     assert "broken on 25% of sequences" in capsys.readouterr().out
+
+
+def test_a_change_in_one_sequence_has_a_finite_interval_around_it():
+    from cwa.stats import SequenceStats, bootstrap_deltas, bootstrap_weights
+
+    n = 24
+    nll = torch.full((n,), 40.0, dtype=torch.float64)
+    tokens = torch.full((n,), 31.0, dtype=torch.float64)
+    correct = torch.zeros(n, dtype=torch.float64)
+    base = SequenceStats(nll, tokens, correct)
+    changed = correct.clone()
+    changed[3] = 1.0  # one more correct prediction, in one sequence only
+    other = SequenceStats(nll + 0.01 * torch.arange(n), tokens, changed)
+    deltas = bootstrap_deltas(base, other, bootstrap_weights(n, 999, seed=0), 0.95)
+    for metric in ("accuracy", "nll", "perplexity"):
+        delta, low, high = deltas[metric]
+        assert all(map(math.isfinite, (delta, low, high))), (metric, deltas[metric])
+        assert low <= delta <= high, (metric, deltas[metric])
