@@ -92,7 +92,7 @@ def executive_summary(analysis: Analysis, headlines: list[list[Finding]]) -> lis
         "",
     ]
     if analysis.skipped:
-        lines += [f"Left out: {'; '.join(analysis.skipped)}.", ""]
+        lines += [f"Left out: {'; '.join(s.rstrip('.') for s in analysis.skipped)}.", ""]
     lines += ["Main findings (each detailed below):", ""]
     return lines + _bullets(
         [headline_sentence(g, analysis) for g in headlines],
@@ -105,6 +105,9 @@ DESCRIBED = {
     "grad_x_weight": "|g·w|, g the gradient of the mean calibration NLL (first-order loss change when w is zeroed)",
     "grad_squared": "mean over micro-batches of g² (empirical Fisher diagonal)",
     "hutchinson_diag": "Hutchinson estimate of the Hessian diagonal (signed; ranked by |·|)",
+    "wanda": "|w_ij|·‖X_j‖₂, X_j the j-th input feature over all calibration tokens (Wanda)",
+    "obs": "w_ij² / [H⁻¹]_jj, H = (2/n)·XᵀX + λ·mean(diag H)·I per layer input (Optimal Brain Surgeon)",
+    "obd": "½·H_ii·w², diag(H) from the Fisher or Hutchinson (Optimal Brain Damage)",
 }
 
 
@@ -124,6 +127,9 @@ def models_and_metrics(analysis: Analysis) -> list[str]:
     for metric in sorted({r.metric for r in runs}):
         of = [r for r in runs if r.metric == metric]
         options = sorted({", ".join(f"{k}={v}" for k, v in r.metric_options.items()) or "—" for r in of})
+        unscored = sorted({len(r.metric_facts.get("unscored") or {}) for r in of} - {0})
+        if unscored:  # wanda and obs leave out norms, embeddings and biases (listed in each summary.json)
+            options.append(f"leaves out {'/'.join(map(str, unscored))} tensors that multiply no layer input")
         rows.append([f"`{metric}`", DESCRIBED.get(metric, "—"), "; ".join(options), str(len(of))])
     return lines + _table(["metric", "score of a weight", "options", "runs"], rows)
 

@@ -25,6 +25,10 @@ from cwa.topk import TopK, select_topk
 PREFETCH_K = 1024
 
 
+METRIC_FACTS = ("unscored", "memory_bound_mib", "fd_zero_steps", "damping_raised")
+"""Keys of the summary's ``metric`` entry that describe the run's outcome, not the metric's settings."""
+
+
 @dataclass
 class Run:
     """One complete fit-sensitivity run directory, read lazily.
@@ -88,7 +92,14 @@ class Run:
 
     @property
     def metric_options(self) -> dict:
-        return {k: v for k, v in self.summary.metric.items() if k not in ("name", "signed")}
+        """The metric's settings (what was asked for), without what the run found out (``metric_facts``)."""
+        return {k: v for k, v in self.summary.metric.items() if k not in ("name", "signed", *METRIC_FACTS)}
+
+    @property
+    def metric_facts(self) -> dict:
+        """What the scorer reported about this run: tensors it cannot score, its memory bound, weights a
+        finite-difference step cannot move, a raised damping."""
+        return {k: v for k, v in self.summary.metric.items() if k in METRIC_FACTS}
 
     @property
     def signed(self) -> bool:
