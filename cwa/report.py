@@ -226,7 +226,8 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         out.update(_comparison_figures(analysis, members, result, fig_dir))
     forest = [
         {
-            "label": f"{labels[i]} · {r.target} · {r.perturbation} · K={r.k} · seed {r.seed}",
+            "label": f"{labels[i]} · {r.target} · {r.perturbation} · K={r.k}"
+            + ("" if r.seed is None else f" · seed {r.seed}"),
             "delta": r.delta_perplexity,
             "low": r.delta_perplexity_low,
             "high": r.delta_perplexity_high,
