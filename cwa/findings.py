@@ -4,11 +4,11 @@ A finding is one statistic about one or more runs, with its value, its interval,
 is gated on and the verdict itself. Each ``*_findings`` function here is pure: it takes what was computed
 from the runs (concentration, comparisons, perturbation rows) and returns :class:`Finding` objects; it
 never formats a sentence. ``cwa.report_markdown`` renders them; the report's executive summary picks them
-by section, verdict and strength (:func:`cwa.report.headlines`). Where the placement findings are, see
+by section, verdict and strength (:func:`cwa.analysis.headlines`). Where the placement findings are, see
 ``cwa.findings_placement``.
 
 To add a finding: write a function returning ``Finding``s with a new ``verdict``, call it from
-``cwa.report.analyse``, and give the verdict its wording in :func:`cwa.report_text.sentence` (docs/architecture.md).
+``cwa.analysis.analyse``, and give the verdict its wording in :func:`cwa.report_text.sentence` (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ from cwa.distributed import check_supported_strategy, is_sharded_strategy
 from cwa.environment import peak_memory
 from cwa.errors import CwaError
 from cwa.loss import next_token_nll
+from cwa.metrics import make_scorer
 from cwa.models import Dtype, load_model, set_attn_implementation
 from cwa.params import ParamInfo, as_patterns, compile_patterns, select_parameters
-from cwa.scorers import Scorer, make_scorer, nonfinite_error
+from cwa.scorers import Scorer, nonfinite_error
 from cwa.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
 from cwa.topk import Mode, check_k
 

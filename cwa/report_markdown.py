@@ -1,4 +1,4 @@
-"""Render an :class:`~cwa.report.Analysis` to Markdown, section by section.
+"""Render an :class:`~cwa.analysis.Analysis` to Markdown, section by section.
 
 A dumb renderer: which findings exist, their verdicts and which of them lead the executive summary are
 decided in ``cwa.findings`` and ``cwa.report``; the wording is ``cwa.report_text``. Each section gives its
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cwa import findings as th
+from cwa.analysis import Analysis, agreement_pairs
 from cwa.findings import FRACTIONS, Finding
-from cwa.report import Analysis, agreement_pairs
 from cwa.report_text import _bullets, _ci, _num, _p, _pct, _rel, _table, headline_sentence, pair_sentence, sentence
 
 LEAD = 5  # findings per section given as sentences; the rest go to a table
@@ -29,7 +29,7 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
         analysis: what the runs show.
         output: path of the Markdown file (links are relative to its folder).
         figures: {figure key: path} of the figures drawn (empty without figures).
-        headlines: the executive summary's claims (``cwa.report.headlines``).
+        headlines: the executive summary's claims (``cwa.analysis.headlines``).
     """
 
     def fig(key: str, alt: str) -> list[str]:

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from cwa import findings as th
+from cwa.analysis import Analysis
 from cwa.findings import Finding
-from cwa.report import Analysis
 
 
 # -- formatting ----------------------------------------------------------------------------------

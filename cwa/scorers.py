@@ -479,23 +479,3 @@ class HutchinsonDiag(Scorer):
         self.check_finite()
         denom = self.tokens * self.probes  # each batch added one v * (H_b v) per probe
         return {n: self.acc[n].div_(denom) for n in self.params}
-
-
-METRICS: dict[str, type[Scorer]] = {cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag)}
-SALIENCY_METRICS = {"wanda": "Wanda", "obs": "OBS", "obd": "OBD"}
-"""Short names of the classes in ``cwa.saliency``, imported on first use (that module imports this one)."""
-
-
-def make_scorer(metric: Scorer | str) -> Scorer:
-    """A scorer instance from an instance or a short name (``grad_x_weight``, ...)."""
-    if isinstance(metric, Scorer):
-        return metric
-    if metric in SALIENCY_METRICS:
-        from cwa import saliency
-
-        return getattr(saliency, SALIENCY_METRICS[metric])()
-    try:
-        return METRICS[metric]()
-    except KeyError:
-        names = ", ".join([*METRICS, *SALIENCY_METRICS])
-        raise CwaError(f"unknown metric '{metric}': choose one of {names}.") from None

@@ -60,7 +60,7 @@ def build_meta_model(name: str, dtype: str = "float32") -> torch.nn.Module:
 
 def make_metric(name: str, settings: dict | None = None):
     """A scorer from its name and the settings a summary records (keys it does not take are ignored)."""
-    from cwa.scorers import make_scorer
+    from cwa.metrics import make_scorer
 
     cls = type(make_scorer(name))
     accepted = inspect.signature(cls).parameters

@@ -19,10 +19,11 @@ from cwa import checkpoint, io, preflight
 from cwa.cli import main
 from cwa.data import TextFiles, as_source
 from cwa.errors import CwaError
+from cwa.metrics import make_scorer
 from cwa.models import load_model, load_tokenizer
 from cwa.module import SensitivityModule
 from cwa.params import compile_patterns, select_parameters
-from cwa.scorers import HutchinsonDiag, make_scorer
+from cwa.scorers import HutchinsonDiag
 from tests.conftest import corpus_words, tiny_gpt2
 
 ONE_PROCESS = SimpleNamespace(global_rank=0, world_size=1)

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cwa.figures",
             "cwa.io",
             "cwa.loss",
+            "cwa.metrics",
             "cwa.models",
             "cwa.params",
             "cwa.perturbations",
@@ -73,6 +74,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "recipes",  # readers of run directories: perturb, compare, report, find-super-weights
         {
+            "cwa.analysis",
             "cwa.compare",
             "cwa.evaluate",
             "cwa.find_super_weights",

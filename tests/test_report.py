@@ -9,10 +9,11 @@ import pytest
 import torch
 from test_compare import LAYOUT, load_runs, make_run, random_scores
 
+from cwa.analysis import Analysis, analyse, headlines
 from cwa.cli import main
 from cwa.errors import CwaError
 from cwa.findings import CONCENTRATED_FACTOR, Finding
-from cwa.report import Analysis, analyse, headlines, report
+from cwa.report import report
 from cwa.report_markdown import render
 
 SECTIONS = [

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from test_scorers import _bind, _exact_hessian_diagonal, _mean_loss, _run
 
 from cwa.errors import CwaError
+from cwa.metrics import make_scorer
 from cwa.module import next_token_nll
 from cwa.saliency import OBD, OBS, Wanda, inverse_diagonal, obs_memory_bytes
-from cwa.scorers import HutchinsonDiag, make_scorer
+from cwa.scorers import HutchinsonDiag
 
 
 def _attached(scorer, model, include=None):

@@ -12,8 +12,9 @@ from conftest import random_blocks, tiny_gpt2, tiny_llama
 
 from cwa.errors import CwaError
 from cwa.loss import next_token_nll
+from cwa.metrics import make_scorer
 from cwa.params import select_parameters
-from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, make_scorer
+from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
 
 def _bind(scorer, model, include=None):

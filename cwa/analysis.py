@@ -1,0 +1,190 @@
+"""The report's first layer: :func:`analyse` reads the runs (through ``cwa.rundir`` only) and computes every
+statistic and every :class:`~cwa.findings.Finding` into one :class:`Analysis`; :func:`headlines` picks the
+executive summary from the findings' sections, verdicts and strength. The renderer
+(``cwa.report_markdown``) and the command (``cwa.report``) both build on it; it imports neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cwa.compare import DEFAULT_SAMPLE, compare_runs
+from cwa.findings import (
+    Finding,
+    comparison_findings,
+    concentration_findings,
+    concentration_of,
+    perturbation_findings,
+    reproducibility_findings,
+    stability_findings,
+    strongest,
+)
+from cwa.findings_placement import LOCATION_K, Placement, placement_findings, placement_of
+from cwa.rundir import PerturbRow, Run, unique_names
+
+
+@dataclass
+class Analysis:
+    """Everything the report says, computed from the runs; positions index ``runs`` throughout.
+
+    Args:
+        runs: the runs, in the order given.
+        names: their directory names (``experiment/version_n``), unique.
+        labels: their short labels (``R1``, ``R2``, ...), defined once in the report's run table.
+        location_k: size of the global top-K whose placement is analysed.
+        concentration: per run, the concentration statistics (``cwa.findings.concentration_of``).
+        placements: per run, where its top-K live (None when it cannot give a global top-K).
+        comparisons: (member positions, ``compare_runs`` result) per group of runs scoring the same tensors.
+        stability: (``compare_runs`` stability group, member positions) per group of seed replicates.
+        perturbation: per run, its perturbation rows without the baseline ([] when it has none).
+        findings: every finding, in section order.
+        skipped: notes on the directories left out (not complete runs).
+    """
+
+    runs: list[Run]
+    names: list[str]
+    labels: list[str]
+    location_k: int
+    concentration: list[dict]
+    placements: list[Placement | None]
+    comparisons: list[tuple[list[int], dict]]
+    stability: list[tuple[dict, tuple[int, ...]]]
+    perturbation: list[list[PerturbRow]]
+    findings: list[Finding] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def of(self, section: str) -> list[Finding]:
+        """The findings of one section, strongest first."""
+        return strongest([f for f in self.findings if f.section == section])
+
+    def to_json(self) -> dict:
+        """The numbers behind the report (``<stem>.json``)."""
+        return {
+            "runs": self.names,
+            "labels": self.labels,
+            "concentration": {
+                n: {k: v for k, v in c.items() if k != "curve"}
+                for n, c in zip(self.names, self.concentration, strict=True)
+            },
+            "placement": {n: (p.__dict__ if p else None) for n, p in zip(self.names, self.placements, strict=True)},
+            "comparisons": [{"members": [self.names[i] for i in m], **c} for m, c in self.comparisons],
+            "perturbation": {
+                self.names[i]: {
+                    "rows": [r.as_dict() for r in rows],
+                    "claims": [f.as_dict() for f in self.of("perturbation") if f.runs == (i,)],
+                }
+                for i, rows in enumerate(self.perturbation)
+                if rows
+            },
+            "findings": [f.as_dict() for f in self.findings],
+            "skipped": self.skipped,
+        }
+
+
+def layout_groups(runs: list[Run]) -> list[list[int]]:
+    """Runs that score the same parameters with the same shapes (the only ones whose scores compare)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(tuple(run.shapes.items()), []).append(i)
+    return list(groups.values())
+
+
+def _stability_positions(runs: list[Run], members: list[int], group: dict) -> tuple[int, ...]:
+    positions: list[int] = []
+    for name in group["runs"]:
+        positions.append(next(i for i in members if runs[i].name == name and i not in positions))
+    return tuple(positions)
+
+
+def analyse(
+    runs: list[Run],
+    ks: list[int],
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = 0,
+    location_k: int = LOCATION_K,
+) -> Analysis:
+    """Every statistic and finding of the report, from the runs alone (pure apart from reading them).
+
+    Args:
+        runs: the runs to report on.
+        ks: K of the top-K overlaps between runs.
+        sample: size of the uniform random sample of weights for rank correlations between runs.
+        seed: seed of that sample and of the bootstraps.
+        location_k: size of the global top-K whose placement (modules, layers, rows/columns) is analysed.
+    """
+    comparisons = [
+        (members, compare_runs([runs[i] for i in members], ks, sample, seed))
+        for members in layout_groups(runs)
+        if len(members) >= 2
+    ]
+    analysis = Analysis(
+        runs=runs,
+        names=unique_names(runs),
+        labels=[f"R{i + 1}" for i in range(len(runs))],
+        location_k=location_k,
+        concentration=[concentration_of(run) for run in runs],
+        placements=[placement_of(run, location_k) for run in runs],
+        comparisons=comparisons,
+        stability=[
+            (g, _stability_positions(runs, members, g)) for members, result in comparisons for g in result["stability"]
+        ],
+        perturbation=[
+            [r for r in (run.perturbation.rows if run.perturbation else []) if r.target != "baseline"] for run in runs
+        ],  # fmt: skip
+    )
+    found = analysis.findings
+    for i, c in enumerate(analysis.concentration):
+        found += concentration_findings(i, c)
+    for i, place in enumerate(analysis.placements):
+        found += placement_findings(i, place) if place else []
+    for members, result in comparisons:
+        found += comparison_findings(runs, members, result)
+    for group, positions in analysis.stability:
+        found += stability_findings(group, positions)
+    for i, rows in enumerate(analysis.perturbation):
+        found += perturbation_findings(i, rows)
+    found += reproducibility_findings(runs, comparisons)
+    return analysis
+
+
+# -- the executive summary: picked by section, verdict and strength, never from rendered text ----------
+HEADLINE_AGREEMENT_PAIRS = 3
+HEADLINE_PERTURBATION_PER_RUN = 2
+
+
+def headlines(analysis: Analysis) -> list[list[Finding]]:
+    """The executive summary's claims, each a group of findings rendered as one sentence: the concentrated
+    runs together; the strongest recurring row, column or residual dimension; the strongest agreement or
+    disagreement between runs of different metrics (up to three pairs); every stability verdict; the
+    strongest perturbation effects of each run (up to two)."""
+    out: list[list[Finding]] = []
+    concentrated = [f for f in analysis.of("concentration") if f.verdict == "concentrated"]
+    if concentrated:
+        out.append(sorted(concentrated, key=lambda f: f.runs))
+    recurring = [f for f in analysis.of("placement") if f.verdict in ("recurs", "residual_dimension_recurs")]
+    if recurring:
+        out.append(recurring[:1])
+    pairs: dict[tuple[int, ...], list[Finding]] = {}
+    for f in analysis.of("agreement"):
+        if f.numbers.get("different_metrics"):
+            pairs.setdefault(f.runs, []).append(f)
+    out += list(pairs.values())[:HEADLINE_AGREEMENT_PAIRS]
+    out += [[f] for f in analysis.findings if f.section == "stability"]
+    for i in range(len(analysis.runs)):
+        effects = [
+            f
+            for f in analysis.of("perturbation")
+            if f.runs == (i,) and f.verdict in ("raises_perplexity", "costs_more_than_control")
+        ]
+        out += [[f] for f in effects[:HEADLINE_PERTURBATION_PER_RUN]]
+    return out
+
+
+def agreement_pairs(analysis: Analysis) -> list[list[Finding]]:
+    """Agreement findings grouped by pair of runs, the pair with the strongest finding first."""
+    pairs: dict[tuple[int, ...], list[Finding]] = {}
+    for f in analysis.of("agreement"):
+        pairs.setdefault(f.runs, []).append(f)
+    return [
+        sorted(group, key=lambda f: f.verdict not in ("rank_alike", "rank_differently")) for group in pairs.values()
+    ]

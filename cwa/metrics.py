@@ -1,0 +1,26 @@
+"""The metric registry: each short name of ``model.metric`` and the scorer class it stands for.
+
+It sits above :mod:`cwa.scorers` (the gradient and curvature metrics) and :mod:`cwa.saliency` (the
+activation-aware ones, which build on the former), so that neither has to import the other to be found.
+A metric outside the registry is given by ``class_path``.
+"""
+
+from __future__ import annotations
+
+from cwa.errors import CwaError
+from cwa.saliency import OBD, OBS, Wanda
+from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, Scorer
+
+METRICS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag, Wanda, OBS, OBD)
+}
+
+
+def make_scorer(metric: Scorer | str) -> Scorer:
+    """A scorer instance from an instance or a short name (``grad_x_weight``, ``wanda``, ...)."""
+    if isinstance(metric, Scorer):
+        return metric
+    try:
+        return METRICS[metric]()
+    except KeyError:
+        raise CwaError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}.") from None
