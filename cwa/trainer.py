@@ -238,6 +238,13 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | No
             # The requested device must exist before Lightning builds the Trainer (a traceback otherwise).
             trainer = section.get("trainer", {})
             check_device(trainer.get("accelerator"), trainer.get("devices"))
+            # Before any process is launched, so that the sentence is printed once, not once per process.
+            devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+            data = section.get("data", {})
+            samples, batch = data.get("num_samples"), data.get("batch_size")
+            counted = isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit())
+            if counted and isinstance(samples, int) and isinstance(batch, int) and batch > 0:
+                check_processes(int(devices) * int(nodes), samples, batch)
 
         def instantiate_trainer(self, **kwargs):
             section = self.config_init.get(str(self.subcommand), self.config_init)
