@@ -235,30 +235,22 @@ def placement_findings(position: int, place: Placement) -> list[Finding]:
                         numbers={**r, "k": place.k},
                     )
                 )
-    for r in place.residual:
-        out.append(
+    recurrences = (
+        (place.residual, "residual_dimension_recurs", "the top-K weights on this residual-stream dimension"),
+        (place.recurring, "recurs", "the module type's top-K weights on this row/column"),
+    )
+    for rows, verdict, what in recurrences:
+        out += [
             Finding(
                 section="placement",
-                verdict="residual_dimension_recurs",
+                verdict=verdict,
                 runs=runs,
-                statistic="Bonferroni-adjusted binomial p of the top-K weights on this residual-stream dimension",
+                statistic=f"Bonferroni-adjusted binomial p of {what}",
                 value=r["p_adjusted"],
                 threshold=ALPHA,
                 strength=_strength(r["p_adjusted"]),
                 numbers={**r, "k": place.k},
             )
-        )
-    for r in place.recurring:
-        out.append(
-            Finding(
-                section="placement",
-                verdict="recurs",
-                runs=runs,
-                statistic="Bonferroni-adjusted binomial p of the module type's top-K weights on this row/column",
-                value=r["p_adjusted"],
-                threshold=ALPHA,
-                strength=_strength(r["p_adjusted"]),
-                numbers={**r, "k": place.k},
-            )
-        )
+            for r in rows
+        ]
     return out
