@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,13 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, blocks: Tensor, batch_size: int, device: torch.device) -> Evaluation:
+def evaluate(
+    model: torch.nn.Module,
+    blocks: Tensor,
+    batch_size: int,
+    device: torch.device,
+    before_batch: Callable[[int], None] | None = None,
+) -> Evaluation:
     """One forward pass over ``blocks``: per-sequence NLL sums, token counts, correct predictions, and
     the torchmetrics perplexity of the whole pass.
 
@@ -35,13 +42,17 @@ def evaluate(model: torch.nn.Module, blocks: Tensor, batch_size: int, device: to
         blocks: (sequences, tokens) token ids.
         batch_size: sequences per forward pass.
         device: where the model is.
+        before_batch: called with the batch's number (0, 1, ...) before each forward pass (the batches
+            always come in the same order: activation restore records and replays by batch).
     """
     from torchmetrics.text import Perplexity
 
     start = time.perf_counter()
     metric = Perplexity().to(device)
     nll, tokens, correct = [], [], []
-    for first in range(0, blocks.shape[0], batch_size):
+    for batch, first in enumerate(range(0, blocks.shape[0], batch_size)):
+        if before_batch is not None:
+            before_batch(batch)
         input_ids = blocks[first : first + batch_size].to(device)
         logits = model(input_ids=input_ids).logits[:, :-1].float()
         labels = input_ids[:, 1:]
@@ -65,6 +76,7 @@ class Condition:
     rank: int | None = None
     seed: int | None = None
     control: Control | None = field(default=None, repr=False)  # draws a control target's weights
+    restore: str = ""  # activation restore mode of a restored twin (cwa.restore), "" for none
 
     @property
     def name(self) -> str:
@@ -75,6 +87,8 @@ class Condition:
             parts.append(f"k={self.k}")
         if self.seed is not None:
             parts.append(f"seed={self.seed}")
+        if self.restore:
+            parts.append(f"restore={self.restore}")
         return "/".join(parts)
 
     @property
@@ -90,6 +104,7 @@ class Result:
     apply_restore_s: float = 0.0
     select_s: float = 0.0
     where: str = ""
+    restored_tokens: int | None = None  # (token, channel) activations written back by activation restore
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -123,12 +138,47 @@ def perturb_rows(baseline: Result, results: list[Result], options: StatisticsOpt
     n = len(baseline.evaluation.stats)
     weights = bootstrap_weights(n, options.bootstrap, seed=0), bootstrap_weights(n, options.permutations, seed=1)
     topk = {(r.condition.perturbation, r.condition.k): r for r in results if r.condition.target == "topk"}
+    unrestored = {r.condition.name: r for r in results if not r.condition.restore}
     rows = [_row(baseline, baseline, weights, options, None)]
     for result in results:
         cond = result.condition
         reference = topk.get((cond.perturbation, cond.k)) if cond.is_control else None
-        rows.append(_row(result, baseline, weights, options, reference))
+        row = _row(result, baseline, weights, options, reference)
+        if cond.restore:
+            perturbed = unrestored[replace(cond, restore="").name]
+            row = _restored_row(row, result, perturbed, baseline, weights, options)
+        rows.append(row)
     return rows
+
+
+def _restored_row(
+    row: PerturbRow,
+    result: Result,
+    perturbed: Result,
+    baseline: Result,
+    weights: tuple[Tensor, Tensor],
+    options: StatisticsOptions,
+) -> PerturbRow:
+    """A restored twin's row: its p-value tests it against the perturbed pass (not the baseline), and it
+    carries the recovered fraction of the damage with its interval (cwa.restore.recovered_fraction)."""
+    from cwa.restore import recovered_fraction
+
+    base, hurt, mended = (r.evaluation.stats for r in (baseline, perturbed, result))
+    testable = not any(s.broken_fraction > 0 for s in (hurt, mended))
+    damage = bootstrap_deltas(base, hurt, weights[0], options.confidence)["nll"] if testable else None
+    fraction, low, high = recovered_fraction(
+        base, hurt, mended, weights[0], options.confidence, None if damage is None else damage[1:]
+    )
+    return replace(
+        row,
+        p_value=paired_bootstrap_test(hurt, mended, weights[1]) if testable else None,
+        p_value_vs=perturbed.condition.name,
+        restore=result.condition.restore,
+        recovered_fraction=fraction,
+        recovered_fraction_low=low,
+        recovered_fraction_high=high,
+        restored_tokens=result.restored_tokens,
+    )
 
 
 def _row(

@@ -227,6 +227,7 @@ def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding
     detectable effect (interval covers 0), or the top-K costs more than a control (paired p < 0.05)."""
     out = []
     statistic = "Δ held-out perplexity (perturbed − baseline)"
+    rows = [r for r in rows if not r.restore]  # an activation-restore twin is tested against its perturbed pass
     for r in rows:
         delta, (low, high) = _delta(r)
         if r.target != "single" or low is None:

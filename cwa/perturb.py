@@ -13,8 +13,12 @@ only through :func:`cwa.rundir.write_perturbation` (csv, figures and json togeth
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +39,7 @@ from cwa.perturbations import (
     selection_size,
     topk_prefix,
 )
+from cwa.restore import RestoreMode
 from cwa.run_data import build_data
 from cwa.rundir import Run, write_perturbation
 
@@ -72,6 +77,13 @@ class PerturbRecipe:
         verify: checksum every touched tensor after restoring it (fails loudly if a bit differs).
         figures: write figures/perturb_dose_response.png and figures/perturb_single_weight.png.
         tensorboard: write TensorBoard scalars into the run directory.
+        restore: activation restore modes: for every top-K set and single weight (not the controls), and
+            each mode, a twin condition with the same perturbation while the baseline output of the
+            perturbed weights' layer is written back at their output channels: ``all`` at every token,
+            ``spikes`` only where the baseline |activation| is at least ``restore_threshold`` times the
+            channel's median |activation| over the held-out tokens. Its row reports the fraction of the
+            NLL damage recovered.
+        restore_threshold: the spike threshold of ``restore spikes`` (times the channel's median |value|).
     """
 
     def __init__(
@@ -95,6 +107,8 @@ class PerturbRecipe:
         verify: bool = True,
         figures: bool = True,
         tensorboard: bool = True,
+        restore: tuple[RestoreMode, ...] = (),
+        restore_threshold: float = 10.0,
     ) -> None:
         if (run is None) == (fit_config is None):
             raise CwaError("give exactly one of --run (a fit-sensitivity run directory) and --fit_config.")
@@ -126,6 +140,7 @@ class PerturbRecipe:
         self.notes: list[str] = []
         self.conditions: list[Condition] = []
         self.results: list[Result] = []
+        self._init_restore(restore, restore_threshold)
 
     # -- the life cycle ----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -170,6 +185,7 @@ class PerturbRecipe:
                     for seed in seeds:
                         self.conditions.append(Condition(perturbation, control.name, k, seed=seed, control=control))
             self.conditions += [Condition(perturbation, "single", rank=r) for r in range(1, self.single + 1)]
+        self.conditions = self._with_restored_twins(self.conditions)
 
     def evaluate(self) -> None:
         """The baseline, then each condition perturbed in place, evaluated and restored; then the rows."""
@@ -178,7 +194,8 @@ class PerturbRecipe:
         self.checksums = ChecksumCache(self.params) if self.verify else None
         bar = tqdm(total=len(self.conditions) + 1, desc="cwa perturb", unit="condition", file=sys.stderr)
         with bar:
-            self.baseline = Result(None, self._evaluation(), 0)
+            with self._recording() as before_batch:
+                self.baseline = Result(None, self._evaluation(before_batch), 0)
             bar.update(1)
             for condition in self.conditions:
                 bar.set_postfix_str(condition.name, refresh=False)
@@ -272,9 +289,9 @@ class PerturbRecipe:
         return ready
 
     # -- evaluating --------------------------------------------------------------------------------
-    def _evaluation(self):
+    def _evaluation(self, before_batch: Callable[[int], None] | None = None):
         batch_size = self.batch_size or int(self.run_dir.data.get("batch_size") or 4)
-        return evaluate(self.model, self.blocks, batch_size, self.device)
+        return evaluate(self.model, self.blocks, batch_size, self.device, before_batch)
 
     def _selection(self, condition: Condition) -> Selection:
         if condition.target == "topk":
@@ -295,11 +312,15 @@ class PerturbRecipe:
         start = time.perf_counter()
         seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
         generator = seeded(seed, condition.k or 0, condition.rank or 0, 3)
-        with perturbed(self.params, selection, condition.perturbation, generator, self.checksums):
-            evaluation = self._evaluation()
+        with (
+            perturbed(self.params, selection, condition.perturbation, generator, self.checksums),
+            self._replaying(condition, selection) as replayer,
+        ):
+            evaluation = self._evaluation(replayer.at_batch if replayer is not None else None)
         apply_restore_s = time.perf_counter() - start - evaluation.seconds
         where = self._where(condition.rank) if condition.rank else ""
-        return Result(condition, evaluation, selection_size(selection), apply_restore_s, select_s, where)
+        restored = replayer.restored if replayer is not None else None
+        return Result(condition, evaluation, selection_size(selection), apply_restore_s, select_s, where, restored)
 
     def _where(self, rank: int) -> str:
         name = self.topk.names[int(self.topk.param[rank - 1])]
@@ -307,6 +328,50 @@ class PerturbRecipe:
         info = self.run_dir.infos.get(name)
         place = info.row_col(torch.tensor(index)) if info is not None else None
         return f"{name}[{index}]" if place is None else f"{name}[{int(place[0])},{int(place[1])}]"
+
+    # -- activation restore ------------------------------------------------------------------------
+    def _init_restore(self, restore: tuple[RestoreMode, ...], threshold: float) -> None:
+        from cwa.restore import RESTORE_MODES
+
+        unknown = [m for m in restore if m not in RESTORE_MODES]
+        if unknown:
+            raise CwaError(f"unknown restore mode '{unknown[0]}': use {' or '.join(RESTORE_MODES)}.")
+        if not (threshold > 0 and math.isfinite(threshold)):
+            raise CwaError(f"restore_threshold must be a positive number, got {threshold}.")
+        self.restore, self.restore_threshold = tuple(dict.fromkeys(restore)), float(threshold)
+        self.recorder = None
+
+    def _with_restored_twins(self, conditions: list[Condition]) -> list[Condition]:
+        """Each top-K set and single weight followed by its restored twins, one per restore mode."""
+        out = []
+        for condition in conditions:
+            out.append(condition)
+            if not condition.is_control:
+                out += [replace(condition, restore=mode) for mode in self.restore]
+        return out
+
+    @contextmanager
+    def _recording(self) -> Iterator[Callable[[int], None] | None]:
+        """During the baseline pass, record the output channels of every weight a restored twin perturbs:
+        those of the longest top-K prefix that any top-K set or single weight uses."""
+        if not self.restore:
+            yield None
+            return
+        from cwa.restore import output_channels, recording
+
+        longest = max([*self.ks, self.single])
+        channels = output_channels(self.model, topk_prefix(self.topk, longest), self.run_dir.infos)
+        with recording(self.model, channels) as recorder:
+            yield recorder.at_batch
+        self.recorder = recorder
+
+    def _replaying(self, condition: Condition, selection: Selection):
+        if not condition.restore:
+            return nullcontext(None)
+        from cwa.restore import output_channels, replaying
+
+        channels = output_channels(self.model, selection, self.run_dir.infos)
+        return replaying(self.model, self.recorder, channels, condition.restore, self.restore_threshold)
 
     # -- writing -----------------------------------------------------------------------------------
     @property
@@ -359,6 +424,8 @@ class PerturbRecipe:
             "verify": self.verify,
             "figures": self.figures,
             "tensorboard": self.tensorboard,
+            "restore": list(self.restore),
+            "restore_threshold": self.restore_threshold,
         }
 
     def _meta(self) -> dict:

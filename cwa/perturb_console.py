@@ -61,6 +61,29 @@ def _dose_lines(mine: list[PerturbRow], kind: str, targets: list[str]) -> list[s
     return lines
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:.3g}%"
+
+
+def restore_lines(rows: list[PerturbRow]) -> list[str]:
+    """One line per restored twin: the fraction of its perturbed condition's NLL damage that restoring the
+    activations recovers, with its interval, or why it is undefined."""
+    lines = []
+    for r in (r for r in rows if r.restore):
+        tokens = "" if r.restored_tokens is None else f" ({r.restored_tokens:,} tokens restored)"
+        head = f"  restore {r.restore} on {r.p_value_vs}: "
+        if (r.broken_fraction or 0) > 0 or r.recovered_fraction is None or math.isnan(r.recovered_fraction):
+            lines.append(f"{head}recovered fraction undefined (no finite damage to recover){tokens}")
+        elif r.recovered_fraction_low is None or r.recovered_fraction_high is None:
+            lines.append(f"{head}recovered fraction undefined (the damage's interval includes 0){tokens}")
+        else:
+            lines.append(
+                f"{head}recovers {_percent(r.recovered_fraction)} [{_percent(r.recovered_fraction_low)}, "
+                f"{_percent(r.recovered_fraction_high)}] of the damage{tokens}"
+            )
+    return lines
+
+
 def print_table(
     rows: list[PerturbRow], title: str, base: SequenceStats, timings: dict, notes: list[str], run_dir: Path
 ) -> None:
@@ -79,7 +102,7 @@ def print_table(
     print(f"  baseline: perplexity {base.perplexity:.4g}, NLL {base.mean_nll:.4f}, accuracy {base.accuracy:.4f}")
     targets = list(dict.fromkeys(r.target for r in rows[1:] if r.target not in ("topk", "single")))
     for kind in dict.fromkeys(r.perturbation for r in rows[1:]):
-        mine = [r for r in rows[1:] if r.perturbation == kind]
+        mine = [r for r in rows[1:] if r.perturbation == kind and not r.restore]
         for line in _dose_lines(mine, kind, targets):
             print(line)
         singles = [r for r in mine if r.target == "single"]
@@ -87,6 +110,8 @@ def print_table(
             print(f"  {kind}, each of the top {len(singles)} weights alone: Δ perplexity [95% CI] (p vs baseline)")
             for r in singles:
                 print(f"  {r.rank:>6}  {_interval(r)}  (p {_p(r.p_value)})")
+    for line in restore_lines(rows):
+        print(line)
     for note in notes:
         print(f"  note: {note}")
     print(

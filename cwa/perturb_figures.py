@@ -45,6 +45,7 @@ def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
     bound of its seeds; the top-K and bottom-K bands are their bootstrap intervals.
     """
     plt = _pyplot()
+    rows = [r for r in rows if not r.restore]  # activation-restore twins are not points of the curve
     kinds = list(dict.fromkeys(r.perturbation for r in rows if r.target in _STYLE))
     if not kinds:
         return
@@ -83,7 +84,7 @@ def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
 def single_weight(rows: list[PerturbRow], where: Mapping[str, str], title: str, path: Path) -> None:
     """Δ perplexity when each of the top-N weights is perturbed alone, with bootstrap error bars."""
     plt = _pyplot()
-    singles = [r for r in rows if r.target == "single"]
+    singles = [r for r in rows if r.target == "single" and not r.restore]
     if not singles:
         return
     kinds = list(dict.fromkeys(r.perturbation for r in singles))
@@ -119,7 +120,7 @@ def tensorboard_scalars(run_dir: Path, rows: list[PerturbRow]) -> None:
     try:
         writer.add_scalar("perturb/baseline_perplexity", rows[0].perplexity, 0)
         grouped: dict[tuple[str, str, int | None], list[float]] = {}
-        for row in rows[1:]:
+        for row in (r for r in rows[1:] if not r.restore):
             if row.target == "single":
                 writer.add_scalar(f"perturb_{row.perturbation}/single_delta_perplexity", row.delta_perplexity, row.rank)
             else:

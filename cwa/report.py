@@ -57,7 +57,7 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         }
         for i, rows in enumerate(analysis.perturbation)
         for r in rows
-        if r.target != "single" and r.delta_perplexity is not None
+        if r.target != "single" and not r.restore and r.delta_perplexity is not None
     ]
     if forest:
         out["perturbation_effects"] = fig_dir / "perturbation_effects.png"

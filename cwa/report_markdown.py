@@ -305,7 +305,8 @@ def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
         if not rows:
             continue
         table = [
-            [r.target, r.perturbation, str(r.k if r.k is not None else r.rank), str(r.n_weights), _num(r.perplexity),
+            [r.target + (f" (restore {r.restore})" if r.restore else ""), r.perturbation,
+             str(r.k if r.k is not None else r.rank), str(r.n_weights), _num(r.perplexity),
              _ci(r.delta_perplexity, (r.delta_perplexity_low, r.delta_perplexity_high)), _p(r.p_value), r.p_value_vs]
             for r in rows
         ]  # fmt: skip

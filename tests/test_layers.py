@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cwa.perturbations",
             "cwa.preflight",
             "cwa.published",
+            "cwa.restore",
             "cwa.saliency",
             "cwa.scorers",
             "cwa.sharding",

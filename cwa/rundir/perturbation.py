@@ -25,6 +25,11 @@ class PerturbRow:
     ``p_value`` tests the condition against ``p_value_vs`` (``baseline``, or ``topk`` for a control).
     ``broken_fraction`` is the share of held-out sequences with a non-finite NLL (the model broke on
     them; ``delta_*`` are then NaN and ``p_value`` empty); None in a perturb.csv written before it existed.
+    A restored twin (``restore`` = ``all`` or ``spikes``: the same weights perturbed while their layer's
+    output channels are written back from the baseline) tests against its perturbed condition
+    (``p_value_vs`` names it) and carries ``recovered_fraction`` = (NLL perturbed − NLL restored) /
+    (NLL perturbed − NLL baseline) with its interval (empty when the damage's interval includes 0) and
+    ``restored_tokens``, the (token, channel) activations written back; other rows leave them empty.
     """
 
     condition: str
@@ -49,6 +54,11 @@ class PerturbRow:
     p_value: float | None
     p_value_vs: str
     broken_fraction: float | None = None
+    restore: str = ""
+    recovered_fraction: float | None = None
+    recovered_fraction_low: float | None = None
+    recovered_fraction_high: float | None = None
+    restored_tokens: int | None = None
 
     @classmethod
     def columns(cls) -> list[str]:
