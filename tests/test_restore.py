@@ -238,3 +238,63 @@ def test_recovered_fraction_is_undefined_without_damage() -> None:
     assert recovered_fraction(base, base, mended, weights)[0] != recovered_fraction(base, base, mended, weights)[0]
     broken = SequenceStats(hurt.nll.clone().index_fill_(0, torch.tensor([2]), math.inf), hurt.tokens, hurt.correct)
     assert recovered_fraction(base, broken, mended, weights)[1:] == (None, None)
+
+
+# -- cwa perturb --restore -------------------------------------------------------------------------
+from tests.test_perturb import make_run, tiny_dir  # noqa: E402, F401  (tiny_dir: the fixture)
+
+
+def test_perturb_restore_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """The magnitude top-K of a freshly initialized Llama is RMSNorm scales (all 1.0): zeroing one acts only
+    through its norm's output channel, so restoring every token of it recovers exactly all of the damage."""
+    from cwa.cli import main
+    from cwa.rundir import PerturbRow, Run
+
+    run = make_run(tmp_path, tiny_dir)
+    argv = ["perturb", "--run", str(run), "--ks", "[1,5]", "--single", "2", "--controls", "[random_matched]"]
+    argv += ["--seeds", "[0]", "--restore", "[all,spikes]", "--bootstrap", "100", "--permutations", "200"]
+    assert main([*argv, "--figures", "false", "--tensorboard", "false"]) == 0
+    with open(run / "perturb.csv", newline="") as handle:
+        columns = list(csv.DictReader(handle).fieldnames or [])
+    assert columns == PerturbRow.columns() and columns[-5:] == [
+        "restore", "recovered_fraction", "recovered_fraction_low", "recovered_fraction_high", "restored_tokens",
+    ]  # fmt: skip
+    rows = Run.load(run).perturbation.rows
+    twins = lambda name: [name, f"{name}/restore=all", f"{name}/restore=spikes"]  # noqa: E731
+    assert [r.condition for r in rows] == [
+        "baseline", *twins("zero/topk/k=1"), "zero/random_matched/k=1/seed=0", *twins("zero/topk/k=5"),
+        "zero/random_matched/k=5/seed=0", *twins("zero/single/rank=1"), *twins("zero/single/rank=2"),
+    ]  # fmt: skip
+    sequences, tokens = 6, 16
+    for row in rows:
+        if not row.restore:
+            assert row.recovered_fraction is None and row.restored_tokens is None
+            continue
+        assert row.p_value_vs == row.condition.rsplit("/restore=", 1)[0] and 0 < row.p_value <= 1
+        channels = row.k if row.target == "topk" else 1  # the top weights are distinct entries of norm scales
+        if row.restore == "all":
+            assert row.recovered_fraction == pytest.approx(1.0, abs=1e-6)
+            assert row.delta_nll == pytest.approx(0.0, abs=1e-9)
+            assert row.restored_tokens == sequences * tokens * channels
+        else:
+            assert 0 <= row.restored_tokens < sequences * tokens * channels
+    out = capsys.readouterr().out
+    assert "restore all on zero/single/rank=1: " in out and "restore spikes on zero/topk/k=5: " in out
+    assert out.count("restore all on") == 4
+
+
+def test_old_perturb_rows_parse_without_the_restore_columns() -> None:
+    from cwa.rundir import PerturbRow
+
+    old = {name: "1" for name in PerturbRow.columns()[:22]} | {"condition": "zero/topk/k=1", "p_value_vs": "baseline"}
+    row = PerturbRow.parse(old)
+    assert row.restore == "" and row.recovered_fraction is None and row.restored_tokens is None
+
+
+def test_a_bad_restore_mode_is_one_clear_sentence(tiny_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    from cwa.cli import main
+
+    run = make_run(tmp_path, tiny_dir)
+    assert main(["perturb", "--run", str(run), "--restore", "[some]"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cwa: error: ") and "restore" in err[0], err
