@@ -16,7 +16,7 @@ from torch import nn
 from cwa.errors import CwaError
 from cwa.evaluate import evaluate
 from cwa.perturbations import Scale, Zero, perturbed
-from cwa.restore import output_channels, recovered_fraction, recording, replaying
+from cwa.restore import output_channels, recording, recovered_fraction, replaying
 from cwa.stats import SequenceStats, bootstrap_weights
 from tests.conftest import random_blocks, tiny_gpt2, tiny_llama
 
@@ -111,7 +111,7 @@ def test_restore_all_recovers_a_perturbation_through_its_channel_exactly(arch: s
             mended = evaluate(model, blocks, 2, CPU, replayer.at_batch)
     assert _hooks(model) == 0
     assert not torch.allclose(hurt_logits, base_logits, atol=1e-4)  # the perturbation does something
-    assert torch.allclose(mended_logits, base_logits, rtol=0, atol=1e-6)
+    assert torch.equal(mended_logits, base_logits)  # bit for bit: the module outputs are the baseline's
     assert replayer.restored == 2 * 5 * 12  # two passes, every token of one channel
     assert abs(hurt.stats.mean_nll - base.stats.mean_nll) > 1e-4  # a random model: damage of either sign
     fraction, low, high = recovered_fraction(base.stats, hurt.stats, mended.stats, bootstrap_weights(5, 200))
@@ -137,7 +137,7 @@ def test_restoring_one_of_two_channels_leaves_exactly_the_other_perturbation() -
         hurt = _logits(model, blocks, 3)
         with replaying(model, recorder, {module: torch.tensor([3])}, "all") as replayer:
             mended = _logits(model, blocks, 3, replayer.at_batch)
-    assert torch.allclose(mended, nine, rtol=0, atol=1e-6)
+    assert torch.equal(mended, nine)
     assert not torch.allclose(mended, base, atol=1e-4) and not torch.allclose(mended, hurt, atol=1e-4)
     assert _hooks(model) == 0 and torch.equal(_logits(model, blocks, 3), base)
 
@@ -176,12 +176,15 @@ def test_spikes_restores_exactly_the_tokens_over_the_threshold() -> None:
             recorder.at_batch(i)
             model(batch)
     assert recorder.magnitude_median("1").item() == pytest.approx(median)
-    with torch.no_grad(), perturbed({"w": model[1].weight.data}, {"w": torch.tensor([1 * 4 + 1])}, Zero()):
-        with replaying(model, recorder, channels, "spikes", threshold=10.0) as replayer:
-            out = []
-            for i, batch in enumerate(batches):
-                replayer.at_batch(i)
-                out.append(model(batch)[..., 1])
+    with (
+        torch.no_grad(),
+        perturbed({"w": model[1].weight.data}, {"w": torch.tensor([1 * 4 + 1])}, Zero()),
+        replaying(model, recorder, channels, "spikes", threshold=10.0) as replayer,
+    ):
+        out = []
+        for i, batch in enumerate(batches):
+            replayer.at_batch(i)
+            out.append(model(batch)[..., 1])
     got = torch.cat(out)
     planted = model[0].weight[blocks, 1].detach()
     assert replayer.restored == 3
