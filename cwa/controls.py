@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor
 from cwa.errors import CwaError
 from cwa.perturbations import Selection, seeded, selection_from, topk_prefix
 from cwa.topk import TopK
+from cwa.units import UNITS, unit_count, unit_ids, unit_mean_abs, unit_members
 
 
 class ControlUnavailable(CwaError):
@@ -78,6 +79,40 @@ def random_matched(params: Mapping[str, Tensor], target: Selection, generator: t
                 f"'{name}' holds {index.numel()} of the top-K weights and only "
                 f"{params[name].numel() - index.numel()} others, too few for a matched random control."
             ) from None
+    return out
+
+
+def random_matched_units(
+    params: Mapping[str, Tensor],
+    target: Selection,
+    transposed: Mapping[str, bool],
+    unit: str,
+    generator: torch.Generator,
+) -> Selection:
+    """Every weight of random units (rows or columns) with exactly the per-tensor count of distinct units of
+    ``target``, never one of ``target``'s units.
+
+    Args:
+        params: parameter name -> tensor (only shapes are read).
+        target: the top-K selection (single weights) whose units are matched.
+        transposed: parameter name -> True for a (in, out) layout.
+        unit: ``weight``, ``row`` or ``column``.
+        generator: the control's seed.
+    """
+    if unit == "weight":
+        return random_matched(params, target, generator)
+    out: Selection = {}
+    for name, index in target.items():
+        shape, flip = tuple(params[name].shape), bool(transposed.get(name, False))
+        ids, total = unit_ids(index.cpu(), shape, flip, unit), unit_count(shape, flip, unit)
+        try:
+            drawn = sample_excluding(total, ids, int(ids.numel()), generator)
+        except ControlUnavailable:
+            raise ControlUnavailable(
+                f"'{name}' holds {ids.numel()} of the top-K {unit}s and only {total - ids.numel()} others, too "
+                f"few for a matched random {unit} control."
+            ) from None
+        out[name] = unit_members(drawn, shape, flip, unit)
     return out
 
 
@@ -240,12 +275,14 @@ class ControlContext:
         topk: the run's ranked top-K list.
         max_k: the largest K of the dose-response curve.
         scores: loads the run's score tensors (name -> tensor, model order), or None without scores.
+        transposed: parameter name -> True for a (in, out) layout (GPT-2 ``Conv1D``), for row and column units.
     """
 
     params: Mapping[str, Tensor]
     topk: TopK
     max_k: int
     scores: Callable[[], Mapping[str, Tensor]] | None
+    transposed: Mapping[str, bool] = field(default_factory=dict)
 
 
 class Control(ABC):
@@ -253,6 +290,7 @@ class Control(ABC):
 
     name: ClassVar[str] = ""
     seeded: ClassVar[bool] = True
+    units: ClassVar[tuple[str, ...]] = UNITS  # the ablation units it can match
 
     def prepare(self, context: ControlContext) -> str | None:
         """Get ready to select; return a note when this control cannot be drawn for this run (it is then left out)."""
@@ -260,8 +298,9 @@ class Control(ABC):
         return None
 
     @abstractmethod
-    def select(self, k: int, seed: int | None) -> Selection:
-        """The control's weights for the top-``k`` set (``seed``: None for an unseeded control).
+    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
+        """The control's weights for the top-``k`` set (``seed``: None for an unseeded control); for unit
+        ``row`` or ``column`` every weight of units matched to the top-``k`` set's units.
 
         Raises:
             ControlUnavailable: too few eligible weights for this K (the condition is skipped with a note).
@@ -281,9 +320,9 @@ class RandomMatched(Control):
     name = "random_matched"
     stream: ClassVar[int] = 1  # keeps its draws independent of the other random controls' for the same seed
 
-    def select(self, k: int, seed: int | None) -> Selection:
-        target = topk_prefix(self.context.topk, k)
-        return random_matched(self.context.params, target, seeded(seed or 0, k, self.stream))
+    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
+        target, generator = topk_prefix(self.context.topk, k), _generator(seed, k, self.stream, unit)
+        return random_matched_units(self.context.params, target, self.context.transposed, unit, generator)
 
 
 class MagnitudeMatched(Control):
@@ -304,11 +343,22 @@ class MagnitudeMatched(Control):
 
     def prepare(self, context: ControlContext) -> str | None:
         super().prepare(context)
-        self._bins = MagnitudeBins(context.params, self.bins)
+        self._bins = {"weight": MagnitudeBins(context.params, self.bins)}
         return None
 
-    def select(self, k: int, seed: int | None) -> Selection:
-        return self._bins.matched(topk_prefix(self.context.topk, k), seeded(seed or 0, k, self.stream))
+    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
+        target, generator = topk_prefix(self.context.topk, k), _generator(seed, k, self.stream, unit)
+        if unit == "weight":
+            return self._bins["weight"].matched(target, generator)
+        params, transposed = self.context.params, self.context.transposed
+        shapes = {n: tuple(t.shape) for n, t in params.items()}
+        flip = {n: bool(transposed.get(n, False)) for n in params}
+        if unit not in self._bins:  # mean |w| of every unit, binned like single weights
+            means = {n: unit_mean_abs(t, flip[n], unit) for n, t in params.items()}
+            self._bins[unit] = MagnitudeBins(means, self.bins)
+        ids = {n: unit_ids(index.cpu(), shapes[n], flip[n], unit) for n, index in target.items()}
+        drawn = self._bins[unit].matched(ids, generator)
+        return {n: unit_members(u, shapes[n], flip[n], unit) for n, u in drawn.items()}
 
 
 class BottomK(Control):
@@ -316,6 +366,7 @@ class BottomK(Control):
 
     name = "bottomk"
     seeded = False
+    units = ("weight",)  # the lowest-score weights define no lowest-score rows or columns
 
     def prepare(self, context: ControlContext) -> str | None:
         super().prepare(context)
@@ -324,8 +375,16 @@ class BottomK(Control):
         self._bottom = bottomk(context.scores(), context.max_k)
         return None
 
-    def select(self, k: int, seed: int | None) -> Selection:
+    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
+        if unit != "weight":
+            raise ControlUnavailable(f"bottom-K has no {unit}-level definition.")
         return topk_prefix(self._bottom, k)
+
+
+def _generator(seed: int | None, k: int, stream: int, unit: str) -> torch.Generator:
+    """The draw of one control, seed and K; a unit other than ``weight`` draws from its own stream."""
+    parts = (seed or 0, k, stream)
+    return seeded(*parts) if unit == "weight" else seeded(*parts, UNITS.index(unit))
 
 
 CONTROLS: dict[str, type[Control]] = {cls.name: cls for cls in (RandomMatched, MagnitudeMatched, BottomK)}

@@ -93,8 +93,18 @@ class Perturbation(ABC):
     random: ClassVar[bool] = False  # draws random numbers (from the generator given to write)
 
     @abstractmethod
-    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
-        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write)."""
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
+        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write).
+
+        Args:
+            tensor: the parameter, modified in place.
+            index: sorted flat storage indices of the chosen weights.
+            generator: random numbers (CPU generator) for a ``random`` perturbation.
+            transposed: the tensor stores (in, out) (GPT-2 ``Conv1D``), for a perturbation that needs the
+                weight's output row.
+        """
 
     def describe(self) -> str:
         return self.name
@@ -128,7 +138,9 @@ class Zero(Perturbation):
 
     name = "zero"
 
-    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
         tensor.view(-1)[index] = 0
 
 
@@ -137,7 +149,9 @@ class SignFlip(Perturbation):
 
     name = "sign_flip"
 
-    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
         _rewrite(tensor, index, torch.neg)
 
 
@@ -156,7 +170,9 @@ class Scale(Perturbation):
     def describe(self) -> str:
         return f"scale x{self.factor:g}"
 
-    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
         _rewrite(tensor, index, lambda values: values * self.factor)
 
 
@@ -180,7 +196,9 @@ class GaussianNoise(Perturbation):
     def describe(self) -> str:
         return f"gaussian_noise sigma={self.sigma:g}*{'|w|' if self.relative_to == 'weight' else 'std'}"
 
-    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
         def noisy(values: Tensor) -> Tensor:
             noise = torch.randn(values.shape, generator=generator, dtype=torch.float32).to(values.device)
             scale = values.abs() if self.relative_to == "weight" else tensor.view(-1).float().std()
@@ -208,17 +226,46 @@ class BitFlip(Perturbation):
     def validate(self, dtype: torch.dtype) -> None:
         resolve_bit(self.bit, dtype)
 
-    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
         int_dtype, total, _ = storage_format(tensor.dtype)
         ints = tensor.view(-1).view(int_dtype)
         mask = _bit_mask(resolve_bit(self.bit, tensor.dtype), int_dtype, total).to(tensor.device)
         ints[index] = ints[index] ^ mask
 
 
+class Mean(Perturbation):
+    """w ← the mean of its output row (all weights of the same output unit, read before any is changed).
+
+    Layout-aware: the output row of a ``Linear`` weight (out, in) is a storage row, of a GPT-2 ``Conv1D``
+    weight (in, out) a storage column. A 1-D tensor (a norm's gain, a bias) has no rows: its weights take
+    the mean of the whole tensor. The mean is computed in float64 and cast to the tensor's dtype.
+    """
+
+    name = "mean"
+
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
+        flat = tensor.view(-1)
+        if tensor.dim() == 1:
+            flat[index] = tensor.double().mean().to(tensor.dtype)
+            return
+        if tensor.dim() != 2:
+            raise CwaError(f"mean ablation needs a 1-D or 2-D tensor, not one of shape {tuple(tensor.shape)}.")
+        cols = tensor.shape[1]
+        if transposed:  # (in, out): output unit = storage column
+            means, unit = tensor.double().mean(dim=0), index % cols
+        else:  # (out, in): output unit = storage row
+            means, unit = tensor.double().mean(dim=1), index // cols
+        flat[index] = means[unit].to(tensor.dtype)
+
+
 PERTURBATIONS: dict[str, type[Perturbation]] = {
-    cls.name: cls for cls in (Zero, SignFlip, Scale, GaussianNoise, BitFlip)
+    cls.name: cls for cls in (Zero, Mean, SignFlip, Scale, GaussianNoise, BitFlip)
 }
-PerturbationName = Literal["zero", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
+PerturbationName = Literal["zero", "mean", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
 
 
 def make_perturbation(spec: str | Perturbation) -> Perturbation:
@@ -278,6 +325,7 @@ def perturbed(
     perturbation: Perturbation,
     generator: torch.Generator | None = None,
     checksums: ChecksumCache | None = None,
+    transposed: Mapping[str, bool] | None = None,
 ) -> Iterator[None]:
     """Apply ``perturbation`` to the selected weights for the duration of the block, then restore them.
 
@@ -290,6 +338,8 @@ def perturbed(
         perturbation: how to perturb them.
         generator: random numbers for ``gaussian_noise`` (CPU generator).
         checksums: verify the touched tensors after restoring them.
+        transposed: parameter name -> True for a (in, out) layout (GPT-2 ``Conv1D``; missing: False), for a
+            perturbation that needs the weight's output row (``mean``).
     """
     saved: dict[str, tuple[Tensor, Tensor]] = {}
     names = [n for n, idx in selection.items() if idx.numel()]
@@ -305,7 +355,7 @@ def perturbed(
                 index = selection[name].to(tensor.device)
                 int_dtype = _FORMATS[tensor.dtype][0]
                 saved[name] = (index, tensor.view(-1).view(int_dtype)[index].clone())
-                perturbation.write(tensor, index, generator)
+                perturbation.write(tensor, index, generator, bool((transposed or {}).get(name, False)))
         yield
     finally:
         with torch.no_grad():
