@@ -127,12 +127,13 @@ class MagnitudeBins:
         params: parameter name -> tensor, in model order.
         bins: number of quantile bins.
         seed: seed of the subsample on very large models.
+        what: what one value is, in messages (``weights``; ``rows`` when the values are rows' mean |w|).
     """
 
-    def __init__(self, params: Mapping[str, Tensor], bins: int = 100, seed: int = 0) -> None:
+    def __init__(self, params: Mapping[str, Tensor], bins: int = 100, seed: int = 0, what: str = "weights") -> None:
         if bins < 1:
             raise CwaError(f"magnitude_bins must be at least 1, got {bins}.")
-        self.params, self.names, self.bins = params, list(params), bins
+        self.params, self.names, self.bins, self.what = params, list(params), bins, what
         self.edges = self._edges(seed)
         self.counts = torch.stack(
             [torch.bincount(self.bin_of(params[n].detach().reshape(-1)), minlength=bins) for n in self.names]
@@ -184,8 +185,8 @@ class MagnitudeBins:
             n, population = int(need[b]), int(self.counts[:, b].sum())
             if population - n < n:
                 raise ControlUnavailable(
-                    f"magnitude bin {b} holds {n} of the top-K weights and only {population - n} others, too few "
-                    "for a magnitude-matched control; use fewer magnitude_bins."
+                    f"magnitude bin {b} holds {n} of the top-K {self.what} and only {population - n} others, too "
+                    "few for a magnitude-matched control; use fewer bins (MagnitudeMatched's option bins)."
                 )
             # Among the first 2n of a random order of the bin at most n are top-K weights, so at least n remain.
             positions = torch.randperm(population, generator=generator)[: 2 * n]
@@ -290,7 +291,7 @@ class Control(ABC):
 
     name: ClassVar[str] = ""
     seeded: ClassVar[bool] = True
-    units: ClassVar[tuple[str, ...]] = UNITS  # the ablation units it can match
+    units: ClassVar[tuple[str, ...]] = ("weight",)  # the ablation units it can match (others: select takes unit)
 
     def prepare(self, context: ControlContext) -> str | None:
         """Get ready to select; return a note when this control cannot be drawn for this run (it is then left out)."""
@@ -298,9 +299,10 @@ class Control(ABC):
         return None
 
     @abstractmethod
-    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
-        """The control's weights for the top-``k`` set (``seed``: None for an unseeded control); for unit
-        ``row`` or ``column`` every weight of units matched to the top-``k`` set's units.
+    def select(self, k: int, seed: int | None) -> Selection:
+        """The control's weights for the top-``k`` set (``seed``: None for an unseeded control). A control
+        whose ``units`` name ``row`` or ``column`` also takes ``unit`` and then gives every weight of units
+        matched to the top-``k`` set's units.
 
         Raises:
             ControlUnavailable: too few eligible weights for this K (the condition is skipped with a note).
@@ -318,6 +320,7 @@ class RandomMatched(Control):
     """K random weights with exactly the top-K set's count in each tensor, none of them in the top-K set."""
 
     name = "random_matched"
+    units = UNITS
     stream: ClassVar[int] = 1  # keeps its draws independent of the other random controls' for the same seed
 
     def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
@@ -327,13 +330,16 @@ class RandomMatched(Control):
 
 class MagnitudeMatched(Control):
     """K random weights with exactly the top-K set's count in each |w| quantile bin (bins over all scored
-    weights), none of them in the top-K set.
+    weights), none of them in the top-K set. For unit ``row`` or ``column``: whole units, as many in each
+    quantile bin of the units' mean |w| as the top-K set's units, bins over the units of one length (so
+    the control perturbs as many weights as the top-K units), none of the top-K set's units.
 
     Args:
         bins: number of |w| quantile bins.
     """
 
     name = "magnitude_matched"
+    units = UNITS
     stream: ClassVar[int] = 2
 
     def __init__(self, bins: int = 100) -> None:
@@ -343,22 +349,36 @@ class MagnitudeMatched(Control):
 
     def prepare(self, context: ControlContext) -> str | None:
         super().prepare(context)
-        self._bins = {"weight": MagnitudeBins(context.params, self.bins)}
+        self._bins = MagnitudeBins(context.params, self.bins)
+        self._unit_bins: dict[str, list[MagnitudeBins]] = {}
         return None
 
     def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
         target, generator = topk_prefix(self.context.topk, k), _generator(seed, k, self.stream, unit)
         if unit == "weight":
-            return self._bins["weight"].matched(target, generator)
+            return self._bins.matched(target, generator)
         params, transposed = self.context.params, self.context.transposed
         shapes = {n: tuple(t.shape) for n, t in params.items()}
         flip = {n: bool(transposed.get(n, False)) for n in params}
-        if unit not in self._bins:  # mean |w| of every unit, binned like single weights
-            means = {n: unit_mean_abs(t, flip[n], unit) for n, t in params.items()}
-            self._bins[unit] = MagnitudeBins(means, self.bins)
-        ids = {n: unit_ids(index.cpu(), shapes[n], flip[n], unit) for n, index in target.items()}
-        drawn = self._bins[unit].matched(ids, generator)
-        return {n: unit_members(u, shapes[n], flip[n], unit) for n, u in drawn.items()}
+        out: Selection = {}
+        for bins in self._units(unit, shapes, flip):
+            ids = {n: unit_ids(i.cpu(), shapes[n], flip[n], unit) for n, i in target.items() if n in bins.params}
+            if ids:
+                drawn = bins.matched(ids, generator)
+                out.update({n: unit_members(u, shapes[n], flip[n], unit) for n, u in drawn.items()})
+        return {n: out[n] for n in params if n in out}
+
+    def _units(self, unit: str, shapes: dict, flip: dict) -> list[MagnitudeBins]:
+        """Quantile bins of the units' mean |w|, one set per unit length (units of equal length are matched,
+        so a control perturbs as many weights as its target)."""
+        if unit not in self._unit_bins:
+            groups: dict[int, dict[str, Tensor]] = {}
+            for name, tensor in self.context.params.items():
+                length = tensor.numel() // unit_count(shapes[name], flip[name], unit)
+                groups.setdefault(length, {})[name] = unit_mean_abs(tensor, flip[name], unit)
+            what = f"{unit}s"
+            self._unit_bins[unit] = [MagnitudeBins(means, self.bins, what=what) for means in groups.values()]
+        return self._unit_bins[unit]
 
 
 class BottomK(Control):
@@ -366,7 +386,7 @@ class BottomK(Control):
 
     name = "bottomk"
     seeded = False
-    units = ("weight",)  # the lowest-score weights define no lowest-score rows or columns
+    # units: weight only; the lowest-score weights define no lowest-score rows or columns
 
     def prepare(self, context: ControlContext) -> str | None:
         super().prepare(context)
@@ -375,9 +395,7 @@ class BottomK(Control):
         self._bottom = bottomk(context.scores(), context.max_k)
         return None
 
-    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
-        if unit != "weight":
-            raise ControlUnavailable(f"bottom-K has no {unit}-level definition.")
+    def select(self, k: int, seed: int | None) -> Selection:
         return topk_prefix(self._bottom, k)
 
 

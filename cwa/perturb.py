@@ -340,6 +340,8 @@ class PerturbRecipe:
     def _selection(self, condition: Condition) -> Selection:
         """The condition's weights: the chosen ranks of the list expanded to their units, or a control's draw."""
         if condition.is_control:
+            if condition.unit == "weight":
+                return condition.control.select(condition.k, condition.seed)
             return condition.control.select(condition.k, condition.seed, condition.unit)
         if condition.target == "topk":
             chosen = topk_prefix(self.topk, condition.k)

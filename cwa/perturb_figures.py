@@ -57,8 +57,14 @@ def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
     panels = _panels([r for r in rows if r.target in _STYLE])
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
-    for ax, (kind, unit) in zip(axes[0], panels, strict=True):
+    kinds, units = list(dict.fromkeys(p[0] for p in panels)), list(dict.fromkeys(p[1] for p in panels))
+    size = (6.4 * len(units), 4.6 * len(kinds))
+    fig, axes = plt.subplots(len(kinds), len(units), figsize=size, squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for kind, unit in panels:  # a row per perturbation, a column per unit
+        ax = axes[kinds.index(kind), units.index(unit)]
+        ax.set_visible(True)
         lowest = 0.0
         for target, (label, color, marker) in _STYLE.items():
             mine = [r for r in rows if r.perturbation == kind and r.unit == unit and r.target == target]
@@ -97,7 +103,7 @@ def single_weight(rows: list[PerturbRow], where: Mapping[str, str], title: str, 
         return
     panels = _panels(singles)
     height = 0.6 + 0.42 * max(len(singles) // len(panels), 3) + 1.2
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, height * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, height * len(panels)), squeeze=False, layout="constrained")
     for ax, (kind, unit) in zip(axes[:, 0], panels, strict=True):
         mine = sorted((r for r in singles if r.perturbation == kind and r.unit == unit), key=lambda r: r.rank)
         ys = list(range(len(mine)))
@@ -134,7 +140,8 @@ def sets(rows: list[PerturbRow], title: str, path: Path) -> None:
         return
     panels = _panels(loo)
     n = max(r.k for r in loo)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, (1.4 + 0.55 * (n + 1)) * len(panels)), squeeze=False)
+    size = (8, (1.4 + 0.55 * (n + 1)) * len(panels))
+    fig, axes = plt.subplots(len(panels), 1, figsize=size, squeeze=False, layout="constrained")
     for ax, (kind, unit) in zip(axes[:, 0], panels, strict=True):
         mine = [r for r in rows if r.perturbation == kind and r.unit == unit]
         joint = next((r for r in mine if r.target == "topk" and r.k == n), None)

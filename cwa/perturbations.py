@@ -91,19 +91,19 @@ class Perturbation(ABC):
 
     name: ClassVar[str] = ""
     random: ClassVar[bool] = False  # draws random numbers (from the generator given to write)
+    needs_layout: ClassVar[bool] = False  # write takes ``transposed`` (the weight's output row depends on it)
 
     @abstractmethod
-    def write(
-        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
-    ) -> None:
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
         """Perturb ``tensor.view(-1)[index]`` in place (one indexed write).
+
+        A perturbation with ``needs_layout = True`` also takes ``transposed: bool`` (the tensor stores
+        (in, out), GPT-2 ``Conv1D``), to find a weight's output row.
 
         Args:
             tensor: the parameter, modified in place.
             index: sorted flat storage indices of the chosen weights.
             generator: random numbers (CPU generator) for a ``random`` perturbation.
-            transposed: the tensor stores (in, out) (GPT-2 ``Conv1D``), for a perturbation that needs the
-                weight's output row.
         """
 
     def describe(self) -> str:
@@ -138,9 +138,7 @@ class Zero(Perturbation):
 
     name = "zero"
 
-    def write(
-        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
-    ) -> None:
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
         tensor.view(-1)[index] = 0
 
 
@@ -149,9 +147,7 @@ class SignFlip(Perturbation):
 
     name = "sign_flip"
 
-    def write(
-        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
-    ) -> None:
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
         _rewrite(tensor, index, torch.neg)
 
 
@@ -170,9 +166,7 @@ class Scale(Perturbation):
     def describe(self) -> str:
         return f"scale x{self.factor:g}"
 
-    def write(
-        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
-    ) -> None:
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
         _rewrite(tensor, index, lambda values: values * self.factor)
 
 
@@ -196,9 +190,7 @@ class GaussianNoise(Perturbation):
     def describe(self) -> str:
         return f"gaussian_noise sigma={self.sigma:g}*{'|w|' if self.relative_to == 'weight' else 'std'}"
 
-    def write(
-        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
-    ) -> None:
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
         def noisy(values: Tensor) -> Tensor:
             noise = torch.randn(values.shape, generator=generator, dtype=torch.float32).to(values.device)
             scale = values.abs() if self.relative_to == "weight" else tensor.view(-1).float().std()
@@ -226,9 +218,7 @@ class BitFlip(Perturbation):
     def validate(self, dtype: torch.dtype) -> None:
         resolve_bit(self.bit, dtype)
 
-    def write(
-        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
-    ) -> None:
+    def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
         int_dtype, total, _ = storage_format(tensor.dtype)
         ints = tensor.view(-1).view(int_dtype)
         mask = _bit_mask(resolve_bit(self.bit, tensor.dtype), int_dtype, total).to(tensor.device)
@@ -244,6 +234,7 @@ class Mean(Perturbation):
     """
 
     name = "mean"
+    needs_layout = True
 
     def write(
         self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
@@ -355,7 +346,10 @@ def perturbed(
                 index = selection[name].to(tensor.device)
                 int_dtype = _FORMATS[tensor.dtype][0]
                 saved[name] = (index, tensor.view(-1).view(int_dtype)[index].clone())
-                perturbation.write(tensor, index, generator, bool((transposed or {}).get(name, False)))
+                if perturbation.needs_layout:
+                    perturbation.write(tensor, index, generator, transposed=bool((transposed or {}).get(name, False)))
+                else:
+                    perturbation.write(tensor, index, generator)
         yield
     finally:
         with torch.no_grad():

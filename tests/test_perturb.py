@@ -347,8 +347,16 @@ def test_evaluation_equals_a_hand_computation(tiny_dir: Path) -> None:
 
 
 # -- the command ----------------------------------------------------------------------------------
-def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, heldout_fraction: float = 0.1) -> Path:
-    """A complete fit-sensitivity run directory written through cwa.rundir (magnitude scores) for the tiny model."""
+def make_run(
+    root: Path,
+    model_dir: Path,
+    k: int = 60,
+    scores: bool = True,
+    heldout_fraction: float = 0.1,
+    include: str | None = None,
+) -> Path:
+    """A complete fit-sensitivity run directory written through cwa.rundir (magnitude scores) for the tiny model
+    (``include``: score only the parameters it selects)."""
     import yaml
     from transformers import AutoModelForCausalLM
 
@@ -358,7 +366,7 @@ def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, held
     run = root / "run"
     run.mkdir(parents=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    chosen = select_parameters(model)
+    chosen = select_parameters(model, include=include)
     score = {n: p.detach().abs() for n, (p, _) in chosen.items()}
     topk = select_topk(score, k)
     write_topk(run / "topk.csv", topk, {n: i for n, (_, i) in chosen.items()}, {n: p for n, (p, _) in chosen.items()})
