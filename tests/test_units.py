@@ -248,6 +248,19 @@ def test_perturb_with_units_sets_and_mean_end_to_end(
     assert (loo.target, loo.k, loo.rank, loo.p_value_vs) == ("leave_one_out", 3, 2, "topk")
     pair = by_name["zero/pair/ranks=1+3"]
     assert (pair.target, pair.ranks, pair.unit, pair.p_value_vs) == ("pair", "1+3", "weight", "baseline")
+    for kind in ("zero", "mean"):  # the same weights give the same pass: without 3 = top 2 = pair 1+2, ...
+        for tail in ("", "/unit=row", "/unit=column"):
+            same = [
+                f"{kind}/leave_one_out/k=3/without=3{tail}",
+                f"{kind}/topk/k=2{tail}",
+                f"{kind}/pair/ranks=1+2{tail}",
+            ]
+            assert len({(by_name[n].nll, by_name[n].n_weights) for n in same}) == 1, same
+            without = by_name[f"{kind}/leave_one_out/k=3/without=1{tail}"]
+            assert (without.nll, without.n_weights) == (
+                by_name[f"{kind}/pair/ranks=2+3{tail}"].nll,
+                by_name[f"{kind}/pair/ranks=2+3{tail}"].n_weights,
+            )
     assert by_name["zero/leave_one_out/k=3/without=1"].n_weights == 2
     assert by_name["zero/topk/k=3"].n_weights == 3
     shapes = recipe.shapes
