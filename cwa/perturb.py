@@ -189,8 +189,9 @@ class PerturbRecipe:
         self._load_heldout()
 
     def build_conditions(self) -> None:
-        """Prepare the controls (once) and list every condition: per perturbation, per K the top-K set and
-        each control (per seed for a random one), then each of the top ``single`` weights alone."""
+        """Prepare the controls (once) and list every condition: per perturbation and unit, per K the top-K
+        set and each control (per seed for a random one), each of the top ``single`` weights alone, the
+        leave-one-out sets and the pairs. A control without a definition at a unit is left out there, noted."""
         controls = self._prepared_controls() if self.ks else []
         for control in controls:
             missing = [u for u in self.units if u not in control.units]

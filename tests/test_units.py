@@ -277,3 +277,17 @@ def test_perturb_with_units_sets_and_mean_end_to_end(
     assert "the top 3 as a set" in printed and "ranks 1+2" in printed and "zero of each row" in printed
     if arch == "llama":
         assert (run / "figures" / "perturb_sets.png").stat().st_size > 1000
+
+
+def test_a_perturb_csv_without_the_unit_columns_reads_with_their_defaults() -> None:
+    from cwa.rundir import PerturbRow
+
+    old = {c: "1" for c in PerturbRow.columns()[:-3]} | {
+        "condition": "zero/topk/k=1",
+        "target": "topk",
+        "p_value_vs": "",
+    }
+    row = PerturbRow.parse(old)
+    assert (row.unit, row.ranks, row.broken_fraction, row.is_control) == ("weight", "", None, False)
+    assert PerturbRow.parse({**old, "target": "leave_one_out"}).is_control is False
+    assert PerturbRow.parse({**old, "target": "random_matched"}).is_control is True
