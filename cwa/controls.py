@@ -317,7 +317,9 @@ class Control(ABC):
 
 
 class RandomMatched(Control):
-    """K random weights with exactly the top-K set's count in each tensor, none of them in the top-K set."""
+    """K random weights with exactly the top-K set's count in each tensor, none of them in the top-K set.
+    For unit ``row`` or ``column``: every weight of random units, as many distinct units in each tensor as
+    the top-K set's units there, none of them one of the top-K set's units."""
 
     name = "random_matched"
     units = UNITS
