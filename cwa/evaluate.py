@@ -14,7 +14,7 @@ from torch import Tensor
 from cwa.controls import Control
 from cwa.errors import CwaError
 from cwa.perturbations import Perturbation
-from cwa.rundir import PerturbRow
+from cwa.rundir import SET_TARGETS, PerturbRow
 from cwa.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
 
 
@@ -55,10 +55,6 @@ def evaluate(model: torch.nn.Module, blocks: Tensor, batch_size: int, device: to
 
 
 # -- conditions and their results ------------------------------------------------------------------
-SET_TARGETS = ("topk", "single", "leave_one_out", "pair")
-"""Targets drawn from the ranked list itself; any other target is a control."""
-
-
 @dataclass
 class Condition:
     """One perturbed set: the top-K prefix, a control of the same K, one top weight alone, the top-K set

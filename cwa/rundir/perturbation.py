@@ -16,6 +16,9 @@ from cwa.io import atomic_open, write_json
 from cwa.rundir.files import FIGURES, PERTURB_CSV, PERTURB_JSON
 from cwa.rundir.outputs import OutputSet, sha256
 
+SET_TARGETS = ("topk", "single", "leave_one_out", "pair")
+"""Targets drawn from the ranked list itself; any other target (but ``baseline``) is a control."""
+
 
 @dataclass
 class PerturbRow:
@@ -62,7 +65,7 @@ class PerturbRow:
     @property
     def is_control(self) -> bool:
         """A control row (drawn to match a top-K set), not a baseline or a set from the ranked list."""
-        return self.target not in ("baseline", "topk", "single", "leave_one_out", "pair")
+        return self.target != "baseline" and self.target not in SET_TARGETS
 
     @classmethod
     def columns(cls) -> list[str]:
