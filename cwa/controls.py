@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor
 from cwa.errors import CwaError
 from cwa.perturbations import Selection, seeded, selection_from, topk_prefix
 from cwa.topk import TopK
+from cwa.units import UNITS, unit_count, unit_ids, unit_mean_abs, unit_members
 
 
 class ControlUnavailable(CwaError):
@@ -81,6 +82,40 @@ def random_matched(params: Mapping[str, Tensor], target: Selection, generator: t
     return out
 
 
+def random_matched_units(
+    params: Mapping[str, Tensor],
+    target: Selection,
+    transposed: Mapping[str, bool],
+    unit: str,
+    generator: torch.Generator,
+) -> Selection:
+    """Every weight of random units (rows or columns) with exactly the per-tensor count of distinct units of
+    ``target``, never one of ``target``'s units.
+
+    Args:
+        params: parameter name -> tensor (only shapes are read).
+        target: the top-K selection (single weights) whose units are matched.
+        transposed: parameter name -> True for a (in, out) layout.
+        unit: ``weight``, ``row`` or ``column``.
+        generator: the control's seed.
+    """
+    if unit == "weight":
+        return random_matched(params, target, generator)
+    out: Selection = {}
+    for name, index in target.items():
+        shape, flip = tuple(params[name].shape), bool(transposed.get(name, False))
+        ids, total = unit_ids(index.cpu(), shape, flip, unit), unit_count(shape, flip, unit)
+        try:
+            drawn = sample_excluding(total, ids, int(ids.numel()), generator)
+        except ControlUnavailable:
+            raise ControlUnavailable(
+                f"'{name}' holds {ids.numel()} of the top-K {unit}s and only {total - ids.numel()} others, too "
+                f"few for a matched random {unit} control."
+            ) from None
+        out[name] = unit_members(drawn, shape, flip, unit)
+    return out
+
+
 class MagnitudeBins:
     """Quantile bins of |w| over a set of tensors, with per-tensor bin counts.
 
@@ -92,12 +127,13 @@ class MagnitudeBins:
         params: parameter name -> tensor, in model order.
         bins: number of quantile bins.
         seed: seed of the subsample on very large models.
+        what: what one value is, in messages (``weights``; ``rows`` when the values are rows' mean |w|).
     """
 
-    def __init__(self, params: Mapping[str, Tensor], bins: int = 100, seed: int = 0) -> None:
+    def __init__(self, params: Mapping[str, Tensor], bins: int = 100, seed: int = 0, what: str = "weights") -> None:
         if bins < 1:
             raise CwaError(f"magnitude_bins must be at least 1, got {bins}.")
-        self.params, self.names, self.bins = params, list(params), bins
+        self.params, self.names, self.bins, self.what = params, list(params), bins, what
         self.edges = self._edges(seed)
         self.counts = torch.stack(
             [torch.bincount(self.bin_of(params[n].detach().reshape(-1)), minlength=bins) for n in self.names]
@@ -149,8 +185,8 @@ class MagnitudeBins:
             n, population = int(need[b]), int(self.counts[:, b].sum())
             if population - n < n:
                 raise ControlUnavailable(
-                    f"magnitude bin {b} holds {n} of the top-K weights and only {population - n} others, too few "
-                    "for a magnitude-matched control; use fewer magnitude_bins."
+                    f"magnitude bin {b} holds {n} of the top-K {self.what} and only {population - n} others, too "
+                    "few for a magnitude-matched control; use fewer bins (MagnitudeMatched's option bins)."
                 )
             # Among the first 2n of a random order of the bin at most n are top-K weights, so at least n remain.
             positions = torch.randperm(population, generator=generator)[: 2 * n]
@@ -240,12 +276,14 @@ class ControlContext:
         topk: the run's ranked top-K list.
         max_k: the largest K of the dose-response curve.
         scores: loads the run's score tensors (name -> tensor, model order), or None without scores.
+        transposed: parameter name -> True for a (in, out) layout (GPT-2 ``Conv1D``), for row and column units.
     """
 
     params: Mapping[str, Tensor]
     topk: TopK
     max_k: int
     scores: Callable[[], Mapping[str, Tensor]] | None
+    transposed: Mapping[str, bool] = field(default_factory=dict)
 
 
 class Control(ABC):
@@ -253,6 +291,7 @@ class Control(ABC):
 
     name: ClassVar[str] = ""
     seeded: ClassVar[bool] = True
+    units: ClassVar[tuple[str, ...]] = ("weight",)  # the ablation units it can match (others: select takes unit)
 
     def prepare(self, context: ControlContext) -> str | None:
         """Get ready to select; return a note when this control cannot be drawn for this run (it is then left out)."""
@@ -261,7 +300,9 @@ class Control(ABC):
 
     @abstractmethod
     def select(self, k: int, seed: int | None) -> Selection:
-        """The control's weights for the top-``k`` set (``seed``: None for an unseeded control).
+        """The control's weights for the top-``k`` set (``seed``: None for an unseeded control). A control
+        whose ``units`` name ``row`` or ``column`` also takes ``unit`` and then gives every weight of units
+        matched to the top-``k`` set's units.
 
         Raises:
             ControlUnavailable: too few eligible weights for this K (the condition is skipped with a note).
@@ -276,25 +317,31 @@ class Control(ABC):
 
 
 class RandomMatched(Control):
-    """K random weights with exactly the top-K set's count in each tensor, none of them in the top-K set."""
+    """K random weights with exactly the top-K set's count in each tensor, none of them in the top-K set.
+    For unit ``row`` or ``column``: every weight of random units, as many distinct units in each tensor as
+    the top-K set's units there, none of them one of the top-K set's units."""
 
     name = "random_matched"
+    units = UNITS
     stream: ClassVar[int] = 1  # keeps its draws independent of the other random controls' for the same seed
 
-    def select(self, k: int, seed: int | None) -> Selection:
-        target = topk_prefix(self.context.topk, k)
-        return random_matched(self.context.params, target, seeded(seed or 0, k, self.stream))
+    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
+        target, generator = topk_prefix(self.context.topk, k), _generator(seed, k, self.stream, unit)
+        return random_matched_units(self.context.params, target, self.context.transposed, unit, generator)
 
 
 class MagnitudeMatched(Control):
     """K random weights with exactly the top-K set's count in each |w| quantile bin (bins over all scored
-    weights), none of them in the top-K set.
+    weights), none of them in the top-K set. For unit ``row`` or ``column``: whole units, as many in each
+    quantile bin of the units' mean |w| as the top-K set's units, bins over the units of one length (so
+    the control perturbs as many weights as the top-K units), none of the top-K set's units.
 
     Args:
         bins: number of |w| quantile bins.
     """
 
     name = "magnitude_matched"
+    units = UNITS
     stream: ClassVar[int] = 2
 
     def __init__(self, bins: int = 100) -> None:
@@ -305,10 +352,35 @@ class MagnitudeMatched(Control):
     def prepare(self, context: ControlContext) -> str | None:
         super().prepare(context)
         self._bins = MagnitudeBins(context.params, self.bins)
+        self._unit_bins: dict[str, list[MagnitudeBins]] = {}
         return None
 
-    def select(self, k: int, seed: int | None) -> Selection:
-        return self._bins.matched(topk_prefix(self.context.topk, k), seeded(seed or 0, k, self.stream))
+    def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
+        target, generator = topk_prefix(self.context.topk, k), _generator(seed, k, self.stream, unit)
+        if unit == "weight":
+            return self._bins.matched(target, generator)
+        params, transposed = self.context.params, self.context.transposed
+        shapes = {n: tuple(t.shape) for n, t in params.items()}
+        flip = {n: bool(transposed.get(n, False)) for n in params}
+        out: Selection = {}
+        for bins in self._units(unit, shapes, flip):
+            ids = {n: unit_ids(i.cpu(), shapes[n], flip[n], unit) for n, i in target.items() if n in bins.params}
+            if ids:
+                drawn = bins.matched(ids, generator)
+                out.update({n: unit_members(u, shapes[n], flip[n], unit) for n, u in drawn.items()})
+        return {n: out[n] for n in params if n in out}
+
+    def _units(self, unit: str, shapes: dict, flip: dict) -> list[MagnitudeBins]:
+        """Quantile bins of the units' mean |w|, one set per unit length (units of equal length are matched,
+        so a control perturbs as many weights as its target)."""
+        if unit not in self._unit_bins:
+            groups: dict[int, dict[str, Tensor]] = {}
+            for name, tensor in self.context.params.items():
+                length = tensor.numel() // unit_count(shapes[name], flip[name], unit)
+                groups.setdefault(length, {})[name] = unit_mean_abs(tensor, flip[name], unit)
+            what = f"{unit}s"
+            self._unit_bins[unit] = [MagnitudeBins(means, self.bins, what=what) for means in groups.values()]
+        return self._unit_bins[unit]
 
 
 class BottomK(Control):
@@ -316,6 +388,7 @@ class BottomK(Control):
 
     name = "bottomk"
     seeded = False
+    # units: weight only; the lowest-score weights define no lowest-score rows or columns
 
     def prepare(self, context: ControlContext) -> str | None:
         super().prepare(context)
@@ -326,6 +399,12 @@ class BottomK(Control):
 
     def select(self, k: int, seed: int | None) -> Selection:
         return topk_prefix(self._bottom, k)
+
+
+def _generator(seed: int | None, k: int, stream: int, unit: str) -> torch.Generator:
+    """The draw of one control, seed and K; a unit other than ``weight`` draws from its own stream."""
+    parts = (seed or 0, k, stream)
+    return seeded(*parts) if unit == "weight" else seeded(*parts, UNITS.index(unit))
 
 
 CONTROLS: dict[str, type[Control]] = {cls.name: cls for cls in (RandomMatched, MagnitudeMatched, BottomK)}

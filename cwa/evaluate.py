@@ -15,7 +15,7 @@ from torch import Tensor
 from cwa.controls import Control
 from cwa.errors import CwaError
 from cwa.perturbations import Perturbation
-from cwa.rundir import PerturbRow
+from cwa.rundir import SET_TARGETS, PerturbRow
 from cwa.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
 
 
@@ -68,32 +68,42 @@ def evaluate(
 # -- conditions and their results ------------------------------------------------------------------
 @dataclass
 class Condition:
-    """One perturbed set of weights: the top-K prefix, a control of the same K, or one top weight alone."""
+    """One perturbed set: the top-K prefix, a control of the same K, one top weight alone, the top-K set
+    without its member of rank ``rank`` (``leave_one_out``) or two top weights together (``pair``, ``ranks``);
+    each at its ``unit`` (the weights themselves, or every weight of their output rows or input columns)."""
 
     perturbation: Perturbation
-    target: str  # "topk", "single" or a control's name
+    target: str  # one of SET_TARGETS or a control's name
     k: int | None = None
-    rank: int | None = None
+    rank: int | None = None  # single: the weight's rank; leave_one_out: the member left out
     seed: int | None = None
     control: Control | None = field(default=None, repr=False)  # draws a control target's weights
+    unit: str = "weight"
+    ranks: tuple[int, ...] | None = None  # pair: the ranks perturbed together
     restore: str = ""  # activation restore mode of a restored twin (cwa.restore), "" for none
 
     @property
     def name(self) -> str:
         parts = [self.perturbation.name, self.target]
-        if self.rank is not None:
+        if self.ranks is not None:
+            parts.append("ranks=" + "+".join(map(str, self.ranks)))
+        elif self.target == "leave_one_out":
+            parts += [f"k={self.k}", f"without={self.rank}"]
+        elif self.rank is not None:
             parts.append(f"rank={self.rank}")
         elif self.k is not None:
             parts.append(f"k={self.k}")
         if self.seed is not None:
             parts.append(f"seed={self.seed}")
+        if self.unit != "weight":
+            parts.append(f"unit={self.unit}")
         if self.restore:
             parts.append(f"restore={self.restore}")
         return "/".join(parts)
 
     @property
     def is_control(self) -> bool:
-        return self.target not in ("topk", "single")
+        return self.target not in SET_TARGETS
 
 
 @dataclass
@@ -131,24 +141,29 @@ class StatisticsOptions:
 
 
 def perturb_rows(baseline: Result, results: list[Result], options: StatisticsOptions) -> list[PerturbRow]:
-    """The rows of perturb.csv: the baseline, then every condition in the order evaluated. A control is
-    tested against the top-K set of the same perturbation and K; top-K and single weights against the
-    baseline. All conditions share one set of bootstrap resamples for the intervals and one for the
-    tests (paired statistics, comparable across conditions)."""
+    """The rows of perturb.csv: the baseline, then every condition in the order evaluated. A control, and
+    a leave-one-out set, is tested against the top-K set of the same perturbation, K and unit (the joint
+    set); top-K, single weights and pairs against the baseline. All conditions share one set of bootstrap
+    resamples for the intervals and one for the tests (paired statistics, comparable across conditions)."""
     n = len(baseline.evaluation.stats)
     weights = bootstrap_weights(n, options.bootstrap, seed=0), bootstrap_weights(n, options.permutations, seed=1)
-    topk = {(r.condition.perturbation, r.condition.k): r for r in results if r.condition.target == "topk"}
+    topk = {_joint_key(r.condition): r for r in results if r.condition.target == "topk" and not r.condition.restore}
     unrestored = {r.condition.name: r for r in results if not r.condition.restore}
     rows = [_row(baseline, baseline, weights, options, None)]
     for result in results:
         cond = result.condition
-        reference = topk.get((cond.perturbation, cond.k)) if cond.is_control else None
+        against_joint = cond.is_control or cond.target == "leave_one_out"
+        reference = topk.get(_joint_key(cond)) if against_joint else None
         row = _row(result, baseline, weights, options, reference)
         if cond.restore:
             perturbed = unrestored[replace(cond, restore="").name]
             row = _restored_row(row, result, perturbed, baseline, weights, options)
         rows.append(row)
     return rows
+
+
+def _joint_key(condition: Condition) -> tuple[Perturbation, int | None, str]:
+    return condition.perturbation, condition.k, condition.unit
 
 
 def _restored_row(
@@ -199,7 +214,7 @@ def _row(
         deltas = bootstrap_deltas(base, stats, interval_weights, options.confidence)
     if cond is None:
         pair, vs = None, ""
-    elif not cond.is_control:
+    elif not cond.is_control and cond.target != "leave_one_out":
         pair, vs = (stats, base), "baseline"
     elif reference is not None:
         pair, vs = (reference.evaluation.stats, stats), "topk"
@@ -226,4 +241,6 @@ def _row(
         p_value=p_value,
         p_value_vs=vs,
         broken_fraction=stats.broken_fraction,
+        unit="weight" if cond is None else cond.unit,
+        ranks="" if cond is None or cond.ranks is None else "+".join(map(str, cond.ranks)),
     )

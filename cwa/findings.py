@@ -216,6 +216,7 @@ def _row_numbers(row: PerturbRow) -> dict:
         "target": row.target,
         "k": row.k,
         "rank": row.rank,
+        "unit": row.unit,
         "n_weights": row.n_weights,
         "p_value": row.p_value,
         "p_value_vs": row.p_value_vs,
@@ -224,7 +225,8 @@ def _row_numbers(row: PerturbRow) -> dict:
 
 def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding]:
     """A single weight or the top-K raises perplexity (interval above 0, p < 0.05), the top-K has no
-    detectable effect (interval covers 0), or the top-K costs more than a control (paired p < 0.05)."""
+    detectable effect (interval covers 0), or the top-K costs more than a control of the same unit (paired
+    p < 0.05). Leave-one-out sets and pairs make no finding here (their rows are in the report's table)."""
     out = []
     statistic = "Δ held-out perplexity (perturbed − baseline)"
     rows = [r for r in rows if not r.restore]  # an activation-restore twin is tested against its perturbed pass
@@ -248,7 +250,7 @@ def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding
             out.append(Finding("perturbation", "no_effect", (position,), statistic, delta, 0.0,
                                (low, high), 0.0, _row_numbers(r)))  # fmt: skip
         for c in rows:
-            if c.target in ("topk", "single", "baseline") or c.k != r.k:
+            if not c.is_control or c.k != r.k or c.unit != r.unit:
                 continue
             if c.perturbation != r.perturbation or c.p_value is None or c.delta_perplexity is None:
                 continue

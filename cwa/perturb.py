@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,9 @@ from cwa.perturbations import (
 from cwa.restore import RestoreMode
 from cwa.run_data import build_data
 from cwa.rundir import Run, write_perturbation
+from cwa.units import Unit, check_units, expand
+
+MAX_PAIRS = 20
 
 DEFAULT_CONTROLS: tuple[ControlName, ...] = ("random_matched", "magnitude_matched", "bottomk")
 
@@ -77,6 +81,14 @@ class PerturbRecipe:
         verify: checksum every touched tensor after restoring it (fails loudly if a bit differs).
         figures: write figures/perturb_dose_response.png and figures/perturb_single_weight.png.
         tensorboard: write TensorBoard scalars into the run directory.
+        units: what is perturbed around each chosen weight, one or several: ``weight`` (the weight itself),
+            ``row`` (every weight of its output unit, a neuron) or ``column`` (every weight of its input
+            channel); layout-aware (GPT-2 ``Conv1D`` stores (in, out)). A 1-D tensor's unit is the weight.
+            Every condition runs once per unit, and controls draw whole units of the same kind.
+        leave_one_out: for the top N weights as a set: N conditions, each the set without one member,
+            tested against the joint top-N set (0: none). Adds N to ``ks`` and raises ``single`` to N.
+        pairs: every pair among the top N weights, perturbed together (0: none; at most 20). Raises
+            ``single`` to N.
         restore: activation restore modes: for every top-K set and single weight (not the controls), and
             each mode, a twin condition with the same perturbation while the baseline output of the
             perturbed weights' layer is written back at their output channels: ``all`` at every token,
@@ -107,6 +119,9 @@ class PerturbRecipe:
         verify: bool = True,
         figures: bool = True,
         tensorboard: bool = True,
+        units: tuple[Unit, ...] = ("weight",),
+        leave_one_out: int = 0,
+        pairs: int = 0,
         restore: tuple[RestoreMode, ...] = (),
         restore_threshold: float = 10.0,
     ) -> None:
@@ -122,7 +137,7 @@ class PerturbRecipe:
             raise CwaError(f"every K must be at least 1, got {list(self.ks)}.")
         if single < 0:
             raise CwaError(f"single must be 0 or more, got {single}.")
-        if not self.ks and not single:
+        if not self.ks and not single and not leave_one_out and not pairs:
             raise CwaError("nothing to perturb: give ks or single.")
         if heldout_samples is not None and heldout_samples < 1:
             raise CwaError("the held-out split is empty (heldout_samples < 1); evaluate at least one block.")
@@ -136,11 +151,26 @@ class PerturbRecipe:
         self.heldout_samples, self.heldout_tokens, self.batch_size = heldout_samples, heldout_tokens, batch_size
         self.device_name, self.trust_remote_code, self.verify = device, trust_remote_code, verify
         self.figures, self.tensorboard = figures, tensorboard
+        self._set_units_and_sets(units, leave_one_out, pairs)
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self.conditions: list[Condition] = []
         self.results: list[Result] = []
         self._init_restore(restore, restore_threshold)
+
+    def _set_units_and_sets(self, units: tuple[str, ...], leave_one_out: int, pairs: int) -> None:
+        self.units = check_units(tuple(units))
+        for option, n in (("leave_one_out", leave_one_out), ("pairs", pairs)):
+            if n < 0 or n == 1:
+                raise CwaError(f"{option} needs a set of at least 2 top weights (or 0 for none), got {n}.")
+        if pairs > MAX_PAIRS:
+            raise CwaError(
+                f"pairs={pairs} would evaluate {pairs * (pairs - 1) // 2} pairs; give at most {MAX_PAIRS} top weights."
+            )
+        self.leave_one_out, self.pairs = leave_one_out, pairs
+        if leave_one_out:
+            self.ks = tuple(sorted({*self.ks, leave_one_out}))  # the joint set each leave-one-out is tested against
+        self.single = max(self.single, leave_one_out, pairs)  # each member alone, beside the sets
 
     # -- the life cycle ----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -174,18 +204,35 @@ class PerturbRecipe:
         self._load_heldout()
 
     def build_conditions(self) -> None:
-        """Prepare the controls (once) and list every condition: per perturbation, per K the top-K set and
-        each control (per seed for a random one), then each of the top ``single`` weights alone."""
+        """Prepare the controls (once) and list every condition: per perturbation and unit, per K the top-K
+        set and each control (per seed for a random one), each of the top ``single`` weights alone, the
+        leave-one-out sets and the pairs. A control without a definition at a unit is left out there, noted."""
         controls = self._prepared_controls() if self.ks else []
+        for control in controls:
+            missing = [u for u in self.units if u not in control.units]
+            if missing:
+                units = ", ".join(missing)
+                self.notes.append(f"{control.name} skipped at unit {units}: it has no unit-level definition.")
         for perturbation in self.perturbations:
-            for k in self.ks:
-                self.conditions.append(Condition(perturbation, "topk", k))
-                for control in controls:
-                    seeds = self.seeds if control.seeded else (None,)
-                    for seed in seeds:
-                        self.conditions.append(Condition(perturbation, control.name, k, seed=seed, control=control))
-            self.conditions += [Condition(perturbation, "single", rank=r) for r in range(1, self.single + 1)]
+            for unit in self.units:
+                self.conditions += self._unit_conditions(perturbation, unit, controls)
         self.conditions = self._with_restored_twins(self.conditions)
+
+    def _unit_conditions(self, perturbation: Perturbation, unit: str, controls: list[Control]) -> list[Condition]:
+        """One perturbation's conditions at one unit: per K the top-K set and its controls, the single
+        weights, the leave-one-out sets and the pairs."""
+        out = []
+        for k in self.ks:
+            out.append(Condition(perturbation, "topk", k, unit=unit))
+            for control in (c for c in controls if unit in c.units):
+                for seed in self.seeds if control.seeded else (None,):
+                    out.append(Condition(perturbation, control.name, k, seed=seed, control=control, unit=unit))
+        out += [Condition(perturbation, "single", rank=r, unit=unit) for r in range(1, self.single + 1)]
+        n = self.leave_one_out
+        out += [Condition(perturbation, "leave_one_out", n, rank=r, unit=unit) for r in range(1, n + 1)]
+        ranks = itertools.combinations(range(1, self.pairs + 1), 2)
+        out += [Condition(perturbation, "pair", ranks=pair, unit=unit) for pair in ranks]
+        return out
 
     def evaluate(self) -> None:
         """The baseline, then each condition perturbed in place, evaluated and restored; then the rows."""
@@ -257,7 +304,22 @@ class PerturbRecipe:
         if unknown:
             raise CwaError(f"the run's top-K list names '{unknown[0]}', which this model does not have.")
         self.params = {n: named[n].data for n in self.topk.names}
+        self._read_layout(model)
         self.timings["load_model_s"] = time.perf_counter() - start
+
+    def _read_layout(self, model: torch.nn.Module) -> None:
+        """Shapes and (in, out) layouts of the ranked tensors, from the model itself (for rows and columns)."""
+        from cwa.params import select_parameters
+
+        infos = {n: info for n, (_, info) in select_parameters(model).items()}
+        self.shapes = {n: tuple(t.shape) for n, t in self.params.items()}
+        self.transposed = {n: bool(infos[n].transposed) if n in infos else False for n in self.params}
+        flat = [n for n, shape in self.shapes.items() if len(shape) == 1]
+        if flat and any(u != "weight" for u in self.units):
+            self.notes.append(
+                f"{len(flat)} ranked 1-D tensors (norms, biases; e.g. '{flat[0]}') have no rows or columns: "
+                "their unit is the weight itself."
+            )
 
     def _load_heldout(self) -> None:
         start = time.perf_counter()
@@ -276,7 +338,7 @@ class PerturbRecipe:
     def _prepared_controls(self) -> list[Control]:
         run = self.run_dir
         scores = (lambda: {n: s for n, s in run.scores().items()}) if run.has_scores else None
-        context = ControlContext(self.params, self.topk, max(self.ks), scores)
+        context = ControlContext(self.params, self.topk, max(self.ks), scores, self.transposed)
         ready = []
         for control in self.controls:
             start = time.perf_counter()
@@ -294,12 +356,23 @@ class PerturbRecipe:
         return evaluate(self.model, self.blocks, batch_size, self.device, before_batch)
 
     def _selection(self, condition: Condition) -> Selection:
+        """The condition's weights: the chosen ranks of the list expanded to their units, or a control's draw."""
+        if condition.is_control:
+            if condition.unit == "weight":
+                return condition.control.select(condition.k, condition.seed)
+            return condition.control.select(condition.k, condition.seed, condition.unit)
         if condition.target == "topk":
-            return topk_prefix(self.topk, condition.k)
-        if condition.target == "single":
-            rank = condition.rank
-            return selection_from(self.topk.names, self.topk.param[rank - 1 : rank], self.topk.index[rank - 1 : rank])
-        return condition.control.select(condition.k, condition.seed)
+            chosen = topk_prefix(self.topk, condition.k)
+        else:
+            if condition.target == "single":
+                ranks = [condition.rank]
+            elif condition.target == "leave_one_out":
+                ranks = [r for r in range(1, condition.k + 1) if r != condition.rank]
+            else:  # pair
+                ranks = list(condition.ranks)
+            at = torch.tensor([r - 1 for r in ranks], dtype=torch.long)
+            chosen = selection_from(self.topk.names, self.topk.param[at], self.topk.index[at])
+        return expand(chosen, self.shapes, self.transposed, condition.unit)
 
     def _evaluate_condition(self, condition: Condition) -> Result | None:
         start = time.perf_counter()
@@ -311,23 +384,27 @@ class PerturbRecipe:
         select_s = time.perf_counter() - start
         start = time.perf_counter()
         seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
-        generator = seeded(seed, condition.k or 0, condition.rank or 0, 3)
+        generator = seeded(seed, condition.k or 0, condition.rank or 0, 3, *(condition.ranks or ()))
         with (
-            perturbed(self.params, selection, condition.perturbation, generator, self.checksums),
+            perturbed(self.params, selection, condition.perturbation, generator, self.checksums, self.transposed),
             self._replaying(condition, selection) as replayer,
         ):
             evaluation = self._evaluation(replayer.at_batch if replayer is not None else None)
         apply_restore_s = time.perf_counter() - start - evaluation.seconds
-        where = self._where(condition.rank) if condition.rank else ""
+        ranks = condition.ranks or ((condition.rank,) if condition.rank else ())
+        where = " + ".join(self._where(r, condition.unit) for r in ranks)
         restored = replayer.restored if replayer is not None else None
         return Result(condition, evaluation, selection_size(selection), apply_restore_s, select_s, where, restored)
 
-    def _where(self, rank: int) -> str:
+    def _where(self, rank: int, unit: str = "weight") -> str:
         name = self.topk.names[int(self.topk.param[rank - 1])]
         index = int(self.topk.index[rank - 1])
         info = self.run_dir.infos.get(name)
         place = info.row_col(torch.tensor(index)) if info is not None else None
-        return f"{name}[{index}]" if place is None else f"{name}[{int(place[0])},{int(place[1])}]"
+        if place is None:
+            return f"{name}[{index}]"
+        row, col = int(place[0]), int(place[1])
+        return {"row": f"{name}[{row},:]", "column": f"{name}[:,{col}]"}.get(unit, f"{name}[{row},{col}]")
 
     # -- activation restore ------------------------------------------------------------------------
     def _init_restore(self, restore: tuple[RestoreMode, ...], threshold: float) -> None:
@@ -342,11 +419,11 @@ class PerturbRecipe:
         self.recorder = None
 
     def _with_restored_twins(self, conditions: list[Condition]) -> list[Condition]:
-        """Each top-K set and single weight followed by its restored twins, one per restore mode."""
+        """Each top-K set and single weight (at every unit) followed by its restored twins, one per mode."""
         out = []
         for condition in conditions:
             out.append(condition)
-            if not condition.is_control:
+            if condition.target in ("topk", "single"):
                 out += [replace(condition, restore=mode) for mode in self.restore]
         return out
 
@@ -359,8 +436,12 @@ class PerturbRecipe:
             return
         from cwa.restore import output_channels, recording
 
-        longest = max([*self.ks, self.single])
-        channels = output_channels(self.model, topk_prefix(self.topk, longest), self.run_dir.infos)
+        longest = topk_prefix(self.topk, max([*self.ks, self.single]))
+        selection: Selection = {}
+        for unit in self.units:  # a row or column reaches further than its weight
+            for name, index in expand(longest, self.shapes, self.transposed, unit).items():
+                selection[name] = torch.unique(torch.cat([selection.get(name, index[:0]), index]))
+        channels = output_channels(self.model, selection, self.run_dir.infos)
         with recording(self.model, channels) as recorder:
             yield recorder.at_batch
         self.recorder = recorder
@@ -402,6 +483,8 @@ class PerturbRecipe:
         if self.single:
             where = {r.condition.name: r.where for r in self.results}
             figures["perturb_single_weight.png"] = partial(perturb_figures.single_weight, self.rows, where, self._title)
+        if self.leave_one_out:
+            figures["perturb_sets.png"] = partial(perturb_figures.sets, self.rows, self._title)
         return figures
 
     def settings(self) -> dict:
@@ -424,6 +507,9 @@ class PerturbRecipe:
             "verify": self.verify,
             "figures": self.figures,
             "tensorboard": self.tensorboard,
+            "units": list(self.units),
+            "leave_one_out": self.leave_one_out,
+            "pairs": self.pairs,
             "restore": list(self.restore),
             "restore_threshold": self.restore_threshold,
         }

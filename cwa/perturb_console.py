@@ -27,6 +27,10 @@ def _broken(rows: list[PerturbRow]) -> str | None:
     return f"broken on {100 * worst:.3g}% of sequences" if worst > 0 else None
 
 
+def _finite(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else 0.0
+
+
 def _interval(row: PerturbRow) -> str:
     if broken := _broken([row]):
         return f"{broken:>28}"
@@ -58,6 +62,35 @@ def _dose_lines(mine: list[PerturbRow], kind: str, targets: list[str]) -> list[s
             cell = _broken(ctl) or f"{_signed(mean)} (p {_p(max(ps)) if ps else '-'})"
             line += f"  {cell:>22}"
         lines.append(line)
+    return lines
+
+
+def _single_lines(mine: list[PerturbRow], label: str) -> list[str]:
+    singles = [r for r in mine if r.target == "single"]
+    if not singles:
+        return []
+    lines = [f"  {label}, each of the top {len(singles)} weights alone: Δ perplexity [95% CI] (p vs baseline)"]
+    return lines + [f"  {r.rank:>6}  {_interval(r)}  (p {_p(r.p_value)})" for r in singles]
+
+
+def _set_lines(mine: list[PerturbRow], label: str, most: int = 10) -> list[str]:
+    """The leave-one-out sets beside the joint set, and the pairs with the largest damage first."""
+    lines = []
+    loo = [r for r in mine if r.target == "leave_one_out"]
+    if loo:
+        n = loo[0].k
+        joint = next((r for r in mine if r.target == "topk" and r.k == n), None)
+        lines.append(f"  {label}, the top {n} as a set: Δ perplexity [95% CI] (p of the joint set vs each)")
+        if joint is not None:
+            lines.append(f"  {'joint':>9}  {_interval(joint)}")
+        lines += [f"  {'without ' + str(r.rank):>9}  {_interval(r)}  (p {_p(r.p_value)})" for r in loo]
+    pairs = [r for r in mine if r.target == "pair"]
+    if pairs:
+        ranked = sorted(pairs, key=lambda r: (-(r.broken_fraction or 0.0), -_finite(r.delta_perplexity)))
+        more = f"; {len(pairs) - most} more in perturb.csv" if len(pairs) > most else ""
+        head = f"  {label}, pairs of top weights, largest damage first{more}"
+        lines.append(f"{head}: Δ perplexity [95% CI] (p vs baseline)")
+        lines += [f"  {'ranks ' + r.ranks:>11}  {_interval(r)}  (p {_p(r.p_value)})" for r in ranked[:most]]
     return lines
 
 
@@ -100,16 +133,12 @@ def print_table(
     print()
     print(f"cwa perturb: {title} top-K · {len(base)} held-out sequences ({int(base.tokens.sum()):,} tokens)")
     print(f"  baseline: perplexity {base.perplexity:.4g}, NLL {base.mean_nll:.4f}, accuracy {base.accuracy:.4f}")
-    targets = list(dict.fromkeys(r.target for r in rows[1:] if r.target not in ("topk", "single")))
-    for kind in dict.fromkeys(r.perturbation for r in rows[1:]):
-        mine = [r for r in rows[1:] if r.perturbation == kind and not r.restore]
-        for line in _dose_lines(mine, kind, targets):
+    targets = list(dict.fromkeys(r.target for r in rows[1:] if r.is_control))
+    for kind, unit in dict.fromkeys((r.perturbation, r.unit) for r in rows[1:] if not r.restore):
+        mine = [r for r in rows[1:] if r.perturbation == kind and r.unit == unit and not r.restore]
+        label = kind if unit == "weight" else f"{kind} of each {unit}"
+        for line in [*_dose_lines(mine, label, targets), *_single_lines(mine, label), *_set_lines(mine, label)]:
             print(line)
-        singles = [r for r in mine if r.target == "single"]
-        if singles:
-            print(f"  {kind}, each of the top {len(singles)} weights alone: Δ perplexity [95% CI] (p vs baseline)")
-            for r in singles:
-                print(f"  {r.rank:>6}  {_interval(r)}  (p {_p(r.p_value)})")
     for line in restore_lines(rows):
         print(line)
     for note in notes:

@@ -1,5 +1,5 @@
-"""Figures of ``cwa perturb``: the dose-response curve and the single-weight ablation chart, and its
-TensorBoard scalars.
+"""Figures of ``cwa perturb``: the dose-response curve, the single-weight ablation chart and the set chart
+(each alone, joint, leave-one-out), and its TensorBoard scalars.
 
 All read the typed rows of ``perturb.csv``; matplotlib is imported only here. A figure function draws
 into the path it is given (``rundir.write_perturbation`` stages it beside the other outputs).
@@ -38,22 +38,37 @@ def _pyplot():
     return plt
 
 
+def _panels(rows: list[PerturbRow]) -> list[tuple[str, str]]:
+    """(perturbation, unit) pairs in the order they appear."""
+    return list(dict.fromkeys((r.perturbation, r.unit) for r in rows))
+
+
+def _panel_title(title: str, kind: str, unit: str) -> str:
+    return f"{title} · {kind}" + ("" if unit == "weight" else f" · unit {unit}")
+
+
 def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
-    """Δ perplexity against K (log axis) for the top-K and each control, one panel per perturbation.
+    """Δ perplexity against K (log axis) for the top-K and each control, one panel per perturbation and unit.
 
     A random control's line is its mean over seeds and its band spans the lowest to the highest 95%
     bound of its seeds; the top-K and bottom-K bands are their bootstrap intervals.
     """
     plt = _pyplot()
     rows = [r for r in rows if not r.restore]  # activation-restore twins are not points of the curve
-    kinds = list(dict.fromkeys(r.perturbation for r in rows if r.target in _STYLE))
-    if not kinds:
+    panels = _panels([r for r in rows if r.target in _STYLE])
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.4 * len(kinds), 4.6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
+    kinds, units = list(dict.fromkeys(p[0] for p in panels)), list(dict.fromkeys(p[1] for p in panels))
+    size = (6.4 * len(units), 4.6 * len(kinds))
+    fig, axes = plt.subplots(len(kinds), len(units), figsize=size, squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for kind, unit in panels:  # a row per perturbation, a column per unit
+        ax = axes[kinds.index(kind), units.index(unit)]
+        ax.set_visible(True)
         lowest = 0.0
         for target, (label, color, marker) in _STYLE.items():
-            mine = [r for r in rows if r.perturbation == kind and r.target == target]
+            mine = [r for r in rows if r.perturbation == kind and r.unit == unit and r.target == target]
             ks = sorted({r.k for r in mine})
             if not ks:
                 continue
@@ -73,9 +88,9 @@ def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
         ax.set_yscale("symlog", linthresh=0.01)
         ax.set_ylim(bottom=min(2 * lowest, -0.01))  # symlog autoscaling mirrors the top; only show real lows
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_xlabel("K (weights perturbed)")
+        ax.set_xlabel("K (top weights" + ("" if unit == "weight" else f"; their {unit}s perturbed") + ")")
         ax.set_ylabel("Δ held-out perplexity (95% CI)")
-        ax.set_title(f"{title} · {kind}", fontsize=10)
+        ax.set_title(_panel_title(title, kind, unit), fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, path)
@@ -87,12 +102,11 @@ def single_weight(rows: list[PerturbRow], where: Mapping[str, str], title: str, 
     singles = [r for r in rows if r.target == "single" and not r.restore]
     if not singles:
         return
-    kinds = list(dict.fromkeys(r.perturbation for r in singles))
-    fig, axes = plt.subplots(
-        len(kinds), 1, figsize=(8, 0.6 + 0.42 * max(len(singles) // len(kinds), 3) + 1.2), squeeze=False
-    )
-    for ax, kind in zip(axes[:, 0], kinds, strict=True):
-        mine = sorted((r for r in singles if r.perturbation == kind), key=lambda r: r.rank)
+    panels = _panels(singles)
+    height = 0.6 + 0.42 * max(len(singles) // len(panels), 3) + 1.2
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, height * len(panels)), squeeze=False, layout="constrained")
+    for ax, (kind, unit) in zip(axes[:, 0], panels, strict=True):
+        mine = sorted((r for r in singles if r.perturbation == kind and r.unit == unit), key=lambda r: r.rank)
         ys = list(range(len(mine)))
         deltas = [r.delta_perplexity for r in mine]
         err = [
@@ -106,7 +120,52 @@ def single_weight(rows: list[PerturbRow], where: Mapping[str, str], title: str, 
         ax.set_xscale("symlog", linthresh=0.01)
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set_xlabel("Δ held-out perplexity (95% CI); red: p < 0.05 vs baseline")
-        ax.set_title(f"{title} · {kind} of one weight at a time", fontsize=10)
+        what = "one weight" if unit == "weight" else f"the {unit} of one weight"
+        ax.set_title(f"{title} · {kind} of {what} at a time", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    _save(fig, path)
+
+
+def _bar(ax, y: float, row: PerturbRow, color: str, height: float) -> None:
+    delta = row.delta_perplexity
+    err = [[max(0.0, delta - row.delta_perplexity_low)], [max(0.0, row.delta_perplexity_high - delta)]]
+    ax.barh([y], [delta], xerr=err, color=color, height=height, capsize=2)
+
+
+def sets(rows: list[PerturbRow], title: str, path: Path) -> None:
+    """For the top-N set (N = the leave-one-out size): the joint set, then for each member its Δ perplexity
+    alone and the set's without it, with bootstrap error bars; one panel per perturbation and unit."""
+    plt = _pyplot()
+    loo = [r for r in rows if r.target == "leave_one_out"]
+    if not loo:
+        return
+    panels = _panels(loo)
+    n = max(r.k for r in loo)
+    size = (8, (1.4 + 0.55 * (n + 1)) * len(panels))
+    fig, axes = plt.subplots(len(panels), 1, figsize=size, squeeze=False, layout="constrained")
+    for ax, (kind, unit) in zip(axes[:, 0], panels, strict=True):
+        mine = [r for r in rows if r.perturbation == kind and r.unit == unit]
+        joint = next((r for r in mine if r.target == "topk" and r.k == n), None)
+        alone = {r.rank: r for r in mine if r.target == "single"}
+        without = {r.rank: r for r in mine if r.target == "leave_one_out" and r.k == n}
+        labels = []
+        if joint is not None:
+            _bar(ax, 0, joint, "tab:red", 0.7)
+        labels.append(f"joint top {n}")
+        for member in range(1, n + 1):
+            if member in alone:
+                _bar(ax, member - 0.18, alone[member], "tab:blue", 0.34)
+            if member in without:
+                _bar(ax, member + 0.18, without[member], "tab:orange", 0.34)
+            labels.append(f"#{member}")
+        ax.set_yticks(range(n + 1), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.axvline(0, color="black", linewidth=0.6)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:red", "tab:blue", "tab:orange")]
+        ax.legend(handles, [f"all {n} together", "this one alone", f"the other {n - 1} (without this one)"], fontsize=7)
+        ax.set_xlabel("Δ held-out perplexity (95% CI)")
+        ax.set_title(_panel_title(title, kind, unit) + f" · the top {n} as a set", fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
     _save(fig, path)
 
@@ -121,10 +180,15 @@ def tensorboard_scalars(run_dir: Path, rows: list[PerturbRow]) -> None:
         writer.add_scalar("perturb/baseline_perplexity", rows[0].perplexity, 0)
         grouped: dict[tuple[str, str, int | None], list[float]] = {}
         for row in (r for r in rows[1:] if not r.restore):
+            tail = "" if row.unit == "weight" else f"_{row.unit}"
             if row.target == "single":
-                writer.add_scalar(f"perturb_{row.perturbation}/single_delta_perplexity", row.delta_perplexity, row.rank)
-            else:
-                grouped.setdefault((row.perturbation, row.target, row.k), []).append(row.delta_perplexity)
+                tag = f"perturb_{row.perturbation}/single_delta_perplexity{tail}"
+                writer.add_scalar(tag, row.delta_perplexity, row.rank)
+            elif row.target == "leave_one_out":
+                tag = f"perturb_{row.perturbation}/leave_one_out_delta_perplexity{tail}"
+                writer.add_scalar(tag, row.delta_perplexity, row.rank)
+            elif row.target != "pair":
+                grouped.setdefault((row.perturbation, row.target + tail, row.k), []).append(row.delta_perplexity)
         for (kind, target, k), values in grouped.items():
             writer.add_scalar(f"perturb_{kind}/delta_perplexity/{target}", sum(values) / len(values), k)
     finally:

@@ -91,10 +91,20 @@ class Perturbation(ABC):
 
     name: ClassVar[str] = ""
     random: ClassVar[bool] = False  # draws random numbers (from the generator given to write)
+    needs_layout: ClassVar[bool] = False  # write takes ``transposed`` (the weight's output row depends on it)
 
     @abstractmethod
     def write(self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None) -> None:
-        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write)."""
+        """Perturb ``tensor.view(-1)[index]`` in place (one indexed write).
+
+        A perturbation with ``needs_layout = True`` also takes ``transposed: bool`` (the tensor stores
+        (in, out), GPT-2 ``Conv1D``), to find a weight's output row.
+
+        Args:
+            tensor: the parameter, modified in place.
+            index: sorted flat storage indices of the chosen weights.
+            generator: random numbers (CPU generator) for a ``random`` perturbation.
+        """
 
     def describe(self) -> str:
         return self.name
@@ -215,10 +225,38 @@ class BitFlip(Perturbation):
         ints[index] = ints[index] ^ mask
 
 
+class Mean(Perturbation):
+    """w ← the mean of its output row (all weights of the same output unit, read before any is changed).
+
+    Layout-aware: the output row of a ``Linear`` weight (out, in) is a storage row, of a GPT-2 ``Conv1D``
+    weight (in, out) a storage column. A 1-D tensor (a norm's gain, a bias) has no rows: its weights take
+    the mean of the whole tensor. The mean is computed in float64 and cast to the tensor's dtype.
+    """
+
+    name = "mean"
+    needs_layout = True
+
+    def write(
+        self, tensor: Tensor, index: Tensor, generator: torch.Generator | None = None, transposed: bool = False
+    ) -> None:
+        flat = tensor.view(-1)
+        if tensor.dim() == 1:
+            flat[index] = tensor.double().mean().to(tensor.dtype)
+            return
+        if tensor.dim() != 2:
+            raise CwaError(f"mean ablation needs a 1-D or 2-D tensor, not one of shape {tuple(tensor.shape)}.")
+        cols = tensor.shape[1]
+        if transposed:  # (in, out): output unit = storage column
+            means, unit = tensor.double().mean(dim=0), index % cols
+        else:  # (out, in): output unit = storage row
+            means, unit = tensor.double().mean(dim=1), index // cols
+        flat[index] = means[unit].to(tensor.dtype)
+
+
 PERTURBATIONS: dict[str, type[Perturbation]] = {
-    cls.name: cls for cls in (Zero, SignFlip, Scale, GaussianNoise, BitFlip)
+    cls.name: cls for cls in (Zero, Mean, SignFlip, Scale, GaussianNoise, BitFlip)
 }
-PerturbationName = Literal["zero", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
+PerturbationName = Literal["zero", "mean", "sign_flip", "scale", "gaussian_noise", "bit_flip"]
 
 
 def make_perturbation(spec: str | Perturbation) -> Perturbation:
@@ -278,6 +316,7 @@ def perturbed(
     perturbation: Perturbation,
     generator: torch.Generator | None = None,
     checksums: ChecksumCache | None = None,
+    transposed: Mapping[str, bool] | None = None,
 ) -> Iterator[None]:
     """Apply ``perturbation`` to the selected weights for the duration of the block, then restore them.
 
@@ -290,6 +329,8 @@ def perturbed(
         perturbation: how to perturb them.
         generator: random numbers for ``gaussian_noise`` (CPU generator).
         checksums: verify the touched tensors after restoring them.
+        transposed: parameter name -> True for a (in, out) layout (GPT-2 ``Conv1D``; missing: False), for a
+            perturbation that needs the weight's output row (``mean``).
     """
     saved: dict[str, tuple[Tensor, Tensor]] = {}
     names = [n for n, idx in selection.items() if idx.numel()]
@@ -305,7 +346,10 @@ def perturbed(
                 index = selection[name].to(tensor.device)
                 int_dtype = _FORMATS[tensor.dtype][0]
                 saved[name] = (index, tensor.view(-1).view(int_dtype)[index].clone())
-                perturbation.write(tensor, index, generator)
+                if perturbation.needs_layout:
+                    perturbation.write(tensor, index, generator, transposed=bool((transposed or {}).get(name, False)))
+                else:
+                    perturbation.write(tensor, index, generator)
         yield
     finally:
         with torch.no_grad():

@@ -50,6 +50,7 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
     forest = [
         {
             "label": f"{labels[i]} · {r.target} · {r.perturbation} · K={r.k}"
+            + ("" if r.unit == "weight" else f" · {r.unit}s")
             + ("" if r.seed is None else f" · seed {r.seed}"),
             "delta": r.delta_perplexity,
             "low": r.delta_perplexity_low,
@@ -57,7 +58,7 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         }
         for i, rows in enumerate(analysis.perturbation)
         for r in rows
-        if r.target != "single" and not r.restore and r.delta_perplexity is not None
+        if (r.target == "topk" or r.is_control) and not r.restore and r.delta_perplexity is not None
     ]
     if forest:
         out["perturbation_effects"] = fig_dir / "perturbation_effects.png"

@@ -16,6 +16,7 @@ from cwa import findings as th
 from cwa.analysis import Analysis, agreement_pairs
 from cwa.findings import FRACTIONS, Finding
 from cwa.report_text import _bullets, _ci, _num, _p, _pct, _rel, _table, headline_sentence, pair_sentence, sentence
+from cwa.rundir import PerturbRow
 
 LEAD = 5  # findings per section given as sentences; the rest go to a table
 
@@ -291,6 +292,21 @@ def stability(analysis: Analysis) -> list[str]:
     return lines
 
 
+def _target(row: PerturbRow) -> str:
+    """The target, with its unit when the chosen weights' rows or columns were perturbed."""
+    target = row.target if row.unit == "weight" else f"{row.target} ({row.unit}s)"
+    return target + (f" (restore {row.restore})" if row.restore else "")
+
+
+def _which(row: PerturbRow) -> str:
+    """The K column: K, a single weight's rank, ``10 − #3`` for a leave-one-out set, ``#1+#2`` for a pair."""
+    if row.target == "pair":
+        return "+".join(f"#{r}" for r in row.ranks.split("+")) if row.ranks else ""
+    if row.target == "leave_one_out":
+        return f"{row.k} − #{row.rank}"
+    return str(row.k if row.k is not None else row.rank)
+
+
 def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
     lines = ["### Perturbation effects", ""]
     found = analysis.of("perturbation")
@@ -305,13 +321,12 @@ def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
         if not rows:
             continue
         table = [
-            [r.target + (f" (restore {r.restore})" if r.restore else ""), r.perturbation,
-             str(r.k if r.k is not None else r.rank), str(r.n_weights), _num(r.perplexity),
+            [_target(r), r.perturbation, _which(r), str(r.n_weights), _num(r.perplexity),
              _ci(r.delta_perplexity, (r.delta_perplexity_low, r.delta_perplexity_high)), _p(r.p_value), r.p_value_vs]
             for r in rows
         ]  # fmt: skip
         lines += [f"{label} (`cwa perturb`; K is the rank for a single weight):", ""] + _table(header, table)
-        for name in ("perturb_dose_response.png", "perturb_single_weight.png"):
+        for name in ("perturb_dose_response.png", "perturb_single_weight.png", "perturb_sets.png"):
             if (run.figures_dir / name).exists():
                 lines += [f"![{label} {name}]({_rel(run.figures_dir / name, output.parent)})", ""]
     lines += fig("perturbation_effects", "Perturbation effects")

@@ -70,10 +70,16 @@ def _layers(layers: list) -> str:
     return f" in layer {layers[0]}" if layers else ""
 
 
+def _unit_of(n: dict, one: bool = False) -> str:
+    """``the rows of `` / ``the column of ``...: every weight of the chosen weights' units ("" for weights)."""
+    unit = n.get("unit") or "weight"
+    return "" if unit == "weight" else f"the {unit}{'' if one else 's'} of "
+
+
 def _perturbed(n: dict) -> str:
     if n["target"] == "single":
-        return f"{n['perturbation']} of the single weight of rank {n['rank']}"
-    return f"{n['perturbation']} of the top {n['k']} ({n['n_weights']} weights)"
+        return f"{n['perturbation']} of {_unit_of(n, one=True)}the single weight of rank {n['rank']}"
+    return f"{n['perturbation']} of {_unit_of(n)}the top {n['k']} ({n['n_weights']} weights)"
 
 
 def sentence(f: Finding, labels: list[str]) -> str:
@@ -124,7 +130,8 @@ def sentence(f: Finding, labels: list[str]) -> str:
         )
     if f.verdict == "costs_more_than_control":
         return (
-            f"{who}: at K={n['k']}, {n['perturbation']} of the top-K costs more than the {n['control']} control "
+            f"{who}: at K={n['k']}, {n['perturbation']} of {_unit_of(n)}the top-K costs more than the {n['control']} "
+            f"control "
             f"(Δppl {_num(n['topk_delta'])} vs {_ci(f.value, f.interval)}, paired p = {_p(n['p_value'])})."
         )
     if f.verdict == "deterministic":

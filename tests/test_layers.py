@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cwa.stats",
             "cwa.super_weights",
             "cwa.topk",
+            "cwa.units",
         },
     ),
     (

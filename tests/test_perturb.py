@@ -183,6 +183,7 @@ def test_each_registered_perturbation_writes_its_formula(dtype: torch.dtype) -> 
     noise = torch.randn(3, generator=torch.Generator().manual_seed(5))
     expected = {
         "zero": torch.zeros(3),
+        "mean": torch.full((3,), math.fsum(values.double().tolist()) / 5, dtype=torch.float64),  # 1-D: the tensor's
         "sign_flip": -chosen,
         "scale": chosen * 3.0,
         "gaussian_noise": chosen + 0.5 * chosen.abs() * noise,
@@ -346,8 +347,16 @@ def test_evaluation_equals_a_hand_computation(tiny_dir: Path) -> None:
 
 
 # -- the command ----------------------------------------------------------------------------------
-def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, heldout_fraction: float = 0.1) -> Path:
-    """A complete fit-sensitivity run directory written through cwa.rundir (magnitude scores) for the tiny model."""
+def make_run(
+    root: Path,
+    model_dir: Path,
+    k: int = 60,
+    scores: bool = True,
+    heldout_fraction: float = 0.1,
+    include: str | None = None,
+) -> Path:
+    """A complete fit-sensitivity run directory written through cwa.rundir (magnitude scores) for the tiny model
+    (``include``: score only the parameters it selects)."""
     import yaml
     from transformers import AutoModelForCausalLM
 
@@ -357,7 +366,7 @@ def make_run(root: Path, model_dir: Path, k: int = 60, scores: bool = True, held
     run = root / "run"
     run.mkdir(parents=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    chosen = select_parameters(model)
+    chosen = select_parameters(model, include=include)
     score = {n: p.detach().abs() for n, (p, _) in chosen.items()}
     topk = select_topk(score, k)
     write_topk(run / "topk.csv", topk, {n: i for n, (_, i) in chosen.items()}, {n: p for n, (p, _) in chosen.items()})
@@ -471,8 +480,11 @@ def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, ca
         ),
         (
             ["--run", "{run}", "--perturbation", "shuffle"],
-            ("unknown perturbation 'shuffle' for --perturbation", "zero, sign_flip"),
+            ("unknown perturbation 'shuffle' for --perturbation", "zero, mean, sign_flip"),
         ),
+        (["--run", "{run}", "--pairs", "21"], ("pairs=21 would evaluate 210 pairs", "at most 20")),
+        (["--run", "{run}", "--leave_one_out", "1"], "leave_one_out needs a set of at least 2"),
+        (["--run", "{run}", "--units", "[row,neuron]"], "--units"),
         (["--run", "{run}", "--heldout_samples", "0"], "held-out split is empty"),
         (["--run", "{no_heldout}"], "held-out split is empty"),
         (["--run", "{run}", "--controls", "[nearby]"], ("unknown control 'nearby' for --controls", "bottomk")),

@@ -227,3 +227,75 @@ def test_findings_are_dataclasses_with_their_threshold(tmp_path):
     run = make_run(tmp_path, "conc", concentrated_scores(), k=10)
     for f in analysis_of([run], location_k=20).findings:
         assert isinstance(f, Finding) and f.runs and f.statistic and f.verdict
+
+
+def test_units_and_sets_are_neither_controls_nor_mislabelled(tmp_path):
+    """Leave-one-out sets and pairs are not controls; a control is compared with the top-K of its own unit."""
+    base = {"perturbation": "zero", "seed": "", "rank": "", "n_weights": 10, "perplexity": 30.0, "nll": 3.4,
+            "accuracy": 0.3, "delta_nll": 0.1, "delta_nll_low": 0.05, "delta_nll_high": 0.2,
+            "delta_accuracy": 0.0, "delta_accuracy_low": 0.0, "delta_accuracy_high": 0.0, "p_value_vs": "baseline",
+            "delta_perplexity": 0.0, "delta_perplexity_low": 0.0, "delta_perplexity_high": 0.0,
+            "p_value": ""}  # fmt: skip
+    big = {"delta_perplexity": 12.0, "delta_perplexity_low": 8.0, "delta_perplexity_high": 16.0, "p_value": 0.001}
+    small = {"delta_perplexity": 0.01, "delta_perplexity_low": -0.02, "delta_perplexity_high": 0.03}
+    rows = [
+        {**base, "condition": "baseline", "target": "baseline", "perturbation": "", "n_weights": 0},
+        {**base, **big, "condition": "zero/topk/k=10", "target": "topk", "k": 10},
+        {
+            **base,
+            **small,
+            "condition": "zero/leave_one_out/k=10/without=3",
+            "target": "leave_one_out",
+            "k": 10,
+            "rank": 3,
+            "n_weights": 9,
+            "p_value": 0.002,
+            "p_value_vs": "topk",
+        },  # fmt: skip
+        {
+            **base,
+            **small,
+            "condition": "zero/pair/ranks=1+2",
+            "target": "pair",
+            "ranks": "1+2",
+            "n_weights": 2,
+            "p_value": 0.5,
+        },  # fmt: skip
+        {
+            **base,
+            **small,
+            "condition": "zero/topk/k=10/unit=row",
+            "target": "topk",
+            "k": 10,
+            "unit": "row",
+            "n_weights": 160,
+            "p_value": 0.4,
+        },  # fmt: skip
+        {
+            **base,
+            **small,
+            "condition": "zero/random_matched/k=10/seed=0/unit=row",
+            "target": "random_matched",
+            "k": 10,
+            "seed": 0,
+            "unit": "row",
+            "n_weights": 160,
+            "p_value": 0.003,
+            "p_value_vs": "topk",
+        },  # fmt: skip
+    ]
+    run = make_run(tmp_path, "u", random_scores(1), k=10, perturb_rows=rows)
+    output = report([str(run)], tmp_path / "out" / "report.md", ks=[10], sample=5000)
+    analysis = analysis_of([run])
+    found = analysis.of("perturbation")
+    # The weight-level top-10 raises perplexity; the row-level top-10 has no detectable effect; the row-level
+    # random control is not "cheaper than the top-K" (its top-K, of rows, costs no more), and the leave-one-out
+    # set, tested against the joint set, is no control at all.
+    assert sorted((f.verdict, f.numbers["unit"]) for f in found) == [
+        ("no_effect", "row"),
+        ("raises_perplexity", "weight"),
+    ]
+    text = output.read_text()
+    assert "| leave_one_out | zero | 10 − #3 |" in text and "| pair | zero | #1+#2 |" in text
+    assert "| topk (rows) | zero | 10 |" in text and "| random_matched (rows) | zero | 10 |" in text
+    assert "zero of the rows of the top 10 (160 weights) has no detectable effect" in text

@@ -39,6 +39,7 @@ from cwa.rundir.files import (
 )
 from cwa.rundir.outputs import OutputSet
 from cwa.rundir.perturbation import (
+    SET_TARGETS,
     Perturbation,
     PerturbRow,
     read_perturb_csv,
@@ -72,6 +73,7 @@ __all__ = [
     "LazyScores",
     "OutputSet",
     "PerturbRow",
+    "SET_TARGETS",
     "Perturbation",
     "Run",
     "Summary",

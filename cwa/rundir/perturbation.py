@@ -16,15 +16,25 @@ from cwa.io import atomic_open, write_json
 from cwa.rundir.files import FIGURES, PERTURB_CSV, PERTURB_JSON
 from cwa.rundir.outputs import OutputSet, sha256
 
+SET_TARGETS = ("topk", "single", "leave_one_out", "pair")
+"""Targets drawn from the ranked list itself; any other target (but ``baseline``) is a control."""
+
 
 @dataclass
 class PerturbRow:
     """One row of ``perturb.csv``: a condition's held-out result against the unperturbed baseline.
 
-    ``delta_*`` are condition minus baseline with their confidence interval (``_low``, ``_high``);
-    ``p_value`` tests the condition against ``p_value_vs`` (``baseline``, or ``topk`` for a control).
+    ``target`` is ``topk`` (the first ``k`` of the ranked list, the joint set), ``single`` (the weight of
+    rank ``rank`` alone), ``leave_one_out`` (the top ``k`` without its member of rank ``rank``), ``pair``
+    (the weights of ranks ``ranks``, e.g. ``1+2``, together) or a control's name (``random_matched``...,
+    drawn to match the top-``k`` set). ``unit`` says what was perturbed around each chosen weight: the
+    weight itself, every weight of its output ``row`` or of its input ``column`` (controls draw whole
+    units of the same kind). ``delta_*`` are condition minus baseline with their confidence interval
+    (``_low``, ``_high``); ``p_value`` tests the condition against ``p_value_vs`` (``baseline``, or
+    ``topk`` — the top-K set of the same perturbation, K and unit — for a control and a leave-one-out set).
     ``broken_fraction`` is the share of held-out sequences with a non-finite NLL (the model broke on
-    them; ``delta_*`` are then NaN and ``p_value`` empty); None in a perturb.csv written before it existed.
+    them; ``delta_*`` are then NaN and ``p_value`` empty). A perturb.csv written before a column existed
+    reads with its default (``broken_fraction`` None, ``unit`` ``weight``, ``ranks`` and ``restore`` empty).
     A restored twin (``restore`` = ``all`` or ``spikes``: the same weights perturbed while their layer's
     output channels are written back from the baseline) tests against its perturbed condition
     (``p_value_vs`` names it) and carries ``recovered_fraction`` = (NLL perturbed − NLL restored) /
@@ -54,11 +64,18 @@ class PerturbRow:
     p_value: float | None
     p_value_vs: str
     broken_fraction: float | None = None
+    unit: str = "weight"
+    ranks: str = ""
     restore: str = ""
     recovered_fraction: float | None = None
     recovered_fraction_low: float | None = None
     recovered_fraction_high: float | None = None
     restored_tokens: int | None = None
+
+    @property
+    def is_control(self) -> bool:
+        """A control row (drawn to match a top-K set), not a baseline or a set from the ranked list."""
+        return self.target != "baseline" and self.target not in SET_TARGETS
 
     @classmethod
     def columns(cls) -> list[str]:
@@ -71,11 +88,14 @@ class PerturbRow:
     def parse(cls, row: Mapping[str, str]) -> PerturbRow:
         """A row from its CSV cells, each converted to its field's type (empty cell: None)."""
         hints = get_type_hints(cls)
+        defaults = {f.name: f.default for f in fields(cls) if f.default is not dataclasses.MISSING}
         values = {}
         for name in cls.columns():
             text = row.get(name)
             kind = hints[name]
-            if text is None or text == "":
+            if text is None and name in defaults:  # a column added after this file was written
+                values[name] = defaults[name]
+            elif text is None or text == "":
                 values[name] = "" if kind is str else None
             elif kind is str:
                 values[name] = text
