@@ -301,3 +301,28 @@ def test_a_bad_restore_mode_is_one_clear_sentence(tiny_dir: Path, tmp_path: Path
     assert main(["perturb", "--run", str(run), "--restore", "[some]"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cwa: error: ") and "restore" in err[0], err
+
+
+def test_restore_all_undoes_a_whole_row_or_column_of_a_down_projection(
+    tiny_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Units and restore together: a down-projection row acts only through its output channel and a column
+    only through every output channel of that module, so restoring all tokens of the channels the unit
+    writes recovers exactly all of the damage, for every unit."""
+    from cwa.cli import main
+    from cwa.rundir import Run
+
+    run = make_run(tmp_path, tiny_dir, k=5, include=r".*mlp\.down_proj\.weight")
+    argv = ["perturb", "--run", str(run), "--ks", "[2]", "--single", "1", "--controls", "[]", "--perturbation"]
+    argv += ["[zero,mean]", "--units", "[weight,row,column]", "--restore", "[all]", "--bootstrap", "50"]
+    assert main([*argv, "--permutations", "50", "--figures", "false", "--tensorboard", "false"]) == 0
+    rows = Run.load(run).perturbation.rows
+    restored = [r for r in rows if r.restore]
+    assert len(restored) == 2 * 3 * 2  # perturbations x units x (top-2, rank 1)
+    for row in restored:
+        assert row.delta_nll == pytest.approx(0.0, abs=1e-9), row.condition
+        damaged = next(r for r in rows if r.condition == row.p_value_vs)
+        assert damaged.unit == row.unit and damaged.n_weights == row.n_weights
+        if abs(damaged.delta_nll) > 1e-6:
+            assert row.recovered_fraction == pytest.approx(1.0, abs=1e-6), row.condition
