@@ -29,7 +29,9 @@ def check(directory: str, dtype: str) -> dict:
     read = load_local_shards(model, files)
     stored = load_file(str(files[0]))
     reference = load_model(directory, dtype)
-    tied_names = [n for n, p in reference.named_parameters(remove_duplicate=False) if n not in dict(reference.named_parameters())]
+    tied_names = [
+        n for n, p in reference.named_parameters(remove_duplicate=False) if n not in dict(reference.named_parameters())
+    ]
     rows = {}
     for name, param in model.named_parameters():
         first, n = shard_rows(param)

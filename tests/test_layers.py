@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cwa.published",
             "cwa.saliency",
             "cwa.scorers",
+            "cwa.shard_loading",
             "cwa.sharding",
             "cwa.sizing",
             "cwa.stats",
