@@ -213,7 +213,7 @@ def load_local_shards(model: nn.Module, files: list[Path]) -> int:
                 local = local_of(param)
                 first, rows = shard_rows(param)
                 if local.numel():
-                    part = stored[first : first + rows] if param.dim() else stored[...]
+                    part = stored[first : first + rows] if param.dim() else handles[index[key]].get_tensor(key)
                     local.copy_(part.to(local.dtype).reshape(local.shape))
                     read += local.numel()
             for module_name, module in model.named_modules():  # persistent buffers the checkpoint holds
