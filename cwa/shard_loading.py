@@ -3,19 +3,26 @@
 The model is built with its parameters on the meta device (buffers such as the rotary ``inv_freq`` are
 computed on the CPU as usual: they are tiny), sharded with ``fully_shard``, and only then materialized:
 ``to_empty`` gives every rank storage for its own row shards, which are filled from the checkpoint's
-safetensors files through ``safe_open(...).get_slice(name)[first:first + rows]`` (read through mmap: a
-rank reads only its rows). Every parameter must be filled exactly once; a missing tensor fails with one
-sentence naming it. Checkpoints without safetensors fall back to the full load (cwa.models.load_model).
+safetensors files. A row shard of a row-major tensor is one contiguous byte range of the file, so each
+rank reads exactly its bytes with ``readinto`` straight into its shard (through a shard-sized buffer when
+the dtype or device differs). Not ``safe_open(...).get_slice``: that reads through an mmap whose touched
+pages count in the process's resident memory until the file is closed, which on the embedded model kept
+the loading peak at the whole-checkpoint level. Every parameter must be filled exactly once; a missing
+tensor fails with one sentence naming it. Checkpoints without safetensors fall back to the full load
+(cwa.models.load_model).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import struct
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 from torch import nn
@@ -121,15 +128,66 @@ def build_skeleton(
     return model.eval()
 
 
-def _key_index(files: list[Path]) -> dict[str, Path]:
-    """Every tensor name in ``files`` -> the file holding it (headers only are read)."""
-    from safetensors import safe_open
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
-    index: dict[str, Path] = {}
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lies in a safetensors file: ``start`` is its first byte in the file."""
+
+    file: Path
+    start: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_index(files: list[Path]) -> dict[str, Stored]:
+    """Every tensor in ``files`` (their headers only are read), by name."""
+    index: dict[str, Stored] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            index.update(dict.fromkeys(handle.keys(), file))
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in _DTYPES:
+                raise CwaError(f"'{file}' stores '{name}' as {entry['dtype']}, which cwa cannot shard-load.")
+            index[name] = Stored(
+                file, 8 + length + entry["data_offsets"][0], _DTYPES[entry["dtype"]], tuple(entry["shape"])
+            )
     return index
+
+
+def read_rows(handle: BinaryIO, stored: Stored, first: int, dest: torch.Tensor) -> None:
+    """Fill ``dest`` with rows ``first .. first + len(dest)`` of ``stored`` (a 0-d tensor: the whole),
+    read from ``handle`` (the open file) as one byte range, converted to ``dest``'s dtype and device."""
+    row_bytes = math.prod(stored.shape[1:]) * torch.empty((), dtype=stored.dtype).element_size()
+    direct = dest.dtype == stored.dtype and dest.device.type == "cpu" and dest.is_contiguous()
+    buffer = dest if direct else torch.empty(dest.shape, dtype=stored.dtype)
+    view = memoryview(buffer.detach().reshape(-1).view(torch.uint8).numpy())
+    handle.seek(stored.start + first * row_bytes)
+    done = 0
+    while done < len(view):  # a raw read may return fewer bytes than asked (e.g. beyond 2 GiB)
+        got = handle.readinto(view[done:])
+        if not got:
+            raise CwaError(f"'{stored.file}' ends inside a tensor (truncated); copy or download it again.")
+        done += got
+    if not direct:
+        dest.copy_(buffer)
 
 
 def _candidates(names: list[str], prefix: str) -> Iterator[str]:
@@ -190,31 +248,27 @@ def load_local_shards(model: nn.Module, files: list[Path]) -> int:
         model: the sharded model after ``materialize``.
         files: its safetensors files.
     """
-    from safetensors import safe_open
-
-    index = _key_index(files)
+    index = read_index(files)
     prefix = getattr(model, "base_model_prefix", "") or ""
     missing: list[str] = []
     read = 0
     with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(str(file), framework="pt")) for file in set(index.values())}
+        handles = {f: stack.enter_context(open(f, "rb", buffering=0)) for f in {s.file for s in index.values()}}
         with torch.no_grad():
             for param, names in _aliases(model):
                 key = next((c for c in _candidates(names, prefix) if c in index), None)
                 if key is None:
                     missing.append(names[0])
                     continue
-                stored = handles[index[key]].get_slice(key)
-                if list(stored.get_shape()) != list(param.shape):
+                stored = index[key]
+                if stored.shape != tuple(param.shape):
                     raise CwaError(
-                        f"the checkpoint's '{key}' has shape {tuple(stored.get_shape())}, the model's "
-                        f"'{names[0]}' {tuple(param.shape)}."
+                        f"the checkpoint's '{key}' has shape {stored.shape}, the model's '{names[0]}' "
+                        f"{tuple(param.shape)}."
                     )
                 local = local_of(param)
-                first, rows = shard_rows(param)
                 if local.numel():
-                    part = stored[first : first + rows] if param.dim() else handles[index[key]].get_tensor(key)
-                    local.copy_(part.to(local.dtype).reshape(local.shape))
+                    read_rows(handles[stored.file], stored, shard_rows(param)[0], local)
                     read += local.numel()
             for module_name, module in model.named_modules():  # persistent buffers the checkpoint holds
                 for attr, buf in module._buffers.items():
@@ -222,8 +276,8 @@ def load_local_shards(model: nn.Module, files: list[Path]) -> int:
                         continue
                     name = f"{module_name}.{attr}" if module_name else attr
                     key = next((c for c in _candidates([name], prefix) if c in index), None)
-                    if key is not None:
-                        buf.copy_(handles[index[key]].get_tensor(key).to(buf.dtype))
+                    if key is not None and index[key].shape == tuple(buf.shape):
+                        read_rows(handles[index[key].file], index[key], 0, buf)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CwaError(

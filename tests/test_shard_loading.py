@@ -114,3 +114,18 @@ def test_no_safetensors_means_no_shard_files(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     assert checkpoint_files(str(tmp_path)) == []
     assert torch.equal(load_model(str(tmp_path)).lm_head.weight, model.lm_head.weight)  # the full-load fallback
+
+
+def test_bfloat16_checkpoint_into_float32_and_truncated_file(models, tmp_path):
+    """A bf16 file read into a float32 model equals the file upcast; a truncated file fails in one sentence."""
+    stored = load_file(str(models["llama"] / "model.safetensors"))
+    half = tmp_path / "half"
+    load_model(str(models["llama"])).config.save_pretrained(half)
+    save_file({k: v.to(torch.bfloat16) for k, v in stored.items()}, str(half / "model.safetensors"))
+    loaded = _load_skeleton(half, "float32")
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, stored[name].to(torch.bfloat16).float()), name
+    data = (half / "model.safetensors").read_bytes()
+    (half / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CwaError, match="ends inside a tensor"):
+        _load_skeleton(half)
