@@ -129,3 +129,33 @@ def test_bfloat16_checkpoint_into_float32_and_truncated_file(models, tmp_path):
     (half / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(CwaError, match="ends inside a tensor"):
         _load_skeleton(half)
+
+
+_CONVERT_ONCE = """
+import sys, time
+from pathlib import Path
+import cwa.models as models
+
+def fake_convert(target: Path) -> None:  # stands in for the GGUF conversion: slow, writes the cache
+    with open(sys.argv[1], "a") as log:
+        log.write("converted\\n")
+    time.sleep(2)
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"x")
+    (target / "tokenizer.json").write_text("{}")
+
+models._convert_embedded = fake_convert
+print(models.embedded_model_dir())
+"""
+
+
+def test_embedded_conversion_happens_once_across_processes(tmp_path):
+    """Two ranks asking for the embedded model at once: one converts under the file lock, the other waits."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CWA_CACHE=str(tmp_path / "cache"))
+    log = tmp_path / "conversions.log"
+    cmd = [sys.executable, "-c", _CONVERT_ONCE, str(log)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs == [str(tmp_path / "cache" / "smollm2-135m-instruct")] * 2
+    assert log.read_text().splitlines() == ["converted"]
