@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cwa.errors import CwaError
-from cwa.models import _hub_error, resolve_model_path, torch_dtype
+from cwa.models import _hub_error, _safetensors_problem, resolve_model_path, torch_dtype
 from cwa.sharding import local_of, shard_rows, world_and_rank
 
 if TYPE_CHECKING:
@@ -158,6 +158,9 @@ def read_index(files: list[Path]) -> dict[str, Stored]:
     """Every tensor in ``files`` (their headers only are read), by name."""
     index: dict[str, Stored] = {}
     for file in files:
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            raise CwaError(f"the weight file '{file}' is {problem}; copy or download it again.")
         with open(file, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))

@@ -127,7 +127,7 @@ def test_bfloat16_checkpoint_into_float32_and_truncated_file(models, tmp_path):
         assert torch.equal(param, stored[name].to(torch.bfloat16).float()), name
     data = (half / "model.safetensors").read_bytes()
     (half / "model.safetensors").write_bytes(data[: len(data) - 100])
-    with pytest.raises(CwaError, match="ends inside a tensor"):
+    with pytest.raises(CwaError, match=r"model\.safetensors' is truncated \("):
         _load_skeleton(half)
 
 
