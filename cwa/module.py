@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from cwa import checkpoint, preflight
+from cwa import checkpoint, preflight, shard_loading
 from cwa.data import PAD_KEY
 from cwa.distributed import check_supported_strategy, is_sharded_strategy
 from cwa.environment import peak_memory
@@ -64,6 +64,9 @@ class SensitivityModule(L.LightningModule):
             the batches it had already seen are skipped; the scores equal an uninterrupted run's.
         keep_checkpoints: keep the checkpoints after the run completes (by default only the newest is
             kept while running, and it is removed once the run directory is complete).
+        shard_loading: under FSDP2, build the model on the meta device, shard it, and let every rank read
+            only its own rows from the checkpoint's safetensors files (false: every rank loads the whole
+            checkpoint, then shards it). Checkpoints without safetensors are always loaded whole.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class SensitivityModule(L.LightningModule):
         checkpoint_dir: str | None = None,
         resume_from: str | None = None,
         keep_checkpoints: bool = False,
+        shard_loading: bool = True,
     ) -> None:
         super().__init__()
         if checkpoint_every is not None and checkpoint_every < 1:
@@ -99,7 +103,7 @@ class SensitivityModule(L.LightningModule):
         self.trust_remote_code, self.revision, self.save_scores = trust_remote_code, revision, save_scores
         self.scorer = make_scorer(metric)
         preflight.check_scorer(self.scorer)
-        self.keep_checkpoints = keep_checkpoints
+        self.keep_checkpoints, self.shard_loading = keep_checkpoints, shard_loading
         self.model: torch.nn.Module | None = None
         self.selected: dict[str, ParamInfo] = {}
         self.scores: dict[str, Tensor] = {}
@@ -125,7 +129,9 @@ class SensitivityModule(L.LightningModule):
                 f"{self.scorer.name} with these settings needs attn_implementation '{needed}', "
                 f"not '{self.attn_implementation}'."
             )
-        self.model = load_model(
+        files = self._shard_files() if self.scorer.sharded and self.shard_loading else []
+        loader = shard_loading.build_skeleton if files else load_model
+        self.model = loader(
             self.pretrained,
             self.dtype_name,
             attn_implementation=self.attn_implementation or needed,
@@ -137,7 +143,19 @@ class SensitivityModule(L.LightningModule):
         self.select_parameters()
         if self.scorer.sharded:
             apply_fsdp2(self.model, strategy.root_device.type)
+        if files:  # each rank reads its own rows only
+            shard_loading.materialize(self.model, strategy.root_device)
+            shard_loading.load_local_shards(self.model, files)
         self.timings["load_model_s"] = time.perf_counter() - start
+
+    def _shard_files(self) -> list[Path]:
+        """The safetensors files to shard-load from; [] (with a note) when the checkpoint has none."""
+        files = shard_loading.checkpoint_files(self.pretrained, self.revision)
+        if not files:
+            shard_loading.note(
+                f"'{self.pretrained}' has no safetensors files: every rank loads the whole checkpoint before sharding."
+            )
+        return files
 
     def _preflight(self) -> None:
         """Limits that are cheap to check before the weights are loaded (cwa.preflight)."""

@@ -3,13 +3,16 @@
     python scripts/benchmark.py                 # all metrics, batch 4 x 256 tokens, fp32, CPU
     python scripts/benchmark.py --metrics grad_x_weight --reps 3
     python scripts/benchmark.py --metrics hutchinson_diag/finite_difference --topk 0   # both FD schemes
+    python scripts/benchmark.py --device cuda --metrics grad_x_weight --topk 0 --hvp-accuracy 0   # on a GPU
 
 The finite-difference rows are followed by the error of their HVPs against double backward on one batch.
 
 Every configuration runs in its own process (peak RSS is per process). Inside a process the peak is
 reset after the model is loaded (Linux ``/proc/self/clear_refs``), the configuration runs twice for
 the memory peak, and then its batches are timed interleaved with bare forward+backward batches of
-the same data, so each time ratio comes from one process on one (noisy) machine.
+the same data, so each time ratio comes from one process on one (noisy) machine. With ``--device cuda``
+the model and batches live on the GPU, each timed step ends with a synchronize, and the peak CUDA memory
+allocated (reset with the RSS peak) is reported beside the RSS.
 """
 
 from __future__ import annotations
@@ -60,7 +63,26 @@ def _reset_peak() -> None:
         handle.write("5")
 
 
-def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _cuda_peak_mib(device: str, reset: bool = False) -> float | None:
+    """Peak CUDA memory allocated since the last reset (None off the GPU); reset it when asked."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") -> dict:
     import torch
 
     from cwa.data import PydocCorpus, tokenize_stream
@@ -73,9 +95,9 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
     torch.manual_seed(0)
     spec = CONFIGS[name]
     attn = "eager" if spec.get("hvp") == "autograd" else None
-    model = load_model("smollm2-135m", "float32", attn_implementation=attn)
+    model = load_model("smollm2-135m", "float32", attn_implementation=attn).to(device)
     stream = tokenize_stream(PydocCorpus().load(), load_tokenizer("smollm2-135m"))
-    ids = stream[: batch * seq_len].view(batch, seq_len)
+    ids = stream[: batch * seq_len].view(batch, seq_len).to(device)
     data = {"input_ids": ids}
     params = dict(model.named_parameters())
 
@@ -120,18 +142,25 @@ def worker(name: str, batch: int, seq_len: int, reps: int) -> dict:
     _reset_peak()
     rss_before = _rss_mib("VmRSS")  # the model and data only: obs's accumulators are measured from here
     step()  # warm-up: allocator, kernels, accumulators
+    _sync(device)
     _reset_peak()
+    _cuda_peak_mib(device, reset=True)
     base_rss = _rss_mib("VmRSS")
     step()
     step()
+    _sync(device)
     peak = _rss_mib("VmHWM")
+    if device.startswith("cuda"):
+        extra["peak_cuda_mib"] = _cuda_peak_mib(device)
     times, bare_times = [], []
     for _ in range(reps):
         start = time.perf_counter()
         bare()
+        _sync(device)
         bare_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         step()
+        _sync(device)
         times.append(time.perf_counter() - start)
     if metric_needs_compute(name):
         start = time.perf_counter()
@@ -231,6 +260,7 @@ def main() -> int:
     parser.add_argument(
         "--hvp-accuracy", type=int, default=1, help="compare finite-difference HVPs with double backward (0 skips it)"
     )
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,15 +271,23 @@ def main() -> int:
         elif args.worker == "hvp_accuracy":
             result = hvp_accuracy(args.batch, args.seq_len)
         else:
-            result = worker(args.worker, args.batch, args.seq_len, args.reps)
+            result = worker(args.worker, args.batch, args.seq_len, args.reps, args.device)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     import torch
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {args.device}: no CUDA device is available here.", file=sys.stderr)
+        return 1
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"{torch.get_num_threads()} threads"
+    )
     print(
         f"cwa benchmark: SmolLM2-135M, fp32, batch {args.batch} x {args.seq_len} tokens, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        f"{args.device} ({where}), torch {torch.__version__}",
         flush=True,
     )
     results = {}
@@ -272,6 +310,8 @@ def main() -> int:
                 str(args.reps),
                 "--topk",
                 str(args.topk),
+                "--device",
+                args.device,
             ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -295,6 +335,9 @@ def main() -> int:
             f"| {config} | {r['seconds_per_batch']:.2f} | {ratio:.2f}x | {per_probe} | {r['peak_rss_mib']:.0f} | "
             f"{r['peak_rss_mib'] / bare['peak_rss_mib']:.2f}x |"
         )
+    cuda = {c: r["peak_cuda_mib"] for c, r in results.items() if isinstance(r, dict) and "peak_cuda_mib" in r}
+    if cuda:
+        print("\npeak CUDA memory allocated (MiB): " + ", ".join(f"{c} {v:.0f}" for c, v in cuda.items()))
     if forward_only:
         print(
             "\n| forward-only analysis | s / batch | time vs bare forward (same process) | peak RSS MiB | "

@@ -36,7 +36,7 @@ def make_tokenizer(path: Path, n_words: int = 250):
     return tok
 
 
-def tiny_llama(vocab_size: int = 252, layers: int = 2, seed: int = 0):
+def tiny_llama(vocab_size: int = 252, layers: int = 2, seed: int = 0, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -48,7 +48,7 @@ def tiny_llama(vocab_size: int = 252, layers: int = 2, seed: int = 0):
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=128,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -74,6 +74,15 @@ def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
 def tiny_llama_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama().save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose LM head is its embedding (as SmolLM2's), vocabulary 252."""
+    path = tmp_path_factory.mktemp("tiny-tied-llama")
+    tiny_llama(tied=True).save_pretrained(path)
     make_tokenizer(path)
     return path
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_llama
 from crash import crash_after
 from safetensors.torch import load_file
 
@@ -147,7 +148,7 @@ def _assert_same_run(reference: Path, other: Path, signed: bool = False) -> None
 
 
 @pytest.fixture(scope="module")
-def references(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+def references(tiny_llama_dir, tiny_tied_llama_dir, tmp_path_factory) -> dict[str, Path]:
     """Single-process runs, in process."""
     out = {}
     for metric, extra in METRICS.items():
@@ -157,20 +158,34 @@ def references(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     save_dir = tmp_path_factory.mktemp("single-per-layer")
     assert main(_args(tiny_llama_dir, save_dir, "--model.mode=per_layer", "--model.k=2")) == 0
     out["per_layer"] = _run_dir(save_dir)
+    save_dir = tmp_path_factory.mktemp("single-tied")
+    assert main(_args(tiny_tied_llama_dir, save_dir)) == 0
+    out["tied"] = _run_dir(save_dir)
     return out
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+def tiny_llama_bin_dir(tmp_path_factory) -> Path:
+    """tiny_llama_dir's weights as a pytorch_model.bin (no safetensors): FSDP2 loads it whole."""
+    path = tmp_path_factory.mktemp("tiny-llama-bin")
+    model = tiny_llama()
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_llama_dir, tiny_tied_llama_dir, tiny_llama_bin_dir, tmp_path_factory) -> dict[str, Path]:
     """Every 2-process job, run by one pair of worker processes."""
     base = tmp_path_factory.mktemp("two")
     jobs, dirs = [], {}
 
-    def add(key: str, *extra: str, expect: int = 0) -> None:
+    def add(key: str, *extra: str, expect: int = 0, model_dir: Path = tiny_llama_dir) -> None:
         dirs[key] = base / key
         jobs.append(
             {
-                "args": _args(tiny_llama_dir, dirs[key], "--trainer.devices=2", *extra),
+                "args": _args(model_dir, dirs[key], "--trainer.devices=2", *extra),
                 "expect": expect,
             }
         )
@@ -179,6 +194,11 @@ def two_process_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
         for metric, extra in METRICS.items():
             add(f"{strategy}-{metric}", f"--trainer.strategy={strategy}", *extra)
     add("fsdp2-per_layer", "--trainer.strategy=fsdp2", "--model.mode=per_layer", "--model.k=2")
+    # Shard-only loading (the default) against every rank loading the whole checkpoint, untied and tied.
+    add("fsdp2-full-grad_x_weight", "--trainer.strategy=fsdp2", "--model.shard_loading=false")
+    add("fsdp2-tied", "--trainer.strategy=fsdp2", model_dir=tiny_tied_llama_dir)
+    add("fsdp2-tied-full", "--trainer.strategy=fsdp2", "--model.shard_loading=false", model_dir=tiny_tied_llama_dir)
+    add("fsdp2-bin", "--trainer.strategy=fsdp2", model_dir=tiny_llama_bin_dir)  # no safetensors: full load
     add("fsdp2-autograd", "--trainer.strategy=fsdp2", "--model.metric=cwa.scorers.HutchinsonDiag", expect=1)
     # Kill after one batch per rank with a checkpoint every batch, then resume from the checkpoints.
     for strategy, metric in (("ddp", "grad_x_weight"), ("fsdp2", "grad_squared")):
@@ -216,6 +236,27 @@ def test_two_processes_equal_one(references, two_process_runs, strategy, metric)
 
 def test_sharded_per_layer_top_k(references, two_process_runs):
     _assert_same_run(references["per_layer"], _run_dir(two_process_runs["fsdp2-per_layer"]))
+
+
+@pytest.mark.parametrize(
+    ("shard_loaded", "full_loaded", "reference"),
+    [
+        ("fsdp2-grad_x_weight", "fsdp2-full-grad_x_weight", "grad_x_weight"),
+        ("fsdp2-tied", "fsdp2-tied-full", "tied"),
+    ],
+)
+def test_shard_loading_equals_full_loading(references, two_process_runs, shard_loaded, full_loaded, reference):
+    """Loading each rank's rows only gives the same bits as loading the whole checkpoint on every rank."""
+    a, b = _run_dir(two_process_runs[shard_loaded]), _run_dir(two_process_runs[full_loaded])
+    scores_a, scores_b = load_file(a / "scores.safetensors"), load_file(b / "scores.safetensors")
+    assert list(scores_a) == list(scores_b)
+    assert all(torch.equal(scores_a[name], scores_b[name]) for name in scores_a)
+    assert (a / "topk.csv").read_text() == (b / "topk.csv").read_text()
+    _assert_same_run(references[reference], a)
+
+
+def test_checkpoint_without_safetensors_is_loaded_whole(references, two_process_runs):
+    _assert_same_run(references["grad_x_weight"], _run_dir(two_process_runs["fsdp2-bin"]))
 
 
 def test_sharded_autograd_hutchinson_is_refused(two_process_runs):

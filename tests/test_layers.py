@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cwa.restore",
             "cwa.saliency",
             "cwa.scorers",
+            "cwa.shard_loading",
             "cwa.sharding",
             "cwa.sizing",
             "cwa.stats",
