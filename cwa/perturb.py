@@ -36,9 +36,10 @@ from cwa.perturbations import (
     topk_prefix,
 )
 from cwa.run_data import build_data
-from cwa.rundir import Run, write_perturbation
+from cwa.rundir import DownstreamRow, Run, write_perturbation
 
 DEFAULT_CONTROLS: tuple[ControlName, ...] = ("random_matched", "magnitude_matched", "bottomk")
+_NOT_CONTROLS = ("topk", "single")  # the conditions lm-eval tasks run on without tasks_on_controls
 
 
 class PerturbRecipe:
@@ -72,6 +73,13 @@ class PerturbRecipe:
         verify: checksum every touched tensor after restoring it (fails loudly if a bit differs).
         figures: write figures/perturb_dose_response.png and figures/perturb_single_weight.png.
         tensorboard: write TensorBoard scalars into the run directory.
+        tasks: lm-evaluation-harness tasks to run on the baseline and each top-K and single-weight condition
+            (needs the ``cwa[eval]`` extra): ``cwa_pydoc_lastword`` (cwa's offline last-word task over the
+            run's held-out text) and/or hub tasks (``hellaswag``, ``arc_easy``, ``piqa``, ``winogrande``,
+            ``lambada``); a list or a comma-separated string. Written to downstream.csv.
+        tasks_limit: evaluate at most this many items of each task (None: all).
+        tasks_batch_size: lm-eval batch size.
+        tasks_on_controls: also run the tasks on the control conditions (each costs a full lm-eval pass).
     """
 
     def __init__(
@@ -95,6 +103,10 @@ class PerturbRecipe:
         verify: bool = True,
         figures: bool = True,
         tensorboard: bool = True,
+        tasks: str | list[str] | None = None,
+        tasks_limit: int | None = None,
+        tasks_batch_size: int = 8,
+        tasks_on_controls: bool = False,
     ) -> None:
         if (run is None) == (fit_config is None):
             raise CwaError("give exactly one of --run (a fit-sensitivity run directory) and --fit_config.")
@@ -126,6 +138,9 @@ class PerturbRecipe:
         self.notes: list[str] = []
         self.conditions: list[Condition] = []
         self.results: list[Result] = []
+        self.tasks_on_controls = tasks_on_controls
+        self.downstream = _downstream_tasks(tasks, tasks_limit, tasks_batch_size)
+        self.downstream_rows: list[DownstreamRow] | None = None
 
     # -- the life cycle ----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -157,6 +172,7 @@ class PerturbRecipe:
             perturbation.validate(torch_dtype(self.dtype))  # a bad bit index fails before the model is loaded
         self._load_model()
         self._load_heldout()
+        self._prepare_tasks()
 
     def build_conditions(self) -> None:
         """Prepare the controls (once) and list every condition: per perturbation, per K the top-K set and
@@ -187,12 +203,13 @@ class PerturbRecipe:
                     self.results.append(result)
                 bar.update(1)
         self.rows = perturb_rows(self.baseline, self.results, self.statistics)
+        self._evaluate_tasks()
 
     def write(self) -> None:
         """perturb.csv, the figures and perturb.json as one set; TensorBoard scalars; the console summary."""
         self.timings.update(self._condition_timings())
         figures = self._figures() if self.figures else {}
-        write_perturbation(self.run_dir.path, self.rows, self._meta(), figures)
+        write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:
             from cwa.perturb_figures import tensorboard_scalars
@@ -202,6 +219,10 @@ class PerturbRecipe:
 
         base = self.baseline.evaluation.stats
         print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path)
+        if self.downstream_rows:
+            from cwa.downstream import format_downstream
+
+            print("\n".join(format_downstream(self.downstream_rows, self.statistics.confidence)))
 
     # -- setting up --------------------------------------------------------------------------------
     def _fit_sensitivity(self) -> Path:
@@ -359,6 +380,10 @@ class PerturbRecipe:
             "verify": self.verify,
             "figures": self.figures,
             "tensorboard": self.tensorboard,
+            "tasks": self.downstream.tasks if self.downstream else None,
+            "tasks_limit": self.downstream.limit if self.downstream else None,
+            "tasks_batch_size": self.downstream.batch_size if self.downstream else None,
+            "tasks_on_controls": self.tasks_on_controls,
         }
 
     def _meta(self) -> dict:
@@ -392,7 +417,72 @@ class PerturbRecipe:
             },
             "device": str(self.device),
             "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()},
+            "downstream": self._downstream_meta(),
             "memory": peak_memory(),
             "notes": self.notes,
             "environment": environment(),
         }
+
+    # -- downstream accuracy (lm-evaluation-harness) ----------------------------------------------------
+    def _prepare_tasks(self) -> None:
+        """Build the local task from the held-out text and load every task, before anything is evaluated."""
+        if self.downstream is None:
+            return
+        from cwa.downstream import LOCAL_TASK, local_items
+        from cwa.models import load_tokenizer
+
+        start = time.perf_counter()
+        self.tokenizer = load_tokenizer(self.data.tokenizer_name, trust_remote_code=self.trust_remote_code)
+        items = local_items(self.data, self.tokenizer) if LOCAL_TASK in self.downstream.tasks else None
+        self.downstream.prepare(items)
+        self.timings["tasks_prepare_s"] = time.perf_counter() - start
+
+    def _evaluate_tasks(self) -> None:
+        """The tasks on the baseline and on each top-K and single-weight condition (controls with
+        ``tasks_on_controls``), each perturbed in place and restored (checksummed) as in the held-out pass."""
+        if self.downstream is None:
+            return
+        from tqdm.auto import tqdm
+
+        from cwa.downstream import downstream_rows
+
+        chosen = [r.condition for r in self.results if self.tasks_on_controls or r.condition.target in _NOT_CONTROLS]
+        conditions = []
+        try:
+            baseline = self.downstream.evaluate(self.model, self.tokenizer)
+            for condition in tqdm(chosen, desc="cwa perturb: lm-eval", unit="condition", file=sys.stderr):
+                selection = self._selection(condition)
+                # the same seed and generator as _evaluate_condition, so noise perturbations are identical
+                seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
+                generator = seeded(seed, condition.k or 0, condition.rank or 0, 3)
+                with perturbed(self.params, selection, condition.perturbation, generator, self.checksums):
+                    conditions.append((condition.name, self.downstream.evaluate(self.model, self.tokenizer)))
+        finally:
+            self.downstream.close()
+        stats = self.statistics
+        self.downstream_rows = downstream_rows(baseline, conditions, stats.bootstrap, stats.confidence)
+        seconds = [sum(r.seconds for r in results.values()) for _, results in conditions]
+        self.timings["tasks_baseline_s"] = sum(r.seconds for r in baseline.values())
+        self.timings["tasks_mean_s_per_condition"] = sum(seconds) / max(1, len(seconds))
+
+    def _downstream_meta(self) -> dict | None:
+        if self.downstream is None:
+            return None
+        evals = [r.evaluation.seconds for r in self.results]
+        return {
+            **self.downstream.describe(),
+            "conditions": sorted({r.condition for r in self.downstream_rows or [] if r.condition != "baseline"}),
+            "seconds_per_lm_eval_condition": self.timings.get("tasks_mean_s_per_condition"),
+            "seconds_per_perplexity_condition": sum(evals) / max(1, len(evals)),
+        }
+
+
+def _downstream_tasks(tasks: str | list[str] | None, limit: int | None, batch_size: int):
+    """The lm-eval tasks of ``--tasks`` (None without it); a missing lm-eval fails here, before any work."""
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks or [])
+    names = [t for t in names if t]
+    if tasks is None:
+        return None
+    from cwa.downstream import DownstreamTasks
+
+    return DownstreamTasks(names, limit, batch_size)

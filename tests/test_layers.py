@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "rundir",  # the one owner of a run directory: pure I/O, so that the Lightning callbacks write through it
         {
             "cwa.rundir",
+            "cwa.rundir.downstream",
             "cwa.rundir.files",
             "cwa.rundir.outputs",
             "cwa.rundir.perturbation",
@@ -76,6 +77,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "cwa.analysis",
             "cwa.compare",
+            "cwa.downstream",
             "cwa.evaluate",
             "cwa.find_super_weights",
             "cwa.findings",
