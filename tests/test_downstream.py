@@ -5,6 +5,7 @@ accuracy on a live model against a hand computation, in-place perturbation, the 
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import subprocess
 import sys
@@ -204,6 +205,34 @@ def test_a_downstream_csv_that_does_not_match_its_json_is_refused(tmp_path: Path
     (tmp_path / "downstream.csv").write_text("condition,task\nx,y\n")
     with pytest.raises(CwaError, match="does not match its perturb.json"):
         read_perturbation(tmp_path)
+
+
+def test_the_report_shows_the_downstream_table(tmp_path: Path) -> None:
+    from test_compare import make_run as make_fit_run
+    from test_compare import random_scores
+
+    from cwa.report import report
+    from cwa.rundir import DownstreamRow, read_perturbation, write_perturbation
+
+    run = make_fit_run(tmp_path, "d", random_scores(1), k=10)
+    rows = [
+        DownstreamRow("baseline", "cwa_pydoc_lastword", 200, 0.41, 0.0, 0.0, 0.0, None, 3.0),
+        DownstreamRow("zero/topk/k=10", "cwa_pydoc_lastword", 200, 0.12, -0.29, -0.36, -0.22, 1.5e-9, 3.1),
+    ]
+    write_perturbation(run, [], {"settings": {}}, downstream=rows)
+    output = report([str(run)], tmp_path / "out" / "report.md", ks=[10], sample=2000, figures=False)
+    text = output.read_text()
+    section = text[text.index("### Downstream accuracy") :]
+    assert "| zero/topk/k=10 | cwa_pydoc_lastword | 200 | 0.120 | -0.290 [-0.360, -0.220] | 1.5e-09 |" in section
+    assert "| baseline | cwa_pydoc_lastword | 200 | 0.410 |  |  |" in section
+    saved = json.loads(output.with_suffix(".json").read_text())
+    assert saved["downstream"]["d/version_0"][1]["delta_accuracy"] == -0.29
+    assert read_perturbation(run).downstream == rows
+    without = make_fit_run(tmp_path, "e", random_scores(1), k=10)
+    assert (
+        "Downstream accuracy"
+        not in report([str(without)], tmp_path / "r.md", ks=[10], sample=2000, figures=False).read_text()
+    )
 
 
 # -- without lm-eval ---------------------------------------------------------------------------------
