@@ -243,9 +243,10 @@ class DownstreamTasks:
                 log_samples=True,
                 bootstrap_iters=0,
             )
-            samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
-            correct = torch.tensor([float(s["acc"]) for s in samples], dtype=torch.float64)
-            out[task] = TaskResult(correct, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            samples = results["samples"]  # a group (``lambada``) gives one entry per member task
+            for name in sorted(samples):
+                out[name] = TaskResult(_correct(name, samples[name]), seconds / len(samples))
         return out
 
     def describe(self) -> dict:
@@ -262,6 +263,14 @@ class DownstreamTasks:
         if self._directory is not None:
             self._directory.cleanup()
             self._directory = None
+
+
+def _correct(task: str, samples: list[dict]) -> Tensor:
+    """Per-item ``acc`` (0/1) of lm-eval's logged samples, in doc-id order."""
+    if any("acc" not in sample for sample in samples):
+        raise CwaError(f"lm-eval's task '{task}' reports no per-item accuracy (acc); choose a task that does.")
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    return torch.tensor([float(sample["acc"]) for sample in ordered], dtype=torch.float64)
 
 
 def downstream_rows(

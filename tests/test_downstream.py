@@ -158,6 +158,15 @@ def test_lm_eval_accuracy_is_greedy_last_word_match_on_the_live_model(tmp_path: 
     assert described["items"] == 8 and len(described["fingerprint"]) == 16
 
 
+def test_per_item_correctness_is_in_doc_order_and_needs_acc() -> None:
+    from cwa.downstream import _correct
+
+    samples = [{"doc_id": 2, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}, {"doc_id": 1, "acc": 1}]
+    assert _correct("t", samples).tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(CwaError, match="task 't' reports no per-item accuracy"):
+        _correct("t", [{"doc_id": 0, "exact_match": 1.0}])
+
+
 @needs_lm_eval
 def test_perturb_with_tasks_writes_downstream_csv(tiny_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
     from cwa.downstream import LOCAL_TASK
