@@ -19,8 +19,11 @@ import json
 import logging
 import math
 import re
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +188,56 @@ class DownstreamTasks:
             raise CwaError(f"tasks_batch_size must be at least 1, got {batch_size}.")
         self.tasks, self.limit, self.batch_size, self.max_items = list(tasks), limit, batch_size, max_items
         self.items: list[dict[str, str]] = []
+        self.timings: dict[str, float] = {}
+        self.conditions: list[str] = []
         self._directory: tempfile.TemporaryDirectory | None = None
+
+    def setup(self, data, trust_remote_code: bool = False) -> None:
+        """Load the run's tokenizer, build the local task from the run's held-out text (when asked for) and
+        load every task (:meth:`prepare`).
+
+        Args:
+            data: the run's set-up :class:`cwa.data.CalibrationData`.
+            trust_remote_code: passed to the tokenizer.
+        """
+        from cwa.models import load_tokenizer
+
+        start = time.perf_counter()
+        self.tokenizer = load_tokenizer(data.tokenizer_name, trust_remote_code=trust_remote_code)
+        self.prepare(local_items(data, self.tokenizer) if LOCAL_TASK in self.tasks else None)
+        self.timings["prepare_s"] = time.perf_counter() - start
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        conditions: list[tuple[str, Callable[[], AbstractContextManager]]],
+        resamples: int = 2000,
+        confidence: float = 0.95,
+    ) -> list[DownstreamRow]:
+        """Every task on the baseline, then under each condition, and the rows of ``downstream.csv``.
+
+        Args:
+            model: the live model (after :meth:`setup`); conditions write into its weights in place.
+            conditions: (name, a function returning the context manager that applies the condition's
+                perturbation and restores it on exit).
+            resamples: bootstrap resamples of the intervals.
+            confidence: their coverage.
+        """
+        from tqdm.auto import tqdm
+
+        results = []
+        try:
+            baseline = self.evaluate(model, self.tokenizer)
+            for name, perturbation in tqdm(conditions, desc="cwa perturb: lm-eval", unit="condition", file=sys.stderr):
+                with perturbation():
+                    results.append((name, self.evaluate(model, self.tokenizer)))
+        finally:
+            self.close()
+        seconds = [sum(r.seconds for r in result.values()) for _, result in results]
+        self.timings["baseline_s"] = sum(r.seconds for r in baseline.values())
+        self.timings["mean_s_per_condition"] = sum(seconds) / max(1, len(seconds))
+        self.conditions = [name for name, _ in results]
+        return downstream_rows(baseline, results, resamples, confidence)
 
     def prepare(self, items: list[dict[str, str]] | None = None) -> None:
         """Write the local task (when asked for) and check that every task loads, before any evaluation.
@@ -256,6 +308,9 @@ class DownstreamTasks:
             "tasks": self.tasks,
             "limit": self.limit,
             "batch_size": self.batch_size,
+            "conditions": self.conditions,
+            "seconds_per_lm_eval_condition": self.timings.get("mean_s_per_condition"),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
             LOCAL_TASK: local and {**local, "max_items": self.max_items, "min_context_words": MIN_CONTEXT_WORDS},
         }
 

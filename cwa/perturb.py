@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -426,63 +427,38 @@ class PerturbRecipe:
     # -- downstream accuracy (lm-evaluation-harness) ----------------------------------------------------
     def _prepare_tasks(self) -> None:
         """Build the local task from the held-out text and load every task, before anything is evaluated."""
-        if self.downstream is None:
-            return
-        from cwa.downstream import LOCAL_TASK, local_items
-        from cwa.models import load_tokenizer
-
-        start = time.perf_counter()
-        self.tokenizer = load_tokenizer(self.data.tokenizer_name, trust_remote_code=self.trust_remote_code)
-        items = local_items(self.data, self.tokenizer) if LOCAL_TASK in self.downstream.tasks else None
-        self.downstream.prepare(items)
-        self.timings["tasks_prepare_s"] = time.perf_counter() - start
+        if self.downstream is not None:
+            self.downstream.setup(self.data, self.trust_remote_code)
 
     def _evaluate_tasks(self) -> None:
         """The tasks on the baseline and on each top-K and single-weight condition (controls with
         ``tasks_on_controls``), each perturbed in place and restored (checksummed) as in the held-out pass."""
         if self.downstream is None:
             return
-        from tqdm.auto import tqdm
-
-        from cwa.downstream import downstream_rows
-
         chosen = [r.condition for r in self.results if self.tasks_on_controls or r.condition.target in _NOT_CONTROLS]
-        conditions = []
-        try:
-            baseline = self.downstream.evaluate(self.model, self.tokenizer)
-            for condition in tqdm(chosen, desc="cwa perturb: lm-eval", unit="condition", file=sys.stderr):
-                selection = self._selection(condition)
-                # the same seed and generator as _evaluate_condition, so noise perturbations are identical
-                seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
-                generator = seeded(seed, condition.k or 0, condition.rank or 0, 3)
-                with perturbed(self.params, selection, condition.perturbation, generator, self.checksums):
-                    conditions.append((condition.name, self.downstream.evaluate(self.model, self.tokenizer)))
-        finally:
-            self.downstream.close()
+        perturbations = [(c.name, partial(self._perturbed, c)) for c in chosen]
         stats = self.statistics
-        self.downstream_rows = downstream_rows(baseline, conditions, stats.bootstrap, stats.confidence)
-        seconds = [sum(r.seconds for r in results.values()) for _, results in conditions]
-        self.timings["tasks_baseline_s"] = sum(r.seconds for r in baseline.values())
-        self.timings["tasks_mean_s_per_condition"] = sum(seconds) / max(1, len(seconds))
+        self.downstream_rows = self.downstream.run(self.model, perturbations, stats.bootstrap, stats.confidence)
+
+    def _perturbed(self, condition: Condition):
+        """The condition's perturbation in place, restored (and checksummed) on exit; the same seed and
+        generator as :meth:`_evaluate_condition`, so a noise perturbation writes the same values."""
+        seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
+        generator = seeded(seed, condition.k or 0, condition.rank or 0, 3)
+        return perturbed(self.params, self._selection(condition), condition.perturbation, generator, self.checksums)
 
     def _downstream_meta(self) -> dict | None:
         if self.downstream is None:
             return None
         evals = [r.evaluation.seconds for r in self.results]
-        return {
-            **self.downstream.describe(),
-            "conditions": sorted({r.condition for r in self.downstream_rows or [] if r.condition != "baseline"}),
-            "seconds_per_lm_eval_condition": self.timings.get("tasks_mean_s_per_condition"),
-            "seconds_per_perplexity_condition": sum(evals) / max(1, len(evals)),
-        }
+        return {**self.downstream.describe(), "seconds_per_perplexity_condition": sum(evals) / max(1, len(evals))}
 
 
 def _downstream_tasks(tasks: str | list[str] | None, limit: int | None, batch_size: int):
     """The lm-eval tasks of ``--tasks`` (None without it); a missing lm-eval fails here, before any work."""
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks or [])
-    names = [t for t in names if t]
     if tasks is None:
         return None
     from cwa.downstream import DownstreamTasks
 
-    return DownstreamTasks(names, limit, batch_size)
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    return DownstreamTasks([t for t in names if t], limit, batch_size)
