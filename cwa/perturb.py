@@ -40,7 +40,6 @@ from cwa.run_data import build_data
 from cwa.rundir import DownstreamRow, Run, write_perturbation
 
 DEFAULT_CONTROLS: tuple[ControlName, ...] = ("random_matched", "magnitude_matched", "bottomk")
-_NOT_CONTROLS = ("topk", "single")  # the conditions lm-eval tasks run on without tasks_on_controls
 
 
 class PerturbRecipe:
@@ -431,11 +430,11 @@ class PerturbRecipe:
             self.downstream.setup(self.data, self.trust_remote_code)
 
     def _evaluate_tasks(self) -> None:
-        """The tasks on the baseline and on each top-K and single-weight condition (controls with
+        """The tasks on the baseline and on each condition that is not a control (controls too with
         ``tasks_on_controls``), each perturbed in place and restored (checksummed) as in the held-out pass."""
         if self.downstream is None:
             return
-        chosen = [r.condition for r in self.results if self.tasks_on_controls or r.condition.target in _NOT_CONTROLS]
+        chosen = [r.condition for r in self.results if self.tasks_on_controls or r.condition.control is None]
         perturbations = [(c.name, partial(self._perturbed, c)) for c in chosen]
         stats = self.statistics
         self.downstream_rows = self.downstream.run(self.model, perturbations, stats.bootstrap, stats.confidence)

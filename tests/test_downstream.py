@@ -200,8 +200,14 @@ def test_perturb_with_tasks_writes_downstream_csv(tiny_dir: Path, tmp_path: Path
     assert meta["downstream"]["seconds_per_lm_eval_condition"] > 0
     assert meta["downstream"]["seconds_per_perplexity_condition"] > 0
     assert "downstream accuracy" in capsys.readouterr().out
+    quick = {"ks": (2,), "single": 0, "seeds": (0,), "bootstrap": 50, "figures": False, "tensorboard": False}
+    PerturbRecipe(
+        run=str(run), controls=("random_matched",), tasks=[LOCAL_TASK], tasks_limit=3, tasks_on_controls=True, **quick
+    ).run()
+    names = [r.condition for r in Run.load(run).perturbation.downstream]
+    assert names == ["baseline", "zero/topk/k=2", "zero/random_matched/k=2/seed=0"]
     # a later perturb without tasks takes downstream.csv out of the set
-    PerturbRecipe(run=str(run), ks=(2,), single=0, controls=(), bootstrap=50, figures=False, tensorboard=False).run()
+    PerturbRecipe(run=str(run), controls=(), **quick).run()
     assert not (run / "downstream.csv").exists() and Run.load(run).perturbation.downstream is None
 
 
