@@ -49,7 +49,10 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
+        missing = exc.name or "lm_eval"
+        if missing.split(".")[0] != "lm_eval":  # installed, but one of its dependencies is not
+            raise CwaError(f"lm-evaluation-harness cannot import '{missing}'; re{INSTALL}.") from None
         raise CwaError(f"--tasks needs lm-evaluation-harness; {INSTALL}.") from None
 
 
