@@ -20,7 +20,7 @@ from cwa.findings import (
     strongest,
 )
 from cwa.findings_placement import LOCATION_K, Placement, placement_findings, placement_of
-from cwa.rundir import PerturbRow, Run, unique_names
+from cwa.rundir import DownstreamRow, PerturbRow, Run, unique_names
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Analysis:
         comparisons: (member positions, ``compare_runs`` result) per group of runs scoring the same tensors.
         stability: (``compare_runs`` stability group, member positions) per group of seed replicates.
         perturbation: per run, its perturbation rows without the baseline ([] when it has none).
+        downstream: per run, its lm-eval task rows with the baseline (downstream.csv; [] when it has none).
         findings: every finding, in section order.
         skipped: notes on the directories left out (not complete runs).
     """
@@ -50,6 +51,7 @@ class Analysis:
     comparisons: list[tuple[list[int], dict]]
     stability: list[tuple[dict, tuple[int, ...]]]
     perturbation: list[list[PerturbRow]]
+    downstream: list[list[DownstreamRow]] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -75,6 +77,9 @@ class Analysis:
                 }
                 for i, rows in enumerate(self.perturbation)
                 if rows
+            },
+            "downstream": {
+                self.names[i]: [r.as_dict() for r in rows] for i, rows in enumerate(self.downstream) if rows
             },
             "findings": [f.as_dict() for f in self.findings],
             "skipped": self.skipped,
@@ -131,6 +136,7 @@ def analyse(
         perturbation=[
             [r for r in (run.perturbation.rows if run.perturbation else []) if r.target != "baseline"] for run in runs
         ],  # fmt: skip
+        downstream=[(run.perturbation.downstream or []) if run.perturbation else [] for run in runs],
     )
     found = analysis.findings
     for i, c in enumerate(analysis.concentration):

@@ -13,13 +13,14 @@ only through :func:`cwa.rundir.write_perturbation` (csv, figures and json togeth
 from __future__ import annotations
 
 import datetime as dt
-import math
 import itertools
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ from cwa.perturbations import (
 )
 from cwa.restore import RestoreMode
 from cwa.run_data import build_data
-from cwa.rundir import Run, write_perturbation
+from cwa.rundir import DownstreamRow, Run, write_perturbation
 from cwa.units import Unit, check_units, expand
 
 MAX_PAIRS = 20
@@ -96,6 +97,13 @@ class PerturbRecipe:
             channel's median |activation| over the held-out tokens. Its row reports the fraction of the
             NLL damage recovered.
         restore_threshold: the spike threshold of ``restore spikes`` (times the channel's median |value|).
+        tasks: lm-evaluation-harness tasks to run on the baseline and each top-K and single-weight condition
+            (needs the ``cwa[eval]`` extra): ``cwa_pydoc_lastword`` (cwa's offline last-word task over the
+            run's held-out text) and/or hub tasks (``hellaswag``, ``arc_easy``, ``piqa``, ``winogrande``,
+            ``lambada``); a list or a comma-separated string. Written to downstream.csv.
+        tasks_limit: evaluate at most this many items of each task (None: all).
+        tasks_batch_size: lm-eval batch size.
+        tasks_on_controls: also run the tasks on the control conditions (each costs a full lm-eval pass).
     """
 
     def __init__(
@@ -124,6 +132,10 @@ class PerturbRecipe:
         pairs: int = 0,
         restore: tuple[RestoreMode, ...] = (),
         restore_threshold: float = 10.0,
+        tasks: str | list[str] | None = None,
+        tasks_limit: int | None = None,
+        tasks_batch_size: int = 8,
+        tasks_on_controls: bool = False,
     ) -> None:
         if (run is None) == (fit_config is None):
             raise CwaError("give exactly one of --run (a fit-sensitivity run directory) and --fit_config.")
@@ -156,6 +168,9 @@ class PerturbRecipe:
         self.notes: list[str] = []
         self.conditions: list[Condition] = []
         self.results: list[Result] = []
+        self.tasks_on_controls = tasks_on_controls
+        self.downstream = _downstream_tasks(tasks, tasks_limit, tasks_batch_size)
+        self.downstream_rows: list[DownstreamRow] | None = None
         self._init_restore(restore, restore_threshold)
 
     def _set_units_and_sets(self, units: tuple[str, ...], leave_one_out: int, pairs: int) -> None:
@@ -202,6 +217,7 @@ class PerturbRecipe:
             perturbation.validate(torch_dtype(self.dtype))  # a bad bit index fails before the model is loaded
         self._load_model()
         self._load_heldout()
+        self._prepare_tasks()
 
     def build_conditions(self) -> None:
         """Prepare the controls (once) and list every condition: per perturbation and unit, per K the top-K
@@ -251,12 +267,13 @@ class PerturbRecipe:
                     self.results.append(result)
                 bar.update(1)
         self.rows = perturb_rows(self.baseline, self.results, self.statistics)
+        self._evaluate_tasks()
 
     def write(self) -> None:
         """perturb.csv, the figures and perturb.json as one set; TensorBoard scalars; the console summary."""
         self.timings.update(self._condition_timings())
         figures = self._figures() if self.figures else {}
-        write_perturbation(self.run_dir.path, self.rows, self._meta(), figures)
+        write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:
             from cwa.perturb_figures import tensorboard_scalars
@@ -266,6 +283,10 @@ class PerturbRecipe:
 
         base = self.baseline.evaluation.stats
         print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path)
+        if self.downstream_rows:
+            from cwa.downstream import format_downstream
+
+            print("\n".join(format_downstream(self.downstream_rows, self.statistics.confidence)))
 
     # -- setting up --------------------------------------------------------------------------------
     def _fit_sensitivity(self) -> Path:
@@ -383,10 +404,8 @@ class PerturbRecipe:
             return None
         select_s = time.perf_counter() - start
         start = time.perf_counter()
-        seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
-        generator = seeded(seed, condition.k or 0, condition.rank or 0, 3, *(condition.ranks or ()))
         with (
-            perturbed(self.params, selection, condition.perturbation, generator, self.checksums, self.transposed),
+            self._perturbed(condition, selection),
             self._replaying(condition, selection) as replayer,
         ):
             evaluation = self._evaluation(replayer.at_batch if replayer is not None else None)
@@ -512,6 +531,10 @@ class PerturbRecipe:
             "pairs": self.pairs,
             "restore": list(self.restore),
             "restore_threshold": self.restore_threshold,
+            "tasks": self.downstream.tasks if self.downstream else None,
+            "tasks_limit": self.downstream.limit if self.downstream else None,
+            "tasks_batch_size": self.downstream.batch_size if self.downstream else None,
+            "tasks_on_controls": self.tasks_on_controls,
         }
 
     def _meta(self) -> dict:
@@ -545,7 +568,52 @@ class PerturbRecipe:
             },
             "device": str(self.device),
             "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()},
+            "downstream": self._downstream_meta(),
             "memory": peak_memory(),
             "notes": self.notes,
             "environment": environment(),
         }
+
+    # -- downstream accuracy (lm-evaluation-harness) ----------------------------------------------------
+    def _prepare_tasks(self) -> None:
+        """Build the local task from the held-out text and load every task, before anything is evaluated."""
+        if self.downstream is not None:
+            self.downstream.setup(self.data, self.trust_remote_code)
+
+    def _evaluate_tasks(self) -> None:
+        """The tasks on the baseline and on each condition that is not a control (controls too with
+        ``tasks_on_controls``), each perturbed in place and restored (checksummed) as in the held-out pass."""
+        if self.downstream is None:
+            return
+        chosen = [  # a restored twin replays held-out activations: it has no meaning on other inputs
+            r.condition
+            for r in self.results
+            if not r.condition.restore and (self.tasks_on_controls or r.condition.control is None)
+        ]
+        perturbations = [(c.name, partial(self._perturbed, c)) for c in chosen]
+        stats = self.statistics
+        self.downstream_rows = self.downstream.run(self.model, perturbations, stats.bootstrap, stats.confidence)
+
+    def _perturbed(self, condition: Condition, selection: Selection | None = None):
+        """The condition's perturbation in place, restored (and checksummed) on exit. The generator is
+        seeded from the condition alone, so the held-out pass and the tasks see the same noise."""
+        seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
+        generator = seeded(seed, condition.k or 0, condition.rank or 0, 3, *(condition.ranks or ()))
+        selection = self._selection(condition) if selection is None else selection
+        return perturbed(self.params, selection, condition.perturbation, generator, self.checksums, self.transposed)
+
+    def _downstream_meta(self) -> dict | None:
+        if self.downstream is None:
+            return None
+        evals = [r.evaluation.seconds for r in self.results]
+        return {**self.downstream.describe(), "seconds_per_perplexity_condition": sum(evals) / max(1, len(evals))}
+
+
+def _downstream_tasks(tasks: str | list[str] | None, limit: int | None, batch_size: int):
+    """The lm-eval tasks of ``--tasks`` (None without it); a missing lm-eval fails here, before any work."""
+    if tasks is None:
+        return None
+    from cwa.downstream import DownstreamTasks
+
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    return DownstreamTasks([t for t in names if t], limit, batch_size)

@@ -53,6 +53,7 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
     lines += agreement(analysis, fig)
     lines += stability(analysis)
     lines += perturbation(analysis, output, fig)
+    lines += downstream(analysis)
     lines += reproducibility(analysis)
     lines += next_steps(analysis)
     lines += method(analysis.location_k)
@@ -336,6 +337,26 @@ def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
             "the selected weights matter for the model's output; `cwa perturb` measures that.",
             "",
         ]
+    return lines
+
+
+def downstream(analysis: Analysis) -> list[str]:
+    """Task accuracy per condition (downstream.csv, from ``cwa perturb --tasks``), when a run has it."""
+    if not any(analysis.downstream):
+        return []
+    lines = ["### Downstream accuracy", ""]
+    header = ["condition", "task", "items", "accuracy", "Δ accuracy [95% CI]", "p (McNemar)"]
+    for label, rows in zip(analysis.labels, analysis.downstream, strict=True):
+        if not rows:
+            continue
+        table = [
+            [r.condition, r.task, str(r.items), _num(r.accuracy),
+             "" if r.p_value is None else _ci(r.delta_accuracy, (r.delta_accuracy_low, r.delta_accuracy_high)),
+             "" if r.p_value is None else _p(r.p_value)]
+            for r in rows
+        ]  # fmt: skip
+        lines += [f"{label} (`cwa perturb --tasks`, lm-evaluation-harness; Δ against the unperturbed model):", ""]
+        lines += _table(header, table)
     return lines
 
 

@@ -216,3 +216,49 @@ def paired_bootstrap_test(a: SequenceStats, b: SequenceStats, weights: Tensor) -
         return float("nan")
     theta, se = _paired(a, b, "nll", weights)
     return max(float(bootstrap_t_p_value(theta, se)), 2.0 ** (1 - len(a)))
+
+
+def mcnemar_exact(a: Tensor, b: Tensor) -> float:
+    """Two-sided exact McNemar p-value that two paired 0/1 outcome vectors have the same success rate.
+
+    Only discordant items carry information: with n01 items right under ``a`` only and n10 right under
+    ``b`` only, under the null each discordant item is equally likely to fall either way, so
+    p = min(1, 2 · P(Binomial(n01 + n10, ½) ≤ min(n01, n10))). The test conditions on the discordant
+    count and is exact at any number of items, with no assumption on the shape of the differences
+    (a bootstrap test is coarse and anti-conservative when only a handful of items change).
+
+    Args:
+        a: (n,) 0/1 outcomes of the reference pass.
+        b: (n,) 0/1 outcomes of the other pass, on the same items.
+    """
+    if a.shape != b.shape:
+        raise ValueError("McNemar's test needs the same items in both passes.")
+    a, b = a.bool(), b.bool()
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_mean_interval(a: Tensor, b: Tensor, weights: Tensor, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Change of the mean from ``a`` to ``b`` (paired per item) with a studentized bootstrap interval.
+
+    The per-item case of :func:`studentized_replicates` (every item weighs one token), so downstream
+    accuracies get the same interval as perplexity.
+
+    Args:
+        a: (n,) per-item values of the reference pass (0/1 correctness for accuracy).
+        b: (n,) per-item values of the other pass, same items.
+        weights: (resamples, n) multiplicities from :func:`bootstrap_weights`.
+        confidence: coverage of the interval.
+
+    Returns:
+        (mean(b) - mean(a), interval low, interval high).
+    """
+    a, b = a.double(), b.double()
+    ones = torch.ones_like(a)
+    theta, se = studentized_replicates(a, ones, b, ones, weights)
+    low, high = studentized_interval(theta, se, confidence)
+    return float(theta[0]), float(low), float(high)

@@ -4,8 +4,12 @@
     python scripts/benchmark.py --metrics grad_x_weight --reps 3
     python scripts/benchmark.py --metrics hutchinson_diag/finite_difference --topk 0   # both FD schemes
     python scripts/benchmark.py --device cuda --metrics grad_x_weight --topk 0 --hvp-accuracy 0   # on a GPU
+    python scripts/benchmark.py --metrics bare --topk 0 --hvp-accuracy 0 --downstream 500   # lm-eval vs perplexity
 
 The finite-difference rows are followed by the error of their HVPs against double backward on one batch.
+``--downstream N`` (needs the ``cwa[eval]`` extra) times one ``cwa perturb --tasks`` condition, lm-eval's
+cwa_pydoc_lastword on N items, against one perplexity condition (the README run's 32 held-out blocks of 256
+tokens), interleaved in one process.
 
 Every configuration runs in its own process (peak RSS is per process). Inside a process the peak is
 reset after the model is loaded (Linux ``/proc/self/clear_refs``), the configuration runs twice for
@@ -250,6 +254,42 @@ def topk_benchmark(k: int) -> dict:
     }
 
 
+def downstream_benchmark(items: int, reps: int, batch_size: int = 8) -> dict:
+    """One lm-eval condition (cwa_pydoc_lastword, ``items`` items) against one perplexity condition (32
+    held-out blocks of 256 tokens, batch 4: configs/perturb-smollm2.yaml), same model, same process."""
+    import torch
+
+    from cwa.data import CalibrationData
+    from cwa.downstream import LOCAL_TASK, DownstreamTasks, local_items
+    from cwa.evaluate import evaluate
+    from cwa.models import load_model, load_tokenizer
+
+    model = load_model("smollm2-135m", "float32").requires_grad_(False)
+    tokenizer = load_tokenizer("smollm2-135m")
+    data = CalibrationData("pydoc", "smollm2-135m", seq_len=256, num_samples=32, heldout_samples=32)
+    data.setup()
+    tasks = DownstreamTasks([LOCAL_TASK], limit=items, batch_size=batch_size)
+    tasks.prepare(local_items(data, tokenizer))
+    perplexity, lm_eval, accuracy = [], [], 0.0
+    try:
+        for _ in range(reps):
+            perplexity.append(evaluate(model, data.heldout, 4, torch.device("cpu")).seconds)
+            result = tasks.evaluate(model, tokenizer)[LOCAL_TASK]
+            lm_eval.append(result.seconds)
+            accuracy = result.accuracy
+    finally:
+        tasks.close()
+    return {
+        "items": int(len(result.correct)),
+        "local_task_items": len(tasks.items),
+        "accuracy": accuracy,
+        "batch_size": batch_size,
+        "heldout_blocks": int(data.heldout.shape[0]),
+        "lm_eval_seconds": statistics.median(lm_eval),
+        "perplexity_seconds": statistics.median(perplexity),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics", nargs="*", default=list(CONFIGS), help="configurations to run")
@@ -261,6 +301,9 @@ def main() -> int:
         "--hvp-accuracy", type=int, default=1, help="compare finite-difference HVPs with double backward (0 skips it)"
     )
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--downstream", type=int, default=0, help="items of the lm-eval condition timed against perplexity (0 skips it)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -270,6 +313,8 @@ def main() -> int:
             result = topk_benchmark(args.topk)
         elif args.worker == "hvp_accuracy":
             result = hvp_accuracy(args.batch, args.seq_len)
+        elif args.worker == "downstream":
+            result = downstream_benchmark(args.downstream, args.reps)
         else:
             result = worker(args.worker, args.batch, args.seq_len, args.reps, args.device)
         print("RESULT " + json.dumps(result), flush=True)
@@ -292,7 +337,9 @@ def main() -> int:
     )
     results = {}
     names = ["bare"] + [m for m in args.metrics if m != "bare"]
-    extra = ["topk"] * bool(args.topk) + ["hvp_accuracy"] * bool(args.hvp_accuracy)
+    extra = (
+        ["topk"] * bool(args.topk) + ["hvp_accuracy"] * bool(args.hvp_accuracy) + ["downstream"] * bool(args.downstream)
+    )
     names += extra
     for name in names:
         matches = [c for c in CONFIGS if c.startswith(name)] if name not in extra else [name]
@@ -312,6 +359,8 @@ def main() -> int:
                 str(args.topk),
                 "--device",
                 args.device,
+                "--downstream",
+                str(args.downstream),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -368,6 +417,14 @@ def main() -> int:
                 f"v^T H v relative error {r['vHv_relative_error']:.2e}, "
                 f"{r['zero_step_weights']} weights with a zero step"
             )
+    if "downstream" in results:
+        d = results["downstream"]
+        print(
+            f"\none lm-eval condition (cwa_pydoc_lastword, {d['items']} of {d['local_task_items']} items, batch "
+            f"{d['batch_size']}, accuracy {d['accuracy']:.3f}): {d['lm_eval_seconds']:.2f} s; one perplexity condition "
+            f"({d['heldout_blocks']} held-out blocks x 256 tokens, batch 4): {d['perplexity_seconds']:.2f} s "
+            f"({d['lm_eval_seconds'] / d['perplexity_seconds']:.2f}x)"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

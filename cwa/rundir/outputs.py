@@ -43,6 +43,7 @@ class OutputSet:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._staged: list[tuple[Path, Path]] = []
+        self._removed: list[Path] = []
 
     def stage(self, relative: str) -> Path:
         """A temporary path whose file will become ``directory / relative`` at the commit."""
@@ -52,11 +53,19 @@ class OutputSet:
         self._staged.append((tmp, final))
         return tmp
 
+    def remove(self, relative: str) -> None:
+        """Delete ``directory / relative`` (if it exists) at the commit, before the staged files land: a file
+        of the previous set that the new set does not have."""
+        self._removed.append(self.directory / relative)
+
     def commit(self) -> None:
         with _signals_deferred():
+            for path in self._removed:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             for tmp, final in self._staged:
                 os.replace(tmp, final)
-        self._staged = []
+        self._staged, self._removed = [], []
 
     def discard(self) -> None:
         for tmp, _ in self._staged:

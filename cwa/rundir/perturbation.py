@@ -1,5 +1,5 @@
-"""``perturb.csv`` and ``perturb.json``: typed perturbation rows, written as one set with the figures, and
-read back only when the set is whole."""
+"""``perturb.csv`` and ``perturb.json``: typed perturbation rows, written as one set with the figures (and
+``downstream.csv`` when lm-eval tasks ran), and read back only when the set is whole."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any, get_type_hints
 
 from cwa.errors import CwaError
 from cwa.io import atomic_open, write_json
-from cwa.rundir.files import FIGURES, PERTURB_CSV, PERTURB_JSON
+from cwa.rundir.downstream import DownstreamRow, read_downstream_csv, write_downstream_csv
+from cwa.rundir.files import DOWNSTREAM_CSV, FIGURES, PERTURB_CSV, PERTURB_JSON
 from cwa.rundir.outputs import OutputSet, sha256
 
 SET_TARGETS = ("topk", "single", "leave_one_out", "pair")
@@ -139,6 +140,7 @@ def write_perturbation(
     rows: list[PerturbRow],
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
+    downstream: list[DownstreamRow] | None = None,
 ) -> None:
     """Write ``perturb.csv``, the figures and ``perturb.json`` as one set: either all of them are the new
     ones or, after any failure or interrupt, all are the previous ones. ``perturb.json`` records the
@@ -149,15 +151,24 @@ def write_perturbation(
         rows: the table, baseline first.
         meta: the contents of ``perturb.json`` (``status`` and the csv checksum are added).
         figures: ``{file name under figures/: function drawing into a given path}``.
+        downstream: the lm-eval task rows (``downstream.csv``, its checksum in ``perturb.json``); None
+            removes a previous run's ``downstream.csv`` with the commit.
     """
     outputs = OutputSet(Path(run_dir))
     try:
         csv_tmp = outputs.stage(PERTURB_CSV)
         write_perturb_csv(csv_tmp, rows)
+        checksums = {"perturb_csv_sha256": sha256(csv_tmp)}
+        if downstream is None:
+            outputs.remove(DOWNSTREAM_CSV)
+        else:
+            downstream_tmp = outputs.stage(DOWNSTREAM_CSV)
+            write_downstream_csv(downstream_tmp, downstream)
+            checksums["downstream_csv_sha256"] = sha256(downstream_tmp)
         for name, draw in (figures or {}).items():
             draw(outputs.stage(f"{FIGURES}/{name}"))
         json_tmp = outputs.stage(PERTURB_JSON)
-        write_json(json_tmp, {"status": "complete", **meta, "perturb_csv_sha256": sha256(csv_tmp)})
+        write_json(json_tmp, {"status": "complete", **meta, **checksums})
         outputs.commit()
     finally:
         outputs.discard()
@@ -169,6 +180,7 @@ class Perturbation:
 
     rows: list[PerturbRow]
     meta: dict
+    downstream: list[DownstreamRow] | None = None  # downstream.csv, when lm-eval tasks ran
 
     @property
     def baseline(self) -> PerturbRow | None:
@@ -195,4 +207,15 @@ def read_perturbation(run_dir: Path) -> Perturbation | None:
         raise CwaError(
             f"'{csv_path}' does not match its perturb.json (an interrupted cwa perturb); rerun cwa perturb for it."
         )
-    return Perturbation(read_perturb_csv(csv_path), meta)
+    return Perturbation(read_perturb_csv(csv_path), meta, _read_downstream(run_dir, meta))
+
+
+def _read_downstream(run_dir: Path, meta: dict) -> list[DownstreamRow] | None:
+    """``downstream.csv`` when ``perturb.json`` records one (a file it does not record is not of this set)."""
+    expected = meta.get("downstream_csv_sha256")
+    if expected is None:
+        return None
+    path = run_dir / DOWNSTREAM_CSV
+    if not path.exists() or sha256(path) != expected:
+        raise CwaError(f"'{path}' is missing or does not match its perturb.json; rerun cwa perturb for it.")
+    return read_downstream_csv(path)

@@ -1,0 +1,378 @@
+"""Downstream accuracy through lm-evaluation-harness (the optional ``cwa[eval]`` extra).
+
+:class:`DownstreamTasks` runs ``lm_eval.simple_evaluate`` on the live, in-memory model (``HFLM(pretrained=
+model)``: no copy, no save), so ``cwa perturb --tasks`` measures each condition with its perturbation written
+into the weights in place. ``log_samples=True`` gives each item's correctness, so a condition is compared with
+the baseline item by item (:func:`downstream_rows`).
+
+cwa ships one local task that runs offline, ``cwa_pydoc_lastword`` (LAMBADA-style last-word prediction built
+from the run's *held-out* text, never from calibration text; see :func:`lastword_items`). It is written at run
+time into a temporary directory (a task YAML and a JSON-lines file) and found through lm-eval's
+``TaskManager(include_path=...)``. Hub tasks (hellaswag, arc_easy, piqa, winogrande, lambada) pass straight
+through to lm-eval; they need the Hugging Face Hub or its local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cwa.errors import CwaError
+from cwa.rundir import DownstreamRow
+from cwa.stats import bootstrap_weights, mcnemar_exact, paired_mean_interval
+
+LOCAL_TASK = "cwa_pydoc_lastword"
+MAX_ITEMS = 500
+"""Items of the local task: at most this many, spread evenly over the held-out text (deterministic)."""
+MIN_CONTEXT_WORDS = 8
+"""An item's context has at least this many words, so the last word is predictable from it."""
+INSTALL = "install the eval extra: pip install 'cwa[eval]'"
+
+_SENTENCE_END = re.compile(r"(?<=\S) ([A-Za-z]+)[.!?](?= |$)")
+
+
+def require_lm_eval() -> None:
+    """Raise one CwaError sentence when lm-evaluation-harness is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+    except ImportError as exc:
+        missing = exc.name or "lm_eval"
+        if missing.split(".")[0] != "lm_eval":  # installed, but one of its dependencies is not
+            raise CwaError(f"lm-evaluation-harness cannot import '{missing}'; re{INSTALL}.") from None
+        raise CwaError(f"--tasks needs lm-evaluation-harness; {INSTALL}.") from None
+
+
+# -- the local task's items ------------------------------------------------------------------------
+def heldout_pieces(texts: list[str], tokenizer, seq_len: int, heldout_fraction: float) -> list[str]:
+    """The text of the documents inside the held-out blocks of :class:`cwa.data.CalibrationData`.
+
+    The token stream is laid out as :func:`cwa.data.tokenize_stream` does (each document, then EOS); the
+    held-out blocks are the last ``round(n_blocks · heldout_fraction)`` blocks of ``seq_len`` tokens. A
+    document cut by the start or end of that region keeps only its paragraphs wholly inside it (the
+    token offsets of a fast tokenizer map the cut back to characters); no calibration block ever holds
+    a returned character.
+
+    Args:
+        texts: the corpus documents, in order.
+        tokenizer: the run's (fast) tokenizer.
+        seq_len: tokens per block.
+        heldout_fraction: share of the blocks held out.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise CwaError(f"the local task {LOCAL_TASK} needs a fast tokenizer (its offsets map tokens to text).")
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    lengths = [len(ids) + eos for ids in encoded["input_ids"]]
+    n_blocks = sum(lengths) // seq_len
+    first = (n_blocks - int(round(n_blocks * heldout_fraction))) * seq_len
+    end = n_blocks * seq_len
+    pieces, start = [], 0
+    for text, offsets, length in zip(texts, encoded["offset_mapping"], lengths, strict=True):
+        lo, hi = max(first - start, 0), min(end - start, length - eos)
+        start += length
+        if lo >= hi:
+            continue
+        piece = text[offsets[lo][0] : offsets[hi - 1][1]]
+        paragraphs = re.split(r"\n\s*\n", piece)
+        if lo > 0:  # the region starts inside this document: its first paragraph is cut
+            paragraphs = paragraphs[1:]
+        if hi < length - eos:  # ... or ends inside it
+            paragraphs = paragraphs[:-1]
+        pieces.append("\n\n".join(paragraphs))
+    return [p for p in pieces if p.strip()]
+
+
+def lastword_items(pieces: list[str], max_items: int = MAX_ITEMS) -> list[dict[str, str]]:
+    """LAMBADA-style items: each sentence of a paragraph that ends in an alphabetic word (then ``.``, ``!``
+    or ``?``) gives the context (the paragraph up to that word, whitespace runs joined into one space, at
+    least :data:`MIN_CONTEXT_WORDS` words) and the target ``" " + word``; at most ``max_items``, spread
+    evenly over the candidates in corpus order.
+
+    Args:
+        pieces: held-out text (from :func:`heldout_pieces`).
+        max_items: at most this many items.
+    """
+    candidates = []
+    for piece in pieces:
+        for paragraph in re.split(r"\n\s*\n", piece):
+            flat = " ".join(paragraph.split())
+            for match in _SENTENCE_END.finditer(flat):
+                context = flat[: match.start()]
+                if len(context.split()) >= MIN_CONTEXT_WORDS:
+                    candidates.append({"context": context, "target": " " + match.group(1)})
+    if len(candidates) <= max_items:
+        return candidates
+    return [candidates[i * len(candidates) // max_items] for i in range(max_items)]
+
+
+def local_items(data, tokenizer, max_items: int = MAX_ITEMS) -> list[dict[str, str]]:
+    """The local task's items from a set-up :class:`cwa.data.CalibrationData`'s held-out text.
+
+    Args:
+        data: the run's data module (its source, ``seq_len`` and ``heldout_fraction``).
+        tokenizer: the run's tokenizer.
+        max_items: at most this many items.
+    """
+    return lastword_items(heldout_pieces(data.source.load(), tokenizer, data.seq_len, data.heldout_fraction), max_items)
+
+
+def items_fingerprint(items: list[dict[str, str]]) -> str:
+    """sha256 (first 16 hex digits) of the items as canonical JSON lines."""
+    text = "\n".join(json.dumps(item, sort_keys=True, ensure_ascii=False) for item in items)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def write_local_task(items: list[dict[str, str]], directory: Path) -> Path:
+    """Write the local task (``<name>.yaml`` and ``<name>.jsonl``) into ``directory``; return it."""
+    data = directory / f"{LOCAL_TASK}.jsonl"
+    data.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
+    config = {
+        "task": LOCAL_TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{context}}",
+        "doc_to_target": "{{target}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    (directory / f"{LOCAL_TASK}.yaml").write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
+    return directory
+
+
+# -- running lm-eval -------------------------------------------------------------------------------
+@dataclass
+class TaskResult:
+    """One task under one condition: per-item correctness (0/1, by lm-eval's doc id) and wall time."""
+
+    correct: Tensor
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.double().mean()) if self.correct.numel() else math.nan
+
+
+class DownstreamTasks:
+    """lm-eval tasks evaluated on a live model, the local task built from the run's held-out text.
+
+    Args:
+        tasks: lm-eval task names (``cwa_pydoc_lastword`` and/or hub tasks).
+        limit: evaluate at most this many items per task (None: all).
+        batch_size: lm-eval batch size.
+        max_items: items of the local task (at most).
+    """
+
+    def __init__(
+        self, tasks: list[str], limit: int | None = None, batch_size: int = 8, max_items: int = MAX_ITEMS
+    ) -> None:
+        require_lm_eval()
+        if not tasks:
+            raise CwaError("--tasks names no task.")
+        if limit is not None and limit < 1:
+            raise CwaError(f"tasks_limit must be at least 1, got {limit}.")
+        if batch_size < 1:
+            raise CwaError(f"tasks_batch_size must be at least 1, got {batch_size}.")
+        self.tasks, self.limit, self.batch_size, self.max_items = list(tasks), limit, batch_size, max_items
+        self.items: list[dict[str, str]] = []
+        self.timings: dict[str, float] = {}
+        self.conditions: list[str] = []
+        self._directory: tempfile.TemporaryDirectory | None = None
+
+    def setup(self, data, trust_remote_code: bool = False) -> None:
+        """Load the run's tokenizer, build the local task from the run's held-out text (when asked for) and
+        load every task (:meth:`prepare`).
+
+        Args:
+            data: the run's set-up :class:`cwa.data.CalibrationData`.
+            trust_remote_code: passed to the tokenizer.
+        """
+        from cwa.models import load_tokenizer
+
+        start = time.perf_counter()
+        self.tokenizer = load_tokenizer(data.tokenizer_name, trust_remote_code=trust_remote_code)
+        self.prepare(local_items(data, self.tokenizer) if LOCAL_TASK in self.tasks else None)
+        self.timings["prepare_s"] = time.perf_counter() - start
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        conditions: list[tuple[str, Callable[[], AbstractContextManager]]],
+        resamples: int = 2000,
+        confidence: float = 0.95,
+    ) -> list[DownstreamRow]:
+        """Every task on the baseline, then under each condition, and the rows of ``downstream.csv``.
+
+        Args:
+            model: the live model (after :meth:`setup`); conditions write into its weights in place.
+            conditions: (name, a function returning the context manager that applies the condition's
+                perturbation and restores it on exit).
+            resamples: bootstrap resamples of the intervals.
+            confidence: their coverage.
+        """
+        from tqdm.auto import tqdm
+
+        results = []
+        try:
+            baseline = self.evaluate(model, self.tokenizer)
+            for name, perturbation in tqdm(conditions, desc="cwa perturb: lm-eval", unit="condition", file=sys.stderr):
+                with perturbation():
+                    results.append((name, self.evaluate(model, self.tokenizer)))
+        finally:
+            self.close()
+        seconds = [sum(r.seconds for r in result.values()) for _, result in results]
+        self.timings["baseline_s"] = sum(r.seconds for r in baseline.values())
+        self.timings["mean_s_per_condition"] = sum(seconds) / max(1, len(seconds))
+        self.conditions = [name for name, _ in results]
+        return downstream_rows(baseline, results, resamples, confidence)
+
+    def prepare(self, items: list[dict[str, str]] | None = None) -> None:
+        """Write the local task (when asked for) and check that every task loads, before any evaluation.
+
+        Args:
+            items: the local task's items (from :func:`local_items`); needed when it is among the tasks.
+        """
+        from lm_eval.tasks import TaskManager
+
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        self._directory = tempfile.TemporaryDirectory(prefix="cwa-tasks-")
+        if LOCAL_TASK in self.tasks:
+            if not items:
+                raise CwaError(f"the held-out text yields no {LOCAL_TASK} items; raise data.heldout_fraction.")
+            self.items = list(items)
+            write_local_task(self.items, Path(self._directory.name))
+        # indexing lm-eval's own tasks takes half a minute: only when a hub task is asked for
+        hub = any(task != LOCAL_TASK for task in self.tasks)
+        self.manager = TaskManager(include_path=self._directory.name, include_defaults=hub)
+        for task in self.tasks:
+            self._load(task)
+
+    def _load(self, task: str) -> None:
+        from lm_eval.tasks import get_task_dict
+
+        if task not in self.manager.all_tasks:
+            raise CwaError(f"lm-eval has no task '{task}' (`lm_eval --tasks list` lists them).")
+        try:
+            get_task_dict([task], self.manager)
+        except Exception as exc:
+            raise CwaError(
+                f"lm-eval cannot load the task '{task}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                f"hub tasks need the Hugging Face Hub or its cache, {LOCAL_TASK} runs offline."
+            ) from None
+
+    def evaluate(self, model: torch.nn.Module, tokenizer) -> dict[str, TaskResult]:
+        """Each task on ``model`` as it is now (in place, nothing copied): per-item correctness and time.
+
+        Args:
+            model: a Hugging Face causal LM (on its device).
+            tokenizer: its tokenizer.
+        """
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        out = {}
+        for task in self.tasks:
+            start = time.perf_counter()
+            results = simple_evaluate(
+                model=lm,
+                tasks=[task],
+                task_manager=self.manager,
+                limit=self.limit,
+                log_samples=True,
+                bootstrap_iters=0,
+            )
+            seconds = time.perf_counter() - start
+            samples = results["samples"]  # a group (``lambada``) gives one entry per member task
+            for name in sorted(samples):
+                out[name] = TaskResult(_correct(name, samples[name]), seconds / len(samples))
+        return out
+
+    def describe(self) -> dict:
+        """The task settings (recorded in perturb.json)."""
+        local = {"items": len(self.items), "fingerprint": items_fingerprint(self.items)} if self.items else None
+        return {
+            "tasks": self.tasks,
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "conditions": self.conditions,
+            "seconds_per_lm_eval_condition": self.timings.get("mean_s_per_condition"),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            LOCAL_TASK: local and {**local, "max_items": self.max_items, "min_context_words": MIN_CONTEXT_WORDS},
+        }
+
+    def close(self) -> None:
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
+
+
+def _correct(task: str, samples: list[dict]) -> Tensor:
+    """Per-item ``acc`` (0/1) of lm-eval's logged samples, in doc-id order."""
+    if any("acc" not in sample for sample in samples):
+        raise CwaError(f"lm-eval's task '{task}' reports no per-item accuracy (acc); choose a task that does.")
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    return torch.tensor([float(sample["acc"]) for sample in ordered], dtype=torch.float64)
+
+
+def downstream_rows(
+    baseline: dict[str, TaskResult],
+    conditions: list[tuple[str, dict[str, TaskResult]]],
+    resamples: int = 2000,
+    confidence: float = 0.95,
+) -> list[DownstreamRow]:
+    """``downstream.csv``'s rows: the baseline, then each condition's accuracy change on the same items
+    with a paired studentized bootstrap interval over items and McNemar's exact p-value.
+
+    Args:
+        baseline: per task, the unperturbed model's result.
+        conditions: (condition name, per task its result), in order.
+        resamples: bootstrap resamples (one matrix per task, shared by every condition).
+        confidence: coverage of the intervals.
+    """
+    rows = []
+    weights = {task: bootstrap_weights(len(base.correct), resamples) for task, base in baseline.items()}
+    for task, base in baseline.items():
+        rows.append(
+            DownstreamRow("baseline", task, len(base.correct), base.accuracy, 0.0, 0.0, 0.0, None, base.seconds)
+        )
+    for name, results in conditions:
+        for task, result in results.items():
+            base = baseline[task].correct
+            if result.correct.shape != base.shape:
+                raise CwaError(f"task {task} gave {len(result.correct)} items under {name}, {len(base)} at baseline.")
+            delta, low, high = paired_mean_interval(base, result.correct, weights[task], confidence)
+            p = mcnemar_exact(base, result.correct)
+            rows.append(DownstreamRow(name, task, len(base), result.accuracy, delta, low, high, p, result.seconds))
+    return rows
+
+
+def format_downstream(rows: list[DownstreamRow], confidence: float = 0.95) -> list[str]:
+    """A small console table: per condition, each task's accuracy and its change [interval] and p."""
+    if not rows:
+        return []
+    width = max(len(r.condition) for r in rows)
+    lines = [f"  downstream accuracy (lm-eval; Δ vs baseline [{100 * confidence:.3g}% CI], McNemar p):"]
+    for r in rows:
+        change = ""
+        if r.condition != "baseline":
+            interval = f"[{r.delta_accuracy_low:+.3f}, {r.delta_accuracy_high:+.3f}]"
+            change = f"  Δ {r.delta_accuracy:+.3f} {interval}  p={r.p_value:.3g}"
+        lines.append(f"  {r.condition:<{width}}  {r.task}  n={r.items}  acc={r.accuracy:.3f}{change}  {r.seconds:.1f}s")
+    return lines
