@@ -1,0 +1,186 @@
+"""One pass, many metrics: each metric of a shared pass equals its own single-metric run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from crash import crash_after
+from safetensors.torch import load_file
+
+from cwa.cli import main
+from cwa.errors import CwaError
+from cwa.loss import next_token_nll
+from cwa.metrics import make_scorer
+from cwa.rundir import Run
+from cwa.saliency import OBD
+from cwa.scorers import GradSquared
+from cwa.shared_pass import SharedPass
+from tests.conftest import tiny_llama
+
+SHARED = ["magnitude", "grad_x_weight", "grad_squared", "wanda", "obd"]
+EXACT = {"magnitude", "grad_squared", "obd"}  # the others differ by float rounding (see below)
+
+
+def _scores(metric, batches) -> dict:
+    """Scores of ``metric`` (a name or a list) over ``batches`` on a fresh tiny Llama, in process."""
+    model = tiny_llama()
+    scorer = make_scorer(metric)
+    scorer.bind(dict(model.named_parameters()))
+    scorer.attach(model)
+    for step, batch in enumerate(batches):
+        scorer.set_step(step)
+        scorer.update(batch, lambda b: next_token_nll(model, b))
+    return scorer.compute_each() if isinstance(scorer, SharedPass) else scorer.compute()
+
+
+def _batches(rows: int, seq_len: int = 20) -> list[dict]:
+    generator = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 252, (rows, seq_len), generator=generator)} for _ in range(3)]
+
+
+def test_micro_batched_pass_equals_each_metric_alone():
+    """Squared metrics see the same micro-batch backward as alone: bit-identical. grad_x_weight adds
+    t_m * g_m per micro-batch instead of one batch gradient, and wanda sums per micro-batch: the same
+    sums in another order."""
+    batches = _batches(rows=3)
+    shared = _scores(SHARED, batches)
+    for metric in SHARED:
+        alone = _scores(metric, batches)
+        assert list(shared[metric]) == list(alone), metric
+        for name, expected in alone.items():
+            if metric in EXACT:
+                assert torch.equal(shared[metric][name], expected), (metric, name)
+            else:
+                scale = float(expected.abs().max())
+                torch.testing.assert_close(shared[metric][name], expected, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_pass_without_squared_metric_is_bit_identical():
+    """Without a squared-gradient metric one forward and backward of each batch serves every member."""
+    batches = _batches(rows=3)
+    metrics = ["magnitude", "grad_x_weight", "wanda"]
+    shared = _scores(metrics, batches)
+    for metric in metrics:
+        alone = _scores(metric, batches)
+        for name, expected in alone.items():
+            assert torch.equal(shared[metric][name], expected), (metric, name)
+
+
+def test_signed_taylor_obd_and_microbatch_shared():
+    """obd's signed_taylor gradient is fed by the shared pass too; fisher_microbatch 2 splits batches of 4."""
+    batches = _batches(rows=4)
+    shared = _scores([GradSquared(fisher_microbatch=2), OBD(signed_taylor=True, fisher_microbatch=2)], batches)
+    assert all(torch.equal(shared["grad_squared"][n], t) for n, t in _scores(GradSquared(2), batches).items())
+    for name, expected in _scores(OBD(signed_taylor=True, fisher_microbatch=2), batches).items():
+        torch.testing.assert_close(shared["obd"][name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        (["grad_x_weight", "hutchinson_diag"], "hutchinson_diag cannot share a forward and backward"),
+        (["wanda", "obs"], "obs cannot share"),
+        (["grad_x_weight", OBD(hessian="hutchinson")], "obd with hessian hutchinson cannot share"),
+        (["wanda", "wanda"], "names 'wanda' twice"),
+        (["grad_squared", OBD(fisher_microbatch=3)], "must share fisher_microbatch"),
+        ([], "empty"),
+    ],
+)
+def test_metrics_that_cannot_share_are_refused(metrics, message):
+    with pytest.raises(CwaError, match=message):
+        make_scorer(metrics)
+
+
+def test_a_list_of_one_is_that_metric():
+    assert make_scorer(["grad_squared"]).name == "grad_squared"
+
+
+# -- the command: one complete run directory per metric ------------------------------------------------------
+
+
+def _args(model_dir: Path, save_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit-sensitivity",
+        f"--model.pretrained={model_dir}",
+        "--trainer.accelerator=cpu",
+        "--data.seq_len=17",
+        "--data.num_samples=5",
+        "--data.batch_size=2",
+        "--model.k=20",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.logger.init_args.name=run",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+        "--trainer.callbacks.enabled=false",
+        *extra,
+    ]
+
+
+LIST = f"--model.metric=[{', '.join(SHARED)}]"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("shared")
+    out = {}
+    for metric in SHARED:
+        assert main(_args(tiny_llama_dir, base / metric, f"--model.metric={metric}")) == 0
+        out[metric] = base / metric / "run" / "version_0"
+    assert main(_args(tiny_llama_dir, base / "shared", LIST)) == 0
+    out["shared"] = base / "shared" / "run"
+    return out
+
+
+def _topk(run: Path) -> list[tuple[str, str]]:
+    return [(r["parameter"], r["index"]) for r in csv.DictReader((run / "topk.csv").read_text().splitlines())]
+
+
+def test_each_metric_writes_a_complete_run_equal_to_its_own(runs):
+    assert sorted(p.name for p in runs["shared"].iterdir()) == sorted(f"version_0-{m}" for m in SHARED)
+    for metric in SHARED:
+        alone, shared = runs[metric], runs["shared"] / f"version_0-{metric}"
+        a, b = load_file(alone / "scores.safetensors"), load_file(shared / "scores.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            if metric in EXACT:
+                assert torch.equal(a[name], b[name]), (metric, name)
+            else:
+                torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-6 * float(a[name].abs().max()))
+        assert _topk(alone) == _topk(shared), metric
+        run = Run.load(shared)  # what perturb and report read
+        assert run.metric == metric
+        summary = json.loads((shared / "summary.json").read_text())
+        assert summary["shared_pass"] == SHARED
+        assert summary["tokens"] == json.loads((alone / "summary.json").read_text())["tokens"] == 5 * 16
+        assert yaml.safe_load((shared / "config.yaml").read_text())["model"]["metric"] == metric
+        assert list(shared.glob("events.out.tfevents.*")), "each metric has its TensorBoard histograms"
+
+
+def test_perturb_reads_a_metric_of_a_shared_pass(runs, tmp_path):
+    run = runs["shared"] / "version_0-grad_x_weight"
+    assert main(["perturb", f"--run={run}", "--ks=[2]", "--controls=[]", "--heldout_samples=4"]) == 0
+    assert (run / "perturb.csv").exists()
+
+
+def test_resume_of_a_shared_pass_equals_the_uninterrupted_one(runs, tiny_llama_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(_args(tiny_llama_dir, tmp_path / "killed", LIST, "--model.checkpoint_every=1", *crash_after(2)))
+    killed = tmp_path / "killed" / "run" / "version_0"
+    assert sorted(p.name for p in (killed / "accumulators").iterdir()) == ["rank0-of-1-batch2.safetensors"]
+    assert [p.name for p in (tmp_path / "killed" / "run").iterdir()] == ["version_0"]  # no partial metric run
+    assert main(_args(tiny_llama_dir, tmp_path / "resumed", LIST, f"--model.resume_from={killed}")) == 0
+    for metric in SHARED:
+        whole = load_file(runs["shared"] / f"version_0-{metric}" / "scores.safetensors")
+        resumed_dir = tmp_path / "resumed" / "run" / f"version_0-{metric}"
+        resumed = load_file(resumed_dir / "scores.safetensors")
+        for name in whole:
+            assert torch.equal(whole[name], resumed[name]), (metric, name)
+        assert json.loads((resumed_dir / "summary.json").read_text())["resumed_from"] == 2
+    # A different list is refused in one sentence.
+    assert main(_args(tiny_llama_dir, tmp_path / "other", "--model.metric=[magnitude, wanda]",
+                      f"--model.resume_from={killed}")) == 1
