@@ -31,8 +31,8 @@ from cwa.metrics import make_scorer
 from cwa.models import Dtype, load_model, set_attn_implementation
 from cwa.params import ParamInfo, as_patterns, compile_patterns, select_parameters
 from cwa.scorers import Scorer, nonfinite_error
-from cwa.shared_pass import SharedPass
 from cwa.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
+from cwa.shared_pass import SharedPass
 from cwa.topk import Mode, check_k
 
 

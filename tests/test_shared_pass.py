@@ -182,5 +182,11 @@ def test_resume_of_a_shared_pass_equals_the_uninterrupted_one(runs, tiny_llama_d
             assert torch.equal(whole[name], resumed[name]), (metric, name)
         assert json.loads((resumed_dir / "summary.json").read_text())["resumed_from"] == 2
     # A different list is refused in one sentence.
-    assert main(_args(tiny_llama_dir, tmp_path / "other", "--model.metric=[magnitude, wanda]",
-                      f"--model.resume_from={killed}")) == 1
+    assert (
+        main(
+            _args(
+                tiny_llama_dir, tmp_path / "other", "--model.metric=[magnitude, wanda]", f"--model.resume_from={killed}"
+            )
+        )
+        == 1
+    )
