@@ -190,3 +190,33 @@ def test_resume_of_a_shared_pass_equals_the_uninterrupted_one(runs, tiny_llama_d
         )
         == 1
     )
+
+
+# -- two processes: DDP and FSDP2 (the set has grad_squared: the sharded pass takes turns) ----------------------
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(runs, tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    from tests.test_distributed import _run_workers
+
+    base = tmp_path_factory.mktemp("shared-two")
+    jobs = [
+        {"args": _args(tiny_llama_dir, base / s, LIST, "--trainer.devices=2", f"--trainer.strategy={s}"), "expect": 0}
+        for s in ("ddp", "fsdp2")
+    ]
+    _run_workers(jobs, base)
+    return {s: base / s / "run" for s in ("ddp", "fsdp2")}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_shared_pass_equals_each_metric_alone(runs, two_process_runs, strategy):
+    for metric in SHARED:
+        alone, shared = runs[metric], two_process_runs[strategy] / f"version_0-{metric}"
+        a, b = load_file(alone / "scores.safetensors"), load_file(shared / "scores.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6 * float(a[name].abs().max()))
+        assert _topk(alone) == _topk(shared), (strategy, metric)
+        summary = json.loads((shared / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["shared_pass"] == SHARED and summary["tokens"] == 5 * 16
