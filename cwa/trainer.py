@@ -269,7 +269,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
             )
 
         def after_fit_sensitivity(self) -> None:
-            results = self.trainer.fit_results or [self.trainer.fit_result]
+            results = getattr(self.trainer, "fit_results", None) or [self.trainer.fit_result]
             if print_result:
                 from cwa.console import print_fit_result
 

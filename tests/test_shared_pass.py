@@ -100,6 +100,21 @@ def test_a_list_of_one_is_that_metric():
     assert make_scorer(["grad_squared"]).name == "grad_squared"
 
 
+def test_dry_run_counts_one_gradient_and_every_members_accumulators(tiny_llama_dir, capsys):
+    from cwa.module import SensitivityModule
+    from cwa.trainer import dry_run_fit_sensitivity
+
+    def plan(metric):
+        return dry_run_fit_sensitivity(SensitivityModule(str(tiny_llama_dir), metric=metric), 1, False)
+
+    one, two = plan("grad_x_weight"), plan(["grad_x_weight", "grad_squared", "wanda"])
+    assert two.gradients == one.gradients and two.accumulators == 3 * one.accumulators
+    assert (
+        two.extras["wanda: float64 input sums (per distinct layer input)"]
+        == plan("wanda").extras["float64 input sums (per distinct layer input)"]
+    )
+
+
 # -- the command: one complete run directory per metric ------------------------------------------------------
 
 
