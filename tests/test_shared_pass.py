@@ -235,3 +235,40 @@ def test_two_process_shared_pass_equals_each_metric_alone(runs, two_process_runs
         assert _topk(alone) == _topk(shared), (strategy, metric)
         summary = json.loads((shared / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["shared_pass"] == SHARED and summary["tokens"] == 5 * 16
+
+
+def test_seed_experiments_share_a_pass_only_where_only_the_metric_differs(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "seed_experiments.py"
+    spec = importlib.util.spec_from_file_location("seed_experiments", path)
+    seed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed)
+    exp = seed.Experiment
+    gxw = exp("g", "gpt2.yaml", "grad_x_weight", 10, "global", 5)
+    wanda = exp("w", "gpt2.yaml", "wanda", 10, "global", 5)
+    plan = [
+        (gxw, "g", 0),
+        (exp("h", "gpt2.yaml", "hutchinson_diag", 10, "global", 5), "h", 0),  # cannot share
+        (wanda, "w", 0),
+        (exp("m", "gpt2.yaml", "magnitude", 20, "global", 5), "m", 0),  # another K
+        (gxw, "g_again", 0),  # the same metric twice
+        (wanda, "w_seed1", 1),  # another seed
+    ]
+    assert [[name for _, name, _ in group] for group in seed.shared_groups(plan)] == [
+        ["g", "w"],
+        ["h"],
+        ["m"],
+        ["g_again"],
+        ["w_seed1"],
+    ]
+    # The seed report's grid: wherever two metrics could share, K, mode or samples differ.
+    assert all(len(group) == 1 for group in seed.shared_groups([(e, e.name, 0) for e in seed.SEED_GRID]))
+    # A shared pass's metric directories are found under the pass's first experiment, apart from plain runs.
+    logs = tmp_path / "lightning_logs"
+    for run in ("g/version_0-grad_x_weight", "g/version_0-wanda", "h/version_0", "g/version_1-wanda"):
+        (logs / run).mkdir(parents=True)
+        (logs / run / "summary.json").write_text(json.dumps({"status": "complete" if "1" not in run else "running"}))
+    group = seed.shared_groups(plan)[0]
+    assert seed.entry_runs(group[1], group, logs) == {logs / "g" / "version_0-wanda"}
+    assert seed.complete_runs(logs / "g") == set() and seed.complete_runs(logs / "h") == {logs / "h" / "version_0"}
