@@ -15,7 +15,9 @@ batch's summed loss serves every member exactly as it serves ``grad_x_weight`` a
 and ``obs`` need passes (or matrices) of their own and are refused in a list.
 
 Each member keeps its own accumulators and computes its own scores; the loss and token counters are
-counted once here and handed to every member before it computes. Under FSDP2 the pass takes turns across
+counted once here and handed to every member before it computes. ``obd``'s Fisher beside ``grad_squared``
+with the same ``fisher_microbatch`` is the same sum: it is accumulated once and copied for ``obd`` when the
+scores are computed. Under FSDP2 the pass takes turns across
 ranks (``turn_taking``) when any member needs it.
 """
 
@@ -56,6 +58,7 @@ class SharedPass(Scorer):
         self._sums: list[Scorer] = []  # acc += gradient of the summed loss
         self._squares: list[Scorer] = []  # acc += (gradient of the micro-batch's mean loss) ** 2
         self._inputs: list[Wanda] = []
+        self._copies: dict[int, tuple[Scorer, Scorer]] = {}  # obd's Fisher = grad_squared's: copied at the end
         for member in members:
             self._classify(member)
         micro = {s.fisher_microbatch for s in self._squares}
@@ -85,7 +88,12 @@ class SharedPass(Scorer):
         elif kind is Wanda:
             self._inputs.append(member)
         elif kind is OBD:
-            self._squares.append(member.diag)
+            fisher = member.diag.settings()
+            same = [s for s in self.members.values() if type(s) is GradSquared and s.settings() == fisher]
+            if same:  # the same Fisher: accumulated once, copied when the scores are computed
+                self._copies[id(member)] = (member.diag, same[0])
+            else:
+                self._squares.append(member.diag)
             if member.grad is not None:
                 self._sums.append(member.grad)
 
@@ -104,6 +112,8 @@ class SharedPass(Scorer):
         for member in self.members.values():
             member.sharded = self.sharded
             member.bind(params)
+        for diag, _ in self._copies.values():
+            diag.acc = {}  # nothing to accumulate, reduce, check or save until compute_each
 
     def attach(self, model: nn.Module) -> None:
         for member in self.members.values():
@@ -185,6 +195,8 @@ class SharedPass(Scorer):
     def compute_each(self) -> dict[str, dict[str, Tensor]]:
         """Every member's scores, by metric name (each member's accumulators become its scores in place)."""
         self._hand_counters()
+        for diag, source in self._copies.values():
+            diag.acc = {name: tensor.clone() for name, tensor in source.acc.items()}
         return {name: member.compute() for name, member in self.members.items()}
 
     def nonfinite(self) -> list[str]:

@@ -43,13 +43,14 @@ def _batches(rows: int, seq_len: int = 20) -> list[dict]:
     return [{"input_ids": torch.randint(0, 252, (rows, seq_len), generator=generator)} for _ in range(3)]
 
 
-def test_micro_batched_pass_equals_each_metric_alone():
-    """Squared metrics see the same micro-batch backward as alone: bit-identical. grad_x_weight adds
-    t_m * g_m per micro-batch instead of one batch gradient, and wanda sums per micro-batch: the same
-    sums in another order."""
+@pytest.mark.parametrize("metrics", [SHARED, ["grad_x_weight", "obd"]], ids=["with-grad_squared", "obd-alone"])
+def test_micro_batched_pass_equals_each_metric_alone(metrics):
+    """Squared metrics see the same micro-batch backward as alone: bit-identical (obd's Fisher is
+    grad_squared's, copied, when both are in the pass). grad_x_weight adds t_m * g_m per micro-batch instead
+    of one batch gradient, and wanda sums per micro-batch: the same sums in another order."""
     batches = _batches(rows=3)
-    shared = _scores(SHARED, batches)
-    for metric in SHARED:
+    shared = _scores(metrics, batches)
+    for metric in metrics:
         alone = _scores(metric, batches)
         assert list(shared[metric]) == list(alone), metric
         for name, expected in alone.items():
