@@ -238,12 +238,14 @@ def test_two_process_shared_pass_equals_each_metric_alone(runs, two_process_runs
         assert summary["world_size"] == 2 and summary["shared_pass"] == SHARED and summary["tokens"] == 5 * 16
 
 
-def test_seed_experiments_share_a_pass_only_where_only_the_metric_differs(tmp_path):
+def test_seed_experiments_share_a_pass_only_where_only_the_metric_differs(tmp_path, monkeypatch):
     import importlib.util
+    import sys
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "seed_experiments.py"
     spec = importlib.util.spec_from_file_location("seed_experiments", path)
     seed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "seed_experiments", seed)  # dataclasses look their module up there
     spec.loader.exec_module(seed)
     exp = seed.Experiment
     gxw = exp("g", "gpt2.yaml", "grad_x_weight", 10, "global", 5)
