@@ -6,6 +6,9 @@
 4. :class:`TensorBoardHistograms` logs per-tensor score histograms.
 5. :class:`SummaryWriter` writes ``summary.json``, last: its presence marks the run complete.
 
+A shared pass of several metrics (``model.metric`` a list) runs this chain once per metric through
+:class:`SharedPassRuns`, each time with a :class:`MetricView` of the module and the metric's own result.
+
 Like Lightning's ``BasePredictionWriter`` they only read what the loop produced (the module's scores)
 and never set anything on the module; they pass their results forward in one :class:`FitResult`, which
 ``CwaTrainer.fit_sensitivity`` creates, keeps in the callbacks' order, and returns.
@@ -47,6 +50,9 @@ class FitResult:
             the streamed file in sharded runs ({} where neither exists).
         timings: seconds of each phase after the loop (``topk_s``, ``write_s``, ``figures_s`` ...).
         summary: the ``summary.json`` written last (global zero only).
+        shared_pass: the metrics of the shared pass this run is one of (None for a metric run alone).
+        tensorboard: where this run's TensorBoard histograms go instead of the trainer's logger (a shared
+            pass gives each metric's run directory its own events file).
     """
 
     run_dir: Path | None = None
@@ -55,6 +61,8 @@ class FitResult:
     scores: Mapping[str, Tensor] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     summary: rundir.Summary | None = None
+    shared_pass: list[str] | None = None
+    tensorboard: object | None = None
 
 
 class FitCallback(L.Callback):
@@ -111,8 +119,9 @@ class RunDirectoryWriter(FitCallback):
         result = self.result(trainer)
         if result.topk is None:
             return
-        # trainer.log_dir is a collective (a broadcast) in distributed runs: every rank asks for it.
-        result.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if result.run_dir is None:  # a shared pass names each metric's directory itself
+            # trainer.log_dir is a collective (a broadcast) in distributed runs: every rank asks for it.
+            result.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         path = result.run_dir / rundir.SCORES
         metadata = rundir.scores_metadata(pl_module.scorer.name, pl_module.pretrained)
         start = time.perf_counter()
@@ -184,7 +193,9 @@ class TensorBoardHistograms(FitCallback):
         result = self.result(trainer)
         if not (self.enabled and trainer.is_global_zero and result.topk is not None and result.scores):
             return
-        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        experiment = result.tensorboard
+        if experiment is None and result.shared_pass is None and trainer.logger is not None:
+            experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_histogram_raw"):
             tensorboard_histograms(experiment, result.scores, pl_module.scorer.mean_loss)
 
@@ -288,7 +299,87 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, result: FitResu
         environment=environment(),
         tensors=tensor_statistics(result.scores, result.topk) if result.scores else {},
         layout={n: {"layer": i.layer, "module": i.module, "transposed": i.transposed} for n, i in result.infos.items()},
+        shared_pass=result.shared_pass,
     )
+
+
+class MetricView:
+    """The module as the fit callbacks see one metric of a shared pass: that metric's scorer and scores;
+    every other attribute is the module's (read only, like the module itself).
+
+    Args:
+        module: the ``SensitivityModule`` that ran the shared pass.
+        scorer: the metric's member scorer (``module.scorer.members[name]``).
+        scores: its scores.
+    """
+
+    checkpoint_directory = None  # the pass removes its checkpoints once every metric's run is complete
+
+    def __init__(self, module: L.LightningModule, scorer: object, scores: dict[str, Tensor]) -> None:
+        self._module, self.scorer, self.scores = module, scorer, scores
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._module, name)
+
+
+class SharedPassRuns(FitCallback):
+    """Runs the fit callbacks once per metric of a shared pass, each with that metric's own
+    :class:`FitResult` and run directory (``cwa.rundir.shared``); the trainer keeps the results in
+    ``fit_results``. ``CwaTrainer.fit_sensitivity`` puts the chain in here when the metric is a list.
+
+    Args:
+        chain: the fit callbacks, in pipeline order.
+    """
+
+    stage = 0
+
+    def __init__(self, chain: list[FitCallback]) -> None:
+        self.chain = list(chain)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not pl_module.metric_scores:
+            return
+        # trainer.log_dir is a collective (a broadcast) in distributed runs: every rank asks for it.
+        base = Path(trainer.log_dir or trainer.default_root_dir)
+        beside = trainer.logger is not None
+        metrics = list(pl_module.metric_scores)
+        results = []
+        for index, metric in enumerate(metrics):
+            result = FitResult(run_dir=rundir.metric_run_dir(base, metric, beside), shared_pass=metrics)
+            trainer.fit_result = result
+            if trainer.is_global_zero:
+                result.run_dir.mkdir(parents=True, exist_ok=True)
+                rundir.write_metric_config(base / rundir.CONFIG, result.run_dir / rundir.CONFIG, index)
+                result.tensorboard = _events_writer(trainer, result.run_dir)
+            view = MetricView(pl_module, pl_module.scorer.members[metric], pl_module.metric_scores[metric])
+            try:
+                for callback in self.chain:
+                    callback.on_validation_end(trainer, view)
+            finally:
+                if result.tensorboard is not None:
+                    result.tensorboard.close()
+            results.append(result)
+        trainer.fit_results = results
+        if trainer.is_global_zero:
+            checkpoint.finish(pl_module.checkpoint_directory, pl_module.keep_checkpoints)
+            if beside and not pl_module.keep_checkpoints:
+                rundir.remove_pass_dir(base)
+
+
+def _events_writer(trainer: L.Trainer, run_dir: Path) -> object | None:
+    """A TensorBoard writer for one metric's run directory when the trainer logs to TensorBoard."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not isinstance(trainer.logger, TensorBoardLogger):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter as EventsWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter as EventsWriter
+        except ImportError:
+            return None
+    return EventsWriter(log_dir=str(run_dir))
 
 
 DEFAULT_CALLBACKS: tuple[type[FitCallback], ...] = (

@@ -10,14 +10,21 @@ from __future__ import annotations
 from cwa.errors import CwaError
 from cwa.saliency import OBD, OBS, Wanda
 from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, Scorer
+from cwa.shared_pass import SharedPass
 
 METRICS: dict[str, type[Scorer]] = {
     cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag, Wanda, OBS, OBD)
 }
 
 
-def make_scorer(metric: Scorer | str) -> Scorer:
-    """A scorer instance from an instance or a short name (``grad_x_weight``, ``wanda``, ...)."""
+def make_scorer(metric: Scorer | str | list[Scorer | str]) -> Scorer:
+    """A scorer instance from an instance, a short name (``grad_x_weight``, ``wanda``, ...) or a list of them
+    (a :class:`cwa.shared_pass.SharedPass` over them; a list of one is that one metric)."""
+    if isinstance(metric, (list, tuple)):
+        members = [make_scorer(m) for m in metric]
+        if not members:
+            raise CwaError("the metric list is empty; name at least one metric.")
+        return members[0] if len(members) == 1 else SharedPass(members)
     if isinstance(metric, Scorer):
         return metric
     try:

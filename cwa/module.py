@@ -32,6 +32,7 @@ from cwa.models import Dtype, load_model, set_attn_implementation
 from cwa.params import ParamInfo, as_patterns, compile_patterns, select_parameters
 from cwa.scorers import Scorer, nonfinite_error
 from cwa.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
+from cwa.shared_pass import SharedPass
 from cwa.topk import Mode, check_k
 
 
@@ -43,7 +44,9 @@ class SensitivityModule(L.LightningModule):
             Hub name (``gpt2``, ``meta-llama/Llama-3.1-8B``) or a local directory.
         metric: sensitivity metric: a short name (``magnitude``, ``grad_x_weight``, ``grad_squared``,
             ``hutchinson_diag``) or a class with options, e.g. ``class_path: cwa.scorers.HutchinsonDiag``
-            with ``init_args: {probes: 4, hvp: finite_difference}``.
+            with ``init_args: {probes: 4, hvp: finite_difference}``; or a list of them that share one
+            forward and backward per batch (``[magnitude, grad_x_weight, grad_squared, wanda]``, see
+            ``cwa.shared_pass``), each written to its own run directory ``version_<n>-<metric>``.
         k: how many critical weights to select (in total for ``global``, per tensor for ``per_layer``).
         mode: ``global`` (top-K over all selected tensors) or ``per_layer`` (top-K within each tensor).
         include: regular expressions; only parameters matching one are scored (all when empty). A
@@ -72,7 +75,7 @@ class SensitivityModule(L.LightningModule):
     def __init__(
         self,
         pretrained: str = "smollm2-135m",
-        metric: Scorer | str = "grad_x_weight",
+        metric: Scorer | str | list[Scorer | str] = "grad_x_weight",
         k: int = 100,
         mode: Mode = "global",
         include: list[str] | str | None = None,
@@ -107,6 +110,7 @@ class SensitivityModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.selected: dict[str, ParamInfo] = {}
         self.scores: dict[str, Tensor] = {}
+        self.metric_scores: dict[str, dict[str, Tensor]] = {}  # a shared pass: each metric's scores
         self.timings: dict[str, float] = {}  # this module's phases: load_model_s, accumulate_s, reduce_s
         self.checkpoint_every, self.checkpoint_dir, self.resume_from = checkpoint_every, checkpoint_dir, resume_from
         self.resumed_batches = 0
@@ -275,13 +279,19 @@ class SensitivityModule(L.LightningModule):
             raise nonfinite_error(bad[0][0], next(iter(self.scorer.params.values())).dtype)
         if self.scorer.tokens == 0:
             raise CwaError("no calibration tokens were scored; check num_samples and the data.")
-        self.scores = self.scorer.compute()
+        if isinstance(self.scorer, SharedPass):
+            self.metric_scores = self.scorer.compute_each()
+        else:
+            self.scores = self.scorer.compute()
         self.timings["reduce_s"] = time.perf_counter() - start
         # What this rank holds of the model and of the accumulators (row shards under FSDP2): the sizing check.
         held = {
             "weights_mib": sum(local_of(p).numel() * local_of(p).element_size() for p in self.model.parameters())
             / 2**20,
-            "accumulators_mib": sum(t.numel() * t.element_size() for t in self.scores.values()) / 2**20,
+            "accumulators_mib": sum(
+                t.numel() * t.element_size() for s in [self.scores, *self.metric_scores.values()] for t in s.values()
+            )
+            / 2**20,
         }
         self.rank_memory = all_gather_objects({**peak_memory(), "rss_at_scores_mib": _current_rss_mib(), **held})
 

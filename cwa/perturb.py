@@ -298,6 +298,11 @@ class PerturbRecipe:
         run_dir = run_fit_sensitivity(["--config", str(self.fit_config), *self.fit_args])
         if run_dir is None:
             raise CwaError(f"`cwa fit-sensitivity --config {self.fit_config}` wrote no run directory.")
+        if isinstance(run_dir, list):
+            raise CwaError(
+                f"the fit config '{self.fit_config}' names several metrics and wrote one run per metric "
+                f"({', '.join(str(d) for d in run_dir)}); perturb one of them with --run."
+            )
         self.timings["fit_sensitivity_s"] = time.perf_counter() - start
         return Path(run_dir)
 

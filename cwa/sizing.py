@@ -152,6 +152,10 @@ def input_scored(model: nn.Module, params: dict[str, nn.Parameter], scorer: obje
     Returns:
         (scored parameter names, d_in of each distinct input; empty for the other metrics).
     """
+    members = getattr(scorer, "members", None)  # a shared pass: every tensor some member scores
+    if members is not None:
+        readers = [m for m in members.values() if hasattr(m, "groups")]
+        return list(params), input_scored(model, params, readers[0])[1] if readers else []
     if not hasattr(scorer, "groups"):
         return list(params), []
     from cwa.saliency import input_groups, linear_targets
@@ -209,6 +213,11 @@ def _metric_parts(scorer: object, layout: Layout, b: int) -> tuple[int, int, dic
     """(gradients, accumulators, extras) in bytes for ``scorer`` (a ``cwa.scorers.Scorer``)."""
     from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
+    members = getattr(scorer, "members", None)
+    if members is not None:  # a shared pass: one backward serves every member; each keeps its accumulators
+        parts = {name: _metric_parts(member, layout, b) for name, member in members.items()}
+        extras = {f"{name}: {what}": n for name, part in parts.items() for what, n in part[2].items()}
+        return max(p[0] for p in parts.values()), sum(p[1] for p in parts.values()), extras
     acc = layout.rank_scored * 4
     cast = {"float32 casts of one gradient": 2 * layout.rank_largest_scored * 4} if b < 4 else {}
     if isinstance(scorer, Magnitude):

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import lightning as L
 
-from cwa.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult
+from cwa.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult, SharedPassRuns
 from cwa.data import CalibrationData
 from cwa.distributed import check_supported_strategy, is_sharded_strategy, register_strategy_name
 from cwa.errors import CwaError, argument_error
 from cwa.module import SensitivityModule
 from cwa.preflight import check_context, check_device, check_processes, check_trainer
-from cwa.rundir import remove_unfinished_run
+from cwa.rundir import remove_unfinished_metric_runs, remove_unfinished_run
+from cwa.shared_pass import SharedPass
 from cwa.sizing import Memory
 
 
@@ -26,10 +27,12 @@ class CwaTrainer(L.Trainer):
 
     fit_result: FitResult | None = None
     """The last ``fit_sensitivity`` run's result, filled in by the fit callbacks."""
+    fit_results: list[FitResult] | None = None
+    """A shared pass's results, one per metric in the order of ``model.metric`` (None for one metric)."""
 
     def fit_sensitivity(
         self, model: SensitivityModule, datamodule: CalibrationData | None = None, dry_run: bool = False
-    ) -> FitResult | Memory:
+    ) -> FitResult | list[FitResult] | Memory:
         """Score every selected weight over the calibration blocks and write the top-K run directory.
 
         Runs in the validation loop with gradients enabled and the model in eval mode, so every
@@ -46,7 +49,8 @@ class CwaTrainer(L.Trainer):
 
         Returns:
             The run's result: its directory, top-K, summary and timings (the summary on global zero only);
-            with ``dry_run`` the per-rank memory estimate.
+            for a list of metrics (one shared pass) one such result per metric, each with its own run
+            directory; with ``dry_run`` the per-rank memory estimate.
         """
         # Before any model is loaded: FSDP1 and flags that would quietly change the work are refused.
         check_supported_strategy(self.strategy)
@@ -57,8 +61,9 @@ class CwaTrainer(L.Trainer):
         self.validate_loop.inference_mode = False
         # The data module shards blocks across ranks itself (no sampler padding duplicates a block).
         self._accelerator_connector.use_distributed_sampler = False
-        self._order_fit_callbacks()
-        self.fit_result = FitResult()
+        shared = isinstance(model.scorer, SharedPass)
+        self._order_fit_callbacks(shared)
+        self.fit_result, self.fit_results = FitResult(), None
         try:
             self.validate(model, datamodule=datamodule, verbose=False)
         except SystemExit:
@@ -66,27 +71,34 @@ class CwaTrainer(L.Trainer):
                 raise
             # Lightning turns Ctrl-C into a silent exit 1 and leaves SIGINT ignored: make it an interrupt.
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._remove_unfinished_run()
+            self._remove_unfinished_run(model)
             raise KeyboardInterrupt from None
         except BaseException:
-            self._remove_unfinished_run()
+            self._remove_unfinished_run(model)
             raise
-        return self.fit_result
+        return self.fit_results if shared else self.fit_result
 
-    def _remove_unfinished_run(self) -> None:
-        """A run that failed leaves no ``version_N`` behind, unless it holds checkpoints to resume from."""
+    def _remove_unfinished_run(self, model: SensitivityModule) -> None:
+        """A run that failed leaves no ``version_N`` behind, unless it holds checkpoints to resume from (nor,
+        for a shared pass, an incomplete ``version_N-<metric>``)."""
         logger = self.logger
         log_dir = getattr(logger, "log_dir", None) if logger is not None else None
         if not self.is_global_zero or not log_dir:
             return
+        if isinstance(model.scorer, SharedPass):
+            remove_unfinished_metric_runs(Path(log_dir), list(model.scorer.members))
         remove_unfinished_run(Path(log_dir))
 
-    def _order_fit_callbacks(self) -> None:
-        """Add each missing fit callback with its defaults; put them last, in pipeline order."""
-        given = [c for c in self.callbacks if isinstance(c, FitCallback)]
+    def _order_fit_callbacks(self, shared: bool = False) -> None:
+        """Add each missing fit callback with its defaults; put them last, in pipeline order (inside one
+        :class:`SharedPassRuns` for a shared pass, which runs them once per metric)."""
+        given = [c for c in self.callbacks if isinstance(c, FitCallback) and not isinstance(c, SharedPassRuns)]
+        for wrapper in (c for c in self.callbacks if isinstance(c, SharedPassRuns)):
+            given += wrapper.chain
         missing = [cls() for cls in DEFAULT_CALLBACKS if not any(isinstance(c, cls) for c in given)]
         others = [c for c in self.callbacks if not isinstance(c, FitCallback)]
-        self.callbacks[:] = others + sorted(given + missing, key=lambda c: c.stage)
+        chain = sorted(given + missing, key=lambda c: c.stage)
+        self.callbacks[:] = others + ([SharedPassRuns(chain)] if shared else chain)
 
 
 def dry_run_fit_sensitivity(
@@ -206,9 +218,10 @@ TRAINER_DEFAULTS = {
 }
 
 
-def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | None:
+def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | list[Path] | None:
     """``cwa fit-sensitivity ARGS`` as a function: parse the options (``--config`` files included) with
-    LightningCLI, score, write the run directory and return it (None for ``-h`` / ``--print_config``).
+    LightningCLI, score, write the run directory and return it (None for ``-h`` / ``--print_config``; one
+    directory per metric, in the list's order, when ``model.metric`` is a list).
 
     Args:
         args: the command line after ``fit-sensitivity``.
@@ -256,10 +269,13 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | No
             )
 
         def after_fit_sensitivity(self) -> None:
-            if print_result and self.trainer.fit_result is not None:
+            results = getattr(self.trainer, "fit_results", None) or [self.trainer.fit_result]
+            if print_result:
                 from cwa.console import print_fit_result
 
-                print_fit_result(self.trainer.fit_result)
+                for result in results:
+                    if result is not None:
+                        print_fit_result(result)
 
     from jsonargparse import ArgumentError
 
@@ -277,5 +293,9 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | No
         )
     except ArgumentError as exc:
         raise argument_error("fit-sensitivity", exc) from None
-    result = getattr(getattr(cli, "trainer", None), "fit_result", None)
+    trainer = getattr(cli, "trainer", None)
+    results = getattr(trainer, "fit_results", None)
+    if results:
+        return [r.run_dir for r in results]
+    result = getattr(trainer, "fit_result", None)
     return None if result is None else result.run_dir

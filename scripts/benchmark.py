@@ -47,6 +47,15 @@ CONFIGS = {
         "probes": 4,
     },
     "hutchinson_diag/autograd (4 probes)": {"metric": "hutchinson_diag", "hvp": "autograd", "probes": 4},
+    # One shared pass for several metrics (cwa.shared_pass), also timed against grad_x_weight alone.
+    "shared pass: magnitude, grad_x_weight, grad_squared, wanda": {
+        "metric": ["magnitude", "grad_x_weight", "grad_squared", "wanda"],
+        "compare": "grad_x_weight",
+    },
+    "shared pass: magnitude, grad_x_weight, grad_squared, wanda, obd": {
+        "metric": ["magnitude", "grad_x_weight", "grad_squared", "wanda", "obd"],
+        "compare": "grad_x_weight",
+    },
     # Forward-only analyses: their ratio is against a bare forward pass (no backward) of the same batch.
     "wanda": {"metric": "wanda", "forward_only": True},
     "obs": {"metric": "obs", "forward_only": True},
@@ -91,6 +100,7 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
 
     from cwa.data import PydocCorpus, tokenize_stream
     from cwa.loss import next_token_nll
+    from cwa.metrics import make_scorer
     from cwa.models import load_model, load_tokenizer
     from cwa.saliency import OBS, Wanda
     from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
@@ -122,6 +132,14 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
 
         def step() -> None:
             find_super_weights(model, [data])
+    elif isinstance(spec["metric"], list):
+        metric = "shared_pass"
+        scorer = make_scorer(spec["metric"])
+        scorer.bind(params)
+        scorer.attach(model)
+
+        def step() -> None:
+            scorer.update(data, lambda b: next_token_nll(model, b))
     else:
         metric = spec["metric"]
         scorer = {
@@ -156,7 +174,16 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
     peak = _rss_mib("VmHWM")
     if device.startswith("cuda"):
         extra["peak_cuda_mib"] = _cuda_peak_mib(device)
-    times, bare_times = [], []
+    compare = None
+    if spec.get("compare"):  # bound after the memory peak: its accumulators are not this row's
+        other = make_scorer(spec["compare"])
+        other.bind(params)
+
+        def compare() -> None:
+            other.update(data, lambda b: next_token_nll(model, b))
+
+        compare()  # warm-up
+    times, bare_times, compare_times = [], [], []
     for _ in range(reps):
         start = time.perf_counter()
         bare()
@@ -166,6 +193,13 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
+        if compare is not None:
+            start = time.perf_counter()
+            compare()
+            compare_times.append(time.perf_counter() - start)
+    if compare_times:
+        extra["compare"] = spec["compare"]
+        extra["compare_seconds_per_batch"] = statistics.median(compare_times)
     if metric_needs_compute(name):
         start = time.perf_counter()
         scorer.compute()
@@ -400,6 +434,13 @@ def main() -> int:
             ratio = r["seconds_per_batch"] / r["bare_seconds_per_batch"]
             growth = peak - r["rss_before_mib"]
             print(f"| {config} | {r['seconds_per_batch']:.2f} | {ratio:.2f}x | {peak:.0f} | {growth:.0f} | {bound} |")
+    shared = [c for c in results if c not in extra and "compare_seconds_per_batch" in results[c]]
+    for config in shared:
+        r = results[config]
+        print(
+            f"\n{config}: {r['seconds_per_batch'] / r['compare_seconds_per_batch']:.2f}x the time of "
+            f"{r['compare']} alone (interleaved in the same process: {r['compare_seconds_per_batch']:.2f} s / batch)"
+        )
     if "topk" in results:
         t = results["topk"]
         print(

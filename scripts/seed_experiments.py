@@ -9,6 +9,12 @@ the script says so in one line and runs the same grid on the embedded SmolLM2-13
 sequence length so that the whole grid finishes in about a quarter of an hour on two CPU cores. Extra
 calibration seeds of one cheap experiment (``--replicates``) give ``cwa report`` a stability estimate.
 Finished runs in the output directory are reused unless ``--force`` is given.
+
+Experiments that differ only in a metric that can share a forward and backward (``SHAREABLE``: same
+config, K, mode, samples and seed) run as one shared pass (``--model.metric [a, b]``), each still written
+to its own run directory (``version_<n>-<metric>``). The seed report's six experiments differ in K, mode or
+samples wherever their metrics could share, so today each runs alone; a grid edited to compare metrics on
+the same blocks shares its passes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ SEED_GRID = [
     Experiment("gpt2_magnitude_k10", "gpt2.yaml", "magnitude", 10, "per_layer", 5),
     Experiment("dialogpt-small_grad_x_weight_k50", "dialogpt-small.yaml", "grad_x_weight", 50, "per_layer", 10),
 ]
+SHAREABLE = frozenset({"magnitude", "grad_x_weight", "grad_squared", "wanda", "obd"})
+"""Metrics that ``cwa fit-sensitivity`` accumulates in one shared pass (``cwa.shared_pass``)."""
+
+Entry = tuple[Experiment, str, int]  # (experiment, its run name, calibration seed)
+
 HUB_MODELS = {
     "dialogpt-small.yaml": "microsoft/DialoGPT-small",
     "gpt2.yaml": "gpt2",
@@ -90,9 +101,26 @@ def overrides(exp: Experiment, embedded: bool, seq_len: int | None, seed: int) -
     return args
 
 
-def complete_runs(root: Path) -> set[Path]:
+def shared_groups(plan: list[Entry]) -> list[list[Entry]]:
+    """The plan's entries grouped into passes, in plan order: entries whose metrics can share a pass and whose
+    config, K, mode, samples and seed agree form one group (each metric at most once); the rest run alone."""
+    groups: dict[tuple, list[Entry]] = {}
+    for entry in plan:
+        exp, name, seed = entry
+        key: tuple = (exp.config, exp.k, exp.mode, exp.samples, seed) if exp.metric in SHAREABLE else (name,)
+        while key in groups and any(e.metric == exp.metric for e, _, _ in groups[key]):
+            key = (*key, name)  # the same metric twice: a pass of its own
+        groups.setdefault(key, []).append(entry)
+    return list(groups.values())
+
+
+def complete_runs(root: Path, metric: str | None = None) -> set[Path]:
+    """Complete run directories under ``root``: ``version_<n>``, or a shared pass's ``version_<n>-<metric>``."""
     found = set()
-    for summary in root.glob("version_*/summary.json"):
+    pattern = f"version_*-{metric}/summary.json" if metric else "version_*/summary.json"
+    for summary in root.glob(pattern):
+        if not metric and "-" in summary.parent.name:
+            continue  # a shared pass's metric directory, not this experiment's
         try:
             if json.loads(summary.read_text()).get("status") == "complete":
                 found.add(summary.parent)
@@ -101,19 +129,41 @@ def complete_runs(root: Path) -> set[Path]:
     return found
 
 
+def entry_runs(entry: Entry, group: list[Entry], logs: Path) -> set[Path]:
+    """An experiment's complete runs: run alone (under its own name) or in a shared pass of its group (under
+    the pass's first experiment's name, the metric in the directory name)."""
+    found = complete_runs(logs / entry[1])
+    for _, name, _ in group:
+        found |= complete_runs(logs / name, entry[0].metric)
+    return found
+
+
+def group_runs(group: list[Entry], logs: Path) -> list[set[Path]]:
+    """Each entry's complete runs (``entry_runs``)."""
+    return [entry_runs(entry, group, logs) for entry in group]
+
+
 def run_experiment(
-    exp: Experiment, name: str, seed: int, logs: Path, embedded: bool, seq_len: int | None, force: bool, cwa: list[str]
-) -> Path:
-    """Run (or reuse) one experiment and return its run directory."""
-    before = complete_runs(logs / name)
-    if before and not force:
-        run = sorted(before)[-1]
-        print(f"  {name}: reusing {run}", flush=True)
-        return run
+    group: list[Entry], logs: Path, embedded: bool, seq_len: int | None, force: bool, cwa: list[str]
+) -> list[Path]:
+    """Run (or reuse) one experiment, or several in one shared pass, and return their run directories."""
+    exp, name, seed = group[0]
+    before = group_runs(group, logs)
+    if all(before) and not force:
+        runs = [sorted(found)[-1] for found in before]
+        print(f"  {', '.join(n for _, n, _ in group)}: reusing {', '.join(map(str, runs))}", flush=True)
+        return runs
     command = [*cwa, "fit-sensitivity", "--config", str(CONFIGS / exp.config)]
     command += overrides(exp, embedded, seq_len, seed)
+    metrics = [e.metric for e, _, _ in group]
+    if len(group) > 1:
+        command += ["--model.metric", f"[{', '.join(metrics)}]"]  # after the first's: the list wins
     command += ["--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name]
-    print(f"  {name}: {exp.metric}, {exp.mode} k={exp.k}, {exp.samples} samples, seed {seed} ...", flush=True)
+    print(
+        f"  {name}: {', '.join(metrics)}{' (one shared pass)' * (len(group) > 1)}, {exp.mode} k={exp.k}, "
+        f"{exp.samples} samples, seed {seed} ...",
+        flush=True,
+    )
     start = time.perf_counter()
     log = logs / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -122,12 +172,14 @@ def run_experiment(
     if result.returncode != 0:
         sys.stderr.write(log.read_text()[-4000:])
         raise SystemExit(f"seed_experiments: {name} failed (exit {result.returncode}): {' '.join(command)}")
-    new = complete_runs(logs / name) - before
-    if not new:
-        raise SystemExit(f"seed_experiments: {name} finished but left no complete run under {logs / name}.")
-    run = sorted(new)[-1]
-    print(f"  {name}: done in {time.perf_counter() - start:.0f} s -> {run}", flush=True)
-    return run
+    runs = []
+    for (_, entry_name, _), found, old in zip(group, group_runs(group, logs), before, strict=True):
+        new = found - old
+        if not new:
+            raise SystemExit(f"seed_experiments: {entry_name} finished but left no complete run under {logs / name}.")
+        runs.append(sorted(new)[-1])
+    print(f"  {name}: done in {time.perf_counter() - start:.0f} s -> {', '.join(map(str, runs))}", flush=True)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,18 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - {name for _, name, _ in plan}
     if unknown:
         raise SystemExit(f"seed_experiments: unknown experiment(s) {sorted(unknown)}; see --help for the grid.")
-    for exp, name, seed in plan:
-        if not only or name in only:
-            run_experiment(exp, name, seed, logs, embedded, seq_len, args.force, cwa)
+    groups = shared_groups(plan)
+    for group in groups:
+        chosen = [entry for entry in group if not only or entry[1] in only]
+        if chosen:
+            run_experiment(chosen, logs, embedded, seq_len, args.force, cwa)
     if args.no_report:
         return 0
     runs = []
-    for _, name, _ in plan:
-        found = sorted(complete_runs(logs / name))
-        if found:
-            runs.append(found[-1])
-        else:
-            print(f"seed_experiments: {name} has no complete run yet; the report leaves it out.", flush=True)
+    for group in groups:
+        # A group run whole or one by one (--only): its entries' runs are wherever they were written.
+        for entry in group:
+            found = sorted(entry_runs(entry, group, logs))
+            if found:
+                runs.append(found[-1])
+            else:
+                print(f"seed_experiments: {entry[1]} has no complete run yet; the report leaves it out.", flush=True)
     report = args.output.resolve() / "reports" / "critical-weights.md"
     command = [*cwa, "report", *map(str, runs), "--output", str(report)]
     print(f"seed_experiments: writing the report: {' '.join(command[2:])}", flush=True)

@@ -18,6 +18,9 @@ callbacks below it in the call chain can write through it.
 | ``accumulators/`` | :mod:`cwa.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |
 | ``figures/`` | the figures callback; perturb (one set with its csv) | the report |
 
+A shared pass of several metrics writes one such directory per metric, ``version_<n>-<metric>``
+(:mod:`.shared`).
+
 File names and kinds live in :mod:`.files`; :class:`OutputSet` (in :mod:`.outputs`) is the all-or-nothing
 writer that perturb and find-super-weights use.
 """
@@ -52,11 +55,16 @@ from cwa.rundir.perturbation import (
 )
 from cwa.rundir.run import PREFETCH_K, Run, is_complete, load_runs, remove_unfinished_run, unique_names
 from cwa.rundir.scores import LazyScores, scores_metadata, stream_scores, write_scores
+from cwa.rundir.shared import metric_run_dir, remove_pass_dir, remove_unfinished_metric_runs, write_metric_config
 from cwa.rundir.summary import Summary, write_summary
 from cwa.rundir.super_weights import write_super_weights
 from cwa.rundir.topk import TOPK_COLUMNS, read_topk, write_topk
 
 __all__ = [
+    "metric_run_dir",
+    "remove_pass_dir",
+    "remove_unfinished_metric_runs",
+    "write_metric_config",
     "ACCUMULATORS",
     "CONFIG",
     "DOWNSTREAM_CSV",

@@ -47,6 +47,7 @@ class Summary:
     resumed_from: int = 0
     environment: dict = field(default_factory=dict)
     layout: dict[str, dict] = field(default_factory=dict)  # name -> {layer, module, transposed}
+    shared_pass: list[str] | None = None  # every metric of the one pass this run's scores came from (None: alone)
 
     REQUIRED = ("model", "metric", "mode", "k", "tensors")
 
