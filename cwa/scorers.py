@@ -393,8 +393,8 @@ class HutchinsonDiag(Scorer):
         of the whole tensor's probe, so that every process count draws the same v.
 
         One random byte gives eight signs (drawing one random number per weight is the slowest part of a
-        probe on a CPU), and each sign is written as the bits of +-1.0 with integer operations on 32-bit
-        words: three passes, where unpacking bytes and converting them to floats takes five."""
+        probe on a CPU), and each sign is written straight into the float32 sign bit: two passes, where
+        unpacking bytes and converting them to floats takes five."""
         device = _local(like).device
         n = like.numel()
         words = torch.zeros((n + 31) // 32, dtype=torch.int32, device=device)
@@ -403,9 +403,9 @@ class HutchinsonDiag(Scorer):
         octets.bitwise_not_()  # a set bit is +1, and +1.0 has its sign bit clear
         direct = out is not None and not is_dtensor(like) and n % 32 == 0
         whole = out.view(-1) if direct else torch.empty(words.numel() * 32, dtype=torch.float32, device=device)
-        bits = whole.view(torch.int32).view(-1, 32)
-        torch.bitwise_left_shift(words.unsqueeze(1), _sign_shifts(device), out=bits)
-        bits.bitwise_and_(-(2**31)).bitwise_or_(0x3F800000)  # the sign bit of 1.0f
+        # Bit k of each word to the sign bit (the other bits are left over), then 1.0 with that sign.
+        torch.bitwise_left_shift(words.unsqueeze(1), _sign_shifts(device), out=whole.view(torch.int32).view(-1, 32))
+        torch.copysign(torch.ones((), device=device).expand(whole.shape), whole, out=whole)
         if direct:
             return out
         v = local_slice(like, whole[:n].view(like.shape))
