@@ -264,6 +264,11 @@ class HutchinsonDiag(Scorer):
     sign of v) cannot be moved by eps: they score 0, not inf or NaN, and their count per tensor is in
     ``zero_steps`` (and in ``settings()`` as ``fd_zero_steps``); a larger ``fd_eps`` reaches them.
 
+    The accumulators hold sum v * (g(w + d) - g(w - d or w)) and are divided by s once, in ``compute``:
+    s depends on the weight alone, except for the forward scheme's weights near a power of two, which
+    get an exact correction by index each probe. That keeps each probe to a draw, one fused shift of
+    the weights and one fused multiply-add per gradient (about 15 passes over the scored weights).
+
     Args:
         probes: Rademacher probes per batch. The estimate's standard error per weight falls as
             1/sqrt(probes x batches).
@@ -306,7 +311,9 @@ class HutchinsonDiag(Scorer):
         self._generator: torch.Generator | None = None
         self._eps = 0.0
         self._backup: dict[str, Tensor] = {}
+        self._v: dict[str, Tensor] = {}
         self._zero_index: dict[str, Tensor] = {}
+        self._uneven: dict[str, tuple[Tensor, Tensor]] = {}
         self.zero_steps: dict[str, int] = {}
         """Weights per tensor (all ranks) whose finite-difference step rounds to 0: they score 0."""
 
@@ -322,7 +329,7 @@ class HutchinsonDiag(Scorer):
 
     def bind(self, params: dict[str, nn.Parameter]) -> None:
         super().bind(params)
-        self._backup = {}
+        self._backup, self._v = {}, {}
         device = next(iter(params.values())).device
         self._generator = torch.Generator(device=device)
         if self.sharded and self.hvp == "autograd":
@@ -347,17 +354,31 @@ class HutchinsonDiag(Scorer):
             if self.sharded:
                 all_reduce_sum(norms)
             self._eps = self.fd_eps * math.sqrt(float(norms[0])) / math.sqrt(float(norms[1]))
-            self._find_zero_steps()
+            self._find_steps()
 
-    def _find_zero_steps(self) -> None:
-        """The weights that eps cannot move, found with the kernel that shifts them (``_shift``)."""
-        self._zero_index = {}
+    def _shifted(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """(w + eps, w - eps) as float32 rounds them, computed with the kernel that shifts the weights
+        (``_shift``): the forward scheme's steps are their distances to w, the central scheme's their
+        difference."""
+        ones = torch.ones_like(w)
+        return torch.add(w, ones, alpha=self._eps), torch.add(w, ones, alpha=-self._eps)
+
+    def _find_steps(self) -> None:
+        """The weights that eps cannot move, and (forward scheme) those whose two steps differ."""
+        self._zero_index, self._uneven = {}, {}
         counts = []
         for n, p in self.params.items():
             w = _local(p.detach()).reshape(-1)
-            ones = torch.ones_like(w)
-            up, down = torch.add(w, ones, alpha=self._eps), torch.add(w, ones, alpha=-self._eps)
-            zero = (up == down) if self.fd_scheme == "central" else (up == w) | (down == w)
+            plus, minus = self._shifted(w)
+            if self.fd_scheme == "central":
+                zero = plus == minus
+            else:
+                up, down = plus.sub_(w), minus.sub_(w).neg_()
+                zero = (up == 0) | (down == 0)
+                uneven = torch.nonzero((up != down) & ~zero).squeeze(1)
+                if uneven.numel():
+                    # v = -1 there contributes diff / -down; the accumulator adds -diff and compute divides by up.
+                    self._uneven[n] = (uneven, 1.0 - up[uneven] / down[uneven])
             index = torch.nonzero(zero).squeeze(1)
             if index.numel():
                 self._zero_index[n] = index
@@ -367,20 +388,28 @@ class HutchinsonDiag(Scorer):
             all_reduce_sum(total)
         self.zero_steps = dict(zip(self.params, (int(c) for c in total.tolist()), strict=True))
 
-    def _probe(self, like: Tensor, dtype: torch.dtype) -> Tensor:
-        """A Rademacher probe for ``like``; for a shard, its rows of the whole tensor's probe, so that
-        every process count draws the same v (at the cost of one copy of the largest tensor).
+    def _probe(self, like: Tensor, out: Tensor | None = None) -> Tensor:
+        """A float32 Rademacher probe for ``like`` (written into ``out`` when given); for a shard, its rows
+        of the whole tensor's probe, so that every process count draws the same v.
 
-        Eight signs come from each random byte: drawing one random number per weight is the slowest
-        part of a probe on a CPU."""
+        One random byte gives eight signs (drawing one random number per weight is the slowest part of a
+        probe on a CPU), and each sign is written straight into the float32 sign bit: two passes, where
+        unpacking bytes and converting them to floats takes five."""
         device = _local(like).device
         n = like.numel()
-        octets = torch.randint(0, 256, ((n + 7) // 8,), generator=self._generator, device=device, dtype=torch.uint8)
-        shifts = torch.arange(8, device=device, dtype=torch.uint8)
-        v = ((octets.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].view(like.shape).to(dtype)
-        if is_dtensor(like):
-            v = local_slice(like, v).clone()
-        return v.mul_(2).sub_(1)
+        words = torch.zeros((n + 31) // 32, dtype=torch.int32, device=device)
+        octets = words.view(torch.uint8)  # little-endian: bit k of word j is sign 32 j + k
+        octets[: (n + 7) // 8].random_(0, 256, generator=self._generator)
+        octets.bitwise_not_()  # a set bit is +1, and +1.0 has its sign bit clear
+        direct = out is not None and not is_dtensor(like) and n % 32 == 0
+        whole = out.view(-1) if direct else torch.empty(words.numel() * 32, dtype=torch.float32, device=device)
+        # Bit k of each word to the sign bit (the other bits are left over), then 1.0 with that sign.
+        torch.bitwise_left_shift(words.unsqueeze(1), _sign_shifts(device), out=whole.view(torch.int32).view(-1, 32))
+        torch.copysign(torch.ones((), device=device).expand(whole.shape), whole, out=whole)
+        if direct:
+            return out
+        v = local_slice(like, whole[:n].view(like.shape))
+        return out.copy_(v) if out is not None else v.clone()
 
     def update(self, batch: Batch, loss_fn: LossFn) -> None:
         self._generator.manual_seed(self.seed * 1_000_003 + self.step)
@@ -389,13 +418,14 @@ class HutchinsonDiag(Scorer):
             return
         if not self._backup:
             self._backup = {n: _local(p.detach()).clone() for n, p in self.params.items()}
+            self._v = {n: torch.empty_like(b) for n, b in self._backup.items()}
         try:
             if self.fd_scheme == "forward":
                 self._update_forward(batch, loss_fn)
             else:
                 self._update_central(batch, loss_fn)
         finally:
-            self._shift(None, 0.0)
+            self._shift(0.0)
 
     def _update_autograd(self, batch: Batch, loss_fn: LossFn) -> None:
         names, params = list(self.params), list(self.params.values())
@@ -406,23 +436,15 @@ class HutchinsonDiag(Scorer):
         except RuntimeError as exc:
             raise CwaError(f"double backward failed ({str(exc).splitlines()[0]}); use hvp: finite_difference.") from exc
         for i in range(self.probes):
-            vs = [self._probe(p, p.dtype) for p in params]
+            vs = [self._probe(p).to(p.dtype) for p in params]
             hvs = torch.autograd.grad(
                 grads, params, grad_outputs=vs, retain_graph=i < self.probes - 1, materialize_grads=True
             )
             for name, v, hv in zip(names, vs, hvs, strict=True):
                 self.acc[name].addcmul_(v.float(), hv.float())
 
-    def _add_difference(self, name: str, difference: Tensor, step: Tensor) -> None:
-        """acc += difference / step: v_i (H d)_i / s_i with d = s * v is (H d)_i / d_i for v_i = +-1.
-        Weights with a zero step (known from ``bind``) get nothing instead of inf or NaN."""
-        self.acc[name].add_(difference.div_(step))
-        index = self._zero_index.get(name)
-        if index is not None:
-            self.acc[name].view(-1).index_fill_(0, index, 0.0)
-
     def _update_forward(self, batch: Batch, loss_fn: LossFn) -> None:
-        """(g(w + eps v) - g(w)) / d per probe, g(w) computed once for the batch and held."""
+        """v * (g(w + eps v) - g(w)) per probe, g(w) computed once for the batch and held."""
         held: dict[str, Tensor] = {}
         nll, tokens = loss_fn(batch)
         self._count(nll, tokens, probes=self.probes)
@@ -431,27 +453,31 @@ class HutchinsonDiag(Scorer):
         del nll
 
         def consume(name: str, grad: Tensor) -> None:
-            if name in held:  # absent: the loss does not depend on this tensor
-                step = _local(self.params[name].detach()) - self._backup[name]
-                self._add_difference(name, grad.float().sub_(held[name]), step)
+            if name not in held:  # the loss does not depend on this tensor
+                return
+            difference = grad.float().sub_(held[name])  # the gradient is freed after this hook
+            self.acc[name].addcmul_(self._v[name], difference)
+            uneven = self._uneven.get(name)
+            if uneven is not None:
+                index, factor = uneven
+                negative = self._v[name].view(-1)[index] < 0
+                self.acc[name].view(-1).index_add_(0, index, difference.view(-1)[index] * factor * negative)
 
         for _ in range(self.probes):
-            # One tensor's probe at a time: v is not needed after the shift (d = w + eps v - w gives it).
-            for n, p in self.params.items():
-                self._shift({n: self._probe(p, torch.float32)}, self._eps)
+            self._draw()
+            self._shift(self._eps)
             nll, _ = loss_fn(batch)
             with self._consume_grads(consume):
                 nll.backward()
 
     def _update_central(self, batch: Batch, loss_fn: LossFn) -> None:
-        """(g(w + eps v) - g(w - eps v)) / d per probe: two gradients per probe."""
+        """v * (g(w + eps v) - g(w - eps v)) per probe: two gradients per probe."""
         for i in range(self.probes):
-            # float32 probes: adding an int8 tensor to float weights converts on the fly, 5x slower.
-            probes = {n: self._probe(p, torch.float32) for n, p in self.params.items()}
+            self._draw()
             losses = []
             # p.grad accumulates grad(w + eps v) and then -grad(w - eps v): their difference.
             for sign in (1.0, -1.0):
-                self._shift(probes, sign * self._eps)
+                self._shift(sign * self._eps)
                 nll, tokens = loss_fn(batch)
                 losses.append(nll.detach())
                 (sign * nll).backward()
@@ -460,22 +486,40 @@ class HutchinsonDiag(Scorer):
                 self._count((losses[0] + losses[1]) / 2, tokens, probes=self.probes)
             for name, p in self.params.items():
                 if p.grad is not None:  # None: the loss does not depend on this tensor
-                    # The weights still hold w - eps v: d is (w + eps v) - (w - eps v) as float32 computes them.
-                    step = torch.add(self._backup[name], probes[name], alpha=self._eps).sub_(_local(p.detach()))
-                    self._add_difference(name, _local(p.grad).float(), step)
+                    self.acc[name].addcmul_(self._v[name], _local(p.grad).float())
                     p.grad = None
 
-    def _shift(self, probes: dict[str, Tensor] | None, step: float) -> None:
-        """Set the scored weights in ``probes`` (all if None) to backup + step * v exactly (step 0
-        restores them bit for bit)."""
+    def _draw(self) -> None:
+        """This probe's v for every scored tensor, in the buffers reused across probes and batches."""
+        for n, p in self.params.items():
+            self._probe(p, out=self._v[n])
+
+    def _shift(self, step: float) -> None:
+        """Set the scored weights to backup + step * v, one fused pass each (step 0 restores them bit for bit)."""
         with torch.no_grad():
-            for n in self.params if probes is None else probes:
-                local = _local(self.params[n].data)
-                local.copy_(self._backup[n])
+            for n, p in self.params.items():
+                local = _local(p.data)
                 if step:
-                    local.add_(probes[n], alpha=step)
+                    torch.add(self._backup[n], self._v[n], alpha=step, out=local)
+                else:
+                    local.copy_(self._backup[n])
 
     def compute(self) -> dict[str, Tensor]:
         self.check_finite()
         denom = self.tokens * self.probes  # each batch added one v * (H_b v) per probe
-        return {n: self.acc[n].div_(denom) for n in self.params}
+        scores = {}
+        for n, p in self.params.items():
+            scores[n] = self.acc[n].div_(denom)
+            if self.hvp == "finite_difference":
+                w = _local(p.detach())
+                plus, minus = self._shifted(w)
+                scores[n].div_(plus.sub_(w) if self.fd_scheme == "forward" else plus.sub_(minus))
+                index = self._zero_index.get(n)
+                if index is not None:  # 0 / 0 there: these weights were never moved
+                    scores[n].view(-1).index_fill_(0, index, 0.0)
+        return scores
+
+
+def _sign_shifts(device: torch.device) -> Tensor:
+    """Left shifts that move bit k of a 32-bit word to the sign bit, k = 0..31."""
+    return torch.arange(31, -1, -1, dtype=torch.int32, device=device)

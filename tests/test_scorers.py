@@ -215,6 +215,8 @@ def test_finite_difference_divides_by_the_applied_step(fd_scheme):
         eps = np.float32(fd_eps * rms)
         up, down = x + eps, x - eps
         zero = torch.from_numpy((up == down) if fd_scheme == "central" else (up == x) | (down == x))
+        # Weights near a power of two, where the two signs of v round to different steps, are in the data.
+        assert int(((up - x != x - down) & ~zero.numpy()).sum()) > 0
         assert scorer.zero_steps == {"w": int(zero.sum())}
         assert scorer.settings()["fd_zero_steps"] == ({"w": int(zero.sum())} if zero.any() else {})
         # The diagonal is exact wherever float32 can move the weight, whatever the step's rounding.
@@ -226,6 +228,25 @@ def test_finite_difference_divides_by_the_applied_step(fd_scheme):
             torch.testing.assert_close(scores[model.where], model.h[model.where], rtol=1e-6, atol=0)
         else:
             assert zero[model.where].sum() > 50 and not zero.all()  # every weight above 0.5 is stuck here
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (7, 5), (3,)])
+def test_probe_signs_are_the_generator_bits(shape):
+    """Sign 8 j + k is +1 exactly where bit k of random byte j is set, whatever the tensor's size, with or
+    without a buffer to write into; the bytes are those torch.randint draws from the same generator."""
+    scorer = HutchinsonDiag(hvp="finite_difference")
+    like = torch.zeros(shape)
+    scorer.bind({"w": torch.nn.Parameter(like.clone())})
+    n = like.numel()
+    octets = torch.randint(0, 256, ((n + 7) // 8,), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    bits = [(int(octets[i // 8]) >> (i % 8)) & 1 for i in range(n)]
+    expected = torch.tensor([2.0 * b - 1.0 for b in bits]).view(shape)
+    for out in (None, torch.full(shape, 7.0)):
+        scorer._generator.manual_seed(5)
+        v = scorer._probe(like, out=out)
+        assert v.dtype == torch.float32 and torch.equal(v, expected)
+        if out is not None:
+            assert torch.equal(out, expected)
 
 
 def test_finite_difference_refuses_16_bit_weights():
