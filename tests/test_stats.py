@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -209,9 +210,12 @@ def test_a_bit_flip_to_inf_is_reported_as_broken_sequences(tmp_path: Path, capsy
 
     write_perturb_csv(tmp_path / "perturb.csv", [base_row, row])
     assert read_perturb_csv(tmp_path / "perturb.csv")[1].broken_fraction == 0.25
-    with open(tmp_path / "perturb.csv") as handle:
-        old = [",".join(line.rstrip("\n").split(",")[:-1]) for line in handle]  # a CSV from before the column
-    (tmp_path / "old.csv").write_text("\n".join(old) + "\n")
+    with open(tmp_path / "perturb.csv", newline="") as handle:  # a CSV from before the column
+        table = list(csv.DictReader(handle))
+    with open(tmp_path / "old.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, [c for c in table[0] if c != "broken_fraction"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
     assert [r.broken_fraction for r in read_perturb_csv(tmp_path / "old.csv")] == [None, None]
 
     print_table([base_row, row], "tiny", baseline.evaluation.stats, {}, [], tmp_path)
