@@ -223,8 +223,9 @@ def metric_needs_compute(name: str) -> bool:
 
 def hvp_accuracy(batch: int, seq_len: int) -> dict:
     """Finite-difference HVPs against double backward on one batch and one probe v (eager attention for
-    both). Each scorer's accumulator after one update is v * (H v) for the same v (same seed and batch
-    index), so its sum is v^T H v and its norm is that of H v."""
+    both). Each scorer's scores after one update are v * (H v) / tokens for the same v (same seed and batch
+    index; finite differences divided by their applied step), so their sum is v^T H v / tokens and their
+    norm that of H v / tokens: the relative errors do not depend on the common denominator."""
     import torch
 
     from cwa.data import PydocCorpus, tokenize_stream
@@ -241,7 +242,8 @@ def hvp_accuracy(batch: int, seq_len: int) -> dict:
         scorer = HutchinsonDiag(probes=1, seed=0, **options)
         scorer.bind(params)
         scorer.update(data, lambda b: next_token_nll(model, b))
-        flat = torch.cat([a.reshape(-1) for a in scorer.acc.values()])
+        scores = scorer.compute()  # v * (H v) over the batch's tokens: the same denominator for every scheme
+        flat = torch.cat([s.reshape(-1) for s in scores.values()])
         scorer.acc = {}
         return flat, scorer
 
