@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -326,7 +327,11 @@ def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
              _ci(r.delta_perplexity, (r.delta_perplexity_low, r.delta_perplexity_high)), _p(r.p_value), r.p_value_vs]
             for r in rows
         ]  # fmt: skip
-        lines += [f"{label} (`cwa perturb`; K is the rank for a single weight):", ""] + _table(header, table)
+        columns = header
+        if any(r.restore for r in rows):  # activation-restore twins: the share of the damage they undo
+            columns = [*header, "recovered [95% CI]"]
+            table = [[*cells, _recovered(r)] for cells, r in zip(table, rows, strict=True)]
+        lines += [f"{label} (`cwa perturb`; K is the rank for a single weight):", ""] + _table(columns, table)
         for name in ("perturb_dose_response.png", "perturb_single_weight.png", "perturb_sets.png"):
             if (run.figures_dir / name).exists():
                 lines += [f"![{label} {name}]({_rel(run.figures_dir / name, output.parent)})", ""]
@@ -338,6 +343,16 @@ def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
             "",
         ]
     return lines
+
+
+def _recovered(row: PerturbRow) -> str:
+    """A restored twin's recovered fraction of the damage with its interval ("undefined" without one)."""
+    if not row.restore:
+        return ""
+    low, high = row.recovered_fraction_low, row.recovered_fraction_high
+    if row.recovered_fraction is None or low is None or high is None or math.isnan(row.recovered_fraction):
+        return "undefined"
+    return f"{100 * row.recovered_fraction:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]"
 
 
 def downstream(analysis: Analysis) -> list[str]:
