@@ -70,6 +70,15 @@ def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy machine OpenMP barriers cost ~40 ms per matmul."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "cwa.rundir.files",
             "cwa.rundir.outputs",
             "cwa.rundir.perturbation",
+            "cwa.rundir.rows",
             "cwa.rundir.run",
             "cwa.rundir.scores",
             "cwa.rundir.shared",

@@ -37,13 +37,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy machine OpenMP barriers cost ~40 ms per matmul."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,7 @@ from tests.conftest import random_blocks, tiny_gpt2, tiny_llama
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model: nn.Module, blocks: torch.Tensor, batch_size: int, before_batch=None) -> torch.Tensor:

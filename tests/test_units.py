@@ -18,13 +18,7 @@ from cwa.perturbations import ChecksumCache, Mean, Zero, perturbed, tensor_check
 from cwa.topk import TopK
 from cwa.units import expand, unit_ids, unit_mean_abs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- each unit selects exactly the intended weights --------------------------------------------------

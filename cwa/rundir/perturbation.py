@@ -3,26 +3,24 @@
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
 
 from cwa.errors import CwaError
-from cwa.io import atomic_open, write_json
+from cwa.io import write_json
 from cwa.rundir.downstream import DownstreamRow, read_downstream_csv, write_downstream_csv
 from cwa.rundir.files import DOWNSTREAM_CSV, FIGURES, PERTURB_CSV, PERTURB_JSON
 from cwa.rundir.outputs import OutputSet, sha256
+from cwa.rundir.rows import CsvRow, read_rows, write_rows
 
 SET_TARGETS = ("topk", "single", "leave_one_out", "pair")
 """Targets drawn from the ranked list itself; any other target (but ``baseline``) is a control."""
 
 
 @dataclass
-class PerturbRow:
+class PerturbRow(CsvRow):
     """One row of ``perturb.csv``: a condition's held-out result against the unperturbed baseline.
 
     ``target`` is ``topk`` (the first ``k`` of the ranked list, the joint set), ``single`` (the weight of
@@ -78,61 +76,13 @@ class PerturbRow:
         """A control row (drawn to match a top-K set), not a baseline or a set from the ranked list."""
         return self.target != "baseline" and self.target not in SET_TARGETS
 
-    @classmethod
-    def columns(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def cells(self) -> list[str]:
-        return [cell(getattr(self, name)) for name in self.columns()]
-
-    @classmethod
-    def parse(cls, row: Mapping[str, str]) -> PerturbRow:
-        """A row from its CSV cells, each converted to its field's type (empty cell: None)."""
-        hints = get_type_hints(cls)
-        defaults = {f.name: f.default for f in fields(cls) if f.default is not dataclasses.MISSING}
-        values = {}
-        for name in cls.columns():
-            text = row.get(name)
-            kind = hints[name]
-            if text is None and name in defaults:  # a column added after this file was written
-                values[name] = defaults[name]
-            elif text is None or text == "":
-                values[name] = "" if kind is str else None
-            elif kind is str:
-                values[name] = text
-            elif int in getattr(kind, "__args__", (kind,)):
-                values[name] = int(text)
-            else:
-                values[name] = float(text)
-        return cls(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def cell(value: object) -> str:
-    """A CSV cell: empty for None, nine significant digits for a float."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.9g}"
-    return str(value)
-
 
 def write_perturb_csv(path: Path, rows: Iterable[PerturbRow]) -> None:
-    with atomic_open(path, newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(PerturbRow.columns())
-        for row in rows:
-            writer.writerow(row.cells())
+    write_rows(path, PerturbRow, rows)
 
 
 def read_perturb_csv(path: Path) -> list[PerturbRow]:
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [PerturbRow.parse(row) for row in csv.DictReader(handle)]
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as exc:
-        raise CwaError(f"cannot read '{path}' ({exc}); rerun cwa perturb for this run.") from None
+    return read_rows(path, PerturbRow)
 
 
 def write_perturbation(

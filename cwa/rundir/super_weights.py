@@ -9,7 +9,7 @@ from pathlib import Path
 from cwa.io import write_json
 from cwa.rundir.files import FIGURES, SCHEMA_VERSION, SUMMARY, SUPER_WEIGHTS, SUPER_WEIGHTS_KIND
 from cwa.rundir.outputs import OutputSet
-from cwa.rundir.perturbation import cell
+from cwa.rundir.rows import cell
 
 
 def write_super_weights(
