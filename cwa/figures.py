@@ -42,7 +42,7 @@ def log10_histogram(scores: Mapping[str, Tensor], bins: int = _BINS) -> tuple[Te
     for s in scores.values():
         a = s.detach().abs().reshape(-1).float()
         pos = a[a > 0]
-        counts += torch.histc(pos.log10(), bins=bins, min=lo, max=hi).double()
+        counts += torch.histc(pos.log10(), bins=bins, min=lo, max=hi).double().cpu()  # the scores may be on a GPU
     return torch.linspace(lo, hi, bins + 1), counts, zeros
 
 

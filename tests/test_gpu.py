@@ -70,6 +70,28 @@ def test_bf16_fit_sensitivity_on_one_gpu(tmp_path):
     assert overlap >= 25, f"bf16 on the GPU shares only {overlap} of the float32 CPU run's top 50"
 
 
+def test_every_artifact_of_a_gpu_run(tiny_llama_dir, tmp_path):
+    """The scores stay on the GPU until written: the figures, histograms and statistics read them there."""
+    args = [
+        "fit-sensitivity",
+        f"--model.pretrained={tiny_llama_dir}",
+        "--data.seq_len=32",
+        "--data.num_samples=6",
+        "--model.k=10",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.logger.init_args.name=tiny",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=gpu",
+        "--trainer.devices=1",
+    ]
+    assert main(args) == 0
+    run = _run_dir_named(tmp_path, "tiny")
+    for name in ("scores.safetensors", "topk.csv", "summary.json", "figures/score_histogram.png"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    assert json.loads((run / "summary.json").read_text())["tensors"]
+
+
 def _run_dir_named(save_dir: Path, name: str) -> Path:
     runs = sorted((save_dir / name).glob("version_*"))
     assert runs, f"no run directory under {save_dir / name}"
