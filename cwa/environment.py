@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
 import resource
 import subprocess
@@ -46,6 +48,40 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MMAP_THRESHOLD = 32 << 20  # the ceiling glibc's own dynamic threshold rises to on 64-bit Linux
+_TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes (a C int)
+_kept_freed_memory: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed heap memory for the next batch instead of handing it back to the kernel.
+
+    Every batch of a pass allocates and frees the same activations and gradients. With glibc's defaults
+    the free memory at the top of the heap is returned to the kernel (above a threshold that adapts to
+    the sizes seen) and faulted in again, zero-filled, by the next batch: measured on SmolLM2-135M with
+    finite-difference Hutchinson (4 probes, batch 4 x 256, 2 CPU cores), about 2 million page faults,
+    8 GB of zero-filled pages, per batch. Keeping it (trim threshold 2 GiB, and the mmap threshold pinned
+    at the 32 MiB ceiling it would adapt to, since setting the trim threshold stops that adapting)
+    cuts that several-fold. The peak resident memory does not grow: freed memory is reused, not
+    added to. Linux with glibc only (elsewhere, and with ``CWA_MALLOC_TRIM=default``, nothing changes);
+    process-wide and idempotent. Returns whether the setting is in effect.
+    """
+    global _kept_freed_memory
+    if _kept_freed_memory is None:
+        _kept_freed_memory = False
+        if sys.platform.startswith("linux") and os.environ.get("CWA_MALLOC_TRIM", "").lower() != "default":
+            try:
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):
+                return False
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _kept_freed_memory = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
+                mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+            )
+    return _kept_freed_memory
 
 
 def environment() -> dict:

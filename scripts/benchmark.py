@@ -99,6 +99,7 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
     import torch
 
     from cwa.data import PydocCorpus, tokenize_stream
+    from cwa.environment import keep_freed_memory
     from cwa.loss import next_token_nll
     from cwa.metrics import make_scorer
     from cwa.models import load_model, load_tokenizer
@@ -106,6 +107,7 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
     from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
     from cwa.super_weights import find_super_weights
 
+    keep_freed_memory()  # as every cwa command does
     torch.manual_seed(0)
     spec = CONFIGS[name]
     attn = "eager" if spec.get("hvp") == "autograd" else None
