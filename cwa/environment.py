@@ -84,5 +84,21 @@ def keep_freed_memory() -> bool:
     return _kept_freed_memory
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free memory back to the kernel (glibc ``malloc_trim``) when a pass is over.
+
+    :func:`keep_freed_memory` keeps it for the next batch; after the last batch what comes next (score
+    tensors, their serialised file, figures) has other sizes, and the kept memory would only add to the
+    run's peak. Linux with glibc only; elsewhere nothing happens."""
+    if not keep_freed_memory():
+        return
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    malloc_trim(0)
+
+
 def environment() -> dict:
     return {"versions": versions(), "git_commit": git_commit(), "device_count": torch.cuda.device_count()}

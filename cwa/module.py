@@ -24,7 +24,7 @@ from torch import Tensor
 from cwa import checkpoint, preflight, shard_loading
 from cwa.data import PAD_KEY
 from cwa.distributed import check_supported_strategy, is_sharded_strategy
-from cwa.environment import peak_memory
+from cwa.environment import peak_memory, release_freed_memory
 from cwa.errors import CwaError
 from cwa.loss import next_token_nll
 from cwa.metrics import make_scorer
@@ -270,6 +270,7 @@ class SensitivityModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.timings["accumulate_s"] = time.perf_counter() - self._started
+        release_freed_memory()  # the passes' activations and gradients: not needed for what follows
         start = time.perf_counter()
         if self.trainer.world_size > 1:
             self.scorer.reduce(all_reduce_sum)
