@@ -188,9 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cwa: error: unknown command '{argv[0]}'.\n\n{usage()}", file=sys.stderr)
         return 2
     _quiet_frameworks()
-    from cwa.environment import keep_freed_memory  # here: `cwa -h` imports no torch
-
-    keep_freed_memory()
     try:
         return lightning_main(verb, rest) if verb in LIGHTNING_COMMANDS else run_command(verb, rest)
     except CwaError as exc:

@@ -24,7 +24,7 @@ from torch import Tensor
 from cwa import checkpoint, preflight, shard_loading
 from cwa.data import PAD_KEY
 from cwa.distributed import check_supported_strategy, is_sharded_strategy
-from cwa.environment import peak_memory, release_freed_memory
+from cwa.environment import keep_freed_memory, peak_memory, release_freed_memory
 from cwa.errors import CwaError
 from cwa.loss import next_token_nll
 from cwa.metrics import make_scorer
@@ -210,6 +210,8 @@ class SensitivityModule(L.LightningModule):
             self._ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir else run_dir / "accumulators"
         if self.resume_from:
             self.resumed_batches = checkpoint.load(self.resume_from, self.scorer, self._fingerprint(), self.trainer)
+        if self.scorer.repeats_passes:
+            keep_freed_memory()  # released at the epoch's end
         self._started = time.perf_counter()
 
     def _fingerprint(self) -> dict:
@@ -270,7 +272,7 @@ class SensitivityModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.timings["accumulate_s"] = time.perf_counter() - self._started
-        release_freed_memory()  # the passes' activations and gradients: not needed for what follows
+        release_freed_memory()  # the passes' activations and gradients are not needed for what follows
         start = time.perf_counter()
         if self.trainer.world_size > 1:
             self.scorer.reduce(all_reduce_sum)

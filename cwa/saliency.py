@@ -447,6 +447,10 @@ class OBD(Scorer):
     def _parts(self) -> list[Scorer]:
         return [self.diag] + ([self.grad] if self.grad is not None else [])
 
+    @property
+    def repeats_passes(self) -> bool:
+        return self.diag.repeats_passes
+
     def settings(self) -> dict:
         return {"hessian": self.hessian, "signed_taylor": self.signed_taylor, **self.diag.settings()}
 

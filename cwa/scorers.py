@@ -46,6 +46,12 @@ class Scorer:
     turn_taking: ClassVar[bool] = False
     """Not linear in the batch (squares, per-batch probes): under sharding each rank's batch runs alone."""
 
+    @property
+    def repeats_passes(self) -> bool:
+        """Several forward+backward passes over each batch: the loop keeps freed memory for them
+        (:func:`cwa.environment.keep_freed_memory`)."""
+        return False
+
     def __init__(self) -> None:
         self.params: dict[str, nn.Parameter] = {}
         self.acc: dict[str, Tensor] = {}
@@ -326,6 +332,10 @@ class HutchinsonDiag(Scorer):
 
     def required_attn_implementation(self) -> str | None:
         return "eager" if self.hvp == "autograd" else None
+
+    @property
+    def repeats_passes(self) -> bool:
+        return self.hvp == "finite_difference"
 
     def bind(self, params: dict[str, nn.Parameter]) -> None:
         super().bind(params)

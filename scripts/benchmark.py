@@ -107,7 +107,6 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
     from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
     from cwa.super_weights import find_super_weights
 
-    keep_freed_memory()  # as every cwa command does
     torch.manual_seed(0)
     spec = CONFIGS[name]
     attn = "eager" if spec.get("hvp") == "autograd" else None
@@ -156,6 +155,8 @@ def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") 
         }[metric]()
         scorer.bind(params)
         scorer.attach(model)
+        if scorer.repeats_passes:
+            keep_freed_memory()  # as the fit loop does for such scorers
         if metric == "obs":
             extra["obs_bound_mib"] = scorer.memory_bytes()["peak"] / 2**20
 

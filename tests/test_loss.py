@@ -79,3 +79,15 @@ def test_freed_memory_is_kept_for_the_next_pass():
     assert kept == "True"
     assert faults < 38_000 / 10, faults
     assert run("default")[0] == "False"
+
+
+def test_only_estimators_that_repeat_passes_keep_freed_memory():
+    from cwa.metrics import make_scorer
+    from cwa.saliency import OBD
+    from cwa.scorers import HutchinsonDiag
+
+    assert HutchinsonDiag(hvp="finite_difference").repeats_passes
+    assert not HutchinsonDiag(hvp="autograd").repeats_passes
+    assert OBD(hessian="hutchinson", hvp="finite_difference").repeats_passes
+    for metric in ("magnitude", "grad_x_weight", "grad_squared", "wanda", "obd", ["grad_x_weight", "grad_squared"]):
+        assert not make_scorer(metric).repeats_passes, metric
