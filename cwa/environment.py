@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import resource
@@ -57,9 +58,10 @@ _USUAL_TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD  # where glibc's own adaptive trim t
 _kept = False
 
 
-def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc on Linux and cwa may tune it (not with ``CWA_MALLOC_TRIM=default``)."""
-    if not sys.platform.startswith("linux") or os.environ.get("CWA_MALLOC_TRIM", "").lower() == "default":
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, with the signatures of the two calls used here; None elsewhere."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -68,6 +70,11 @@ def _glibc() -> ctypes.CDLL | None:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc and cwa may tune it (not with ``CWA_MALLOC_TRIM=default``)."""
+    return None if os.environ.get("CWA_MALLOC_TRIM", "").lower() == "default" else _libc()
 
 
 def keep_freed_memory() -> bool:

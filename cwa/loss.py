@@ -21,10 +21,10 @@ def next_token_nll(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Te
     logits = model(input_ids=input_ids, attention_mask=mask).logits
     # Position t predicts token t + 1; the last position predicts nothing (-100). Labelling every position
     # lets the logits be read in place: no shifted copy of them, and none of their gradient.
-    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
     if mask is not None:
-        counted = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
-        labels = labels.masked_fill(counted == 0, -100)
+        labels[:, :-1].masked_fill_(mask[:, 1:] == 0, -100)
     flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     rows = flat.shape[0]
     if flat.device.type == "cpu":
