@@ -17,7 +17,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from cwa.errors import CwaError, argument_error
+from cwa.common.errors import CwaError, argument_error
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,13 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "perturb": Command(
-        "perturb the top-K weights and matched controls, measure held-out perplexity", "cwa.perturb:PerturbRecipe"
+        "perturb the top-K weights and matched controls, measure held-out perplexity",
+        "cwa.perturb.recipe:PerturbRecipe",
     ),
     "compare": Command(
-        "agreement between runs: top-K overlap, rank correlations, stability", "cwa.compare:compare", "runs"
+        "agreement between runs: top-K overlap, rank correlations, stability", "cwa.compare.recipe:compare", "runs"
     ),
-    "report": Command("a Markdown research report over a set of runs", "cwa.report:report", "runs"),
+    "report": Command("a Markdown research report over a set of runs", "cwa.report.recipe:report", "runs"),
 }
 FIT = "fit-sensitivity"
 FIT_SUMMARY = "accumulate per-weight sensitivity scores and select the top-K critical weights"
@@ -167,11 +168,11 @@ def run_command(verb: str, args: list[str]) -> int:
 
 def lightning_main(verb: str, args: list[str]) -> int:
     if verb == FIT:
-        from cwa.trainer import run_fit_sensitivity
+        from cwa.fit.trainer import run_fit_sensitivity
 
         run_fit_sensitivity(args)
     else:
-        from cwa.find_super_weights import run_find_super_weights
+        from cwa.find_super_weights.recipe import run_find_super_weights
 
         run_find_super_weights(args)
     return 0

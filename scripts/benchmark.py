@@ -47,7 +47,7 @@ CONFIGS = {
         "probes": 4,
     },
     "hutchinson_diag/autograd (4 probes)": {"metric": "hutchinson_diag", "hvp": "autograd", "probes": 4},
-    # One shared pass for several metrics (cwa.shared_pass), also timed against grad_x_weight alone.
+    # One shared pass for several metrics (cwa.scoring.shared_pass), also timed against grad_x_weight alone.
     "shared pass: magnitude, grad_x_weight, grad_squared, wanda": {
         "metric": ["magnitude", "grad_x_weight", "grad_squared", "wanda"],
         "compare": "grad_x_weight",
@@ -98,14 +98,14 @@ def _cuda_peak_mib(device: str, reset: bool = False) -> float | None:
 def worker(name: str, batch: int, seq_len: int, reps: int, device: str = "cpu") -> dict:
     import torch
 
-    from cwa.data import PydocCorpus, tokenize_stream
-    from cwa.environment import keep_freed_memory
-    from cwa.loss import next_token_nll
-    from cwa.metrics import make_scorer
-    from cwa.models import load_model, load_tokenizer
-    from cwa.saliency import OBS, Wanda
-    from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
-    from cwa.super_weights import find_super_weights
+    from cwa.ablation.super_weights import find_super_weights
+    from cwa.common.environment import keep_freed_memory
+    from cwa.fit.data import PydocCorpus, tokenize_stream
+    from cwa.model.loading import load_model, load_tokenizer
+    from cwa.model.loss import next_token_nll
+    from cwa.scoring.metrics import make_scorer
+    from cwa.scoring.saliency import OBS, Wanda
+    from cwa.scoring.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
     torch.manual_seed(0)
     spec = CONFIGS[name]
@@ -231,10 +231,10 @@ def hvp_accuracy(batch: int, seq_len: int) -> dict:
     norm that of H v / tokens: the relative errors do not depend on the common denominator."""
     import torch
 
-    from cwa.data import PydocCorpus, tokenize_stream
-    from cwa.loss import next_token_nll
-    from cwa.models import load_model, load_tokenizer
-    from cwa.scorers import HutchinsonDiag
+    from cwa.fit.data import PydocCorpus, tokenize_stream
+    from cwa.model.loading import load_model, load_tokenizer
+    from cwa.model.loss import next_token_nll
+    from cwa.scoring.scorers import HutchinsonDiag
 
     model = load_model("smollm2-135m", "float32", attn_implementation="eager")
     stream = tokenize_stream(PydocCorpus().load(), load_tokenizer("smollm2-135m"))
@@ -266,8 +266,8 @@ def topk_benchmark(k: int) -> dict:
     """Global top-K over all 134.5M |w| of the embedded model (real, heavy-tailed values)."""
     import torch
 
-    from cwa.models import load_model
-    from cwa.topk import select_topk
+    from cwa.model.loading import load_model
+    from cwa.scoring.topk import select_topk
 
     model = load_model("smollm2-135m", "float32")
     scores = {n: p.detach().abs().clone() for n, p in model.named_parameters()}
@@ -298,10 +298,10 @@ def downstream_benchmark(items: int, reps: int, batch_size: int = 8) -> dict:
     held-out blocks of 256 tokens, batch 4: configs/perturb-smollm2.yaml), same model, same process."""
     import torch
 
-    from cwa.data import CalibrationData
-    from cwa.downstream import LOCAL_TASK, DownstreamTasks, local_items
-    from cwa.evaluate import evaluate
-    from cwa.models import load_model, load_tokenizer
+    from cwa.fit.data import CalibrationData
+    from cwa.model.loading import load_model, load_tokenizer
+    from cwa.perturb.downstream import LOCAL_TASK, DownstreamTasks, local_items
+    from cwa.perturb.evaluate import evaluate
 
     model = load_model("smollm2-135m", "float32").requires_grad_(False)
     tokenizer = load_tokenizer("smollm2-135m")

@@ -77,7 +77,7 @@ def run(name: str, extra: list[str], args: argparse.Namespace, work: Path) -> li
         "--model.metric=grad_x_weight",
         f"--trainer.logger.init_args.save_dir={out / 'logs'}",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
         "--trainer.callbacks.enabled=false",
         "--trainer.callbacks+=scale_memory.PeakMemory",
         f"--trainer.callbacks.out={out / 'memory'}",

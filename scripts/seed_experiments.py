@@ -55,7 +55,7 @@ SEED_GRID = [
     Experiment("dialogpt-small_grad_x_weight_k50", "dialogpt-small.yaml", "grad_x_weight", 50, "per_layer", 10),
 ]
 SHAREABLE = frozenset({"magnitude", "grad_x_weight", "grad_squared", "wanda", "obd"})
-"""Metrics that ``cwa fit-sensitivity`` accumulates in one shared pass (``cwa.shared_pass``)."""
+"""Metrics that ``cwa fit-sensitivity`` accumulates in one shared pass (``cwa.scoring.shared_pass``)."""
 
 Entry = tuple[Experiment, str, int]  # (experiment, its run name, calibration seed)
 

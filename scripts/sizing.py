@@ -4,7 +4,7 @@
     python scripts/sizing.py smollm2-135m --check lightning_logs/smollm2-135m/version_0
 
 The model is built on the meta device from its configuration (no weights are read), so every count is
-exact for the architecture. The memory model is ``cwa.sizing`` (its docstring says what is counted), the
+exact for the architecture. The memory model is ``cwa.scoring.sizing`` (its docstring says what is counted), the
 same function ``cwa fit-sensitivity --dry_run`` prints for one configured run; here every parameter is
 scored, and D devices mean FSDP2 (``--trainer.strategy=fsdp2``) row shards over D ranks. DDP (and one
 device) replicates everything: the D = 1 column. ``hutchinson_diag`` is the finite-difference estimator in
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cwa.sizing import DTYPE_BYTES, GIB, Memory, input_scored, model_layout, plan_memory
+from cwa.scoring.sizing import DTYPE_BYTES, GIB, Memory, input_scored, model_layout, plan_memory
 
 PRESETS = {
     # meta-llama/Llama-3.1-8B config.json (the hub model is gated; the architecture is public).
@@ -47,7 +47,7 @@ OPTIONS = {"hutchinson_diag": {"hvp": "finite_difference"}}
 def build_meta_model(name: str, dtype: str = "float32") -> torch.nn.Module:
     """A preset, the embedded model, a local directory (config.json is enough) or a hub name, on meta."""
     if name not in PRESETS:
-        from cwa.models import build_meta_model as build
+        from cwa.model.loading import build_meta_model as build
 
         return build(name, dtype)
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
@@ -60,7 +60,7 @@ def build_meta_model(name: str, dtype: str = "float32") -> torch.nn.Module:
 
 def make_metric(name: str, settings: dict | None = None):
     """A scorer from its name and the settings a summary records (keys it does not take are ignored)."""
-    from cwa.metrics import make_scorer
+    from cwa.scoring.metrics import make_scorer
 
     cls = type(make_scorer(name))
     accepted = inspect.signature(cls).parameters

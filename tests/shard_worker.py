@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from cwa.models import load_model
-from cwa.shard_loading import build_skeleton, checkpoint_files, load_local_shards, materialize
-from cwa.sharding import apply_fsdp2, local_of, shard_rows
+from cwa.model.loading import load_model
+from cwa.model.shard_loading import build_skeleton, checkpoint_files, load_local_shards, materialize
+from cwa.model.sharding import apply_fsdp2, local_of, shard_rows
 
 
 def check(directory: str, dtype: str) -> dict:

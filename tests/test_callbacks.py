@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cwa import rundir
-from cwa.callbacks import (
+from cwa.fit.callbacks import (
     FitResult,
     RunDirectoryWriter,
     ScoreFigures,
@@ -23,10 +23,10 @@ from cwa.callbacks import (
     TopKSelection,
     selected_weights,
 )
-from cwa.data import CalibrationData
-from cwa.module import SensitivityModule
-from cwa.topk import select_topk
-from cwa.trainer import CwaTrainer, run_fit_sensitivity
+from cwa.fit.data import CalibrationData
+from cwa.fit.module import SensitivityModule
+from cwa.fit.trainer import CwaTrainer, run_fit_sensitivity
+from cwa.scoring.topk import select_topk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_scorers_import_no_lightning():
     code = (
-        "import sys, cwa.scorers, cwa.sharding, cwa.loss, cwa.topk, cwa.params, cwa.checkpoint; "
+        "import sys, cwa.scoring.scorers, cwa.model.sharding, cwa.model.loss, cwa.scoring.topk, cwa.model.params, "
+        "cwa.scoring.checkpoint; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
         "'lightning_fabric')))"
     )
@@ -49,8 +50,8 @@ def test_scorers_import_no_lightning():
 
 def test_strategy_name_is_registered_explicitly():
     code = (
-        "import cwa.distributed, cwa.trainer; from lightning.pytorch.strategies import StrategyRegistry; "
-        "before = 'fsdp2' in StrategyRegistry; cwa.distributed.register_strategy_name(); "
+        "import cwa.fit.distributed, cwa.fit.trainer; from lightning.pytorch.strategies import StrategyRegistry; "
+        "before = 'fsdp2' in StrategyRegistry; cwa.fit.distributed.register_strategy_name(); "
         "print(before, 'fsdp2' in StrategyRegistry)"
     )
     out = _python(code)
@@ -123,7 +124,7 @@ def test_run_fit_sensitivity_returns_the_run_directory(tiny_llama_dir, tmp_path,
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.logger.init_args.name=r",
             "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks+=cwa.callbacks.TensorBoardHistograms",
+            "--trainer.callbacks+=cwa.fit.callbacks.TensorBoardHistograms",
             "--trainer.callbacks.enabled=false",
             "--model.k=3",
         ]

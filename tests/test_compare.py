@@ -11,14 +11,14 @@ import pytest
 import torch
 from scipy import stats
 
-from cwa import agreement
 from cwa.cli import main
-from cwa.compare import compare, compare_runs, parse_ks
-from cwa.errors import CwaError
-from cwa.params import ParamInfo, split_name
+from cwa.common.errors import CwaError
+from cwa.compare.recipe import compare, compare_runs, parse_ks
+from cwa.model.params import ParamInfo, split_name
 from cwa.rundir import PerturbRow, Run, write_perturbation, write_topk
 from cwa.rundir import load_runs as load_runs_with_notes
-from cwa.topk import select_topk
+from cwa.scoring import agreement
+from cwa.scoring.topk import select_topk
 
 LAYOUT = {
     "model.embed_tokens.weight": (12, 8),

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from cwa.data import CalibrationData, PydocCorpus, TextFiles, as_source
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
+from cwa.fit.data import CalibrationData, PydocCorpus, TextFiles, as_source
 
 
 def test_calibration_and_heldout_never_overlap(tiny_llama_dir):

@@ -31,7 +31,7 @@ METRICS = {
     "grad_x_weight": ["--model.metric=grad_x_weight"],
     "grad_squared": ["--model.metric=grad_squared"],
     "hutchinson_diag": [
-        "--model.metric=cwa.scorers.HutchinsonDiag",
+        "--model.metric=cwa.scoring.scorers.HutchinsonDiag",
         "--model.metric.probes=2",
         "--model.metric.hvp=finite_difference",
     ],
@@ -56,7 +56,7 @@ def _args(model_dir: Path, save_dir: Path, *extra: str) -> list[str]:
         f"--trainer.logger.init_args.save_dir={save_dir}",
         "--trainer.logger.init_args.name=run",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
         "--trainer.callbacks.enabled=false",
         *extra,
     ]
@@ -200,7 +200,7 @@ def two_process_runs(tiny_llama_dir, tiny_tied_llama_dir, tiny_llama_bin_dir, tm
     add("fsdp2-tied", "--trainer.strategy=fsdp2", model_dir=tiny_tied_llama_dir)
     add("fsdp2-tied-full", "--trainer.strategy=fsdp2", "--model.shard_loading=false", model_dir=tiny_tied_llama_dir)
     add("fsdp2-bin", "--trainer.strategy=fsdp2", model_dir=tiny_llama_bin_dir)  # no safetensors: full load
-    add("fsdp2-autograd", "--trainer.strategy=fsdp2", "--model.metric=cwa.scorers.HutchinsonDiag", expect=1)
+    add("fsdp2-autograd", "--trainer.strategy=fsdp2", "--model.metric=cwa.scoring.scorers.HutchinsonDiag", expect=1)
     # Kill after one batch per rank with a checkpoint every batch, then resume from the checkpoints.
     for strategy, metric in (("ddp", "grad_x_weight"), ("fsdp2", "grad_squared")):
         key = f"{strategy}-killed-{metric}"

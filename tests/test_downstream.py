@@ -21,8 +21,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 from conftest import make_tokenizer, tiny_llama  # noqa: E402
 from test_perturb import make_run, tiny_dir  # noqa: E402, F401
 
-from cwa.errors import CwaError  # noqa: E402
-from cwa.stats import bootstrap_weights, mcnemar_exact, paired_mean_interval  # noqa: E402
+from cwa.ablation.stats import bootstrap_weights, mcnemar_exact, paired_mean_interval  # noqa: E402
+from cwa.common.errors import CwaError  # noqa: E402
 
 needs_lm_eval = pytest.mark.skipif(
     __import__("importlib").util.find_spec("lm_eval") is None, reason="the cwa[eval] extra is not installed"
@@ -66,9 +66,9 @@ def test_paired_interval_equals_a_hand_written_bootstrap_loop() -> None:
 
 # -- the local task's items --------------------------------------------------------------------------
 def test_items_come_only_from_the_heldout_blocks(tiny_llama_dir: Path) -> None:
-    from cwa.data import CalibrationData, PydocCorpus, tokenize_stream
-    from cwa.downstream import MIN_CONTEXT_WORDS, heldout_pieces, items_fingerprint, lastword_items
-    from cwa.models import load_tokenizer
+    from cwa.fit.data import CalibrationData, PydocCorpus, tokenize_stream
+    from cwa.model.loading import load_tokenizer
+    from cwa.perturb.downstream import MIN_CONTEXT_WORDS, heldout_pieces, items_fingerprint, lastword_items
 
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     data = CalibrationData("pydoc", str(tiny_llama_dir), seq_len=32, num_samples=4, heldout_samples=None)
@@ -108,7 +108,7 @@ def _greedy_match(model, tokenizer, context: str, target: str) -> bool:
 
 def _items_half_right(model, tokenizer, texts: list[str]) -> list[dict[str, str]]:
     """Eight held-out items; every other one gets the model's own greedy next word as its target."""
-    from cwa.downstream import heldout_pieces, lastword_items
+    from cwa.perturb.downstream import heldout_pieces, lastword_items
 
     vocab = {i: w for w, i in tokenizer.get_vocab().items()}
     items = []
@@ -127,9 +127,9 @@ def _items_half_right(model, tokenizer, texts: list[str]) -> list[dict[str, str]
 
 @needs_lm_eval
 def test_lm_eval_accuracy_is_greedy_last_word_match_on_the_live_model(tmp_path: Path) -> None:
-    from cwa.data import PydocCorpus
-    from cwa.downstream import LOCAL_TASK, DownstreamTasks
-    from cwa.perturbations import ChecksumCache, Zero, perturbed, selection_from
+    from cwa.ablation.perturbations import ChecksumCache, Zero, perturbed, selection_from
+    from cwa.fit.data import PydocCorpus
+    from cwa.perturb.downstream import LOCAL_TASK, DownstreamTasks
 
     tokenizer = make_tokenizer(tmp_path)
     model = tiny_llama(seed=1)
@@ -159,7 +159,7 @@ def test_lm_eval_accuracy_is_greedy_last_word_match_on_the_live_model(tmp_path: 
 
 
 def test_per_item_correctness_is_in_doc_order_and_needs_acc() -> None:
-    from cwa.downstream import _correct
+    from cwa.perturb.downstream import _correct
 
     samples = [{"doc_id": 2, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}, {"doc_id": 1, "acc": 1}]
     assert _correct("t", samples).tolist() == [0.0, 1.0, 1.0]
@@ -169,9 +169,9 @@ def test_per_item_correctness_is_in_doc_order_and_needs_acc() -> None:
 
 @needs_lm_eval
 def test_perturb_with_tasks_writes_downstream_csv(tiny_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
-    from cwa.downstream import LOCAL_TASK
-    from cwa.models import load_model
-    from cwa.perturb import PerturbRecipe
+    from cwa.model.loading import load_model
+    from cwa.perturb.downstream import LOCAL_TASK
+    from cwa.perturb.recipe import PerturbRecipe
     from cwa.rundir import DownstreamRow, Run
 
     run = make_run(tmp_path, tiny_dir, heldout_fraction=0.3)
@@ -226,7 +226,7 @@ def test_the_report_shows_the_downstream_table(tmp_path: Path) -> None:
     from test_compare import make_run as make_fit_run
     from test_compare import random_scores
 
-    from cwa.report import report
+    from cwa.report.recipe import report
     from cwa.rundir import DownstreamRow, read_perturbation, write_perturbation
 
     run = make_fit_run(tmp_path, "d", random_scores(1), k=10)
@@ -252,7 +252,7 @@ def test_the_report_shows_the_downstream_table(tmp_path: Path) -> None:
 
 # -- without lm-eval ---------------------------------------------------------------------------------
 def test_without_lm_eval_tasks_end_in_one_sentence(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
-    from cwa.perturb import PerturbRecipe
+    from cwa.perturb.recipe import PerturbRecipe
 
     real_import = builtins.__import__
 
@@ -271,14 +271,17 @@ def test_without_lm_eval_tasks_end_in_one_sentence(tiny_dir: Path, tmp_path: Pat
 
 
 def test_cwa_imports_no_lm_eval() -> None:
-    code = "import sys, cwa, cwa.perturb, cwa.downstream, cwa.report, cwa.cli; assert 'lm_eval' not in sys.modules"
+    code = (
+        "import sys, cwa, cwa.perturb.recipe, cwa.perturb.downstream, cwa.report.recipe, cwa.cli; "
+        "assert 'lm_eval' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 @pytest.mark.slow
 @needs_lm_eval
 def test_a_hub_task_that_cannot_load_offline_is_named(monkeypatch) -> None:
-    from cwa.downstream import DownstreamTasks
+    from cwa.perturb.downstream import DownstreamTasks
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tasks = DownstreamTasks(["arc_easy"])

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cwa.cli import main
-from cwa.module import SensitivityModule
-from cwa.saliency import OBS
-from cwa.sizing import gib, model_layout, plan_memory, shard_numel
-from cwa.trainer import dry_run_fit_sensitivity
+from cwa.fit.module import SensitivityModule
+from cwa.fit.trainer import dry_run_fit_sensitivity
+from cwa.scoring.saliency import OBS
+from cwa.scoring.sizing import gib, model_layout, plan_memory, shard_numel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,7 +122,7 @@ def test_cli_dry_run_refuses_what_the_run_would(llama8b_dir, tmp_path, monkeypat
     args = ["--config", str(ROOT / "configs" / "llama-3.1-8b.yaml"), f"--model.pretrained={llama8b_dir}"]
     assert main(["fit-sensitivity", *args, "--model.metric=hutchinson_diag", "--dry_run"]) == 1
     assert "needs hvp: finite_difference" in capsys.readouterr().err
-    fd = ["--model.metric=cwa.scorers.HutchinsonDiag", "--model.metric.hvp=finite_difference"]
+    fd = ["--model.metric=cwa.scoring.scorers.HutchinsonDiag", "--model.metric.hvp=finite_difference"]
     assert main(["fit-sensitivity", *args, *fd, "--dry_run"]) == 1
     assert "needs float32 weights" in capsys.readouterr().err
 
@@ -184,6 +184,6 @@ def test_cli_dry_run_of_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, caps
 
 
 def _tiny_meta(model_dir: Path) -> torch.nn.Module:
-    from cwa.models import build_meta_model
+    from cwa.model.loading import build_meta_model
 
     return build_meta_model(str(model_dir))

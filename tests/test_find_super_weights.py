@@ -12,7 +12,7 @@ from conftest import make_tokenizer
 from test_super_weights import COL, LAYER, ROW, _planted_gpt2, _planted_llama
 
 from cwa.cli import main
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 from cwa.rundir import Run, load_runs
 
 
@@ -69,8 +69,8 @@ def test_find_super_weights_writes_its_run_directory(tmp_path, make, capsys):
 def test_ablation_equals_zeroing_the_weight_by_hand(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cwa.data import CalibrationData
-    from cwa.evaluate import evaluate
+    from cwa.fit.data import CalibrationData
+    from cwa.perturb.evaluate import evaluate
 
     model_dir = _model_dir(tmp_path, _planted_llama)
     assert _find(tmp_path, model_dir) == 0
@@ -90,7 +90,7 @@ def test_ablation_equals_zeroing_the_weight_by_hand(tmp_path):
 
 
 def test_verdicts_follow_the_stated_rule():
-    from cwa.find_super_weights import FindSuperWeights
+    from cwa.find_super_weights.recipe import FindSuperWeights
     from cwa.rundir import PerturbRow
 
     def row(rank, ppl, low, p):

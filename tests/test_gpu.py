@@ -44,7 +44,7 @@ def _embedded_args(save_dir: Path, name: str, *extra: str) -> list[str]:
         f"--trainer.logger.init_args.save_dir={save_dir}",
         f"--trainer.logger.init_args.name={name}",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
         "--trainer.callbacks.enabled=false",
         *extra,
     ]

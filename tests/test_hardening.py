@@ -15,15 +15,17 @@ import torch
 import yaml
 from crash import crash_after
 
-from cwa import checkpoint, io, preflight
 from cwa.cli import main
-from cwa.data import TextFiles, as_source
-from cwa.errors import CwaError
-from cwa.metrics import make_scorer
-from cwa.models import load_model, load_tokenizer
-from cwa.module import SensitivityModule
-from cwa.params import compile_patterns, select_parameters
-from cwa.scorers import HutchinsonDiag
+from cwa.common import io
+from cwa.common.errors import CwaError
+from cwa.fit import preflight
+from cwa.fit.data import TextFiles, as_source
+from cwa.fit.module import SensitivityModule
+from cwa.model.loading import load_model, load_tokenizer
+from cwa.model.params import compile_patterns, select_parameters
+from cwa.scoring import checkpoint
+from cwa.scoring.metrics import make_scorer
+from cwa.scoring.scorers import HutchinsonDiag
 from tests.conftest import corpus_words, tiny_gpt2
 
 ONE_PROCESS = SimpleNamespace(global_rank=0, world_size=1)
@@ -43,7 +45,7 @@ def _bound_scorer(seed: int = 0, batches: int = 1):
     model = tiny_gpt2(seed=seed)
     scorer = make_scorer("grad_x_weight")
     scorer.bind({n: p for n, p in model.named_parameters() if "ln_f" in n or "wte" in n})
-    from cwa.module import next_token_nll
+    from cwa.fit.module import next_token_nll
 
     g = torch.Generator().manual_seed(seed)
     for _ in range(batches):
@@ -137,9 +139,16 @@ def test_txt_corpus_that_parses_as_yaml_stays_a_path(tmp_path, capsys):
     # A class with options still parses as a class.
     paths = f"[{tmp_path / 'one-line.txt'}]"
     with pytest.raises(SystemExit):
-        main(["fit-sensitivity", "--data.source=cwa.data.TextFiles", f"--data.source.paths={paths}", "--print_config"])
+        main(
+            [
+                "fit-sensitivity",
+                "--data.source=cwa.fit.data.TextFiles",
+                f"--data.source.paths={paths}",
+                "--print_config",
+            ]
+        )
     source = yaml.safe_load(capsys.readouterr().out)["data"]["source"]
-    assert source["class_path"] == "cwa.data.TextFiles"
+    assert source["class_path"] == "cwa.fit.data.TextFiles"
     assert source["init_args"]["paths"] == [str(tmp_path / "one-line.txt")]
 
 
@@ -158,7 +167,7 @@ def test_txt_corpus_that_parses_as_yaml_is_scored_as_a_file(tmp_path, tiny_gpt2_
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={save_dir}",
-            "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+            "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
             "--trainer.callbacks.enabled=false",
         ]
     )
@@ -397,7 +406,7 @@ def test_killed_run_keeps_only_its_newest_checkpoint_and_resumes_exactly(tiny_gp
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={save_dir}",
-            "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+            "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
             "--trainer.callbacks.enabled=false",
             *extra,
         ]

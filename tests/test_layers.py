@@ -17,90 +17,30 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "cwa"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    (
-        "core",  # pure torch / numpy: unit-testable without a Trainer, no run directory, no Lightning
-        {
-            "cwa",
-            "cwa.agreement",
-            "cwa.checkpoint",
-            "cwa.controls",
-            "cwa.environment",
-            "cwa.errors",
-            "cwa.figures",
-            "cwa.io",
-            "cwa.loss",
-            "cwa.metrics",
-            "cwa.models",
-            "cwa.params",
-            "cwa.perturbations",
-            "cwa.preflight",
-            "cwa.published",
-            "cwa.restore",
-            "cwa.saliency",
-            "cwa.scorers",
-            "cwa.shard_loading",
-            "cwa.shared_pass",
-            "cwa.sharding",
-            "cwa.sizing",
-            "cwa.stats",
-            "cwa.super_weights",
-            "cwa.topk",
-            "cwa.units",
-        },
-    ),
-    (
-        "rundir",  # the one owner of a run directory: pure I/O, so that the Lightning callbacks write through it
-        {
-            "cwa.rundir",
-            "cwa.rundir.downstream",
-            "cwa.rundir.files",
-            "cwa.rundir.outputs",
-            "cwa.rundir.perturbation",
-            "cwa.rundir.rows",
-            "cwa.rundir.run",
-            "cwa.rundir.scores",
-            "cwa.rundir.shared",
-            "cwa.rundir.summary",
-            "cwa.rundir.super_weights",
-            "cwa.rundir.topk",
-        },
-    ),
-    (
-        "lightning",  # the loop (module, data module, strategies) and what consumes its results (callbacks)
-        {
-            "lightning",
-            "pytorch_lightning",
-            "cwa.callbacks",
-            "cwa.console",
-            "cwa.data",
-            "cwa.distributed",
-            "cwa.module",
-            "cwa.trainer",
-        },
-    ),
-    (
-        "recipes",  # readers of run directories: perturb, compare, report, find-super-weights
-        {
-            "cwa.analysis",
-            "cwa.compare",
-            "cwa.downstream",
-            "cwa.evaluate",
-            "cwa.find_super_weights",
-            "cwa.findings",
-            "cwa.findings_placement",
-            "cwa.perturb",
-            "cwa.perturb_console",
-            "cwa.perturb_figures",
-            "cwa.report",
-            "cwa.report_figures",
-            "cwa.report_markdown",
-            "cwa.report_text",
-            "cwa.run_data",
-        },
-    ),
+    # Each layer is a set of packages (or modules); a module belongs to the longest one that prefixes its name.
+    ("common", {"cwa", "cwa._legacy", "cwa.common"}),  # errors, atomic files, process settings, old module paths
+    ("model", {"cwa.model"}),  # loading, parameter names, loss, sharding: pure torch
+    ("scoring", {"cwa.scoring"}),  # scorers, saliency, shared pass, top-K, checkpoints, sizing: pure torch
+    ("ablation", {"cwa.ablation"}),  # perturbations, controls, units, restore, statistics, super weights
+    ("rundir", {"cwa.rundir"}),  # the one owner of a run directory: pure I/O, so that the callbacks write through it
+    ("lightning", {"lightning", "pytorch_lightning", "cwa.fit"}),  # the loop and what consumes its results
+    ("recipes", {"cwa.perturb", "cwa.find_super_weights", "cwa.compare", "cwa.report"}),  # one package per command
     ("cli", {"cwa.cli", "cwa.__main__"}),
 ]
-LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+PACKAGE_LAYER = {package: i for i, (_, packages) in enumerate(LAYERS) for package in packages}
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of the longest package in :data:`LAYERS` that is the module or contains it (the root
+    package ``cwa`` counts only for itself)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in PACKAGE_LAYER and (prefix != "cwa" or module == "cwa"):
+            return PACKAGE_LAYER[prefix]
+    return None
+
+
 THIRD_PARTY_LAYERED = ("lightning", "pytorch_lightning")
 
 
@@ -110,6 +50,7 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+LAYER_OF = {name: layer for name in [*MODULES, *THIRD_PARTY_LAYERED] if (layer := layer_of(name)) is not None}
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -165,6 +106,12 @@ def imports(module: str) -> tuple[set[str], set[str]]:
     return at_import, anywhere
 
 
+def test_every_package_is_one_layer_and_no_deeper_than_one_level() -> None:
+    packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")} - {"cwa"}
+    assert all(p.count(".") == 1 for p in packages), sorted(packages)
+    assert all(p in PACKAGE_LAYER for p in packages), sorted(packages - set(PACKAGE_LAYER))
+
+
 def test_every_module_has_a_layer() -> None:
     unassigned = sorted(set(MODULES) - set(LAYER_OF))
     assert not unassigned, (
@@ -206,15 +153,15 @@ def test_no_import_cycle_at_module_level() -> None:
 
 def test_the_parser_sees_imports_inside_functions() -> None:
     """The checks above are only as good as the parser: it must find a deferred import and a package re-export."""
-    at_import, anywhere = imports("cwa.trainer")
-    assert "cwa.console" in anywhere - at_import  # imported inside run_fit_sensitivity
+    at_import, anywhere = imports("cwa.fit.trainer")
+    assert "cwa.fit.console" in anywhere - at_import  # imported inside run_fit_sensitivity
     assert "lightning" in at_import
-    assert "cwa.rundir" in imports("cwa.callbacks")[0]
+    assert "cwa.rundir" in imports("cwa.fit.callbacks")[0]
 
 
-@pytest.mark.parametrize("layer", ["core", "rundir"])
+@pytest.mark.parametrize("layer", ["common", "model", "scoring", "ablation", "rundir"])
 def test_the_layers_below_lightning_load_no_lightning(layer: str) -> None:
-    modules = sorted(dict(LAYERS)[layer] & set(MODULES))
+    modules = sorted(m for m in MODULES if LAYER_OF.get(m) == [name for name, _ in LAYERS].index(layer))
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
@@ -226,7 +173,8 @@ def test_the_layers_below_lightning_load_no_lightning(layer: str) -> None:
 
 def test_scorers_alone_load_no_lightning() -> None:
     code = (
-        "import sys, cwa.scorers; print([m for m in sys.modules if m.startswith(('lightning', 'pytorch_lightning'))])"
+        "import sys, cwa.scoring.scorers; "
+        "print([m for m in sys.modules if m.startswith(('lightning', 'pytorch_lightning'))])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"

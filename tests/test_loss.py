@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import random_blocks, tiny_llama
 
-import cwa.loss
-from cwa.loss import next_token_nll
+import cwa.model.loss
+from cwa.model.loss import next_token_nll
 
 
 def _reference(model, ids, mask):
@@ -23,14 +23,16 @@ def _reference(model, ids, mask):
     return nll, int((labels != -100).sum())
 
 
-@pytest.mark.parametrize("chunk_bytes", [cwa.loss.CPU_CHUNK_BYTES, 3 * 4 * 252, 4 * 252])  # 1 block, 3 rows, 1 row
+@pytest.mark.parametrize(
+    "chunk_bytes", [cwa.model.loss.CPU_CHUNK_BYTES, 3 * 4 * 252, 4 * 252]
+)  # 1 block, 3 rows, 1 row
 def test_blocked_nll_and_its_gradient_equal_the_textbook_loss(monkeypatch, chunk_bytes):
     model = tiny_llama(vocab_size=252)
     ids = random_blocks(3, 11, vocab=252, seed=1)
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0  # a padded tail
     mask[2, :] = 0  # a sequence with nothing counted
-    monkeypatch.setattr(cwa.loss, "CPU_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cwa.model.loss, "CPU_CHUNK_BYTES", chunk_bytes)
     nll, tokens = next_token_nll(model, {"input_ids": ids, "attention_mask": mask})
     (grad,) = torch.autograd.grad(nll, [model.model.embed_tokens.weight])
     ref, ref_tokens = _reference(model, ids, mask)
@@ -51,7 +53,7 @@ def test_unmasked_batch_counts_every_next_token():
 
 _FAULTS = """
 import resource, torch
-from cwa.environment import keep_freed_memory
+from cwa.common.environment import keep_freed_memory
 kept = keep_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(8):
@@ -82,9 +84,9 @@ def test_freed_memory_is_kept_for_the_next_pass():
 
 
 def test_only_estimators_that_repeat_passes_keep_freed_memory():
-    from cwa.metrics import make_scorer
-    from cwa.saliency import OBD
-    from cwa.scorers import HutchinsonDiag
+    from cwa.scoring.metrics import make_scorer
+    from cwa.scoring.saliency import OBD
+    from cwa.scoring.scorers import HutchinsonDiag
 
     assert HutchinsonDiag(hvp="finite_difference").repeats_passes
     assert not HutchinsonDiag(hvp="autograd").repeats_passes

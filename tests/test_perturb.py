@@ -15,9 +15,8 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from cwa.controls import MagnitudeBins, bottomk, random_matched  # noqa: E402
-from cwa.errors import CwaError  # noqa: E402
-from cwa.perturbations import (  # noqa: E402
+from cwa.ablation.controls import MagnitudeBins, bottomk, random_matched  # noqa: E402
+from cwa.ablation.perturbations import (  # noqa: E402
     BitFlip,
     ChecksumCache,
     GaussianNoise,
@@ -31,7 +30,8 @@ from cwa.perturbations import (  # noqa: E402
     selection_from,
     topk_prefix,
 )
-from cwa.topk import select_topk  # noqa: E402
+from cwa.common.errors import CwaError  # noqa: E402
+from cwa.scoring.topk import select_topk  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -169,7 +169,7 @@ def test_bit_indices_of_each_format() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_each_registered_perturbation_writes_its_formula(dtype: torch.dtype) -> None:
-    from cwa.perturbations import PERTURBATIONS
+    from cwa.ablation.perturbations import PERTURBATIONS
 
     values = torch.tensor([1.5, -0.25, 3.0, 0.0, -2.0], dtype=dtype)
     index = torch.tensor([0, 2, 4])
@@ -319,8 +319,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def test_evaluation_equals_a_hand_computation(tiny_dir: Path) -> None:
-    from cwa.evaluate import evaluate
-    from cwa.models import load_model
+    from cwa.model.loading import load_model
+    from cwa.perturb.evaluate import evaluate
 
     model = load_model(str(tiny_dir))
     blocks = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(0))
@@ -354,7 +354,7 @@ def make_run(
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from cwa.params import select_parameters
+    from cwa.model.params import select_parameters
     from cwa.rundir import Summary, write_scores, write_summary, write_topk
 
     run = root / "run"
@@ -393,15 +393,15 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def _quick(run: Path, **options):
-    from cwa.perturb import PerturbRecipe
+    from cwa.perturb.recipe import PerturbRecipe
 
     settings = {"ks": (2,), "single": 1, "seeds": (0,), "controls": ("random_matched",), "bootstrap": 50}
     return PerturbRecipe(run=str(run), **{**settings, **options})
 
 
 def test_perturb_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
-    from cwa.controls import BottomK, MagnitudeMatched, RandomMatched
-    from cwa.perturb import PerturbRecipe
+    from cwa.ablation.controls import BottomK, MagnitudeMatched, RandomMatched
+    from cwa.perturb.recipe import PerturbRecipe
     from cwa.rundir import PerturbRow, Run
 
     run = make_run(tmp_path, tiny_dir)
@@ -507,8 +507,8 @@ def test_bad_input_is_one_clear_sentence(
 
 def test_short_names_and_classes_parse_from_the_signature() -> None:
     """The command line of the recipe's typed signature: short names, lists of them, and classes with options."""
+    from cwa.ablation.controls import MagnitudeMatched
     from cwa.cli import build_parser
-    from cwa.controls import MagnitudeMatched
 
     def parsed(*args: str):
         cli, _ = build_parser("perturb")
@@ -554,7 +554,7 @@ def _outputs(run: Path) -> dict[str, bytes]:
 def test_an_interrupted_perturb_leaves_the_previous_set(
     tiny_dir: Path, tmp_path: Path, monkeypatch, where: str
 ) -> None:
-    import cwa.perturb_figures
+    import cwa.perturb.figures
     import cwa.rundir.perturbation
 
     run = make_run(tmp_path, tiny_dir)
@@ -566,7 +566,7 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
         raise KeyboardInterrupt
 
     if where == "figure":
-        monkeypatch.setattr(cwa.perturb_figures, "single_weight", interrupt)
+        monkeypatch.setattr(cwa.perturb.figures, "single_weight", interrupt)
     else:
         monkeypatch.setattr(cwa.rundir.perturbation, "write_json", interrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -575,7 +575,8 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
 
 
 @pytest.mark.parametrize(
-    "class_path", ["os.system", "subprocess.Popen", "evil_module.Source", "cwa.perturb.PerturbRecipe", "cwa.nowhere.X"]
+    "class_path",
+    ["os.system", "subprocess.Popen", "evil_module.Source", "cwa.perturb.recipe.PerturbRecipe", "cwa.nowhere.X"],
 )
 def test_a_crafted_class_path_in_the_config_runs_nothing(
     tiny_dir: Path, tmp_path: Path, monkeypatch, class_path: str
@@ -602,14 +603,14 @@ def test_a_cwa_text_source_and_every_data_setting_are_carried_over(tiny_dir: Pat
 
     import yaml
 
-    from cwa.run_data import build_data
+    from cwa.perturb.run_data import build_data
     from cwa.rundir import Run
 
     run = make_run(tmp_path, tiny_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]))
     config = yaml.safe_load((run / "config.yaml").read_text())
-    config["data"]["source"] = {"class_path": "cwa.data.TextFiles", "init_args": {"paths": [str(corpus)]}}
+    config["data"]["source"] = {"class_path": "cwa.fit.data.TextFiles", "init_args": {"paths": [str(corpus)]}}
     config["data"]["num_workers"] = 0
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     data = build_data(Run.load(run), batch_size=3)
@@ -624,20 +625,20 @@ def test_a_cwa_text_source_and_every_data_setting_are_carried_over(tiny_dir: Pat
 def test_trust_remote_code_comes_only_from_the_command(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import yaml
 
-    import cwa.models
+    import cwa.model.loading
 
     run = make_run(tmp_path, tiny_dir)
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["model"]["trust_remote_code"] = True
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     seen = []
-    load_model = cwa.models.load_model
+    load_model = cwa.model.loading.load_model
 
     def spy(*args, **kwargs):
         seen.append(kwargs["trust_remote_code"])
         return load_model(*args, **kwargs)
 
-    monkeypatch.setattr(cwa.models, "load_model", spy)
+    monkeypatch.setattr(cwa.model.loading, "load_model", spy)
     _quick(run, figures=False, tensorboard=False).run()
     _quick(run, figures=False, tensorboard=False, trust_remote_code=True).run()
     assert seen == [False, True]
@@ -646,7 +647,7 @@ def test_trust_remote_code_comes_only_from_the_command(tiny_dir: Path, tmp_path:
 def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import yaml
 
-    from cwa.perturb import PerturbRecipe
+    from cwa.perturb.recipe import PerturbRecipe
 
     monkeypatch.chdir(tmp_path)
     config = {
@@ -698,7 +699,7 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
     """The embedded SmolLM2-135M with tiny settings: magnitude top-K, a few held-out blocks."""
     import yaml
 
-    from cwa.perturb import PerturbRecipe
+    from cwa.perturb.recipe import PerturbRecipe
 
     config = {
         "trainer": {
@@ -722,8 +723,8 @@ def test_the_short_names_are_the_registries() -> None:
     """The Literal types that -h shows list exactly the registered classes."""
     from typing import get_args
 
-    from cwa.controls import CONTROLS, ControlName
-    from cwa.perturbations import PERTURBATIONS, PerturbationName
+    from cwa.ablation.controls import CONTROLS, ControlName
+    from cwa.ablation.perturbations import PERTURBATIONS, PerturbationName
 
     assert list(get_args(PerturbationName)) == list(PERTURBATIONS)
     assert list(get_args(ControlName)) == list(CONTROLS)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_compare import LAYOUT, load_runs, make_run, random_scores
 
-from cwa.analysis import Analysis, analyse, headlines
 from cwa.cli import main
-from cwa.errors import CwaError
-from cwa.findings import CONCENTRATED_FACTOR, Finding
-from cwa.report import report
-from cwa.report_markdown import render
+from cwa.common.errors import CwaError
+from cwa.report.analysis import Analysis, analyse, headlines
+from cwa.report.findings import CONCENTRATED_FACTOR, Finding
+from cwa.report.markdown import render
+from cwa.report.recipe import report
 
 SECTIONS = [
     "## Executive Summary",

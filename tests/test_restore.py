@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from cwa.errors import CwaError
-from cwa.evaluate import evaluate
-from cwa.perturbations import Scale, Zero, perturbed
-from cwa.restore import output_channels, recording, recovered_fraction, replaying
-from cwa.stats import SequenceStats, bootstrap_weights
+from cwa.ablation.perturbations import Scale, Zero, perturbed
+from cwa.ablation.restore import output_channels, recording, recovered_fraction, replaying
+from cwa.ablation.stats import SequenceStats, bootstrap_weights
+from cwa.common.errors import CwaError
+from cwa.perturb.evaluate import evaluate
 from tests.conftest import random_blocks, tiny_gpt2, tiny_llama
 
 CPU = torch.device("cpu")
@@ -62,7 +62,7 @@ def test_output_channels_follow_each_layout() -> None:
 
 
 def test_too_many_channels_are_refused_in_one_sentence() -> None:
-    from cwa import restore
+    from cwa.ablation import restore
 
     llama = tiny_llama()
     down = "model.layers.0.mlp.down_proj.weight"

@@ -11,11 +11,11 @@ from conftest import random_blocks, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 from test_scorers import _bind, _exact_hessian_diagonal, _mean_loss, _run
 
-from cwa.errors import CwaError
-from cwa.metrics import make_scorer
-from cwa.module import next_token_nll
-from cwa.saliency import OBD, OBS, Wanda, inverse_diagonal, obs_memory_bytes
-from cwa.scorers import HutchinsonDiag
+from cwa.common.errors import CwaError
+from cwa.fit.module import next_token_nll
+from cwa.scoring.metrics import make_scorer
+from cwa.scoring.saliency import OBD, OBS, Wanda, inverse_diagonal, obs_memory_bytes
+from cwa.scoring.scorers import HutchinsonDiag
 
 
 def _attached(scorer, model, include=None):

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import random_blocks, tiny_gpt2, tiny_llama
 
-from cwa.errors import CwaError
-from cwa.loss import next_token_nll
-from cwa.metrics import make_scorer
-from cwa.params import select_parameters
-from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
+from cwa.common.errors import CwaError
+from cwa.model.loss import next_token_nll
+from cwa.model.params import select_parameters
+from cwa.scoring.metrics import make_scorer
+from cwa.scoring.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
 
 def _bind(scorer, model, include=None):

@@ -1,4 +1,4 @@
-"""Shard-only loading (cwa.shard_loading): every local shard holds exactly the checkpoint's rows.
+"""Shard-only loading (cwa.model.shard_loading): every local shard holds exactly the checkpoint's rows.
 
 The 2-process test shards a tiny Llama with tied embeddings and a tiny GPT-2 (Conv1D, tied wte / LM head)
 with a 251-row vocabulary over 2 gloo ranks (126 + 125 rows: uneven), fills the shards from the
@@ -20,9 +20,9 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from cwa.errors import CwaError
-from cwa.models import load_model
-from cwa.shard_loading import build_skeleton, checkpoint_files, load_local_shards, materialize
+from cwa.common.errors import CwaError
+from cwa.model.loading import load_model
+from cwa.model.shard_loading import build_skeleton, checkpoint_files, load_local_shards, materialize
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 251  # odd: the embedding rows split 126 + 125 over 2 ranks
@@ -134,7 +134,7 @@ def test_bfloat16_checkpoint_into_float32_and_truncated_file(models, tmp_path):
 _CONVERT_ONCE = """
 import sys, time
 from pathlib import Path
-import cwa.models as models
+import cwa.model.loading as models
 
 def fake_convert(target: Path) -> None:  # stands in for the GGUF conversion: slow, writes the cache
     with open(sys.argv[1], "a") as log:

@@ -13,13 +13,13 @@ from crash import crash_after
 from safetensors.torch import load_file
 
 from cwa.cli import main
-from cwa.errors import CwaError
-from cwa.loss import next_token_nll
-from cwa.metrics import make_scorer
+from cwa.common.errors import CwaError
+from cwa.model.loss import next_token_nll
 from cwa.rundir import Run
-from cwa.saliency import OBD
-from cwa.scorers import GradSquared
-from cwa.shared_pass import SharedPass
+from cwa.scoring.metrics import make_scorer
+from cwa.scoring.saliency import OBD
+from cwa.scoring.scorers import GradSquared
+from cwa.scoring.shared_pass import SharedPass
 from tests.conftest import tiny_llama
 
 SHARED = ["magnitude", "grad_x_weight", "grad_squared", "wanda", "obd"]
@@ -102,8 +102,8 @@ def test_a_list_of_one_is_that_metric():
 
 
 def test_dry_run_counts_one_gradient_and_every_members_accumulators(tiny_llama_dir, capsys):
-    from cwa.module import SensitivityModule
-    from cwa.trainer import dry_run_fit_sensitivity
+    from cwa.fit.module import SensitivityModule
+    from cwa.fit.trainer import dry_run_fit_sensitivity
 
     def plan(metric):
         return dry_run_fit_sensitivity(SensitivityModule(str(tiny_llama_dir), metric=metric), 1, False)
@@ -131,7 +131,7 @@ def _args(model_dir: Path, save_dir: Path, *extra: str) -> list[str]:
         f"--trainer.logger.init_args.save_dir={save_dir}",
         "--trainer.logger.init_args.name=run",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.callbacks.ScoreFigures",
+        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
         "--trainer.callbacks.enabled=false",
         *extra,
     ]

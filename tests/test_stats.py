@@ -1,4 +1,4 @@
-"""Studentized bootstrap intervals and the paired bootstrap-t test of cwa.stats."""
+"""Studentized bootstrap intervals and the paired bootstrap-t test of cwa.ablation.stats."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cwa.stats import (
+from cwa.ablation.stats import (
     METRICS,
     SequenceStats,
     bootstrap_deltas,
@@ -181,9 +181,9 @@ def test_a_bit_flip_to_inf_is_reported_as_broken_sequences(tmp_path: Path, capsy
     holding that token get a non-finite NLL, and the row says so instead of carrying statistics."""
     from conftest import tiny_llama
 
-    from cwa.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
-    from cwa.perturb_console import print_table
-    from cwa.perturbations import BitFlip
+    from cwa.ablation.perturbations import BitFlip
+    from cwa.perturb.console import print_table
+    from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
     from cwa.rundir import read_perturb_csv, write_perturb_csv
 
     model = tiny_llama()
@@ -223,7 +223,7 @@ def test_a_bit_flip_to_inf_is_reported_as_broken_sequences(tmp_path: Path, capsy
 
 
 def test_a_change_in_one_sequence_has_a_finite_interval_around_it():
-    from cwa.stats import SequenceStats, bootstrap_deltas, bootstrap_weights
+    from cwa.ablation.stats import SequenceStats, bootstrap_deltas, bootstrap_weights
 
     n = 24
     nll = torch.full((n,), 40.0, dtype=torch.float64)

@@ -6,9 +6,8 @@ import pytest
 import torch
 from conftest import random_blocks, tiny_gpt2, tiny_llama
 
-from cwa.errors import CwaError
-from cwa.published import PUBLISHED, published_super_weights
-from cwa.super_weights import (
+from cwa.ablation.published import PUBLISHED, published_super_weights
+from cwa.ablation.super_weights import (
     Candidate,
     LayerSpikes,
     Spike,
@@ -17,6 +16,7 @@ from cwa.super_weights import (
     mlp_output_projections,
     recovered_published,
 )
+from cwa.common.errors import CwaError
 
 LAYER, ROW, COL = 1, 5, 7
 

@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_gpt2
 from torch import nn
 
-from cwa.errors import CwaError
-from cwa.params import select_parameters, split_name
-from cwa.topk import select_topk
+from cwa.common.errors import CwaError
+from cwa.model.params import select_parameters, split_name
+from cwa.scoring.topk import select_topk
 
 
 def _scores(seed=0, shapes=((30, 20), (7,), (50, 3), (1000,))):
@@ -110,7 +110,7 @@ def _brute_force(scores, k):
 
 @pytest.mark.parametrize("sample_size", [256, 1 << 21])
 def test_every_k_equals_brute_force_sort_on_heavy_ties(sample_size):
-    from cwa.topk import _global_topk
+    from cwa.scoring.topk import _global_topk
 
     g = torch.Generator().manual_seed(5)
     # Signed values from seven levels: |score| ties decide most of the order, and -3 ties with 3.
@@ -145,7 +145,7 @@ def test_k_equal_to_all_weights_costs_about_a_sort():
 @pytest.mark.parametrize("mode", ["global", "per_layer"])
 @pytest.mark.parametrize("ties", [False, True])
 def test_merging_row_shard_candidates_equals_single_process(mode, ties):
-    from cwa.topk import local_candidates, merge_candidates
+    from cwa.scoring.topk import local_candidates, merge_candidates
 
     scores = _scores(seed=4)
     if ties:  # few distinct values: the tie-break decides most of the selection

@@ -11,12 +11,12 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from test_perturb import make_run
 
-from cwa.controls import ControlContext, ControlUnavailable, MagnitudeBins, MagnitudeMatched, RandomMatched
-from cwa.errors import CwaError
-from cwa.params import select_parameters
-from cwa.perturbations import ChecksumCache, Mean, Zero, perturbed, tensor_checksum
-from cwa.topk import TopK
-from cwa.units import expand, unit_ids, unit_mean_abs
+from cwa.ablation.controls import ControlContext, ControlUnavailable, MagnitudeBins, MagnitudeMatched, RandomMatched
+from cwa.ablation.perturbations import ChecksumCache, Mean, Zero, perturbed, tensor_checksum
+from cwa.ablation.units import expand, unit_ids, unit_mean_abs
+from cwa.common.errors import CwaError
+from cwa.model.params import select_parameters
+from cwa.scoring.topk import TopK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +116,7 @@ def _units_of(selection, shapes, transposed, unit) -> dict[str, list[int]]:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("unit", ["row", "column"])
 def test_unit_matched_controls_draw_whole_units_never_the_targets(arch: str, unit: str) -> None:
-    from cwa.perturbations import topk_prefix
+    from cwa.ablation.perturbations import topk_prefix
 
     context, shapes, transposed = _context(arch)
     target = _units_of(expand(topk_prefix(context.topk, 6), shapes, transposed, unit), shapes, transposed, unit)
@@ -204,7 +204,7 @@ def test_perturb_with_units_sets_and_mean_end_to_end(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from cwa.perturb import PerturbRecipe
+    from cwa.perturb.recipe import PerturbRecipe
     from cwa.rundir import Run
 
     model_dir, include = (

@@ -17,10 +17,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from cwa.errors import CwaError
-from cwa.perturbations import Selection, seeded, selection_from, topk_prefix
-from cwa.topk import TopK
-from cwa.units import UNITS, unit_count, unit_ids, unit_mean_abs, unit_members
+from cwa.ablation.perturbations import Selection, seeded, selection_from, topk_prefix
+from cwa.ablation.units import UNITS, unit_count, unit_ids, unit_mean_abs, unit_members
+from cwa.common.errors import CwaError
+from cwa.scoring.topk import TopK
 
 
 class ControlUnavailable(CwaError):

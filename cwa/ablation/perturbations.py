@@ -18,8 +18,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from cwa.errors import CwaError
-from cwa.topk import TopK
+from cwa.common.errors import CwaError
+from cwa.scoring.topk import TopK
 
 Selection = dict[str, Tensor]
 """Parameter name -> sorted, unique int64 flat indices into that tensor's storage."""

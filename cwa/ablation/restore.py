@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cwa.errors import CwaError
-from cwa.params import ParamInfo
-from cwa.stats import SequenceStats, studentized_interval
+from cwa.ablation.stats import SequenceStats, studentized_interval
+from cwa.common.errors import CwaError
+from cwa.model.params import ParamInfo
 
 RestoreMode = Literal["all", "spikes"]
 RESTORE_MODES: tuple[str, ...] = ("all", "spikes")
@@ -71,7 +71,7 @@ def output_channels(
 
     Args:
         model: the model whose parameters ``selection`` names.
-        selection: parameter name -> flat indices (a :data:`cwa.perturbations.Selection`).
+        selection: parameter name -> flat indices (a :data:`cwa.ablation.perturbations.Selection`).
         infos: parameter layouts (``transposed`` for GPT-2 ``Conv1D``); a parameter not in it is read
             from its module's type.
     """
@@ -242,7 +242,7 @@ def fraction_replicates(
         base: the unperturbed pass.
         perturbed: the perturbed pass.
         restored: the perturbed pass with the activations restored.
-        weights: (resamples, n) multiplicities from :func:`cwa.stats.bootstrap_weights`.
+        weights: (resamples, n) multiplicities from :func:`cwa.ablation.stats.bootstrap_weights`.
 
     Returns:
         (f, se), each (1 + resamples,): index 0 is the full sample, then one per resample.

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from cwa.errors import CwaError
-from cwa.params import split_name
-from cwa.published import PublishedSuperWeight, published_super_weights
+from cwa.ablation.published import PublishedSuperWeight, published_super_weights
+from cwa.common.errors import CwaError
+from cwa.model.params import split_name
 
 MLP_OUTPUT_PROJECTION = (
     r"(?:.*\.)?(?:layers|h|blocks|layer)\.\d+\.(?:mlp\.(?:down_proj|c_proj|dense_4h_to_h|fc_out|fc2)|fc2)"

@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from cwa.errors import CwaError
-from cwa.perturbations import Selection
+from cwa.ablation.perturbations import Selection
+from cwa.common.errors import CwaError
 
 Unit = Literal["weight", "row", "column"]
 UNITS: tuple[str, ...] = ("weight", "row", "column")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")  # what atomic_path's mkstemp names look like
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cwa import agreement
-from cwa.errors import CwaError
-from cwa.io import write_json
+from cwa.common.errors import CwaError
+from cwa.common.io import write_json
 from cwa.rundir import Key, Run, load_runs, unique_names
+from cwa.scoring import agreement
 
 DEFAULT_KS = (10, 100, 1000)
 DEFAULT_SAMPLE = 1_000_000
@@ -366,7 +366,7 @@ def format_table(result: dict) -> str:
 
 
 def write_figures(result: dict, out: Path) -> list[Path]:
-    from cwa import report_figures
+    from cwa.report import figures as report_figures
 
     paths = []
     names = [r["name"] for r in result["runs"]]

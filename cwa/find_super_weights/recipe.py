@@ -1,9 +1,9 @@
 """``cwa find-super-weights``: super weights found from activations, each candidate verified by ablation.
 
-A recipe (as :mod:`cwa.perturb`): the same YAML as ``cwa fit-sensitivity`` (its ``model``, ``data`` and
+A recipe (as :mod:`cwa.perturb.recipe`): the same YAML as ``cwa fit-sensitivity`` (its ``model``, ``data`` and
 ``trainer`` sections; ``model.metric`` and ``model.k`` play no part) plus an optional ``super_weights``
 section with :class:`FindSuperWeights`'s options. :meth:`~FindSuperWeights.scan` runs forward passes over
-a few calibration blocks with hooks on every MLP output projection (:mod:`cwa.super_weights`);
+a few calibration blocks with hooks on every MLP output projection (:mod:`cwa.ablation.super_weights`);
 :meth:`~FindSuperWeights.verify` zeroes each candidate alone, through perturb's machinery (bit-exact
 restore, paired bootstrap interval and paired test on the held-out split), and calls it a super weight
 only when the damage is real and large; :meth:`~FindSuperWeights.write` writes the run directory
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from cwa.errors import CwaError
-from cwa.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
-from cwa.perturbations import ChecksumCache, Zero, perturbed
+from cwa.ablation.perturbations import ChecksumCache, Zero, perturbed
+from cwa.ablation.super_weights import Candidate, SuperWeightScan, find_super_weights, recovered_published
+from cwa.common.errors import CwaError
+from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
 from cwa.rundir import CONFIG, PerturbRow, remove_unfinished_run, write_super_weights
-from cwa.super_weights import Candidate, SuperWeightScan, find_super_weights, recovered_published
 
 SUPER = "super_weight"
 DAMAGING = "damaging"
@@ -108,8 +108,8 @@ class FindSuperWeights:
 
     def setup(self, module, data, trainer) -> None:
         """The model (loaded as fit-sensitivity would load it), the calibration and held-out blocks."""
-        from cwa.models import load_model
-        from cwa.preflight import check_trainer
+        from cwa.fit.preflight import check_trainer
+        from cwa.model.loading import load_model
 
         if trainer.world_size > 1:
             raise CwaError("find-super-weights runs in one process (a few forward passes); use --trainer.devices 1.")
@@ -179,7 +179,7 @@ class FindSuperWeights:
 
     def write(self, config_yaml: str) -> None:
         """super_weights.csv, the figure and summary.json as one set; config.yaml; TensorBoard scalars."""
-        from cwa.io import atomic_open
+        from cwa.common.io import atomic_open
 
         with atomic_open(self.run_dir / CONFIG) as handle:
             handle.write(config_yaml)
@@ -187,7 +187,7 @@ class FindSuperWeights:
         if self.figures:
             from functools import partial
 
-            from cwa.figures import activation_spikes
+            from cwa.fit.figures import activation_spikes
 
             title = f"{self.pretrained} · MLP output projections"
             figures["activation_spikes.png"] = partial(activation_spikes, self.result, title)
@@ -226,7 +226,7 @@ class FindSuperWeights:
         return rows
 
     def summary(self) -> dict:
-        from cwa.environment import environment, peak_memory
+        from cwa.common.environment import environment, peak_memory
 
         verdicts = self.verdicts()
         candidates = []
@@ -342,12 +342,12 @@ def run_find_super_weights(args: list[str]) -> Path | None:
     from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningCLI
 
-    from cwa.data import CalibrationData
-    from cwa.distributed import register_strategy_name
-    from cwa.errors import argument_error
-    from cwa.module import SensitivityModule
-    from cwa.preflight import check_device
-    from cwa.trainer import TRAINER_DEFAULTS, CwaTrainer
+    from cwa.common.errors import argument_error
+    from cwa.fit.data import CalibrationData
+    from cwa.fit.distributed import register_strategy_name
+    from cwa.fit.module import SensitivityModule
+    from cwa.fit.preflight import check_device
+    from cwa.fit.trainer import TRAINER_DEFAULTS, CwaTrainer
 
     register_strategy_name()
 

@@ -31,11 +31,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from cwa import checkpoint, rundir
-from cwa.environment import environment, peak_memory
-from cwa.io import remove_stale_temporaries
-from cwa.params import ParamInfo
-from cwa.topk import TopK, select_topk, select_topk_sharded
+from cwa import rundir
+from cwa.common.environment import environment, peak_memory
+from cwa.common.io import remove_stale_temporaries
+from cwa.model.params import ParamInfo
+from cwa.scoring import checkpoint
+from cwa.scoring.topk import TopK, select_topk, select_topk_sharded
 
 
 @dataclass
@@ -75,7 +76,7 @@ class FitCallback(L.Callback):
         """The run's result object, kept by the trainer (``CwaTrainer.fit_sensitivity`` creates it)."""
         result = getattr(trainer, "fit_result", None)
         if not isinstance(result, FitResult):
-            raise RuntimeError(f"{FitCallback.__name__}s run under cwa.trainer.CwaTrainer.fit_sensitivity only.")
+            raise RuntimeError(f"{FitCallback.__name__}s run under cwa.fit.trainer.CwaTrainer.fit_sensitivity only.")
         return result
 
 
@@ -141,7 +142,7 @@ class RunDirectoryWriter(FitCallback):
     @staticmethod
     def _stream_sharded(trainer: L.Trainer, module: L.LightningModule, path: Path, metadata: dict) -> None:
         """Every rank takes part in assembling each tensor from its row shards; only global zero writes it."""
-        from cwa.sharding import full_tensor
+        from cwa.model.sharding import full_tensor
 
         params = module.scorer.params
         shapes = {n: tuple(params[n].shape) for n in module.scores}
@@ -166,7 +167,7 @@ class ScoreFigures(FitCallback):
         # Sharded runs with save_scores off have no place to read whole score tensors from.
         if not (self.enabled and trainer.is_global_zero and result.topk is not None and result.scores):
             return
-        from cwa import figures
+        from cwa.fit import figures
 
         start = time.perf_counter()
         title = f"{pl_module.pretrained} · {pl_module.scorer.name}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cwa.callbacks import FitResult
+from cwa.fit.callbacks import FitResult
 
 
 def print_fit_result(result: FitResult, rows: int = 10) -> None:

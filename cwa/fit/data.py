@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 
 class TextSource:
@@ -219,7 +219,7 @@ class CalibrationData(L.LightningDataModule):
     Args:
         source: where the text comes from: ``pydoc`` (the embedded CPython documentation corpus), a
             local file path or glob (.txt / .jsonl / .parquet), a hub dataset name, or a ``TextSource``
-            class (``class_path: cwa.data.TextFiles``) with its options.
+            class (``class_path: cwa.fit.data.TextFiles``) with its options.
         tokenizer: tokenizer to load (set from ``model.pretrained`` by the CLI).
         seq_len: tokens per block.
         num_samples: calibration blocks to score on.
@@ -265,8 +265,8 @@ class CalibrationData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.calibration is not None:
             return
-        from cwa.models import load_tokenizer
-        from cwa.preflight import check_context
+        from cwa.fit.preflight import check_context
+        from cwa.model.loading import load_tokenizer
 
         check_context(self.tokenizer_name, self.seq_len)  # before reading and tokenizing the corpus
         texts = self.source.load()
@@ -328,7 +328,7 @@ class CalibrationData(L.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def _sharded(self) -> bool:
-        from cwa.distributed import is_sharded_strategy
+        from cwa.fit.distributed import is_sharded_strategy
 
         trainer = getattr(self, "trainer", None)
         return trainer is not None and is_sharded_strategy(trainer.strategy)

@@ -1,14 +1,14 @@
 """Lightning strategies for fit-sensitivity: which one shards the model, which one is refused, and the
 ``fsdp2`` strategy name. The tensor side of sharding (FSDP2, row shards, collectives) is plain torch in
-:mod:`cwa.sharding`.
+:mod:`cwa.model.sharding`.
 
-Nothing here runs at import: :class:`cwa.trainer.CwaTrainer` calls :func:`register_strategy_name` before
+Nothing here runs at import: :class:`cwa.fit.trainer.CwaTrainer` calls :func:`register_strategy_name` before
 Lightning resolves ``--trainer.strategy``.
 """
 
 from __future__ import annotations
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 FSDP2_STRATEGY = "fsdp2"
 """``--trainer.strategy=fsdp2``: Lightning's ``ModelParallelStrategy``, which cwa shards with FSDP2."""

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cwa.io import atomic_path
-from cwa.params import ParamInfo
-from cwa.topk import TopK
+from cwa.common.io import atomic_path
+from cwa.model.params import ParamInfo
+from cwa.scoring.topk import TopK
 
 _BINS = 120
 
@@ -137,7 +137,7 @@ def activation_spikes(scan, title: str, path: Path) -> None:
     with the layers' median channel maxima for reference and the candidates marked.
 
     Args:
-        scan: a :class:`cwa.super_weights.SuperWeightScan`.
+        scan: a :class:`cwa.ablation.super_weights.SuperWeightScan`.
         title: the figure's title.
         path: the PNG to write.
     """

@@ -21,19 +21,21 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from cwa import checkpoint, preflight, shard_loading
-from cwa.data import PAD_KEY
-from cwa.distributed import check_supported_strategy, is_sharded_strategy
-from cwa.environment import keep_freed_memory, peak_memory, release_freed_memory
-from cwa.errors import CwaError
-from cwa.loss import next_token_nll
-from cwa.metrics import make_scorer
-from cwa.models import Dtype, load_model, set_attn_implementation
-from cwa.params import ParamInfo, as_patterns, compile_patterns, select_parameters
-from cwa.scorers import Scorer, nonfinite_error
-from cwa.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
-from cwa.shared_pass import SharedPass
-from cwa.topk import Mode, check_k
+from cwa.common.environment import keep_freed_memory, peak_memory, release_freed_memory
+from cwa.common.errors import CwaError
+from cwa.fit import preflight
+from cwa.fit.data import PAD_KEY
+from cwa.fit.distributed import check_supported_strategy, is_sharded_strategy
+from cwa.model import shard_loading
+from cwa.model.loading import Dtype, load_model, set_attn_implementation
+from cwa.model.loss import next_token_nll
+from cwa.model.params import ParamInfo, as_patterns, compile_patterns, select_parameters
+from cwa.model.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
+from cwa.scoring import checkpoint
+from cwa.scoring.metrics import make_scorer
+from cwa.scoring.scorers import Scorer, nonfinite_error
+from cwa.scoring.shared_pass import SharedPass
+from cwa.scoring.topk import Mode, check_k
 
 
 class SensitivityModule(L.LightningModule):
@@ -43,10 +45,10 @@ class SensitivityModule(L.LightningModule):
         pretrained: model to analyse: ``smollm2-135m`` (the embedded offline default), a Hugging Face
             Hub name (``gpt2``, ``meta-llama/Llama-3.1-8B``) or a local directory.
         metric: sensitivity metric: a short name (``magnitude``, ``grad_x_weight``, ``grad_squared``,
-            ``hutchinson_diag``) or a class with options, e.g. ``class_path: cwa.scorers.HutchinsonDiag``
+            ``hutchinson_diag``) or a class with options, e.g. ``class_path: cwa.scoring.scorers.HutchinsonDiag``
             with ``init_args: {probes: 4, hvp: finite_difference}``; or a list of them that share one
             forward and backward per batch (``[magnitude, grad_x_weight, grad_squared, wanda]``, see
-            ``cwa.shared_pass``), each written to its own run directory ``version_<n>-<metric>``.
+            ``cwa.scoring.shared_pass``), each written to its own run directory ``version_<n>-<metric>``.
         k: how many critical weights to select (in total for ``global``, per tensor for ``per_layer``).
         mode: ``global`` (top-K over all selected tensors) or ``per_layer`` (top-K within each tensor).
         include: regular expressions; only parameters matching one are scored (all when empty). A
@@ -162,7 +164,7 @@ class SensitivityModule(L.LightningModule):
         return files
 
     def _preflight(self) -> None:
-        """Limits that are cheap to check before the weights are loaded (cwa.preflight)."""
+        """Limits that are cheap to check before the weights are loaded (cwa.fit.preflight)."""
         seq_len = _data_attr(self, "seq_len") or 0
         preflight.check_context(self.pretrained, seq_len, self.trust_remote_code, self.revision)
         num_samples, batch_size = _data_attr(self, "num_samples"), _data_attr(self, "batch_size")

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 MAX_PROBES = 1024
@@ -41,7 +41,7 @@ def model_context(pretrained: str, trust_remote_code: bool = False, revision: st
         embedded model has not been converted yet). A config that cannot be fetched at all returns None
         too: loading the model then reports why, in one sentence.
     """
-    from cwa.models import cache_dir, is_embedded, resolve_model_path
+    from cwa.model.loading import cache_dir, is_embedded, resolve_model_path
 
     if is_embedded(pretrained):
         config_file = cache_dir() / "smollm2-135m-instruct" / "config.json"
@@ -101,7 +101,7 @@ def check_scorer(scorer: Any) -> None:
     """Refuse probe counts and finite-difference steps that cannot give a useful estimate.
 
     Args:
-        scorer: a ``cwa.scorers.Scorer``; only the options it has are checked.
+        scorer: a ``cwa.scoring.scorers.Scorer``; only the options it has are checked.
     """
     probes = getattr(scorer, "probes", None)
     if probes is not None and not 1 <= probes <= MAX_PROBES:
@@ -166,7 +166,7 @@ def check_writable(directory: str | os.PathLike) -> None:
     Args:
         directory: where a run will write its outputs.
     """
-    from cwa.io import os_error
+    from cwa.common.io import os_error
 
     directory = Path(directory).expanduser()
     try:

@@ -7,21 +7,21 @@ from pathlib import Path
 
 import lightning as L
 
-from cwa.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult, SharedPassRuns
-from cwa.data import CalibrationData
-from cwa.distributed import check_supported_strategy, is_sharded_strategy, register_strategy_name
-from cwa.errors import CwaError, argument_error
-from cwa.module import SensitivityModule
-from cwa.preflight import check_context, check_device, check_processes, check_trainer
+from cwa.common.errors import CwaError, argument_error
+from cwa.fit.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult, SharedPassRuns
+from cwa.fit.data import CalibrationData
+from cwa.fit.distributed import check_supported_strategy, is_sharded_strategy, register_strategy_name
+from cwa.fit.module import SensitivityModule
+from cwa.fit.preflight import check_context, check_device, check_processes, check_trainer
 from cwa.rundir import remove_unfinished_metric_runs, remove_unfinished_run
-from cwa.shared_pass import SharedPass
-from cwa.sizing import Memory
+from cwa.scoring.shared_pass import SharedPass
+from cwa.scoring.sizing import Memory
 
 
 class CwaTrainer(L.Trainer):
     """A ``lightning.Trainer`` with the ``fit_sensitivity`` research verb.
 
-    The strategy name ``fsdp2`` needs :func:`cwa.distributed.register_strategy_name` to have run before
+    The strategy name ``fsdp2`` needs :func:`cwa.fit.distributed.register_strategy_name` to have run before
     the trainer is built (``run_fit_sensitivity`` does it).
     """
 
@@ -36,7 +36,7 @@ class CwaTrainer(L.Trainer):
         """Score every selected weight over the calibration blocks and write the top-K run directory.
 
         Runs in the validation loop with gradients enabled and the model in eval mode, so every
-        Lightning strategy, progress bar and logger applies. The fit callbacks (cwa.callbacks) that are
+        Lightning strategy, progress bar and logger applies. The fit callbacks (cwa.fit.callbacks) that are
         not given are added with their defaults and all run in their pipeline order.
 
         Args:
@@ -109,7 +109,7 @@ def dry_run_fit_sensitivity(
     The model is built on the meta device from its config.json (no weights), the selection and the metric's
     own restrictions (Linear / Conv1D weights for wanda and obs) decide which tensors count, and the FSDP2
     plan (row shards over ``world_size`` ranks, one unit per decoder layer and the root) or DDP's
-    replication decides what each rank holds (``cwa.sizing``).
+    replication decides what each rank holds (``cwa.scoring.sizing``).
 
     Args:
         model: the module with the model and metric settings (nothing is loaded into it).
@@ -119,10 +119,10 @@ def dry_run_fit_sensitivity(
     """
     import torch
 
-    from cwa.models import build_meta_model
-    from cwa.params import select_parameters
-    from cwa.sizing import check_metric_plan, format_memory, input_scored, model_layout, plan_memory
-    from cwa.topk import check_k
+    from cwa.model.loading import build_meta_model
+    from cwa.model.params import select_parameters
+    from cwa.scoring.sizing import check_metric_plan, format_memory, input_scored, model_layout, plan_memory
+    from cwa.scoring.topk import check_k
 
     scorer = model.scorer
     check_metric_plan(scorer, model.dtype_name, sharded)
@@ -271,7 +271,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
         def after_fit_sensitivity(self) -> None:
             results = getattr(self.trainer, "fit_results", None) or [self.trainer.fit_result]
             if print_result:
-                from cwa.console import print_fit_result
+                from cwa.fit.console import print_fit_result
 
                 for result in results:
                     if result is not None:

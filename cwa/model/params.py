@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.(.+)$")
 _SUFFIX = re.compile(r"\.(weight|bias)$")

@@ -9,7 +9,7 @@ the dtype or device differs). Not ``safe_open(...).get_slice``: that reads throu
 pages count in the process's resident memory until the file is closed, which on the embedded model kept
 the loading peak at the whole-checkpoint level. Every parameter must be filled exactly once; a missing
 tensor fails with one sentence naming it. Checkpoints without safetensors fall back to the full load
-(cwa.models.load_model).
+(cwa.model.loading.load_model).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, BinaryIO
 import torch
 from torch import nn
 
-from cwa.errors import CwaError
-from cwa.models import _hub_error, _safetensors_problem, resolve_model_path, torch_dtype
-from cwa.sharding import local_of, shard_rows, world_and_rank
+from cwa.common.errors import CwaError
+from cwa.model.loading import _hub_error, _safetensors_problem, resolve_model_path, torch_dtype
+from cwa.model.sharding import local_of, shard_rows, world_and_rank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 
 def world_and_rank() -> tuple[int, int]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from cwa.ablation.stats import SequenceStats
 from cwa.rundir import PerturbRow
-from cwa.stats import SequenceStats
 
 _SHORT = {"random_matched": "random", "magnitude_matched": "magnitude", "bottomk": "bottom-K"}
 

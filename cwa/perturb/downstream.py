@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cwa.errors import CwaError
+from cwa.ablation.stats import bootstrap_weights, mcnemar_exact, paired_mean_interval
+from cwa.common.errors import CwaError
 from cwa.rundir import DownstreamRow
-from cwa.stats import bootstrap_weights, mcnemar_exact, paired_mean_interval
 
 LOCAL_TASK = "cwa_pydoc_lastword"
 MAX_ITEMS = 500
@@ -58,9 +58,9 @@ def require_lm_eval() -> None:
 
 # -- the local task's items ------------------------------------------------------------------------
 def heldout_pieces(texts: list[str], tokenizer, seq_len: int, heldout_fraction: float) -> list[str]:
-    """The text of the documents inside the held-out blocks of :class:`cwa.data.CalibrationData`.
+    """The text of the documents inside the held-out blocks of :class:`cwa.fit.data.CalibrationData`.
 
-    The token stream is laid out as :func:`cwa.data.tokenize_stream` does (each document, then EOS); the
+    The token stream is laid out as :func:`cwa.fit.data.tokenize_stream` does (each document, then EOS); the
     held-out blocks are the last ``round(n_blocks · heldout_fraction)`` blocks of ``seq_len`` tokens. A
     document cut by the start or end of that region keeps only its paragraphs wholly inside it (the
     token offsets of a fast tokenizer map the cut back to characters); no calibration block ever holds
@@ -120,7 +120,7 @@ def lastword_items(pieces: list[str], max_items: int = MAX_ITEMS) -> list[dict[s
 
 
 def local_items(data, tokenizer, max_items: int = MAX_ITEMS) -> list[dict[str, str]]:
-    """The local task's items from a set-up :class:`cwa.data.CalibrationData`'s held-out text.
+    """The local task's items from a set-up :class:`cwa.fit.data.CalibrationData`'s held-out text.
 
     Args:
         data: the run's data module (its source, ``seq_len`` and ``heldout_fraction``).
@@ -200,10 +200,10 @@ class DownstreamTasks:
         load every task (:meth:`prepare`).
 
         Args:
-            data: the run's set-up :class:`cwa.data.CalibrationData`.
+            data: the run's set-up :class:`cwa.fit.data.CalibrationData`.
             trust_remote_code: passed to the tokenizer.
         """
-        from cwa.models import load_tokenizer
+        from cwa.model.loading import load_tokenizer
 
         start = time.perf_counter()
         self.tokenizer = load_tokenizer(data.tokenizer_name, trust_remote_code=trust_remote_code)

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cwa.controls import Control
-from cwa.errors import CwaError
-from cwa.perturbations import Perturbation
+from cwa.ablation.controls import Control
+from cwa.ablation.perturbations import Perturbation
+from cwa.ablation.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
+from cwa.common.errors import CwaError
 from cwa.rundir import SET_TARGETS, PerturbRow
-from cwa.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Condition:
     control: Control | None = field(default=None, repr=False)  # draws a control target's weights
     unit: str = "weight"
     ranks: tuple[int, ...] | None = None  # pair: the ranks perturbed together
-    restore: str = ""  # activation restore mode of a restored twin (cwa.restore), "" for none
+    restore: str = ""  # activation restore mode of a restored twin (cwa.ablation.restore), "" for none
 
     @property
     def name(self) -> str:
@@ -175,8 +175,8 @@ def _restored_row(
     options: StatisticsOptions,
 ) -> PerturbRow:
     """A restored twin's row: its p-value tests it against the perturbed pass (not the baseline), and it
-    carries the recovered fraction of the damage with its interval (cwa.restore.recovered_fraction)."""
-    from cwa.restore import recovered_fraction
+    carries the recovered fraction of the damage with its interval (cwa.ablation.restore.recovered_fraction)."""
+    from cwa.ablation.restore import recovered_fraction
 
     base, hurt, mended = (r.evaluation.stats for r in (baseline, perturbed, result))
     testable = not any(s.broken_fraction > 0 for s in (hurt, mended))

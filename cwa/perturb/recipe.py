@@ -25,11 +25,8 @@ from pathlib import Path
 
 import torch
 
-from cwa.controls import Control, ControlContext, ControlName, ControlUnavailable, make_control
-from cwa.errors import CwaError
-from cwa.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
-from cwa.io import remove_stale_temporaries
-from cwa.perturbations import (
+from cwa.ablation.controls import Control, ControlContext, ControlName, ControlUnavailable, make_control
+from cwa.ablation.perturbations import (
     ChecksumCache,
     Perturbation,
     PerturbationName,
@@ -41,10 +38,13 @@ from cwa.perturbations import (
     selection_size,
     topk_prefix,
 )
-from cwa.restore import RestoreMode
-from cwa.run_data import build_data
+from cwa.ablation.restore import RestoreMode
+from cwa.ablation.units import Unit, check_units, expand
+from cwa.common.errors import CwaError
+from cwa.common.io import remove_stale_temporaries
+from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
+from cwa.perturb.run_data import build_data
 from cwa.rundir import DownstreamRow, Run, write_perturbation
-from cwa.units import Unit, check_units, expand
 
 MAX_PAIRS = 20
 
@@ -211,7 +211,7 @@ class PerturbRecipe:
                 "rerun fit-sensitivity with a larger model.k."
             )
         self.dtype = self.run_dir.summary.dtype or self._model_config.get("dtype") or "float32"
-        from cwa.models import torch_dtype
+        from cwa.model.loading import torch_dtype
 
         for perturbation in self.perturbations:
             perturbation.validate(torch_dtype(self.dtype))  # a bad bit index fails before the model is loaded
@@ -276,21 +276,21 @@ class PerturbRecipe:
         write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:
-            from cwa.perturb_figures import tensorboard_scalars
+            from cwa.perturb.figures import tensorboard_scalars
 
             tensorboard_scalars(self.run_dir.path, self.rows)
-        from cwa.perturb_console import print_table
+        from cwa.perturb.console import print_table
 
         base = self.baseline.evaluation.stats
         print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path)
         if self.downstream_rows:
-            from cwa.downstream import format_downstream
+            from cwa.perturb.downstream import format_downstream
 
             print("\n".join(format_downstream(self.downstream_rows, self.statistics.confidence)))
 
     # -- setting up --------------------------------------------------------------------------------
     def _fit_sensitivity(self) -> Path:
-        from cwa.trainer import run_fit_sensitivity
+        from cwa.fit.trainer import run_fit_sensitivity
 
         if not Path(self.fit_config).expanduser().is_file():
             raise CwaError(f"fit config '{self.fit_config}' does not exist.")
@@ -311,7 +311,7 @@ class PerturbRecipe:
         return dict(self.run_dir.config.get("model") or {})
 
     def _load_model(self) -> None:
-        from cwa.models import load_model
+        from cwa.model.loading import load_model
 
         start = time.perf_counter()
         settings = self._model_config
@@ -335,7 +335,7 @@ class PerturbRecipe:
 
     def _read_layout(self, model: torch.nn.Module) -> None:
         """Shapes and (in, out) layouts of the ranked tensors, from the model itself (for rows and columns)."""
-        from cwa.params import select_parameters
+        from cwa.model.params import select_parameters
 
         infos = {n: info for n, (_, info) in select_parameters(model).items()}
         self.shapes = {n: tuple(t.shape) for n, t in self.params.items()}
@@ -432,7 +432,7 @@ class PerturbRecipe:
 
     # -- activation restore ------------------------------------------------------------------------
     def _init_restore(self, restore: tuple[RestoreMode, ...], threshold: float) -> None:
-        from cwa.restore import RESTORE_MODES
+        from cwa.ablation.restore import RESTORE_MODES
 
         unknown = [m for m in restore if m not in RESTORE_MODES]
         if unknown:
@@ -458,7 +458,7 @@ class PerturbRecipe:
         if not self.restore:
             yield None
             return
-        from cwa.restore import output_channels, recording
+        from cwa.ablation.restore import output_channels, recording
 
         longest = topk_prefix(self.topk, max([*self.ks, self.single]))
         selection: Selection = {}
@@ -473,7 +473,7 @@ class PerturbRecipe:
     def _replaying(self, condition: Condition, selection: Selection):
         if not condition.restore:
             return nullcontext(None)
-        from cwa.restore import output_channels, replaying
+        from cwa.ablation.restore import output_channels, replaying
 
         channels = output_channels(self.model, selection, self.run_dir.infos)
         return replaying(self.model, self.recorder, channels, condition.restore, self.restore_threshold)
@@ -499,7 +499,7 @@ class PerturbRecipe:
     def _figures(self) -> dict:
         from functools import partial
 
-        from cwa import perturb_figures
+        from cwa.perturb import figures as perturb_figures
 
         figures = {}
         if self.ks:
@@ -543,7 +543,7 @@ class PerturbRecipe:
         }
 
     def _meta(self) -> dict:
-        from cwa.environment import environment, peak_memory
+        from cwa.common.environment import environment, peak_memory
 
         base = self.baseline.evaluation
         return {
@@ -618,7 +618,7 @@ def _downstream_tasks(tasks: str | list[str] | None, limit: int | None, batch_si
     """The lm-eval tasks of ``--tasks`` (None without it); a missing lm-eval fails here, before any work."""
     if tasks is None:
         return None
-    from cwa.downstream import DownstreamTasks
+    from cwa.perturb.downstream import DownstreamTasks
 
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     return DownstreamTasks([t for t in names if t], limit, batch_size)

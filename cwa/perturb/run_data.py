@@ -1,8 +1,8 @@
 """A run's data module rebuilt from its ``config.yaml``, without running any code named in the file.
 
 ``config.yaml`` is data: a ``data.source`` given as a ``class_path`` may only name one of cwa's own
-:class:`~cwa.data.TextSource` classes (checked by module path before anything is imported, then by a
-subclass check), and every other setting goes through :class:`~cwa.data.CalibrationData`'s own signature,
+:class:`~cwa.fit.data.TextSource` classes (checked by module path before anything is imported, then by a
+subclass check), and every other setting goes through :class:`~cwa.fit.data.CalibrationData`'s own signature,
 so a new argument is carried over and an unknown one is refused.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-from cwa.data import CalibrationData, TextSource
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
+from cwa.fit.data import CalibrationData, TextSource
 from cwa.rundir import CONFIG, Run
 
 

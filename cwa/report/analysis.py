@@ -1,15 +1,15 @@
 """The report's first layer: :func:`analyse` reads the runs (through ``cwa.rundir`` only) and computes every
-statistic and every :class:`~cwa.findings.Finding` into one :class:`Analysis`; :func:`headlines` picks the
+statistic and every :class:`~cwa.report.findings.Finding` into one :class:`Analysis`; :func:`headlines` picks the
 executive summary from the findings' sections, verdicts and strength. The renderer
-(``cwa.report_markdown``) and the command (``cwa.report``) both build on it; it imports neither.
+(``cwa.report.markdown``) and the command (``cwa.report.recipe``) both build on it; it imports neither.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cwa.compare import DEFAULT_SAMPLE, compare_runs
-from cwa.findings import (
+from cwa.compare.recipe import DEFAULT_SAMPLE, compare_runs
+from cwa.report.findings import (
     Finding,
     comparison_findings,
     concentration_findings,
@@ -19,7 +19,7 @@ from cwa.findings import (
     stability_findings,
     strongest,
 )
-from cwa.findings_placement import LOCATION_K, Placement, placement_findings, placement_of
+from cwa.report.placement import LOCATION_K, Placement, placement_findings, placement_of
 from cwa.rundir import DownstreamRow, PerturbRow, Run, unique_names
 
 
@@ -32,7 +32,7 @@ class Analysis:
         names: their directory names (``experiment/version_n``), unique.
         labels: their short labels (``R1``, ``R2``, ...), defined once in the report's run table.
         location_k: size of the global top-K whose placement is analysed.
-        concentration: per run, the concentration statistics (``cwa.findings.concentration_of``).
+        concentration: per run, the concentration statistics (``cwa.report.findings.concentration_of``).
         placements: per run, where its top-K live (None when it cannot give a global top-K).
         comparisons: (member positions, ``compare_runs`` result) per group of runs scoring the same tensors.
         stability: (``compare_runs`` stability group, member positions) per group of seed replicates.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cwa.io import atomic_path
+from cwa.common.io import atomic_path
 
 
 def _pyplot():

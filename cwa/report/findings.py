@@ -3,12 +3,13 @@
 A finding is one statistic about one or more runs, with its value, its interval, the threshold its verdict
 is gated on and the verdict itself. Each ``*_findings`` function here is pure: it takes what was computed
 from the runs (concentration, comparisons, perturbation rows) and returns :class:`Finding` objects; it
-never formats a sentence. ``cwa.report_markdown`` renders them; the report's executive summary picks them
-by section, verdict and strength (:func:`cwa.analysis.headlines`). Where the placement findings are, see
-``cwa.findings_placement``.
+never formats a sentence. ``cwa.report.markdown`` renders them; the report's executive summary picks them
+by section, verdict and strength (:func:`cwa.report.analysis.headlines`). Where the placement findings are, see
+``cwa.report.placement``.
 
 To add a finding: write a function returning ``Finding``s with a new ``verdict``, call it from
-``cwa.analysis.analyse``, and give the verdict its wording in :func:`cwa.report_text.sentence` (docs/architecture.md).
+``cwa.report.analysis.analyse``, and give the verdict its wording in :func:`cwa.report.text.sentence`
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cwa import agreement
 from cwa.rundir import PerturbRow, Run
+from cwa.scoring import agreement
 
 FRACTIONS = (1e-4, 1e-3, 1e-2)
 

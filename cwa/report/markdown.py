@@ -1,7 +1,7 @@
-"""Render an :class:`~cwa.analysis.Analysis` to Markdown, section by section.
+"""Render an :class:`~cwa.report.analysis.Analysis` to Markdown, section by section.
 
 A dumb renderer: which findings exist, their verdicts and which of them lead the executive summary are
-decided in ``cwa.findings`` and ``cwa.report``; the wording is ``cwa.report_text``. Each section gives its
+decided in ``cwa.report.findings`` and ``cwa.report.recipe``; the wording is ``cwa.report.text``. Each section gives its
 table, then its strongest findings as sentences, and the rest as a table (all of them are in the JSON).
 """
 
@@ -13,10 +13,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from cwa import findings as th
-from cwa.analysis import Analysis, agreement_pairs
-from cwa.findings import FRACTIONS, Finding
-from cwa.report_text import _bullets, _ci, _num, _p, _pct, _rel, _table, headline_sentence, pair_sentence, sentence
+from cwa.report.analysis import Analysis, agreement_pairs
+from cwa.report.findings import FRACTIONS, Finding
+from cwa.report import findings as th
+from cwa.report.text import _bullets, _ci, _num, _p, _pct, _rel, _table, headline_sentence, pair_sentence, sentence
 from cwa.rundir import PerturbRow
 
 LEAD = 5  # findings per section given as sentences; the rest go to a table
@@ -31,7 +31,7 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
         analysis: what the runs show.
         output: path of the Markdown file (links are relative to its folder).
         figures: {figure key: path} of the figures drawn (empty without figures).
-        headlines: the executive summary's claims (``cwa.analysis.headlines``).
+        headlines: the executive summary's claims (``cwa.report.analysis.headlines``).
     """
 
     def fig(key: str, alt: str) -> list[str]:

@@ -2,7 +2,7 @@
 global top-K, rows/columns that recur, and residual-stream dimensions shared across module types.
 
 :func:`placement_of` computes the statistics from a run; :func:`placement_findings` turns them into
-:class:`~cwa.findings.Finding` objects gated on the thresholds in ``cwa.findings``.
+:class:`~cwa.report.findings.Finding` objects gated on the thresholds in ``cwa.report.findings``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cwa import agreement
-from cwa.findings import ALPHA, ENRICHED_FACTOR, RECUR_MIN, Finding
-from cwa.params import ParamInfo
+from cwa.model.params import ParamInfo
+from cwa.report.findings import ALPHA, ENRICHED_FACTOR, RECUR_MIN, Finding
 from cwa.rundir import Run
-from cwa.topk import TopK
+from cwa.scoring import agreement
+from cwa.scoring.topk import TopK
 
 LOCATION_K = 100
 

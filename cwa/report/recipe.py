@@ -1,7 +1,7 @@
 """``cwa report RUN ... --output report.md``: a research report whose every finding is computed from the runs.
 
-Two layers: ``cwa.analysis`` computes every statistic and finding from the runs and picks the headlines;
-``cwa.report_markdown`` renders that :class:`~cwa.analysis.Analysis` to Markdown without deciding anything.
+Two layers: ``cwa.report.analysis`` computes every statistic and finding from the runs and picks the headlines;
+``cwa.report.markdown`` renders that :class:`~cwa.report.analysis.Analysis` to Markdown without deciding anything.
 This module draws the figures and writes the report; the numbers behind it go to ``<stem>.json`` beside it.
 """
 
@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cwa.analysis import Analysis, analyse, headlines
-from cwa.compare import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
-from cwa.errors import CwaError
-from cwa.findings_placement import LOCATION_K
-from cwa.io import atomic_open, write_json
-from cwa.report_markdown import render
+from cwa.common.errors import CwaError
+from cwa.common.io import atomic_open, write_json
+from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
+from cwa.report.analysis import Analysis, analyse, headlines
+from cwa.report.markdown import render
+from cwa.report.placement import LOCATION_K
 from cwa.rundir import load_runs
 
 
 # -- figures -------------------------------------------------------------------------------------
 def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
     """Draw the report's own figures; returns {figure key: path} for the renderer to embed."""
-    from cwa import report_figures
+    from cwa.report import figures as report_figures
 
     out: dict[str, Path] = {}
     labels = analysis.labels
@@ -67,7 +67,7 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
 
 
 def _comparison_figures(analysis: Analysis, members: list[int], result: dict, fig_dir: Path) -> dict[str, Path]:
-    from cwa import report_figures
+    from cwa.report import figures as report_figures
 
     ks = result["ks"]
     if not ks:

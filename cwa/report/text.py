@@ -1,6 +1,6 @@
 """The report's wording: number formats, Markdown tables and one sentence per finding.
 
-A sentence only words a :class:`~cwa.findings.Finding`; it never decides a verdict. Runs are named by their
+A sentence only words a :class:`~cwa.report.findings.Finding`; it never decides a verdict. Runs are named by their
 label (R1, R2, ...). To add a finding, give its verdict a branch in :func:`sentence`.
 """
 
@@ -10,9 +10,9 @@ import math
 import os
 from pathlib import Path
 
-from cwa import findings as th
-from cwa.analysis import Analysis
-from cwa.findings import Finding
+from cwa.report.analysis import Analysis
+from cwa.report.findings import Finding
+from cwa.report import findings as th
 
 
 # -- formatting ----------------------------------------------------------------------------------

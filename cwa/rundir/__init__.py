@@ -15,7 +15,7 @@ callbacks below it in the call chain can write through it.
 | ``perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` (one set) | :attr:`Run.perturbation` |
 | ``downstream.csv`` | :func:`.perturbation.write_perturbation` (same set, ``--tasks``) | :attr:`Run.perturbation` |
 | ``super_weights.csv`` | :func:`.super_weights.write_super_weights` (one set with its summary) | find-super-weights |
-| ``accumulators/`` | :mod:`cwa.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |
+| ``accumulators/`` | :mod:`cwa.scoring.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |
 | ``figures/`` | the figures callback; perturb (one set with its csv) | the report |
 
 A shared pass of several metrics writes one such directory per metric, ``version_<n>-<metric>``

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cwa.errors import CwaError
-from cwa.io import write_json
+from cwa.common.errors import CwaError
+from cwa.common.io import write_json
 from cwa.rundir.downstream import DownstreamRow, read_downstream_csv, write_downstream_csv
 from cwa.rundir.files import DOWNSTREAM_CSV, FIGURES, PERTURB_CSV, PERTURB_JSON
 from cwa.rundir.outputs import OutputSet, sha256

@@ -13,8 +13,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-from cwa.errors import CwaError
-from cwa.io import atomic_open
+from cwa.common.errors import CwaError
+from cwa.common.io import atomic_open
 
 R = TypeVar("R", bound="CsvRow")
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cwa.errors import CwaError
-from cwa.params import ParamInfo
+from cwa.common.errors import CwaError
+from cwa.model.params import ParamInfo
 from cwa.rundir.files import ACCUMULATORS, CONFIG, FIGURES, SCORES, SUMMARY, TOPK, Key
 from cwa.rundir.perturbation import Perturbation, read_perturbation
 from cwa.rundir.scores import LazyScores
 from cwa.rundir.summary import Summary
 from cwa.rundir.topk import read_topk
-from cwa.topk import TopK, select_topk
+from cwa.scoring.topk import TopK, select_topk
 
 PREFETCH_K = 1024
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cwa.errors import CwaError
-from cwa.io import atomic_open, atomic_path
+from cwa.common.errors import CwaError
+from cwa.common.io import atomic_open, atomic_path
 from cwa.rundir.files import SCORES_FORMAT
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

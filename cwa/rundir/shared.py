@@ -1,7 +1,7 @@
 """The run directories of a shared pass: one complete run directory per metric.
 
 A fit-sensitivity run whose ``model.metric`` is a list scores every metric in one pass
-(:mod:`cwa.shared_pass`) and writes each metric's results to a run directory of its own beside the
+(:mod:`cwa.scoring.shared_pass`) and writes each metric's results to a run directory of its own beside the
 logger's ``version_<n>``: ``version_<n>-<metric>``, each with a ``config.yaml`` naming that metric alone,
 so that ``perturb`` and ``report`` read it like any single-metric run. ``version_<n>`` itself holds the
 pass's configuration and its checkpoints while it runs (``resume_from`` points there) and is removed once
@@ -14,7 +14,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from cwa.io import atomic_open
+from cwa.common.io import atomic_open
 from cwa.rundir.files import CONFIG, SUMMARY
 from cwa.rundir.run import remove_unfinished_run
 

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from cwa.errors import CwaError
-from cwa.io import write_json
+from cwa.common.errors import CwaError
+from cwa.common.io import write_json
 from cwa.rundir.files import FIT_KIND, SCHEMA_VERSION, SUMMARY
 
 

@@ -6,7 +6,7 @@ import csv
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from cwa.io import write_json
+from cwa.common.io import write_json
 from cwa.rundir.files import FIGURES, SCHEMA_VERSION, SUMMARY, SUPER_WEIGHTS, SUPER_WEIGHTS_KIND
 from cwa.rundir.outputs import OutputSet
 from cwa.rundir.rows import cell

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cwa.errors import CwaError
-from cwa.io import atomic_open
-from cwa.params import ParamInfo
-from cwa.topk import TopK, rank_order
+from cwa.common.errors import CwaError
+from cwa.common.io import atomic_open
+from cwa.model.params import ParamInfo
+from cwa.scoring.topk import TopK, rank_order
 
 TOPK_COLUMNS = ["rank", "parameter", "layer", "module", "row", "col", "index", "score", "weight"]
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from cwa.errors import CwaError
-from cwa.io import atomic_path
-from cwa.scorers import Scorer
-from cwa.sharding import all_gather_objects
+from cwa.common.errors import CwaError
+from cwa.common.io import atomic_path
+from cwa.model.sharding import all_gather_objects
+from cwa.scoring.scorers import Scorer
 
 SUFFIX = ".safetensors"
 _NAME = re.compile(r"rank(\d+)-of-(\d+)-batch(\d+)\.safetensors$")

@@ -1,16 +1,16 @@
 """The metric registry: each short name of ``model.metric`` and the scorer class it stands for.
 
-It sits above :mod:`cwa.scorers` (the gradient and curvature metrics) and :mod:`cwa.saliency` (the
+It sits above :mod:`cwa.scoring.scorers` (the gradient and curvature metrics) and :mod:`cwa.scoring.saliency` (the
 activation-aware ones, which build on the former), so that neither has to import the other to be found.
 A metric outside the registry is given by ``class_path``.
 """
 
 from __future__ import annotations
 
-from cwa.errors import CwaError
-from cwa.saliency import OBD, OBS, Wanda
-from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, Scorer
-from cwa.shared_pass import SharedPass
+from cwa.common.errors import CwaError
+from cwa.scoring.saliency import OBD, OBS, Wanda
+from cwa.scoring.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, Scorer
+from cwa.scoring.shared_pass import SharedPass
 
 METRICS: dict[str, type[Scorer]] = {
     cls.name: cls for cls in (Magnitude, GradXWeight, GradSquared, HutchinsonDiag, Wanda, OBS, OBD)
@@ -19,7 +19,7 @@ METRICS: dict[str, type[Scorer]] = {
 
 def make_scorer(metric: Scorer | str | list[Scorer | str]) -> Scorer:
     """A scorer instance from an instance, a short name (``grad_x_weight``, ``wanda``, ...) or a list of them
-    (a :class:`cwa.shared_pass.SharedPass` over them; a list of one is that one metric)."""
+    (a :class:`cwa.scoring.shared_pass.SharedPass` over them; a list of one is that one metric)."""
     if isinstance(metric, (list, tuple)):
         members = [make_scorer(m) for m in metric]
         if not members:

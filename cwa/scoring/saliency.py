@@ -32,9 +32,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cwa.errors import CwaError
-from cwa.scorers import Batch, GradSquared, GradXWeight, HutchinsonDiag, LossFn, Scorer, _local
-from cwa.sharding import local_slice
+from cwa.common.errors import CwaError
+from cwa.model.sharding import local_slice
+from cwa.scoring.scorers import Batch, GradSquared, GradXWeight, HutchinsonDiag, LossFn, Scorer, _local
 
 FLOAT64_MAX_WIDTH = 2048
 """``obs`` accumulates X^T X in float64 for inputs at most this wide (32 MiB each), float32 above."""

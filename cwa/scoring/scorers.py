@@ -29,8 +29,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from cwa.errors import CwaError
-from cwa.sharding import all_reduce_sum, is_dtensor, local_slice
+from cwa.common.errors import CwaError
+from cwa.model.sharding import all_reduce_sum, is_dtensor, local_slice
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Batch], tuple[Tensor, int]]
@@ -49,7 +49,7 @@ class Scorer:
     @property
     def repeats_passes(self) -> bool:
         """Several forward+backward passes over each batch: the loop keeps freed memory for them
-        (:func:`cwa.environment.keep_freed_memory`)."""
+        (:func:`cwa.common.environment.keep_freed_memory`)."""
         return False
 
     def __init__(self) -> None:
@@ -82,7 +82,7 @@ class Scorer:
 
     def attach(self, model: nn.Module) -> None:
         """Called by the module after ``bind`` with the model itself; scorers that read layer inputs
-        (``cwa.saliency``) register their hooks here. Default: nothing."""
+        (``cwa.scoring.saliency``) register their hooks here. Default: nothing."""
 
     # -- accumulation --------------------------------------------------------------------------
     @property

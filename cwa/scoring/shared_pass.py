@@ -29,10 +29,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from cwa.errors import CwaError
-from cwa.saliency import OBD, Wanda
-from cwa.scorers import Batch, GradSquared, GradXWeight, LossFn, Magnitude, Scorer
-from cwa.sharding import all_reduce_sum
+from cwa.common.errors import CwaError
+from cwa.model.sharding import all_reduce_sum
+from cwa.scoring.saliency import OBD, Wanda
+from cwa.scoring.scorers import Batch, GradSquared, GradXWeight, LossFn, Magnitude, Scorer
 
 SHAREABLE: tuple[type[Scorer], ...] = (Magnitude, GradXWeight, GradSquared, Wanda, OBD)
 """The metric classes a shared pass can feed (exactly these classes: a subclass may update differently)."""

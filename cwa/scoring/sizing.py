@@ -20,7 +20,7 @@ rows of every tensor, the last ranks fewer):
 * extras (metric-specific): the finite-difference weight backup and float32 probes of every scored shard,
   the transient of drawing one whole-tensor probe (random bytes, bits, a float32 copy), float32 casts of
   16-bit gradients, ``wanda``'s float64 sums and ``obs``'s X^T X per distinct layer input (never sharded:
-  activations are not) and its inversion (``cwa.saliency.obs_memory_bytes``), and, sharded, one whole
+  activations are not) and its inversion (``cwa.scoring.saliency.obs_memory_bytes``), and, sharded, one whole
   float32 score tensor gathered while ``scores.safetensors`` is written.
 
 Not counted: activations (batch x seq_len dependent; double backward's graph is one), the framework's own
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -107,7 +107,7 @@ def model_layout(
             False for DDP and one process, which replicate the model.
         input_widths: d_in of each distinct layer input read by ``wanda`` / ``obs``.
     """
-    from cwa.sharding import decoder_layers
+    from cwa.model.sharding import decoder_layers
 
     if world < 1:
         raise CwaError(f"the world size must be at least 1, got {world}.")
@@ -147,7 +147,7 @@ def input_scored(model: nn.Module, params: dict[str, nn.Parameter], scorer: obje
     Args:
         model: the model (on any device, the meta device included).
         params: the selected parameters by name.
-        scorer: the metric (a ``cwa.scorers.Scorer``).
+        scorer: the metric (a ``cwa.scoring.scorers.Scorer``).
 
     Returns:
         (scored parameter names, d_in of each distinct input; empty for the other metrics).
@@ -158,7 +158,7 @@ def input_scored(model: nn.Module, params: dict[str, nn.Parameter], scorer: obje
         return list(params), input_scored(model, params, readers[0])[1] if readers else []
     if not hasattr(scorer, "groups"):
         return list(params), []
-    from cwa.saliency import input_groups, linear_targets
+    from cwa.scoring.saliency import input_groups, linear_targets
 
     targets, _ = linear_targets(model, params)
     groups, _ = input_groups(model, [t.module for t in targets.values()])
@@ -210,8 +210,8 @@ def _hutchinson(
 
 
 def _metric_parts(scorer: object, layout: Layout, b: int) -> tuple[int, int, dict[str, int]]:
-    """(gradients, accumulators, extras) in bytes for ``scorer`` (a ``cwa.scorers.Scorer``)."""
-    from cwa.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
+    """(gradients, accumulators, extras) in bytes for ``scorer`` (a ``cwa.scoring.scorers.Scorer``)."""
+    from cwa.scoring.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
     members = getattr(scorer, "members", None)
     if members is not None:  # a shared pass: one backward serves every member; each keeps its accumulators
@@ -229,7 +229,7 @@ def _metric_parts(scorer: object, layout: Layout, b: int) -> tuple[int, int, dic
     if isinstance(scorer, HutchinsonDiag):
         gradients, extras = _hutchinson(layout, b, scorer.hvp, scorer.probes, scorer.fd_scheme)
         return gradients, acc, extras
-    from cwa.saliency import OBD, OBS, Wanda, obs_memory_bytes
+    from cwa.scoring.saliency import OBD, OBS, Wanda, obs_memory_bytes
 
     if isinstance(scorer, Wanda):
         return 0, acc, {"float64 input sums (per distinct layer input)": sum(layout.input_widths) * 8}
@@ -253,7 +253,7 @@ def plan_memory(layout: Layout, scorer: object, dtype: str, save_scores: str = "
 
     Args:
         layout: what each rank holds (:func:`model_layout`).
-        scorer: the metric, a ``cwa.scorers.Scorer`` instance with its options.
+        scorer: the metric, a ``cwa.scoring.scorers.Scorer`` instance with its options.
         dtype: the weights' dtype (``float32``, ``bfloat16``, ``float16``).
         save_scores: ``scores.safetensors``'s dtype or ``off``: a sharded run gathers one whole float32
             score tensor at a time to write it.
@@ -277,7 +277,7 @@ def check_metric_plan(scorer: object, dtype: str, sharded: bool) -> None:
     """Refuse, before anything is built, the metric settings a run would refuse once its weights are loaded.
 
     Args:
-        scorer: the metric (a ``cwa.scorers.Scorer``).
+        scorer: the metric (a ``cwa.scoring.scorers.Scorer``).
         dtype: the weights' dtype.
         sharded: whether the run shards the model with FSDP2.
     """

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from cwa.errors import CwaError
+from cwa.common.errors import CwaError
 
 Mode = Literal["global", "per_layer"]
 
@@ -204,7 +204,7 @@ def local_candidates(
 ) -> Candidates:
     """This rank's candidates: its best k (``global``) or best k per tensor (``per_layer``) over its
     local shards, with flat indices into the whole tensors."""
-    from cwa.sharding import global_flat_index, local_of
+    from cwa.model.sharding import global_flat_index, local_of
 
     names = list(scores)
     live = {n: s for n, s in scores.items() if s.numel() > 0}  # a shard can be empty (more ranks than rows)
@@ -232,7 +232,7 @@ def local_candidates(
 def select_topk_sharded(scores: Mapping[str, Tensor], params: Mapping[str, Tensor], k: int, mode: Mode) -> TopK:
     """Exact top-K when ``scores`` are this rank's row shards of ``params`` (a collective: every rank
     calls it and gets the same result). Gathers at most k (per tensor) candidates per rank."""
-    from cwa.sharding import all_gather_objects
+    from cwa.model.sharding import all_gather_objects
 
     names = list(scores)
     check_k({n: p.numel() for n, p in params.items()}, k, mode)
