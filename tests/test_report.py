@@ -123,8 +123,8 @@ def test_stability_and_reproducibility_sections(tmp_path):
     analysis = analysis_of([*runs, same])
     (group, positions) = analysis.stability[0]
     assert len(analysis.stability) == 1
-    assert group["seeds"] == [0, 1, 2] and positions == (0, 1, 2)  # a repeat of seed 0 is not a new subset
-    assert group["by_k"]["10"]["mean"] is not None
+    assert group.seeds == [0, 1, 2] and positions == (0, 1, 2)  # a repeat of seed 0 is not a new subset
+    assert group.by_k[10].mean is not None
     repro = {f.verdict: f for f in analysis.of("reproducibility")}
     assert repro["deterministic"].runs == (0, 3) and repro["deterministic"].value == 1.0
     text = text_of(analysis, tmp_path)

@@ -34,7 +34,9 @@ def p_value(p: float | None) -> str:
 
 def effect(x: float | None) -> str:
     """A change against a reference (Δ perplexity, Δ accuracy): signed, three significant digits."""
-    return MISSING if _absent(x) else f"{x:+.3g}"
+    if _absent(x):
+        return MISSING
+    return "0" if x == 0 else f"{x:+.3g}"  # no change carries no sign
 
 
 def number(x: float | None, digits: int = 3) -> str:
