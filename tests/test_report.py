@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,7 +13,7 @@ from test_compare import LAYOUT, load_runs, make_run, random_scores
 from cwa.cli import main
 from cwa.common.errors import CwaError
 from cwa.report.analysis import Analysis, analyse, headlines
-from cwa.report.findings import CONCENTRATED_FACTOR, Finding
+from cwa.report.findings import ALPHA, CONCENTRATED_FACTOR, ENRICHED_FACTOR, Finding
 from cwa.report.markdown import render
 from cwa.report.recipe import report
 
@@ -224,9 +225,23 @@ def test_incomplete_run_directories_are_skipped_with_a_note(tmp_path, capsys):
 
 
 def test_findings_are_dataclasses_with_their_threshold(tmp_path):
+    """Every finding of a concentrated run is a Finding carrying the threshold its verdict is gated on, and its
+    value is on the verdict's side of that threshold."""
     run = make_run(tmp_path, "conc", concentrated_scores(), k=10)
-    for f in analysis_of([run], location_k=20).findings:
-        assert isinstance(f, Finding) and f.runs and f.statistic and f.verdict
+    found = analysis_of([run], location_k=20).findings
+    gates = {  # verdict -> (threshold, the value clears it)
+        "concentrated": (CONCENTRATED_FACTOR, lambda v, t: v >= t),
+        "enriched_module": (ENRICHED_FACTOR, lambda v, t: v >= t),
+        "enriched_layer": (ENRICHED_FACTOR, lambda v, t: v >= t),
+        "recurs": (ALPHA, lambda v, t: v < t),
+        "residual_dimension_recurs": (ALPHA, lambda v, t: v < t),
+    }
+    assert {f.verdict for f in found} >= {"concentrated", "enriched_module", "recurs", "residual_dimension_recurs"}
+    for f in found:
+        assert dataclasses.is_dataclass(f) and isinstance(f, Finding) and f.runs == (0,) and f.statistic
+        threshold, clears = gates[f.verdict]
+        assert f.threshold == threshold and clears(f.value, f.threshold), f
+        assert f.as_dict()["threshold"] == threshold  # the JSON carries it too
 
 
 def test_units_and_sets_are_neither_controls_nor_mislabelled(tmp_path):
