@@ -314,3 +314,24 @@ def test_units_and_sets_are_neither_controls_nor_mislabelled(tmp_path):
     assert "| leave_one_out | zero | 10 − #3 |" in text and "| pair | zero | #1+#2 |" in text
     assert "| topk (rows) | zero | 10 |" in text and "| random_matched (rows) | zero | 10 |" in text
     assert "zero of the rows of the top 10 (160 weights) has no detectable effect" in text
+
+
+def test_a_registered_finding_source_reaches_the_analysis_and_the_report(tmp_path, monkeypatch):
+    from cwa.report import findings
+
+    monkeypatch.setattr(findings, "FINDING_SOURCES", {})
+    monkeypatch.setattr("cwa.report.analysis.FINDING_SOURCES", findings.FINDING_SOURCES)
+
+    @findings.finding_source
+    def loss_findings(runs):
+        return [
+            Finding("reproducibility", "high_loss", (i,), "mean calibration NLL", r.summary.mean_loss, 2.0)
+            for i, r in enumerate(runs)
+            if r.summary.mean_loss > 2.0
+        ]
+
+    run = make_run(tmp_path, "l", random_scores(1), k=10)  # mean_loss 2.5
+    analysis = analysis_of([run])
+    (found,) = [f for f in analysis.findings if f.verdict == "high_loss"]
+    assert (found.runs, found.value, found.threshold) == ((0,), 2.5, 2.0)
+    assert "- R1: high_loss (mean calibration NLL = 2.500)." in text_of(analysis, tmp_path)

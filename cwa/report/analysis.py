@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from cwa.compare.recipe import DEFAULT_SAMPLE, compare_runs
 from cwa.compare.result import Comparison, StabilityGroup
 from cwa.report.findings import (
+    FINDING_SOURCES,
     Finding,
     comparison_findings,
     concentration_findings,
@@ -152,6 +153,8 @@ def analyse(
     for i, rows in enumerate(analysis.perturbation):
         found += perturbation_findings(i, rows)
     found += reproducibility_findings(runs, comparisons)
+    for source in FINDING_SOURCES.values():
+        found += source(runs)
     return analysis
 
 

@@ -7,9 +7,9 @@ never formats a sentence. ``cwa.report.markdown`` renders them; the report's exe
 by section, verdict and strength (:func:`cwa.report.analysis.headlines`). Where the placement findings are, see
 ``cwa.report.placement``.
 
-To add a finding: write a function returning ``Finding``s with a new ``verdict``, call it from
-``cwa.report.analysis.analyse``, and give the verdict its wording in :func:`cwa.report.text.sentence`
-(docs/architecture.md).
+To add a finding: write a function from the runs to ``Finding``s with a new ``verdict`` and register it with
+:func:`finding_source` (``cwa.report.analysis.analyse`` calls every registered source); a new verdict is worded
+by the generic sentence until :func:`cwa.report.text.sentence` gives it a branch (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -72,6 +73,19 @@ class Finding:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+FindingSource = Callable[[list[Run]], list[Finding]]
+
+FINDING_SOURCES: dict[str, FindingSource] = {}
+"""Finding functions beyond the built-in sections, by name: ``analyse`` adds what each finds, in this order."""
+
+
+def finding_source(source: FindingSource) -> FindingSource:
+    """Register ``source`` (a function from the runs to findings) so that every report runs it; registering a
+    function of the same name again replaces it."""
+    FINDING_SOURCES[source.__name__] = source
+    return source
 
 
 def strongest(findings: list[Finding]) -> list[Finding]:
