@@ -84,6 +84,7 @@ class Condition:
     restore: str = ""  # activation restore mode of a restored twin (cwa.ablation.restore), "" for none
 
     def __post_init__(self) -> None:
+        self.kind = ConditionKind(self.kind)  # its value ("topk") names it too
         if (self.kind is ConditionKind.CONTROL) != (self.control is not None):
             raise ValueError("a control condition, and only a control condition, has a control.")
 
