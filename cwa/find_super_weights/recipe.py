@@ -281,7 +281,7 @@ class FindSuperWeights:
         print()
         print(
             f"cwa find-super-weights: {self.pretrained} · {len(result.layers)} MLP output projections · "
-            f"{result.blocks} blocks ({result.tokens:,} tokens) · threshold {self.threshold:g}x"
+            f"{result.blocks} blocks ({fmt.count(result.tokens)} tokens) · threshold {self.threshold:g}x"
         )
         if not result.candidates:
             print("  no layer's input and output spikes both clear the threshold: no candidate.")

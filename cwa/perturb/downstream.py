@@ -368,7 +368,7 @@ def format_downstream(rows: list[DownstreamRow], confidence: float = 0.95) -> li
     if not rows:
         return []
     width = max(len(r.condition) for r in rows)
-    lines = [f"  downstream accuracy (lm-eval; Δ vs baseline [{100 * confidence:.3g}% CI], McNemar p):"]
+    lines = [f"  downstream accuracy (lm-eval; Δ vs baseline [{fmt.percent(confidence)} CI], McNemar p):"]
     for r in rows:
         change = ""
         if r.condition != ConditionKind.BASELINE:
