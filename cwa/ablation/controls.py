@@ -288,17 +288,19 @@ class ControlContext:
 
 @dataclass(frozen=True)
 class FigureStyle:
-    """How a control's line looks in the dose-response figure.
+    """How a control is shown: its line in the dose-response figure and its column in perturb's console table.
 
     Args:
         label: the legend entry.
         color: a matplotlib colour; None takes the next colour no other line of the figure uses.
         marker: a matplotlib marker.
+        short: the console column's header (None: the label).
     """
 
     label: str
     color: str | None = None
     marker: str = "D"
+    short: str | None = None
 
 
 class Control(ABC):
@@ -344,7 +346,7 @@ class RandomMatched(Control):
 
     name = "random_matched"
     units = UNITS
-    style = FigureStyle("random, matched per tensor", "tab:blue", "s")
+    style = FigureStyle("random, matched per tensor", "tab:blue", "s", short="random")
     stream: ClassVar[int] = 1  # keeps its draws independent of the other random controls' for the same seed
 
     def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
@@ -364,7 +366,7 @@ class MagnitudeMatched(Control):
 
     name = "magnitude_matched"
     units = UNITS
-    style = FigureStyle("random, matched |w| bins", "tab:green", "^")
+    style = FigureStyle("random, matched |w| bins", "tab:green", "^", short="magnitude")
     stream: ClassVar[int] = 2
 
     def __init__(self, bins: int = 100) -> None:
@@ -411,7 +413,7 @@ class BottomK(Control):
 
     name = "bottomk"
     seeded = False
-    style = FigureStyle("bottom-K", "tab:gray", "v")
+    style = FigureStyle("bottom-K", "tab:gray", "v", short="bottom-K")
     # units: weight only; the lowest-score weights define no lowest-score rows or columns
 
     def prepare(self, context: ControlContext) -> str | None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from cwa.ablation.stats import SequenceStats
 from cwa.common import format as fmt
 from cwa.rundir import ConditionKind, PerturbRow
-
-_SHORT = {"random_matched": "random", "magnitude_matched": "magnitude", "bottomk": "bottom-K"}
 
 
 def _broken(rows: list[PerturbRow]) -> str | None:
@@ -31,13 +30,13 @@ def _interval(row: PerturbRow) -> str:
     )
 
 
-def _dose_lines(mine: list[PerturbRow], kind: str, targets: list[str]) -> list[str]:
+def _dose_lines(mine: list[PerturbRow], kind: str, targets: Mapping[str, str]) -> list[str]:
     ks = sorted({r.k for r in mine if r.kind is ConditionKind.TOPK})
     if not ks:
         return []
     lines = [
         f"  {kind}: Δ perplexity [95% CI]; controls: mean Δ over seeds (largest p of top-K vs control)",
-        f"  {'K':>6}  {'top-K':>28}" + "".join(f"  {_SHORT.get(t, t):>22}" for t in targets),
+        f"  {'K':>6}  {'top-K':>28}" + "".join(f"  {header:>22}" for header in targets.values()),
     ]
     for k in ks:
         top = next(r for r in mine if r.kind is ConditionKind.TOPK and r.k == k)
@@ -104,7 +103,13 @@ def restore_lines(rows: list[PerturbRow]) -> list[str]:
 
 
 def print_table(
-    rows: list[PerturbRow], title: str, base: SequenceStats, timings: dict, notes: list[str], run_dir: Path
+    rows: list[PerturbRow],
+    title: str,
+    base: SequenceStats,
+    timings: dict,
+    notes: list[str],
+    run_dir: Path,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     """Print the baseline, the dose-response table per perturbation, the single weights, notes and timings.
 
@@ -115,6 +120,7 @@ def print_table(
         timings: perturb.json's timings.
         notes: what was skipped or differs, one sentence each.
         run_dir: where the results are.
+        headers: a control's name -> its column header (``FigureStyle.short``); others show their name.
     """
     print()
     tokens = fmt.count(int(base.tokens.sum()))
@@ -123,7 +129,7 @@ def print_table(
         f"  baseline: perplexity {fmt.perplexity(base.perplexity)}, NLL {fmt.number(base.mean_nll, 4)}, "
         f"accuracy {fmt.number(base.accuracy, 4)}"
     )
-    targets = list(dict.fromkeys(r.target for r in rows[1:] if r.is_control))
+    targets = {t: (headers or {}).get(t, t) for t in dict.fromkeys(r.target for r in rows[1:] if r.is_control)}
     for kind, unit in dict.fromkeys((r.perturbation, r.unit) for r in rows[1:] if not r.restore):
         mine = [r for r in rows[1:] if r.perturbation == kind and r.unit == unit and not r.restore]
         label = kind if unit == "weight" else f"{kind} of each {unit}"

@@ -279,7 +279,9 @@ class PerturbRecipe:
         from cwa.perturb.console import print_table
 
         base = self.baseline.evaluation.stats
-        print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path)
+        styles = [(c.name, c.figure_style()) for c in self.controls]
+        headers = {name: style.short or style.label for name, style in styles}
+        print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path, headers)
         if self.downstream_rows:
             from cwa.perturb.downstream import format_downstream
 
