@@ -744,10 +744,10 @@ def test_perturb_removes_the_temporaries_a_killed_perturb_left(tiny_dir: Path, t
 
 # -- extension points on their classes ------------------------------------------------------------
 def test_a_control_defined_here_is_drawn_in_the_dose_response_figure(
-    tiny_dir: Path, tmp_path: Path, monkeypatch
+    tiny_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """A control that declares no figure style gets a free colour and its name as the label; one that declares
-    a style is drawn with it; neither touches cwa/perturb/figures.py."""
+    a style is drawn with it; neither touches cwa/perturb/figures.py. The console table names their columns."""
     from cwa.ablation.controls import Control, FigureStyle, random_matched
     from cwa.ablation.perturbations import seeded
     from cwa.perturb import figures as perturb_figures
@@ -784,6 +784,8 @@ def test_a_control_defined_here_is_drawn_in_the_dose_response_figure(
         mine = [r for r in rows if r["target"] == name]
         assert list(lines[label].get_xdata()) == [1, 2, 4]
         assert list(lines[label].get_ydata()) == pytest.approx([float(r["delta_perplexity"]) for r in mine])
+    header = next(line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["K"])
+    assert header == ["K", "top-K", "random", "unstyled", "my", "control"]
 
 
 def test_a_condition_kind_is_typed_and_writes_the_same_strings() -> None:
