@@ -8,6 +8,10 @@ order. The model is loaded once and never cloned: each condition writes its pert
 weights in place, runs one forward pass over the held-out blocks and restores the saved bits, verified
 by checksum, also when the condition fails. The run is read only through :mod:`cwa.rundir`, and written
 only through :func:`cwa.rundir.write_perturbation` (csv, figures and json together or not at all).
+
+The steps' pieces live beside it: :mod:`cwa.perturb.loading` (run, model, held-out blocks),
+:mod:`cwa.perturb.conditions` (the conditions and their weights), :mod:`cwa.perturb.restoring` (activation
+restore), :mod:`cwa.perturb.evaluate` (the forward pass and the rows' statistics).
 """
 
 from __future__ import annotations
