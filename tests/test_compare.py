@@ -208,13 +208,13 @@ def test_overlap_of_known_topk_sets(tmp_path):
     a = make_run(tmp_path, "a", _scores_with_top([(q, 1), (q, 2), (d, 3)]), k=3)
     b = make_run(tmp_path, "b", _scores_with_top([(q, 2), (d, 3), (d, 4)]), k=3, metric="magnitude")
     result = compare_runs(load_runs([a, b]), [3], sample=200)
-    assert result["ks"] == [3]
-    assert result["overlap"]["3"]["jaccard"][0][1] == pytest.approx(0.5)
-    assert result["overlap"]["3"]["overlap_coefficient"][0][1] == pytest.approx(2 / 3)
+    assert result.ks == [3]
+    assert result.jaccard(3, 0, 1) == pytest.approx(0.5)
+    assert result.overlap[3].overlap_coefficient[0][1] == pytest.approx(2 / 3)
     # Below the planted weights both runs share the same scores, so the random sample ranks alike.
-    assert result["correlation"]["random_sample"]["spearman"][0][1]["value"] > 0.95
-    union = result["correlation"]["topk_union"]["3"]["spearman"][0][1]
-    assert union["n"] == 4
+    assert result.sample_spearman(0, 1).value > 0.95
+    union = result.topk_union[3].spearman[0][1]
+    assert union.n == 4
 
 
 def test_correlations_match_scipy_on_the_same_weights(tmp_path):
@@ -224,16 +224,16 @@ def test_correlations_match_scipy_on_the_same_weights(tmp_path):
     result = compare_runs(runs, [20], sample=10**9)  # capped at every weight
     sa = torch.cat([s.reshape(-1) for s in random_scores(1).values()]).numpy()
     sb = torch.cat([s.reshape(-1) for s in random_scores(2).values()]).numpy()
-    sample = result["correlation"]["random_sample"]
-    assert sample["size"] == sa.size
-    assert sample["spearman"][0][1]["value"] == pytest.approx(stats.spearmanr(sa, sb).statistic, abs=1e-9)
-    assert sample["kendall"][0][1]["value"] == pytest.approx(stats.kendalltau(sa, sb).statistic, abs=1e-9)
+    sample = result.random_sample
+    assert sample.size == sa.size
+    assert sample.spearman[0][1].value == pytest.approx(stats.spearmanr(sa, sb).statistic, abs=1e-9)
+    assert sample.kendall[0][1].value == pytest.approx(stats.kendalltau(sa, sb).statistic, abs=1e-9)
     keys = sorted(set(runs[0].topk_keys(20)) | set(runs[1].topk_keys(20)))
     x = [random_scores(1)[n].reshape(-1)[i].item() for n, i in keys]
     y = [random_scores(2)[n].reshape(-1)[i].item() for n, i in keys]
-    union = result["correlation"]["topk_union"]["20"]["spearman"][0][1]
-    assert union["n"] == len(keys)
-    assert union["value"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-6)
+    union = result.topk_union[20].spearman[0][1]
+    assert union.n == len(keys)
+    assert union.value == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-6)
 
 
 def test_per_layer_run_gives_exact_global_topk_from_csv(tmp_path):
@@ -252,20 +252,37 @@ def test_missing_scores_fall_back_to_csv_with_a_note(tmp_path):
     a = make_run(tmp_path, "a", random_scores(1), k=10)
     b = make_run(tmp_path, "b", random_scores(1), k=10, save_scores=False)
     result = compare_runs(load_runs([a, b]), [10, 50])
-    assert result["ks"] == [10]
-    assert any("saved no scores" in n for n in result["notes"])
-    assert any("K=50 dropped" in n for n in result["notes"])
-    assert result["correlation"]["random_sample"] is None
-    assert result["overlap"]["10"]["jaccard"][0][1] == 1.0
-    assert result["correlation"]["topk_union"]["10"]["spearman"][0][1]["value"] == pytest.approx(1.0)
+    assert result.ks == [10]
+    assert any("saved no scores" in n for n in result.notes)
+    assert any("K=50 dropped" in n for n in result.notes)
+    assert result.random_sample is None
+    assert result.jaccard(10, 0, 1) == 1.0
+    assert result.topk_union[10].spearman[0][1].value == pytest.approx(1.0)
 
 
 def test_different_parameter_sets_compare_only_the_common_ones(tmp_path):
-    a = make_run(tmp_path, "a", random_scores(1), k=5)
-    other = {n: s for n, s in random_scores(1).items() if "embed" not in n}
-    b = make_run(tmp_path, "b", other, k=5)
-    result = compare_runs(load_runs([a, b]), [5])
-    assert any("different parameters" in n for n in result["notes"])
+    """Run b scores no embedding. The scores are compared on the 7 tensors both score: over all their weights
+    they are identical (ρ = 1), while the embedding, where a's scores are the reverse of anything b could
+    hold, is never read; the top-K sets, selected over different parameter sets, still compare as they are."""
+    scores = random_scores(1)
+    embed = "model.embed_tokens.weight"
+    scores[embed] = scores[embed] * 0.01  # a's top-5 lies in the common tensors
+    a = make_run(tmp_path, "a", scores, k=5)
+    b = make_run(tmp_path, "b", {n: s for n, s in scores.items() if n != embed}, k=5)
+    result = compare_runs(load_runs([a, b]), [5], sample=10**9)  # capped at every common weight
+    common = sum(s.numel() for n, s in scores.items() if n != embed)
+    assert result.random_sample.size == common == 680 - 96
+    assert result.sample_spearman(0, 1).value == pytest.approx(1.0)
+    assert result.jaccard(5, 0, 1) == 1.0 and result.topk_union[5].spearman[0][1].n == 5
+    (note,) = [n for n in result.notes if "different parameters" in n]
+    assert "a/version_0: 8 tensors" in note and "b/version_0: 7 tensors" in note and "on the 7 tensors" in note
+
+    # An embedding weight in a's top-5 puts that K outside the common tensors: no top-K union correlation there.
+    scores[embed].view(-1)[0] = 100.0
+    c = make_run(tmp_path, "c", scores, k=5)
+    result = compare_runs(load_runs([c, b]), [5], sample=10**9)
+    assert result.topk_union == {} and result.random_sample.size == common
+    assert result.jaccard(5, 0, 1) == pytest.approx(4 / 6)
 
 
 def test_stability_groups_runs_that_differ_only_in_seed(tmp_path):
@@ -273,11 +290,11 @@ def test_stability_groups_runs_that_differ_only_in_seed(tmp_path):
     other = make_run(tmp_path, "m", random_scores(9), k=10, metric="magnitude")
     loaded = load_runs([*runs, other])
     result = compare_runs(loaded, [10])
-    (group,) = result["stability"]
-    assert group["seeds"] == [0, 1, 2]
-    jac = np.array(result["overlap"]["10"]["jaccard"])
+    (group,) = result.stability
+    assert group.seeds == [0, 1, 2]
+    jac = np.array(result.overlap[10].jaccard)
     expected = np.mean([jac[0, 1], jac[0, 2], jac[1, 2]])
-    assert group["by_k"]["10"]["mean"] == pytest.approx(expected, abs=1e-6)
+    assert group.by_k[10].mean == pytest.approx(expected, abs=1e-6)
 
 
 def test_cli_writes_json_and_figures(tmp_path, capsys):

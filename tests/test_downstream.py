@@ -238,7 +238,7 @@ def test_the_report_shows_the_downstream_table(tmp_path: Path) -> None:
     output = report([str(run)], tmp_path / "out" / "report.md", ks=[10], sample=2000, figures=False)
     text = output.read_text()
     section = text[text.index("### Downstream accuracy") :]
-    assert "| zero/topk/k=10 | cwa_pydoc_lastword | 200 | 0.120 | -0.290 [-0.360, -0.220] | 1.5e-09 |" in section
+    assert "| zero/topk/k=10 | cwa_pydoc_lastword | 200 | 0.120 | -0.29 [-0.36, -0.22] | 1.5e-09 |" in section
     assert "| baseline | cwa_pydoc_lastword | 200 | 0.410 |  |  |" in section
     saved = json.loads(output.with_suffix(".json").read_text())
     assert saved["downstream"]["d/version_0"][1]["delta_accuracy"] == -0.29

@@ -740,3 +740,81 @@ def test_perturb_removes_the_temporaries_a_killed_perturb_left(tiny_dir: Path, t
     _quick(run, tensorboard=False).run()
     assert not any(path.exists() for path in stale)
     assert (run / "perturb.csv").is_file() and not list(run.rglob("*.tmp"))
+
+
+# -- extension points on their classes ------------------------------------------------------------
+def test_a_control_defined_here_is_drawn_in_the_dose_response_figure(
+    tiny_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A control that declares no figure style gets a free colour and its name as the label; one that declares
+    a style is drawn with it; neither touches cwa/perturb/figures.py. The console table names their columns."""
+    from cwa.ablation.controls import Control, FigureStyle, random_matched
+    from cwa.ablation.perturbations import seeded
+    from cwa.perturb import figures as perturb_figures
+
+    class Unstyled(Control):
+        name = "unstyled"
+
+        def select(self, k, seed):
+            target = topk_prefix(self.context.topk, k)
+            return random_matched(self.context.params, target, seeded(seed or 0, k, 41))
+
+    class Styled(Unstyled):
+        name = "styled"
+        style = FigureStyle("my control", "tab:brown", "P")
+
+    drawn = {}
+
+    def keep(fig, path: Path) -> None:
+        drawn[path.name.split(".")[-2]] = fig  # the staged file name ends in <figure>.<id>.tmp or <figure>.png
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(perturb_figures, "_save", keep)
+    run = make_run(tmp_path, tiny_dir)
+    _quick(run, ks=(1, 2, 4), single=0, controls=("random_matched", Unstyled(), Styled()), tensorboard=False).run()
+    (fig,) = drawn.values()
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == list(lines) == ["top-K", "random, matched per tensor", "unstyled", "my control"]
+    assert lines["unstyled"].get_color() == perturb_figures.FREE_COLORS[0]  # orange: no other line uses it
+    assert (lines["my control"].get_color(), lines["my control"].get_marker()) == ("tab:brown", "P")
+    _, rows = _read_csv(run / "perturb.csv")
+    for name, label in (("unstyled", "unstyled"), ("styled", "my control")):
+        mine = [r for r in rows if r["target"] == name]
+        assert list(lines[label].get_xdata()) == [1, 2, 4]
+        assert list(lines[label].get_ydata()) == pytest.approx([float(r["delta_perplexity"]) for r in mine])
+    header = next(line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["K"])
+    assert header == ["K", "top-K", "random", "unstyled", "my", "control"]
+
+
+def test_a_condition_kind_is_typed_and_writes_the_same_strings() -> None:
+    from cwa.ablation.controls import RandomMatched
+    from cwa.perturb.evaluate import Condition
+    from cwa.rundir import ConditionKind, PerturbRow
+
+    assert [k.value for k in ConditionKind] == ["baseline", "topk", "single", "leave_one_out", "pair", "control"]
+    assert Condition(Zero(), ConditionKind.TOPK, 5).target == "topk"
+    loo = Condition(Zero(), ConditionKind.LEAVE_ONE_OUT, 3, rank=2)
+    assert (loo.target, loo.name, loo.is_control) == ("leave_one_out", "zero/leave_one_out/k=3/without=2", False)
+    control = Condition(Zero(), ConditionKind.CONTROL, 5, seed=1, control=RandomMatched())
+    assert (control.target, control.name, control.is_control) == (
+        "random_matched",
+        "zero/random_matched/k=5/seed=1",
+        True,
+    )
+    with pytest.raises(ValueError, match="control"):
+        Condition(Zero(), ConditionKind.CONTROL, 5)
+    with pytest.raises(ValueError, match="control"):
+        Condition(Zero(), ConditionKind.TOPK, 5, control=RandomMatched())
+    # Rows of a perturb.csv written before the enum existed: the target cell decides the kind.
+    cells = {c: "" for c in PerturbRow.columns()} | {"n_weights": "1", "perplexity": "1", "nll": "0", "accuracy": "0"}
+    cells |= {c: "0" for c in PerturbRow.columns() if c.startswith("delta_")}
+    kinds = {t: PerturbRow.parse(cells | {"target": t}).kind for t in ("baseline", "pair", "bottomk", "my_control")}
+    assert kinds == {
+        "baseline": ConditionKind.BASELINE,
+        "pair": ConditionKind.PAIR,
+        "bottomk": ConditionKind.CONTROL,
+        "my_control": ConditionKind.CONTROL,
+    }
+    assert PerturbRow.parse(cells | {"target": "topk"}).cells()[2] == "topk"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,7 +13,7 @@ from test_compare import LAYOUT, load_runs, make_run, random_scores
 from cwa.cli import main
 from cwa.common.errors import CwaError
 from cwa.report.analysis import Analysis, analyse, headlines
-from cwa.report.findings import CONCENTRATED_FACTOR, Finding
+from cwa.report.findings import ALPHA, CONCENTRATED_FACTOR, ENRICHED_FACTOR, Finding
 from cwa.report.markdown import render
 from cwa.report.recipe import report
 
@@ -123,8 +124,8 @@ def test_stability_and_reproducibility_sections(tmp_path):
     analysis = analysis_of([*runs, same])
     (group, positions) = analysis.stability[0]
     assert len(analysis.stability) == 1
-    assert group["seeds"] == [0, 1, 2] and positions == (0, 1, 2)  # a repeat of seed 0 is not a new subset
-    assert group["by_k"]["10"]["mean"] is not None
+    assert group.seeds == [0, 1, 2] and positions == (0, 1, 2)  # a repeat of seed 0 is not a new subset
+    assert group.by_k[10].mean is not None
     repro = {f.verdict: f for f in analysis.of("reproducibility")}
     assert repro["deterministic"].runs == (0, 3) and repro["deterministic"].value == 1.0
     text = text_of(analysis, tmp_path)
@@ -224,9 +225,23 @@ def test_incomplete_run_directories_are_skipped_with_a_note(tmp_path, capsys):
 
 
 def test_findings_are_dataclasses_with_their_threshold(tmp_path):
+    """Every finding of a concentrated run is a Finding carrying the threshold its verdict is gated on, and its
+    value is on the verdict's side of that threshold."""
     run = make_run(tmp_path, "conc", concentrated_scores(), k=10)
-    for f in analysis_of([run], location_k=20).findings:
-        assert isinstance(f, Finding) and f.runs and f.statistic and f.verdict
+    found = analysis_of([run], location_k=20).findings
+    gates = {  # verdict -> (threshold, the value clears it)
+        "concentrated": (CONCENTRATED_FACTOR, lambda v, t: v >= t),
+        "enriched_module": (ENRICHED_FACTOR, lambda v, t: v >= t),
+        "enriched_layer": (ENRICHED_FACTOR, lambda v, t: v >= t),
+        "recurs": (ALPHA, lambda v, t: v < t),
+        "residual_dimension_recurs": (ALPHA, lambda v, t: v < t),
+    }
+    assert {f.verdict for f in found} >= {"concentrated", "enriched_module", "recurs", "residual_dimension_recurs"}
+    for f in found:
+        assert dataclasses.is_dataclass(f) and isinstance(f, Finding) and f.runs == (0,) and f.statistic
+        threshold, clears = gates[f.verdict]
+        assert f.threshold == threshold and clears(f.value, f.threshold), f
+        assert f.as_dict()["threshold"] == threshold  # the JSON carries it too
 
 
 def test_units_and_sets_are_neither_controls_nor_mislabelled(tmp_path):
@@ -299,3 +314,24 @@ def test_units_and_sets_are_neither_controls_nor_mislabelled(tmp_path):
     assert "| leave_one_out | zero | 10 − #3 |" in text and "| pair | zero | #1+#2 |" in text
     assert "| topk (rows) | zero | 10 |" in text and "| random_matched (rows) | zero | 10 |" in text
     assert "zero of the rows of the top 10 (160 weights) has no detectable effect" in text
+
+
+def test_a_registered_finding_source_reaches_the_analysis_and_the_report(tmp_path, monkeypatch):
+    from cwa.report import findings
+
+    monkeypatch.setattr(findings, "FINDING_SOURCES", {})
+    monkeypatch.setattr("cwa.report.analysis.FINDING_SOURCES", findings.FINDING_SOURCES)
+
+    @findings.finding_source
+    def loss_findings(runs):
+        return [
+            Finding("reproducibility", "high_loss", (i,), "mean calibration NLL", r.summary.mean_loss, 2.0)
+            for i, r in enumerate(runs)
+            if r.summary.mean_loss > 2.0
+        ]
+
+    run = make_run(tmp_path, "l", random_scores(1), k=10)  # mean_loss 2.5
+    analysis = analysis_of([run])
+    (found,) = [f for f in analysis.findings if f.verdict == "high_loss"]
+    assert (found.runs, found.value, found.threshold) == ((0,), 2.5, 2.0)
+    assert "- R1: high_loss (mean calibration NLL = 2.500)." in text_of(analysis, tmp_path)

@@ -281,7 +281,7 @@ def test_perturb_restore_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> N
     assert out.count("restore all on") == 4
     assert main(["report", str(run), "--output", str(tmp_path / "report" / "report.md")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| recovered [95% CI] |" in report and "| 100.0% [100.0%, 100.0%] |" in report
+    assert "| recovered [95% CI] |" in report and "| 100% [100%, 100%] |" in report
 
 
 def test_old_perturb_rows_parse_without_the_restore_columns() -> None:

@@ -184,7 +184,7 @@ def test_a_bit_flip_to_inf_is_reported_as_broken_sequences(tmp_path: Path, capsy
     from cwa.ablation.perturbations import BitFlip
     from cwa.perturb.console import print_table
     from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
-    from cwa.rundir import read_perturb_csv, write_perturb_csv
+    from cwa.rundir import ConditionKind, read_perturb_csv, write_perturb_csv
 
     model = tiny_llama()
     generator = torch.Generator().manual_seed(0)
@@ -198,7 +198,7 @@ def test_a_bit_flip_to_inf_is_reported_as_broken_sequences(tmp_path: Path, capsy
         BitFlip("exponent_msb").write(embedding.data, torch.tensor([token * embedding.shape[1]]))
     assert math.isinf(float(embedding[token, 0]))
     flipped = Result(
-        Condition(BitFlip("exponent_msb"), "topk", k=1), evaluate(model, blocks, 4, torch.device("cpu")), 1
+        Condition(BitFlip("exponent_msb"), ConditionKind.TOPK, k=1), evaluate(model, blocks, 4, torch.device("cpu")), 1
     )
     assert flipped.evaluation.stats.broken.tolist() == [i in (0, 4, 9) for i in range(12)]
 

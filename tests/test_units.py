@@ -257,14 +257,14 @@ def test_perturb_with_units_sets_and_mean_end_to_end(
             )
     assert by_name["zero/leave_one_out/k=3/without=1"].n_weights == 2
     assert by_name["zero/topk/k=3"].n_weights == 3
-    shapes = recipe.shapes
+    shapes, transposed = recipe.loaded.shapes, recipe.loaded.transposed
     for r in rows[1:]:
         if r.is_control and r.unit != "weight":  # whole units of the same length: the same weight count
             assert r.n_weights == by_name[f"{r.perturbation}/topk/k={r.k}/unit={r.unit}"].n_weights, r.condition
         if r.target == "single" and r.unit != "weight":
             name = recipe.topk.names[int(recipe.topk.param[r.rank - 1])]
             rows_, cols_ = shapes[name]
-            (out_len, in_len) = (cols_, rows_) if recipe.transposed[name] else (rows_, cols_)
+            (out_len, in_len) = (cols_, rows_) if transposed[name] else (rows_, cols_)
             assert r.n_weights == (in_len if r.unit == "row" else out_len)
     assert "bottomk skipped at unit row, column" in " ".join(Run.load(run).perturbation.meta["notes"])
     printed = capsys.readouterr().out

@@ -1,10 +1,10 @@
 """Controls of ``cwa perturb``: weights chosen to match the top-K set, perturbed in the same way, so that
 the top-K set's damage can be told from the damage of perturbing any K weights.
 
-A control is a small class with a short ``name``, typed ``__init__`` options and two steps:
-:meth:`Control.prepare` (once, before any evaluation: load or index what it needs) and
-:meth:`Control.select` (the weights for one K and, for a random control, one seed). ``CONTROLS`` maps
-the names to the classes; adding a control is one class in this file.
+A control is a small class with a short ``name``, typed ``__init__`` options, a :class:`FigureStyle` for the
+dose-response figure (a default one when it declares none) and two steps: :meth:`Control.prepare` (once, before
+any evaluation: load or index what it needs) and :meth:`Control.select` (the weights for one K and, for a random
+control, one seed). ``CONTROLS`` maps the names to the classes; adding a control is one class.
 """
 
 from __future__ import annotations
@@ -286,12 +286,35 @@ class ControlContext:
     transposed: Mapping[str, bool] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FigureStyle:
+    """How a control is shown: its line in the dose-response figure and its column in perturb's console table.
+
+    Args:
+        label: the legend entry.
+        color: a matplotlib colour; None takes the next colour no other line of the figure uses.
+        marker: a matplotlib marker.
+        short: the console column's header (None: the label).
+    """
+
+    label: str
+    color: str | None = None
+    marker: str = "D"
+    short: str | None = None
+
+
 class Control(ABC):
-    """A set of K weights to perturb instead of the top-K set. ``seeded`` controls are drawn once per seed."""
+    """A set of K weights to perturb instead of the top-K set. ``seeded`` controls are drawn once per seed;
+    ``style`` is its look in the dose-response figure (None: its name as the label, a free colour)."""
 
     name: ClassVar[str] = ""
     seeded: ClassVar[bool] = True
     units: ClassVar[tuple[str, ...]] = ("weight",)  # the ablation units it can match (others: select takes unit)
+    style: ClassVar[FigureStyle | None] = None
+
+    def figure_style(self) -> FigureStyle:
+        """The declared style, or the default one every control gets (so a new control is always drawn)."""
+        return self.style if self.style is not None else FigureStyle(label=self.name)
 
     def prepare(self, context: ControlContext) -> str | None:
         """Get ready to select; return a note when this control cannot be drawn for this run (it is then left out)."""
@@ -323,6 +346,7 @@ class RandomMatched(Control):
 
     name = "random_matched"
     units = UNITS
+    style = FigureStyle("random, matched per tensor", "tab:blue", "s", short="random")
     stream: ClassVar[int] = 1  # keeps its draws independent of the other random controls' for the same seed
 
     def select(self, k: int, seed: int | None, unit: str = "weight") -> Selection:
@@ -342,6 +366,7 @@ class MagnitudeMatched(Control):
 
     name = "magnitude_matched"
     units = UNITS
+    style = FigureStyle("random, matched |w| bins", "tab:green", "^", short="magnitude")
     stream: ClassVar[int] = 2
 
     def __init__(self, bins: int = 100) -> None:
@@ -388,6 +413,7 @@ class BottomK(Control):
 
     name = "bottomk"
     seeded = False
+    style = FigureStyle("bottom-K", "tab:gray", "v", short="bottom-K")
     # units: weight only; the lowest-score weights define no lowest-score rows or columns
 
     def prepare(self, context: ControlContext) -> str | None:

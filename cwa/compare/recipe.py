@@ -25,8 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.common.io import write_json
+from cwa.compare.result import (
+    Comparison,
+    Correlations,
+    Overlap,
+    RankCorrelation,
+    RunEntry,
+    SampleCorrelations,
+    Stability,
+    StabilityGroup,
+)
 from cwa.rundir import Key, Run, load_runs, unique_names
 from cwa.scoring import agreement
 
@@ -136,18 +147,17 @@ def _keys_of(wanted: dict[str, np.ndarray]) -> list[Key]:
     return [(n, int(i)) for n, idx in wanted.items() for i in idx]
 
 
-def correlation_matrices(tables: list[ScoreTable], keys_for_pair) -> dict[str, list[list[dict | None]]]:
+def correlation_matrices(tables: list[ScoreTable], keys_for_pair) -> Correlations:
     """Spearman and Kendall matrices; ``keys_for_pair(i, j)`` gives the weights a pair is compared on."""
     n = len(tables)
-    out = {"spearman": [[None] * n for _ in range(n)], "kendall": [[None] * n for _ in range(n)]}
+    out = Correlations([[None] * n for _ in range(n)], [[None] * n for _ in range(n)])
     for i, j in itertools.combinations(range(n), 2):
         keys = keys_for_pair(i, j)
         if not keys:
             continue
         x, y = tables[i].lookup(keys), tables[j].lookup(keys)
-        for name, fn in (("spearman", agreement.spearman), ("kendall", agreement.kendall)):
-            value = fn(x, y).as_dict()
-            out[name][i][j] = out[name][j][i] = value
+        for matrix, fn in ((out.spearman, agreement.spearman), (out.kendall, agreement.kendall)):
+            matrix[i][j] = matrix[j][i] = RankCorrelation.of(fn(x, y))
     return out
 
 
@@ -167,7 +177,7 @@ def locations(run: Run, k: int) -> dict:
 
 
 # -- stability over calibration seeds ------------------------------------------------------------
-def stability_groups(runs: list[Run], sets: dict[int, list[set[Key] | None]], seed: int) -> list[dict]:
+def stability_groups(runs: list[Run], sets: dict[int, list[set[Key] | None]], seed: int) -> list[StabilityGroup]:
     """Groups of runs with identical settings but different calibration seeds, with their agreement.
 
     A second run with a seed already in its group repeats a calibration subset rather than drawing a new
@@ -186,26 +196,25 @@ def stability_groups(runs: list[Run], sets: dict[int, list[set[Key] | None]], se
         members = list(by_seed.values())
         if len(members) < 2:
             continue
-        entry = {
-            "runs": [runs[i].name for i in members],
-            "seeds": [runs[i].seed for i in members],
-            "label": f"{runs[members[0]].model} · {runs[members[0]].label.rsplit(' seed=', 1)[0]}",
-            "repeats_left_out": repeats.get(key, []),
-            "by_k": {},
-        }
+        entry = StabilityGroup(
+            runs=[runs[i].name for i in members],
+            seeds=[runs[i].seed for i in members],
+            label=f"{runs[members[0]].model} · {runs[members[0]].label.rsplit(' seed=', 1)[0]}",
+            repeats_left_out=repeats.get(key, []),
+        )
         for k, per_run in sets.items():
             group_sets = [per_run[i] for i in members]
             if any(s is None for s in group_sets):
                 continue
             jac, _ = overlap_matrices(group_sets)
-            entry["by_k"][str(k)] = agreement.stability(jac, seed=seed)
+            entry.by_k[k] = Stability(**agreement.stability(jac, seed=seed))
         out.append(entry)
     return out
 
 
 # -- the whole comparison ------------------------------------------------------------------------
-def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, seed: int = 0) -> dict:
-    """Every statistic of ``cwa compare`` as one JSON-ready dict (matrices indexed like ``runs``)."""
+def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, seed: int = 0) -> Comparison:
+    """Every statistic of ``cwa compare`` (matrices indexed like ``runs``)."""
     if len(runs) < 2:
         raise CwaError("compare needs at least two run directories.")
     notes = []
@@ -221,19 +230,16 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
             "(no scores.safetensors and a shorter topk.csv)"
         )
     sets = topk_sets(runs, usable)
-    result: dict = {
-        "runs": [_run_entry(name, r, usable) for name, r in zip(names, runs, strict=True)],
-        "ks": usable,
-        "overlap": {},
-        "correlation": {"topk_union": {}, "random_sample": None},
-        "locations": {},
-        "stability": stability_groups(runs, sets, seed),
-        "notes": notes,
-    }
+    result = Comparison(
+        runs=[_run_entry(name, r, usable) for name, r in zip(names, runs, strict=True)],
+        ks=usable,
+        stability=stability_groups(runs, sets, seed),
+        notes=notes,
+    )
     tied = [
         f"{names[i]} at K={k} ({n} weights)"
-        for i, r in enumerate(result["runs"])
-        for k, n in r["ties_at_cutoff"].items()
+        for i, r in enumerate(result.runs)
+        for k, n in r.ties_at_cutoff.items()
         if n
     ]
     if tied:
@@ -243,7 +249,7 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
         )
     for k in usable:
         jac, ovl = overlap_matrices(sets[k])
-        result["overlap"][str(k)] = {"jaccard": _matrix(jac), "overlap_coefficient": _matrix(ovl)}
+        result.overlap[k] = Overlap(_matrix(jac), _matrix(ovl))
     missing = [r.name for r in runs if not r.has_scores]
     if missing:
         notes.append(
@@ -251,35 +257,27 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
             "weight outside topk.csv tied below it, and they are left out of the random-sample correlation"
         )
     if common:
-        result["correlation"] = correlations(runs, common, sets, sample if not missing else 0, seed)
+        result.topk_union, result.random_sample = correlations(runs, common, sets, sample if not missing else 0, seed)
     for i, run in enumerate(runs):
         fits = [k for k in usable if run.max_global_k >= k]
         if fits:
-            result["locations"][names[i]] = locations(run, fits[-1])
+            result.locations[names[i]] = locations(run, fits[-1])
     return result
 
 
-def _run_entry(name: str, r: Run, ks: list[int]) -> dict:
-    return {
-        "name": name,
-        "path": str(r.path),
-        "model": r.model,
-        "metric": r.metric,
-        "mode": r.mode,
-        "k": r.k,
-        "samples": r.samples,
-        "seed": r.seed,
-        "has_scores": r.has_scores,
-        "data_fingerprint": r.summary.data_fingerprint,
-        "ties_at_cutoff": {str(k): r.cutoff_tie(k) for k in ks if r.max_global_k >= k},
-    }
+def _run_entry(name: str, r: Run, ks: list[int]) -> RunEntry:
+    ties = {k: r.cutoff_tie(k) for k in ks if r.max_global_k >= k}
+    return RunEntry(
+        name, str(r.path), r.model, r.metric, r.mode, r.k, r.samples, r.seed, r.has_scores,
+        r.summary.data_fingerprint, ties,
+    )  # fmt: skip
 
 
 def correlations(
     runs: list[Run], common: list[str], sets: dict[int, list[set[Key] | None]], sample: int, seed: int
-) -> dict:
+) -> tuple[dict[int, Correlations], SampleCorrelations | None]:
     """Spearman and Kendall matrices over each K's top-K union (the K whose sets lie in the ``common``
-    tensors) and over a uniform random sample of ``sample`` weights of them (none when 0); each run's
+    tensors) and over a uniform random sample of ``sample`` weights of them (None when 0); each run's
     scores are read in one pass over the union of all those weights."""
     common_set = set(common)
     usable_union = [
@@ -296,22 +294,19 @@ def correlations(
         for n in set(union_all) | set(sampled)
     }
     tables = [ScoreTable(r, wanted) for r in runs]
-    out: dict = {"topk_union": {}, "random_sample": None}
+    union: dict[int, Correlations] = {}
     for k in usable_union:
 
         def pair_keys(i: int, j: int, k: int = k) -> list[Key]:
             a, b = sets[k][i], sets[k][j]
             return sorted(a | b) if a is not None and b is not None else []
 
-        out["topk_union"][str(k)] = correlation_matrices(tables, pair_keys)
-    if sampled:
-        sample_keys = _keys_of(sampled)
-        out["random_sample"] = {
-            "size": len(sample_keys),
-            "seed": seed,
-            **correlation_matrices(tables, lambda i, j: sample_keys),
-        }
-    return out
+        union[k] = correlation_matrices(tables, pair_keys)
+    if not sampled:
+        return union, None
+    sample_keys = _keys_of(sampled)
+    matrices = correlation_matrices(tables, lambda i, j: sample_keys)
+    return union, SampleCorrelations(matrices.spearman, matrices.kendall, size=len(sample_keys), seed=seed)
 
 
 def _matrix(m: np.ndarray) -> list[list[float | None]]:
@@ -319,69 +314,61 @@ def _matrix(m: np.ndarray) -> list[list[float | None]]:
 
 
 # -- output --------------------------------------------------------------------------------------
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+def _value(c: RankCorrelation | None) -> float | None:
+    return None if c is None else c.value
 
 
-def format_table(result: dict) -> str:
+def format_table(result: Comparison) -> str:
     """The pairwise table printed to the terminal (one line per pair of runs)."""
-    names = [r["name"] for r in result["runs"]]
+    names = [r.name for r in result.runs]
     lines = ["runs:"]
-    for i, r in enumerate(result["runs"]):
-        lines.append(
-            f"  [{i}] {names[i]}: {r['model']} · {r['metric']} {r['mode']} k={r['k']} n={r['samples']} seed={r['seed']}"
-        )
-    ks = result["ks"]
-    header = "  pair    " + "".join(f"  J@{k:<6} O@{k:<6}" for k in ks) + "  rho(top-K∪)  tau(top-K∪)  rho(sample)"
-    lines += ["", header]
-    largest = str(ks[-1]) if ks else None
-    union = result["correlation"]["topk_union"].get(largest, {}) if largest else {}
-    sample = result["correlation"]["random_sample"] or {}
+    for i, r in enumerate(result.runs):
+        lines.append(f"  [{i}] {names[i]}: {r.model} · {r.metric} {r.mode} k={r.k} n={r.samples} seed={r.seed}")
+    header = "  pair    " + "".join(f"  J@{k:<6} O@{k:<6}" for k in result.ks)
+    lines += ["", header + "  rho(top-K∪)  tau(top-K∪)  rho(sample)"]
+    largest = result.largest_k
+    union = result.topk_union.get(largest) if largest else None
     for i, j in itertools.combinations(range(len(names)), 2):
         cells = []
-        for k in ks:
-            ov = result["overlap"][str(k)]
-            cells.append(f"  {_fmt(ov['jaccard'][i][j]):<8} {_fmt(ov['overlap_coefficient'][i][j]):<8}")
-        rho = (union.get("spearman") or [[None]])[i][j] if union else None
-        tau = (union.get("kendall") or [[None]])[i][j] if union else None
-        srho = sample["spearman"][i][j] if sample else None
-        lines.append(
-            f"  {i}-{j:<5}"
-            + "".join(cells)
-            + f"  {_fmt(rho and rho['value']):>11}  {_fmt(tau and tau['value']):>11}"
-            + f"  {_fmt(srho and srho['value']):>11}"
-        )
+        for k in result.ks:
+            ov = result.overlap[k]
+            cells.append(f"  {fmt.number(ov.jaccard[i][j]):<8} {fmt.number(ov.overlap_coefficient[i][j]):<8}")
+        rho = _value(union.spearman[i][j]) if union else None
+        tau = _value(union.kendall[i][j]) if union else None
+        srho = _value(result.sample_spearman(i, j))
+        correlations = f"  {fmt.number(rho):>11}  {fmt.number(tau):>11}  {fmt.number(srho):>11}"
+        lines.append(f"  {i}-{j:<5}" + "".join(cells) + correlations)
     if largest:
         lines.append(
             f"  J = Jaccard, O = overlap coefficient of the global top-K; correlations of |score| at K={largest}."
         )
-    for group in result["stability"]:
-        lines += ["", f"stability over calibration seeds {group['seeds']}: {group['label']}"]
-        for k, s in group["by_k"].items():
-            interval = f"[{_fmt(s['low'])}, {_fmt(s['high'])}]" if s["low"] is not None else f"({s['note']})"
-            lines.append(f"  K={k}: mean pairwise Jaccard {_fmt(s['mean'])} {interval} over {s['runs']} runs")
-    for note in result["notes"]:
+    for group in result.stability:
+        lines += ["", f"stability over calibration seeds {group.seeds}: {group.label}"]
+        for k, s in group.by_k.items():
+            interval = f"[{fmt.number(s.low)}, {fmt.number(s.high)}]" if s.low is not None else f"({s.note})"
+            lines.append(f"  K={k}: mean pairwise Jaccard {fmt.number(s.mean)} {interval} over {s.runs} runs")
+    for note in result.notes:
         lines += ["", f"note: {note}."]
     return "\n".join(lines)
 
 
-def write_figures(result: dict, out: Path) -> list[Path]:
+def write_figures(result: Comparison, out: Path) -> list[Path]:
     from cwa.report import figures as report_figures
 
     paths = []
-    names = [r["name"] for r in result["runs"]]
-    if result["ks"]:
-        k = str(result["ks"][-1])
+    names = [r.name for r in result.runs]
+    if result.largest_k:
+        k = result.largest_k
         path = out / "figures" / f"overlap_jaccard_k{k}.png"
         report_figures.overlap_heatmap(
-            np.array(result["overlap"][k]["jaccard"], dtype=float),
+            np.array(result.overlap[k].jaccard, dtype=float),
             names,
             f"Jaccard overlap of the global top-{k}",
             path,
         )
         paths.append(path)
-    if result["locations"]:
-        located = {f"[{names.index(n)}] {n}": loc for n, loc in result["locations"].items()}
+    if result.locations:
+        located = {f"[{names.index(n)}] {n}": loc for n, loc in result.locations.items()}
         path = out / "figures" / "topk_by_layer.png"
         report_figures.layer_distribution(located, path)
         paths.append(path)
@@ -456,12 +443,12 @@ def compare(
     if len(loaded) < 2:
         raise CwaError("compare needs at least two different complete run directories.")
     result = compare_runs(loaded, k_values, int(sample), seed)
-    result["skipped"] = skipped
+    result.skipped = skipped
     out = Path(output) if output is not None else default_output(loaded)
-    write_json(out / "compare.json", result)
+    write_json(out / "compare.json", result.to_json())
     if figures:
-        result["figures"] = [str(p.relative_to(out)) for p in write_figures(result, out)]
-        write_json(out / "compare.json", result)
+        result.figures = [str(p.relative_to(out)) for p in write_figures(result, out)]
+        write_json(out / "compare.json", result.to_json())
     print(format_table(result))
     print(f"\ncompare.json and figures in {out}")
     return out

@@ -24,9 +24,10 @@ import torch
 
 from cwa.ablation.perturbations import ChecksumCache, Zero, perturbed
 from cwa.ablation.super_weights import Candidate, SuperWeightScan, find_super_weights, recovered_published
+from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
-from cwa.rundir import CONFIG, PerturbRow, remove_unfinished_run, write_super_weights
+from cwa.rundir import CONFIG, ConditionKind, PerturbRow, remove_unfinished_run, write_super_weights
 
 SUPER = "super_weight"
 DAMAGING = "damaging"
@@ -171,7 +172,7 @@ class FindSuperWeights:
                 selection = {candidate.parameter: torch.tensor([self._flat_index(candidate)])}
                 with perturbed(params, selection, zero, None, checksums):
                     evaluation = self._evaluate(heldout)
-                condition = Condition(zero, "single", rank=candidate.rank)  # tested against the baseline
+                condition = Condition(zero, ConditionKind.SINGLE, rank=candidate.rank)  # tested against the baseline
                 results.append(Result(condition, evaluation, 1, where=self._where(candidate)))
                 bar.update(1)
         self.rows = perturb_rows(baseline, results, self.statistics)
@@ -280,7 +281,7 @@ class FindSuperWeights:
         print()
         print(
             f"cwa find-super-weights: {self.pretrained} · {len(result.layers)} MLP output projections · "
-            f"{result.blocks} blocks ({result.tokens:,} tokens) · threshold {self.threshold:g}x"
+            f"{result.blocks} blocks ({fmt.count(result.tokens)} tokens) · threshold {self.threshold:g}x"
         )
         if not result.candidates:
             print("  no layer's input and output spikes both clear the threshold: no candidate.")
@@ -288,8 +289,8 @@ class FindSuperWeights:
             verdict, row = verdicts.get(c.rank, ("unverified", None))
             effect = ""
             if row is not None:
-                low, high = _signed(row.delta_perplexity_low), _signed(row.delta_perplexity_high)
-                effect = f"  Δppl {_signed(row.delta_perplexity)} [{low}, {high}]"
+                low, high = row.delta_perplexity_low, row.delta_perplexity_high
+                effect = f"  Δppl {fmt.interval(row.delta_perplexity, low, high, fmt.effect)}"
             print(
                 f"  {c.rank:>3}  layer {c.layer:>3} [{c.row}, {c.col}] w={c.weight:.4g} (|w| rank {c.weight_rank})  "
                 f"spikes x{c.input_ratio:.0f} in, x{c.output_ratio:.0f} out{effect}  {verdict}"
@@ -326,10 +327,6 @@ class FindSuperWeights:
                 writer.add_scalar("super_weights/output_ratio", _finite(record.output.ratio), record.layer)
         finally:
             writer.close()
-
-
-def _signed(value: float) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{value:+.3g}"
 
 
 def _finite(value: float) -> float:

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from cwa.ablation.stats import SequenceStats
-from cwa.rundir import PerturbRow
-
-_SHORT = {"random_matched": "random", "magnitude_matched": "magnitude", "bottomk": "bottom-K"}
-
-
-def _signed(value: float | None, digits: int = 3) -> str:
-    if value is None or math.isnan(value):
-        return "nan"
-    return f"{value:+.{digits}g}"
-
-
-def _p(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else (f"{value:.3g}" if value >= 1e-3 else "<1e-3")
+from cwa.common import format as fmt
+from cwa.rundir import ConditionKind, PerturbRow
 
 
 def _broken(rows: list[PerturbRow]) -> str | None:
     """Says "broken on x% of sequences" where the model gave a non-finite NLL on a sequence (worst row)."""
     worst = max((r.broken_fraction or 0.0 for r in rows), default=0.0)
-    return f"broken on {100 * worst:.3g}% of sequences" if worst > 0 else None
+    return f"broken on {fmt.percent(worst)} of sequences" if worst > 0 else None
 
 
 def _finite(value: float | None) -> float:
@@ -35,21 +25,21 @@ def _interval(row: PerturbRow) -> str:
     if broken := _broken([row]):
         return f"{broken:>28}"
     return (
-        f"{_signed(row.delta_perplexity):>9} [{_signed(row.delta_perplexity_low)}, "
-        f"{_signed(row.delta_perplexity_high)}]"
+        f"{fmt.effect(row.delta_perplexity):>9} [{fmt.effect(row.delta_perplexity_low)}, "
+        f"{fmt.effect(row.delta_perplexity_high)}]"
     )
 
 
-def _dose_lines(mine: list[PerturbRow], kind: str, targets: list[str]) -> list[str]:
-    ks = sorted({r.k for r in mine if r.target == "topk"})
+def _dose_lines(mine: list[PerturbRow], kind: str, targets: Mapping[str, str]) -> list[str]:
+    ks = sorted({r.k for r in mine if r.kind is ConditionKind.TOPK})
     if not ks:
         return []
     lines = [
         f"  {kind}: Δ perplexity [95% CI]; controls: mean Δ over seeds (largest p of top-K vs control)",
-        f"  {'K':>6}  {'top-K':>28}" + "".join(f"  {_SHORT.get(t, t):>22}" for t in targets),
+        f"  {'K':>6}  {'top-K':>28}" + "".join(f"  {header:>22}" for header in targets.values()),
     ]
     for k in ks:
-        top = next(r for r in mine if r.target == "topk" and r.k == k)
+        top = next(r for r in mine if r.kind is ConditionKind.TOPK and r.k == k)
         line = f"  {k:>6}  {_interval(top)}"
         line = f"{line:<38}"
         for target in targets:
@@ -59,43 +49,39 @@ def _dose_lines(mine: list[PerturbRow], kind: str, targets: list[str]) -> list[s
                 continue
             mean = sum(r.delta_perplexity for r in ctl) / len(ctl)
             ps = [r.p_value for r in ctl if r.p_value is not None]
-            cell = _broken(ctl) or f"{_signed(mean)} (p {_p(max(ps)) if ps else '-'})"
+            cell = _broken(ctl) or f"{fmt.effect(mean)} (p {fmt.p_value(max(ps) if ps else None)})"
             line += f"  {cell:>22}"
         lines.append(line)
     return lines
 
 
 def _single_lines(mine: list[PerturbRow], label: str) -> list[str]:
-    singles = [r for r in mine if r.target == "single"]
+    singles = [r for r in mine if r.kind is ConditionKind.SINGLE]
     if not singles:
         return []
     lines = [f"  {label}, each of the top {len(singles)} weights alone: Δ perplexity [95% CI] (p vs baseline)"]
-    return lines + [f"  {r.rank:>6}  {_interval(r)}  (p {_p(r.p_value)})" for r in singles]
+    return lines + [f"  {r.rank:>6}  {_interval(r)}  (p {fmt.p_value(r.p_value)})" for r in singles]
 
 
 def _set_lines(mine: list[PerturbRow], label: str, most: int = 10) -> list[str]:
     """The leave-one-out sets beside the joint set, and the pairs with the largest damage first."""
     lines = []
-    loo = [r for r in mine if r.target == "leave_one_out"]
+    loo = [r for r in mine if r.kind is ConditionKind.LEAVE_ONE_OUT]
     if loo:
         n = loo[0].k
-        joint = next((r for r in mine if r.target == "topk" and r.k == n), None)
+        joint = next((r for r in mine if r.kind is ConditionKind.TOPK and r.k == n), None)
         lines.append(f"  {label}, the top {n} as a set: Δ perplexity [95% CI] (p of the joint set vs each)")
         if joint is not None:
             lines.append(f"  {'joint':>9}  {_interval(joint)}")
-        lines += [f"  {'without ' + str(r.rank):>9}  {_interval(r)}  (p {_p(r.p_value)})" for r in loo]
-    pairs = [r for r in mine if r.target == "pair"]
+        lines += [f"  {'without ' + str(r.rank):>9}  {_interval(r)}  (p {fmt.p_value(r.p_value)})" for r in loo]
+    pairs = [r for r in mine if r.kind is ConditionKind.PAIR]
     if pairs:
         ranked = sorted(pairs, key=lambda r: (-(r.broken_fraction or 0.0), -_finite(r.delta_perplexity)))
         more = f"; {len(pairs) - most} more in perturb.csv" if len(pairs) > most else ""
         head = f"  {label}, pairs of top weights, largest damage first{more}"
         lines.append(f"{head}: Δ perplexity [95% CI] (p vs baseline)")
-        lines += [f"  {'ranks ' + r.ranks:>11}  {_interval(r)}  (p {_p(r.p_value)})" for r in ranked[:most]]
+        lines += [f"  {'ranks ' + r.ranks:>11}  {_interval(r)}  (p {fmt.p_value(r.p_value)})" for r in ranked[:most]]
     return lines
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.3g}%"
 
 
 def restore_lines(rows: list[PerturbRow]) -> list[str]:
@@ -103,22 +89,27 @@ def restore_lines(rows: list[PerturbRow]) -> list[str]:
     activations recovers, with its interval, or why it is undefined."""
     lines = []
     for r in (r for r in rows if r.restore):
-        tokens = "" if r.restored_tokens is None else f" ({r.restored_tokens:,} tokens restored)"
+        tokens = "" if r.restored_tokens is None else f" ({fmt.count(r.restored_tokens)} tokens restored)"
         head = f"  restore {r.restore} on {r.p_value_vs}: "
         if (r.broken_fraction or 0) > 0 or r.recovered_fraction is None or math.isnan(r.recovered_fraction):
             lines.append(f"{head}recovered fraction undefined (no finite damage to recover){tokens}")
-        elif r.recovered_fraction_low is None or r.recovered_fraction_high is None:
+        elif (low := r.recovered_fraction_low) is None or (high := r.recovered_fraction_high) is None:
             lines.append(f"{head}recovered fraction undefined (the damage's interval includes 0){tokens}")
         else:
             lines.append(
-                f"{head}recovers {_percent(r.recovered_fraction)} [{_percent(r.recovered_fraction_low)}, "
-                f"{_percent(r.recovered_fraction_high)}] of the damage{tokens}"
+                f"{head}recovers {fmt.interval(r.recovered_fraction, low, high, fmt.percent)} of the damage{tokens}"
             )
     return lines
 
 
 def print_table(
-    rows: list[PerturbRow], title: str, base: SequenceStats, timings: dict, notes: list[str], run_dir: Path
+    rows: list[PerturbRow],
+    title: str,
+    base: SequenceStats,
+    timings: dict,
+    notes: list[str],
+    run_dir: Path,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     """Print the baseline, the dose-response table per perturbation, the single weights, notes and timings.
 
@@ -129,11 +120,16 @@ def print_table(
         timings: perturb.json's timings.
         notes: what was skipped or differs, one sentence each.
         run_dir: where the results are.
+        headers: a control's name -> its column header (``FigureStyle.short``); others show their name.
     """
     print()
-    print(f"cwa perturb: {title} top-K · {len(base)} held-out sequences ({int(base.tokens.sum()):,} tokens)")
-    print(f"  baseline: perplexity {base.perplexity:.4g}, NLL {base.mean_nll:.4f}, accuracy {base.accuracy:.4f}")
-    targets = list(dict.fromkeys(r.target for r in rows[1:] if r.is_control))
+    tokens = fmt.count(int(base.tokens.sum()))
+    print(f"cwa perturb: {title} top-K · {fmt.count(len(base))} held-out sequences ({tokens} tokens)")
+    print(
+        f"  baseline: perplexity {fmt.perplexity(base.perplexity)}, NLL {fmt.number(base.mean_nll, 4)}, "
+        f"accuracy {fmt.number(base.accuracy, 4)}"
+    )
+    targets = {t: (headers or {}).get(t, t) for t in dict.fromkeys(r.target for r in rows[1:] if r.is_control)}
     for kind, unit in dict.fromkeys((r.perturbation, r.unit) for r in rows[1:] if not r.restore):
         mine = [r for r in rows[1:] if r.perturbation == kind and r.unit == unit and not r.restore]
         label = kind if unit == "weight" else f"{kind} of each {unit}"

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from cwa.ablation.stats import bootstrap_weights, mcnemar_exact, paired_mean_interval
+from cwa.common import format as fmt
 from cwa.common.errors import CwaError
-from cwa.rundir import DownstreamRow
+from cwa.rundir import ConditionKind, DownstreamRow
 
 LOCAL_TASK = "cwa_pydoc_lastword"
 MAX_ITEMS = 500
@@ -349,9 +350,8 @@ def downstream_rows(
     rows = []
     weights = {task: bootstrap_weights(len(base.correct), resamples) for task, base in baseline.items()}
     for task, base in baseline.items():
-        rows.append(
-            DownstreamRow("baseline", task, len(base.correct), base.accuracy, 0.0, 0.0, 0.0, None, base.seconds)
-        )
+        baseline_row = (ConditionKind.BASELINE.value, task, len(base.correct), base.accuracy, 0.0, 0.0, 0.0, None)
+        rows.append(DownstreamRow(*baseline_row, base.seconds))
     for name, results in conditions:
         for task, result in results.items():
             base = baseline[task].correct
@@ -368,11 +368,12 @@ def format_downstream(rows: list[DownstreamRow], confidence: float = 0.95) -> li
     if not rows:
         return []
     width = max(len(r.condition) for r in rows)
-    lines = [f"  downstream accuracy (lm-eval; Δ vs baseline [{100 * confidence:.3g}% CI], McNemar p):"]
+    lines = [f"  downstream accuracy (lm-eval; Δ vs baseline [{fmt.percent(confidence)} CI], McNemar p):"]
     for r in rows:
         change = ""
-        if r.condition != "baseline":
-            interval = f"[{r.delta_accuracy_low:+.3f}, {r.delta_accuracy_high:+.3f}]"
-            change = f"  Δ {r.delta_accuracy:+.3f} {interval}  p={r.p_value:.3g}"
-        lines.append(f"  {r.condition:<{width}}  {r.task}  n={r.items}  acc={r.accuracy:.3f}{change}  {r.seconds:.1f}s")
+        if r.condition != ConditionKind.BASELINE:
+            delta = fmt.interval(r.delta_accuracy, r.delta_accuracy_low, r.delta_accuracy_high, fmt.effect)
+            change = f"  Δ {delta}  p={fmt.p_value(r.p_value)}"
+        head = f"  {r.condition:<{width}}  {r.task}  n={fmt.count(r.items)}  acc={fmt.number(r.accuracy)}"
+        lines.append(f"{head}{change}  {r.seconds:.1f}s")
     return lines

@@ -16,7 +16,7 @@ from cwa.ablation.controls import Control
 from cwa.ablation.perturbations import Perturbation
 from cwa.ablation.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
 from cwa.common.errors import CwaError
-from cwa.rundir import SET_TARGETS, PerturbRow
+from cwa.rundir import ConditionKind, PerturbRow
 
 
 @dataclass
@@ -68,12 +68,13 @@ def evaluate(
 # -- conditions and their results ------------------------------------------------------------------
 @dataclass
 class Condition:
-    """One perturbed set: the top-K prefix, a control of the same K, one top weight alone, the top-K set
-    without its member of rank ``rank`` (``leave_one_out``) or two top weights together (``pair``, ``ranks``);
-    each at its ``unit`` (the weights themselves, or every weight of their output rows or input columns)."""
+    """One perturbed set (``kind``): the top-K prefix, a control of the same K (``control`` draws it), one top
+    weight alone, the top-K set without its member of rank ``rank`` (``leave_one_out``) or two top weights
+    together (``pair``, ``ranks``); each at its ``unit`` (the weights themselves, or every weight of their output
+    rows or input columns)."""
 
     perturbation: Perturbation
-    target: str  # one of SET_TARGETS or a control's name
+    kind: ConditionKind
     k: int | None = None
     rank: int | None = None  # single: the weight's rank; leave_one_out: the member left out
     seed: int | None = None
@@ -82,12 +83,22 @@ class Condition:
     ranks: tuple[int, ...] | None = None  # pair: the ranks perturbed together
     restore: str = ""  # activation restore mode of a restored twin (cwa.ablation.restore), "" for none
 
+    def __post_init__(self) -> None:
+        self.kind = ConditionKind(self.kind)  # its value ("topk") names it too
+        if (self.kind is ConditionKind.CONTROL) != (self.control is not None):
+            raise ValueError("a control condition, and only a control condition, has a control.")
+
+    @property
+    def target(self) -> str:
+        """The ``target`` cell of perturb.csv: the kind's value, or the control's name."""
+        return self.control.name if self.control is not None else self.kind.value
+
     @property
     def name(self) -> str:
         parts = [self.perturbation.name, self.target]
         if self.ranks is not None:
             parts.append("ranks=" + "+".join(map(str, self.ranks)))
-        elif self.target == "leave_one_out":
+        elif self.kind is ConditionKind.LEAVE_ONE_OUT:
             parts += [f"k={self.k}", f"without={self.rank}"]
         elif self.rank is not None:
             parts.append(f"rank={self.rank}")
@@ -103,7 +114,7 @@ class Condition:
 
     @property
     def is_control(self) -> bool:
-        return self.target not in SET_TARGETS
+        return self.kind is ConditionKind.CONTROL
 
 
 @dataclass
@@ -147,12 +158,16 @@ def perturb_rows(baseline: Result, results: list[Result], options: StatisticsOpt
     resamples for the intervals and one for the tests (paired statistics, comparable across conditions)."""
     n = len(baseline.evaluation.stats)
     weights = bootstrap_weights(n, options.bootstrap, seed=0), bootstrap_weights(n, options.permutations, seed=1)
-    topk = {_joint_key(r.condition): r for r in results if r.condition.target == "topk" and not r.condition.restore}
+    topk = {
+        _joint_key(r.condition): r
+        for r in results
+        if r.condition.kind is ConditionKind.TOPK and not r.condition.restore
+    }
     unrestored = {r.condition.name: r for r in results if not r.condition.restore}
     rows = [_row(baseline, baseline, weights, options, None)]
     for result in results:
         cond = result.condition
-        against_joint = cond.is_control or cond.target == "leave_one_out"
+        against_joint = cond.is_control or cond.kind is ConditionKind.LEAVE_ONE_OUT
         reference = topk.get(_joint_key(cond)) if against_joint else None
         row = _row(result, baseline, weights, options, reference)
         if cond.restore:
@@ -214,18 +229,18 @@ def _row(
         deltas = bootstrap_deltas(base, stats, interval_weights, options.confidence)
     if cond is None:
         pair, vs = None, ""
-    elif not cond.is_control and cond.target != "leave_one_out":
-        pair, vs = (stats, base), "baseline"
+    elif not cond.is_control and cond.kind is not ConditionKind.LEAVE_ONE_OUT:
+        pair, vs = (stats, base), ConditionKind.BASELINE.value
     elif reference is not None:
-        pair, vs = (reference.evaluation.stats, stats), "topk"
+        pair, vs = (reference.evaluation.stats, stats), ConditionKind.TOPK.value
     else:
         pair, vs = None, ""
     testable = pair is not None and not any(s.broken_fraction > 0 for s in pair)
     p_value = paired_bootstrap_test(*pair, test_weights) if testable else None
     return PerturbRow(
-        condition="baseline" if cond is None else cond.name,
+        condition=ConditionKind.BASELINE.value if cond is None else cond.name,
         perturbation="" if cond is None else cond.perturbation.name,
-        target="baseline" if cond is None else cond.target,
+        target=ConditionKind.BASELINE.value if cond is None else cond.target,
         k=None if cond is None else cond.k,
         rank=None if cond is None else cond.rank,
         seed=None if cond is None else cond.seed,

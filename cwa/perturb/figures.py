@@ -8,16 +8,15 @@ into the path it is given (``rundir.write_perturbation`` stages it beside the ot
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
-from cwa.rundir import PerturbRow
+from cwa.ablation.controls import FigureStyle
+from cwa.rundir import ConditionKind, PerturbRow
 
-_STYLE = {
-    "topk": ("top-K", "tab:red", "o"),
-    "random_matched": ("random, matched per tensor", "tab:blue", "s"),
-    "magnitude_matched": ("random, matched |w| bins", "tab:green", "^"),
-    "bottomk": ("bottom-K", "tab:gray", "v"),
-}
+TOPK_STYLE = FigureStyle("top-K", "tab:red", "o")
+FREE_COLORS = ("tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+"""Colours for controls that declare none, in order (the declared styles use red, blue, green and gray)."""
 
 
 def _save(fig, path: Path) -> None:
@@ -47,15 +46,31 @@ def _panel_title(title: str, kind: str, unit: str) -> str:
     return f"{title} · {kind}" + ("" if unit == "weight" else f" · unit {unit}")
 
 
-def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
+def line_styles(rows: list[PerturbRow], styles: Mapping[str, FigureStyle] | None = None) -> dict[str, FigureStyle]:
+    """The top-K's style, then one per control in ``rows`` (in order of appearance): the control's declared
+    style from ``styles`` (its name -> ``Control.figure_style()``) or its name as the label; a style without a
+    colour takes the next free one."""
+    out = {ConditionKind.TOPK.value: TOPK_STYLE}
+    for target in dict.fromkeys(r.target for r in rows if r.is_control):
+        out[target] = (styles or {}).get(target) or FigureStyle(label=target)
+    used = {style.color for style in out.values()}
+    free = iter([c for c in FREE_COLORS if c not in used] * (1 + len(out) // len(FREE_COLORS)))
+    return {t: style if style.color else replace(style, color=next(free)) for t, style in out.items()}
+
+
+def dose_response(
+    rows: list[PerturbRow], title: str, path: Path, styles: Mapping[str, FigureStyle] | None = None
+) -> None:
     """Δ perplexity against K (log axis) for the top-K and each control, one panel per perturbation and unit.
 
     A random control's line is its mean over seeds and its band spans the lowest to the highest 95%
-    bound of its seeds; the top-K and bottom-K bands are their bootstrap intervals.
+    bound of its seeds; the top-K and bottom-K bands are their bootstrap intervals. ``styles`` maps a
+    control's name to its :class:`~cwa.ablation.controls.FigureStyle`; a control without one is drawn too.
     """
     plt = _pyplot()
     rows = [r for r in rows if not r.restore]  # activation-restore twins are not points of the curve
-    panels = _panels([r for r in rows if r.target in _STYLE])
+    lines = line_styles(rows, styles)
+    panels = _panels([r for r in rows if r.target in lines])
     if not panels:
         return
     kinds, units = list(dict.fromkeys(p[0] for p in panels)), list(dict.fromkeys(p[1] for p in panels))
@@ -67,7 +82,7 @@ def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
         ax = axes[kinds.index(kind), units.index(unit)]
         ax.set_visible(True)
         lowest = 0.0
-        for target, (label, color, marker) in _STYLE.items():
+        for target, style in lines.items():
             mine = [r for r in rows if r.perturbation == kind and r.unit == unit and r.target == target]
             ks = sorted({r.k for r in mine})
             if not ks:
@@ -80,8 +95,8 @@ def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
                 high.append(max(r.delta_perplexity_high for r in at))
             seeds = len({r.seed for r in mine})
             tag = f" ({seeds} seeds)" if seeds > 1 else ""
-            ax.plot(ks, mean, marker=marker, color=color, label=label + tag)
-            ax.fill_between(ks, low, high, color=color, alpha=0.18, linewidth=0)
+            ax.plot(ks, mean, marker=style.marker, color=style.color, label=style.label + tag)
+            ax.fill_between(ks, low, high, color=style.color, alpha=0.18, linewidth=0)
             lowest = min([lowest, *(v for v in low if v == v)])
         ax.set_xscale("log")
         # Damage spans from noise around zero to orders of magnitude: symlog keeps both readable.
@@ -99,7 +114,7 @@ def dose_response(rows: list[PerturbRow], title: str, path: Path) -> None:
 def single_weight(rows: list[PerturbRow], where: Mapping[str, str], title: str, path: Path) -> None:
     """Δ perplexity when each of the top-N weights is perturbed alone, with bootstrap error bars."""
     plt = _pyplot()
-    singles = [r for r in rows if r.target == "single" and not r.restore]
+    singles = [r for r in rows if r.kind is ConditionKind.SINGLE and not r.restore]
     if not singles:
         return
     panels = _panels(singles)
@@ -136,7 +151,7 @@ def sets(rows: list[PerturbRow], title: str, path: Path) -> None:
     """For the top-N set (N = the leave-one-out size): the joint set, then for each member its Δ perplexity
     alone and the set's without it, with bootstrap error bars; one panel per perturbation and unit."""
     plt = _pyplot()
-    loo = [r for r in rows if r.target == "leave_one_out"]
+    loo = [r for r in rows if r.kind is ConditionKind.LEAVE_ONE_OUT]
     if not loo:
         return
     panels = _panels(loo)
@@ -145,9 +160,9 @@ def sets(rows: list[PerturbRow], title: str, path: Path) -> None:
     fig, axes = plt.subplots(len(panels), 1, figsize=size, squeeze=False, layout="constrained")
     for ax, (kind, unit) in zip(axes[:, 0], panels, strict=True):
         mine = [r for r in rows if r.perturbation == kind and r.unit == unit]
-        joint = next((r for r in mine if r.target == "topk" and r.k == n), None)
-        alone = {r.rank: r for r in mine if r.target == "single"}
-        without = {r.rank: r for r in mine if r.target == "leave_one_out" and r.k == n}
+        joint = next((r for r in mine if r.kind is ConditionKind.TOPK and r.k == n), None)
+        alone = {r.rank: r for r in mine if r.kind is ConditionKind.SINGLE}
+        without = {r.rank: r for r in mine if r.kind is ConditionKind.LEAVE_ONE_OUT and r.k == n}
         labels = []
         if joint is not None:
             _bar(ax, 0, joint, "tab:red", 0.7)
@@ -181,13 +196,13 @@ def tensorboard_scalars(run_dir: Path, rows: list[PerturbRow]) -> None:
         grouped: dict[tuple[str, str, int | None], list[float]] = {}
         for row in (r for r in rows[1:] if not r.restore):
             tail = "" if row.unit == "weight" else f"_{row.unit}"
-            if row.target == "single":
+            if row.kind is ConditionKind.SINGLE:
                 tag = f"perturb_{row.perturbation}/single_delta_perplexity{tail}"
                 writer.add_scalar(tag, row.delta_perplexity, row.rank)
-            elif row.target == "leave_one_out":
+            elif row.kind is ConditionKind.LEAVE_ONE_OUT:
                 tag = f"perturb_{row.perturbation}/leave_one_out_delta_perplexity{tail}"
                 writer.add_scalar(tag, row.delta_perplexity, row.rank)
-            elif row.target != "pair":
+            elif row.kind is not ConditionKind.PAIR:
                 grouped.setdefault((row.perturbation, row.target + tail, row.k), []).append(row.delta_perplexity)
         for (kind, target, k), values in grouped.items():
             writer.add_scalar(f"perturb_{kind}/delta_perplexity/{target}", sum(values) / len(values), k)

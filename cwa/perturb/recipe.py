@@ -8,22 +8,20 @@ order. The model is loaded once and never cloned: each condition writes its pert
 weights in place, runs one forward pass over the held-out blocks and restores the saved bits, verified
 by checksum, also when the condition fails. The run is read only through :mod:`cwa.rundir`, and written
 only through :func:`cwa.rundir.write_perturbation` (csv, figures and json together or not at all).
+
+The steps' pieces live beside it: :mod:`cwa.perturb.loading` (run, model, held-out blocks),
+:mod:`cwa.perturb.conditions` (the conditions and their weights), :mod:`cwa.perturb.restoring` (activation
+restore), :mod:`cwa.perturb.evaluate` (the forward pass and the rows' statistics).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import itertools
-import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-
-import torch
 
 from cwa.ablation.controls import Control, ControlContext, ControlName, ControlUnavailable, make_control
 from cwa.ablation.perturbations import (
@@ -34,16 +32,17 @@ from cwa.ablation.perturbations import (
     make_perturbation,
     perturbed,
     seeded,
-    selection_from,
     selection_size,
     topk_prefix,
 )
 from cwa.ablation.restore import RestoreMode
-from cwa.ablation.units import Unit, check_units, expand
+from cwa.ablation.units import Unit, check_units
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
+from cwa.perturb.conditions import condition_place, selection_of, unit_conditions, with_restored_twins
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
-from cwa.perturb.run_data import build_data
+from cwa.perturb.loading import fit_sensitivity_first, load_heldout, load_run_model
+from cwa.perturb.restoring import ActivationRestore
 from cwa.rundir import DownstreamRow, Run, write_perturbation
 
 MAX_PAIRS = 20
@@ -171,7 +170,7 @@ class PerturbRecipe:
         self.tasks_on_controls = tasks_on_controls
         self.downstream = _downstream_tasks(tasks, tasks_limit, tasks_batch_size)
         self.downstream_rows: list[DownstreamRow] | None = None
-        self._init_restore(restore, restore_threshold)
+        self.restore = ActivationRestore(restore, restore_threshold)
 
     def _set_units_and_sets(self, units: tuple[str, ...], leave_one_out: int, pairs: int) -> None:
         self.units = check_units(tuple(units))
@@ -201,7 +200,9 @@ class PerturbRecipe:
     def setup(self) -> None:
         """Load the run (running fit-sensitivity first with ``fit_config``), the model and the held-out blocks."""
         if self.fit_config is not None:
-            self.run_path = str(self._fit_sensitivity())
+            start = time.perf_counter()
+            self.run_path = str(fit_sensitivity_first(self.fit_config, self.fit_args))
+            self.timings["fit_sensitivity_s"] = time.perf_counter() - start
         self.run_dir = Run.load(self.run_path)
         self.topk = self.run_dir.topk
         longest = max([*self.ks, self.single])
@@ -210,19 +211,29 @@ class PerturbRecipe:
                 f"K={longest} is larger than the run's top-K list ({len(self.topk)} weights); lower ks/single or "
                 "rerun fit-sensitivity with a larger model.k."
             )
-        self.dtype = self.run_dir.summary.dtype or self._model_config.get("dtype") or "float32"
+        self.dtype = self.run_dir.summary.dtype or (self.run_dir.config.get("model") or {}).get("dtype") or "float32"
         from cwa.model.loading import torch_dtype
 
         for perturbation in self.perturbations:
             perturbation.validate(torch_dtype(self.dtype))  # a bad bit index fails before the model is loaded
-        self._load_model()
-        self._load_heldout()
-        self._prepare_tasks()
+        start = time.perf_counter()
+        self.loaded = load_run_model(self.run_dir, self.dtype, self.device_name, self.trust_remote_code, self.units)
+        self.model, self.device, self.params = self.loaded.model, self.loaded.device, self.loaded.params
+        self.notes += self.loaded.notes
+        self.timings["load_model_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.heldout = load_heldout(self.run_dir, self.heldout_samples, self.batch_size, self.heldout_tokens)
+        self.data, self.blocks = self.heldout.data, self.heldout.blocks
+        self.timings["data_s"] = time.perf_counter() - start
+        self.notes += self.heldout.notes
+        if self.downstream is not None:  # the local task is built from the held-out text, before any evaluation
+            self.downstream.setup(self.data, self.trust_remote_code)
 
     def build_conditions(self) -> None:
         """Prepare the controls (once) and list every condition: per perturbation and unit, per K the top-K
         set and each control (per seed for a random one), each of the top ``single`` weights alone, the
-        leave-one-out sets and the pairs. A control without a definition at a unit is left out there, noted."""
+        leave-one-out sets and the pairs; then the activation-restore twins. A control without a definition
+        at a unit is left out there, noted."""
         controls = self._prepared_controls() if self.ks else []
         for control in controls:
             missing = [u for u in self.units if u not in control.units]
@@ -231,24 +242,10 @@ class PerturbRecipe:
                 self.notes.append(f"{control.name} skipped at unit {units}: it has no unit-level definition.")
         for perturbation in self.perturbations:
             for unit in self.units:
-                self.conditions += self._unit_conditions(perturbation, unit, controls)
-        self.conditions = self._with_restored_twins(self.conditions)
-
-    def _unit_conditions(self, perturbation: Perturbation, unit: str, controls: list[Control]) -> list[Condition]:
-        """One perturbation's conditions at one unit: per K the top-K set and its controls, the single
-        weights, the leave-one-out sets and the pairs."""
-        out = []
-        for k in self.ks:
-            out.append(Condition(perturbation, "topk", k, unit=unit))
-            for control in (c for c in controls if unit in c.units):
-                for seed in self.seeds if control.seeded else (None,):
-                    out.append(Condition(perturbation, control.name, k, seed=seed, control=control, unit=unit))
-        out += [Condition(perturbation, "single", rank=r, unit=unit) for r in range(1, self.single + 1)]
-        n = self.leave_one_out
-        out += [Condition(perturbation, "leave_one_out", n, rank=r, unit=unit) for r in range(1, n + 1)]
-        ranks = itertools.combinations(range(1, self.pairs + 1), 2)
-        out += [Condition(perturbation, "pair", ranks=pair, unit=unit) for pair in ranks]
-        return out
+                self.conditions += unit_conditions(
+                    perturbation, unit, self.ks, controls, self.seeds, self.single, self.leave_one_out, self.pairs
+                )
+        self.conditions = with_restored_twins(self.conditions, self.restore.modes)
 
     def evaluate(self) -> None:
         """The baseline, then each condition perturbed in place, evaluated and restored; then the rows."""
@@ -257,7 +254,11 @@ class PerturbRecipe:
         self.checksums = ChecksumCache(self.params) if self.verify else None
         bar = tqdm(total=len(self.conditions) + 1, desc="cwa perturb", unit="condition", file=sys.stderr)
         with bar:
-            with self._recording() as before_batch:
+            longest = topk_prefix(self.topk, max([*self.ks, self.single]))
+            loaded, infos = self.loaded, self.run_dir.infos
+            with self.restore.recording(
+                self.model, longest, self.units, loaded.shapes, loaded.transposed, infos
+            ) as before_batch:
                 self.baseline = Result(None, self._evaluation(before_batch), 0)
             bar.update(1)
             for condition in self.conditions:
@@ -282,89 +283,19 @@ class PerturbRecipe:
         from cwa.perturb.console import print_table
 
         base = self.baseline.evaluation.stats
-        print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path)
+        styles = [(c.name, c.figure_style()) for c in self.controls]
+        headers = {name: style.short or style.label for name, style in styles}
+        print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path, headers)
         if self.downstream_rows:
             from cwa.perturb.downstream import format_downstream
 
             print("\n".join(format_downstream(self.downstream_rows, self.statistics.confidence)))
 
-    # -- setting up --------------------------------------------------------------------------------
-    def _fit_sensitivity(self) -> Path:
-        from cwa.fit.trainer import run_fit_sensitivity
-
-        if not Path(self.fit_config).expanduser().is_file():
-            raise CwaError(f"fit config '{self.fit_config}' does not exist.")
-        start = time.perf_counter()
-        run_dir = run_fit_sensitivity(["--config", str(self.fit_config), *self.fit_args])
-        if run_dir is None:
-            raise CwaError(f"`cwa fit-sensitivity --config {self.fit_config}` wrote no run directory.")
-        if isinstance(run_dir, list):
-            raise CwaError(
-                f"the fit config '{self.fit_config}' names several metrics and wrote one run per metric "
-                f"({', '.join(str(d) for d in run_dir)}); perturb one of them with --run."
-            )
-        self.timings["fit_sensitivity_s"] = time.perf_counter() - start
-        return Path(run_dir)
-
-    @property
-    def _model_config(self) -> dict:
-        return dict(self.run_dir.config.get("model") or {})
-
-    def _load_model(self) -> None:
-        from cwa.model.loading import load_model
-
-        start = time.perf_counter()
-        settings = self._model_config
-        model = load_model(
-            settings.get("pretrained") or self.run_dir.model,
-            self.dtype,
-            attn_implementation=settings.get("attn_implementation"),
-            trust_remote_code=self.trust_remote_code,
-            revision=settings.get("revision"),
-        )
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(auto if self.device_name == "auto" else self.device_name)
-        self.model = model.to(self.device).requires_grad_(False)
-        named = dict(model.named_parameters())
-        unknown = [n for n in self.topk.names if n not in named]
-        if unknown:
-            raise CwaError(f"the run's top-K list names '{unknown[0]}', which this model does not have.")
-        self.params = {n: named[n].data for n in self.topk.names}
-        self._read_layout(model)
-        self.timings["load_model_s"] = time.perf_counter() - start
-
-    def _read_layout(self, model: torch.nn.Module) -> None:
-        """Shapes and (in, out) layouts of the ranked tensors, from the model itself (for rows and columns)."""
-        from cwa.model.params import select_parameters
-
-        infos = {n: info for n, (_, info) in select_parameters(model).items()}
-        self.shapes = {n: tuple(t.shape) for n, t in self.params.items()}
-        self.transposed = {n: bool(infos[n].transposed) if n in infos else False for n in self.params}
-        flat = [n for n, shape in self.shapes.items() if len(shape) == 1]
-        if flat and any(u != "weight" for u in self.units):
-            self.notes.append(
-                f"{len(flat)} ranked 1-D tensors (norms, biases; e.g. '{flat[0]}') have no rows or columns: "
-                "their unit is the weight itself."
-            )
-
-    def _load_heldout(self) -> None:
-        start = time.perf_counter()
-        self.data = build_data(self.run_dir, self.heldout_samples, self.batch_size)
-        blocks = self.data.heldout
-        if blocks is None or blocks.shape[0] == 0:
-            raise CwaError("the held-out split is empty; raise heldout_fraction or use a longer corpus.")
-        if self.heldout_tokens is not None:
-            blocks = blocks[:, : self.heldout_tokens].contiguous()
-        self.blocks = blocks
-        self.timings["data_s"] = time.perf_counter() - start
-        self.run_fingerprint = self.run_dir.summary.data.get("heldout_fingerprint")
-        if self.heldout_samples is None and self.run_fingerprint not in (None, "", self.data.fingerprint("heldout")):
-            self.notes.append("the held-out blocks differ from the run's (its heldout_fingerprint does not match).")
-
+    # -- the steps' pieces -------------------------------------------------------------------------
     def _prepared_controls(self) -> list[Control]:
         run = self.run_dir
         scores = (lambda: {n: s for n, s in run.scores().items()}) if run.has_scores else None
-        context = ControlContext(self.params, self.topk, max(self.ks), scores, self.transposed)
+        context = ControlContext(self.params, self.topk, max(self.ks), scores, self.loaded.transposed)
         ready = []
         for control in self.controls:
             start = time.perf_counter()
@@ -376,29 +307,12 @@ class PerturbRecipe:
                 self.notes.append(note)
         return ready
 
-    # -- evaluating --------------------------------------------------------------------------------
     def _evaluation(self, before_batch: Callable[[int], None] | None = None):
         batch_size = self.batch_size or int(self.run_dir.data.get("batch_size") or 4)
         return evaluate(self.model, self.blocks, batch_size, self.device, before_batch)
 
     def _selection(self, condition: Condition) -> Selection:
-        """The condition's weights: the chosen ranks of the list expanded to their units, or a control's draw."""
-        if condition.is_control:
-            if condition.unit == "weight":
-                return condition.control.select(condition.k, condition.seed)
-            return condition.control.select(condition.k, condition.seed, condition.unit)
-        if condition.target == "topk":
-            chosen = topk_prefix(self.topk, condition.k)
-        else:
-            if condition.target == "single":
-                ranks = [condition.rank]
-            elif condition.target == "leave_one_out":
-                ranks = [r for r in range(1, condition.k + 1) if r != condition.rank]
-            else:  # pair
-                ranks = list(condition.ranks)
-            at = torch.tensor([r - 1 for r in ranks], dtype=torch.long)
-            chosen = selection_from(self.topk.names, self.topk.param[at], self.topk.index[at])
-        return expand(chosen, self.shapes, self.transposed, condition.unit)
+        return selection_of(condition, self.topk, self.loaded.shapes, self.loaded.transposed)
 
     def _evaluate_condition(self, condition: Condition) -> Result | None:
         start = time.perf_counter()
@@ -411,74 +325,38 @@ class PerturbRecipe:
         start = time.perf_counter()
         with (
             self._perturbed(condition, selection),
-            self._replaying(condition, selection) as replayer,
+            self.restore.replaying(self.model, condition, selection, self.run_dir.infos) as replayer,
         ):
             evaluation = self._evaluation(replayer.at_batch if replayer is not None else None)
         apply_restore_s = time.perf_counter() - start - evaluation.seconds
-        ranks = condition.ranks or ((condition.rank,) if condition.rank else ())
-        where = " + ".join(self._where(r, condition.unit) for r in ranks)
+        where = condition_place(condition, self.topk, self.run_dir.infos)
         restored = replayer.restored if replayer is not None else None
         return Result(condition, evaluation, selection_size(selection), apply_restore_s, select_s, where, restored)
 
-    def _where(self, rank: int, unit: str = "weight") -> str:
-        name = self.topk.names[int(self.topk.param[rank - 1])]
-        index = int(self.topk.index[rank - 1])
-        info = self.run_dir.infos.get(name)
-        place = info.row_col(torch.tensor(index)) if info is not None else None
-        if place is None:
-            return f"{name}[{index}]"
-        row, col = int(place[0]), int(place[1])
-        return {"row": f"{name}[{row},:]", "column": f"{name}[:,{col}]"}.get(unit, f"{name}[{row},{col}]")
+    def _perturbed(self, condition: Condition, selection: Selection | None = None):
+        """The condition's perturbation in place, restored (and checksummed) on exit. The generator is
+        seeded from the condition alone, so the held-out pass and the tasks see the same noise."""
+        seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
+        generator = seeded(seed, condition.k or 0, condition.rank or 0, 3, *(condition.ranks or ()))
+        selection = self._selection(condition) if selection is None else selection
+        transposed = self.loaded.transposed
+        return perturbed(self.params, selection, condition.perturbation, generator, self.checksums, transposed)
 
-    # -- activation restore ------------------------------------------------------------------------
-    def _init_restore(self, restore: tuple[RestoreMode, ...], threshold: float) -> None:
-        from cwa.ablation.restore import RESTORE_MODES
-
-        unknown = [m for m in restore if m not in RESTORE_MODES]
-        if unknown:
-            raise CwaError(f"unknown restore mode '{unknown[0]}': use {' or '.join(RESTORE_MODES)}.")
-        if not (threshold > 0 and math.isfinite(threshold)):
-            raise CwaError(f"restore_threshold must be a positive number, got {threshold}.")
-        self.restore, self.restore_threshold = tuple(dict.fromkeys(restore)), float(threshold)
-        self.recorder = None
-
-    def _with_restored_twins(self, conditions: list[Condition]) -> list[Condition]:
-        """Each top-K set and single weight (at every unit) followed by its restored twins, one per mode."""
-        out = []
-        for condition in conditions:
-            out.append(condition)
-            if condition.target in ("topk", "single"):
-                out += [replace(condition, restore=mode) for mode in self.restore]
-        return out
-
-    @contextmanager
-    def _recording(self) -> Iterator[Callable[[int], None] | None]:
-        """During the baseline pass, record the output channels of every weight a restored twin perturbs:
-        those of the longest top-K prefix that any top-K set or single weight uses."""
-        if not self.restore:
-            yield None
+    def _evaluate_tasks(self) -> None:
+        """The lm-eval tasks on the baseline and on each condition that is not a control (controls too with
+        ``tasks_on_controls``), each perturbed in place and restored (checksummed) as in the held-out pass."""
+        if self.downstream is None:
             return
-        from cwa.ablation.restore import output_channels, recording
+        chosen = [  # a restored twin replays held-out activations: it has no meaning on other inputs
+            r.condition
+            for r in self.results
+            if not r.condition.restore and (self.tasks_on_controls or r.condition.control is None)
+        ]
+        perturbations = [(c.name, partial(self._perturbed, c)) for c in chosen]
+        stats = self.statistics
+        self.downstream_rows = self.downstream.run(self.model, perturbations, stats.bootstrap, stats.confidence)
 
-        longest = topk_prefix(self.topk, max([*self.ks, self.single]))
-        selection: Selection = {}
-        for unit in self.units:  # a row or column reaches further than its weight
-            for name, index in expand(longest, self.shapes, self.transposed, unit).items():
-                selection[name] = torch.unique(torch.cat([selection.get(name, index[:0]), index]))
-        channels = output_channels(self.model, selection, self.run_dir.infos)
-        with recording(self.model, channels) as recorder:
-            yield recorder.at_batch
-        self.recorder = recorder
-
-    def _replaying(self, condition: Condition, selection: Selection):
-        if not condition.restore:
-            return nullcontext(None)
-        from cwa.ablation.restore import output_channels, replaying
-
-        channels = output_channels(self.model, selection, self.run_dir.infos)
-        return replaying(self.model, self.recorder, channels, condition.restore, self.restore_threshold)
-
-    # -- writing -----------------------------------------------------------------------------------
+    # -- what is written -----------------------------------------------------------------------------
     @property
     def _title(self) -> str:
         return f"{self.run_dir.model} · {self.run_dir.metric}"
@@ -497,13 +375,13 @@ class PerturbRecipe:
         }
 
     def _figures(self) -> dict:
-        from functools import partial
-
         from cwa.perturb import figures as perturb_figures
 
         figures = {}
         if self.ks:
-            figures["perturb_dose_response.png"] = partial(perturb_figures.dose_response, self.rows, self._title)
+            styles = {c.name: c.figure_style() for c in self.controls}
+            draw = partial(perturb_figures.dose_response, self.rows, self._title, styles=styles)
+            figures["perturb_dose_response.png"] = draw
         if self.single:
             where = {r.condition.name: r.where for r in self.results}
             figures["perturb_single_weight.png"] = partial(perturb_figures.single_weight, self.rows, where, self._title)
@@ -534,8 +412,8 @@ class PerturbRecipe:
             "units": list(self.units),
             "leave_one_out": self.leave_one_out,
             "pairs": self.pairs,
-            "restore": list(self.restore),
-            "restore_threshold": self.restore_threshold,
+            "restore": list(self.restore.modes),
+            "restore_threshold": self.restore.threshold,
             "tasks": self.downstream.tasks if self.downstream else None,
             "tasks_limit": self.downstream.limit if self.downstream else None,
             "tasks_batch_size": self.downstream.batch_size if self.downstream else None,
@@ -563,7 +441,7 @@ class PerturbRecipe:
                 "seq_len": int(self.blocks.shape[1]),
                 "block_len": self.data.seq_len,
                 "fingerprint": self.data.fingerprint("heldout"),
-                "run_fingerprint": self.run_fingerprint,
+                "run_fingerprint": self.heldout.run_fingerprint,
                 "calibration_fingerprint": self.data.fingerprint("calibration"),
             },
             "baseline": {
@@ -578,34 +456,6 @@ class PerturbRecipe:
             "notes": self.notes,
             "environment": environment(),
         }
-
-    # -- downstream accuracy (lm-evaluation-harness) ----------------------------------------------------
-    def _prepare_tasks(self) -> None:
-        """Build the local task from the held-out text and load every task, before anything is evaluated."""
-        if self.downstream is not None:
-            self.downstream.setup(self.data, self.trust_remote_code)
-
-    def _evaluate_tasks(self) -> None:
-        """The tasks on the baseline and on each condition that is not a control (controls too with
-        ``tasks_on_controls``), each perturbed in place and restored (checksummed) as in the held-out pass."""
-        if self.downstream is None:
-            return
-        chosen = [  # a restored twin replays held-out activations: it has no meaning on other inputs
-            r.condition
-            for r in self.results
-            if not r.condition.restore and (self.tasks_on_controls or r.condition.control is None)
-        ]
-        perturbations = [(c.name, partial(self._perturbed, c)) for c in chosen]
-        stats = self.statistics
-        self.downstream_rows = self.downstream.run(self.model, perturbations, stats.bootstrap, stats.confidence)
-
-    def _perturbed(self, condition: Condition, selection: Selection | None = None):
-        """The condition's perturbation in place, restored (and checksummed) on exit. The generator is
-        seeded from the condition alone, so the held-out pass and the tasks see the same noise."""
-        seed = condition.seed if condition.seed is not None else (self.seeds[0] if self.seeds else 0)
-        generator = seeded(seed, condition.k or 0, condition.rank or 0, 3, *(condition.ranks or ()))
-        selection = self._selection(condition) if selection is None else selection
-        return perturbed(self.params, selection, condition.perturbation, generator, self.checksums, self.transposed)
 
     def _downstream_meta(self) -> dict | None:
         if self.downstream is None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cwa.compare.recipe import DEFAULT_SAMPLE, compare_runs
+from cwa.compare.result import Comparison, StabilityGroup
 from cwa.report.findings import (
+    FINDING_SOURCES,
     Finding,
     comparison_findings,
     concentration_findings,
@@ -20,7 +22,7 @@ from cwa.report.findings import (
     strongest,
 )
 from cwa.report.placement import LOCATION_K, Placement, placement_findings, placement_of
-from cwa.rundir import DownstreamRow, PerturbRow, Run, unique_names
+from cwa.rundir import ConditionKind, DownstreamRow, PerturbRow, Run, unique_names
 
 
 @dataclass
@@ -48,8 +50,8 @@ class Analysis:
     location_k: int
     concentration: list[dict]
     placements: list[Placement | None]
-    comparisons: list[tuple[list[int], dict]]
-    stability: list[tuple[dict, tuple[int, ...]]]
+    comparisons: list[tuple[list[int], Comparison]]
+    stability: list[tuple[StabilityGroup, tuple[int, ...]]]
     perturbation: list[list[PerturbRow]]
     downstream: list[list[DownstreamRow]] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
@@ -69,7 +71,7 @@ class Analysis:
                 for n, c in zip(self.names, self.concentration, strict=True)
             },
             "placement": {n: (p.__dict__ if p else None) for n, p in zip(self.names, self.placements, strict=True)},
-            "comparisons": [{"members": [self.names[i] for i in m], **c} for m, c in self.comparisons],
+            "comparisons": [{"members": [self.names[i] for i in m], **c.to_json()} for m, c in self.comparisons],
             "perturbation": {
                 self.names[i]: {
                     "rows": [r.as_dict() for r in rows],
@@ -94,9 +96,9 @@ def layout_groups(runs: list[Run]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _stability_positions(runs: list[Run], members: list[int], group: dict) -> tuple[int, ...]:
+def _stability_positions(runs: list[Run], members: list[int], group: StabilityGroup) -> tuple[int, ...]:
     positions: list[int] = []
-    for name in group["runs"]:
+    for name in group.runs:
         positions.append(next(i for i in members if runs[i].name == name and i not in positions))
     return tuple(positions)
 
@@ -131,11 +133,12 @@ def analyse(
         placements=[placement_of(run, location_k) for run in runs],
         comparisons=comparisons,
         stability=[
-            (g, _stability_positions(runs, members, g)) for members, result in comparisons for g in result["stability"]
+            (g, _stability_positions(runs, members, g)) for members, result in comparisons for g in result.stability
         ],
         perturbation=[
-            [r for r in (run.perturbation.rows if run.perturbation else []) if r.target != "baseline"] for run in runs
-        ],  # fmt: skip
+            [r for r in (run.perturbation.rows if run.perturbation else []) if r.kind is not ConditionKind.BASELINE]
+            for run in runs
+        ],
         downstream=[(run.perturbation.downstream or []) if run.perturbation else [] for run in runs],
     )
     found = analysis.findings
@@ -150,6 +153,8 @@ def analyse(
     for i, rows in enumerate(analysis.perturbation):
         found += perturbation_findings(i, rows)
     found += reproducibility_findings(runs, comparisons)
+    for source in FINDING_SOURCES.values():
+        found += source(runs)
     return analysis
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cwa.common import format as fmt
 from cwa.common.io import atomic_path
 
 
@@ -50,7 +51,7 @@ def overlap_heatmap(
                 ax.text(
                     j,
                     i,
-                    f"{matrix[i, j]:.2f}",
+                    fmt.number(float(matrix[i, j]), 2),
                     ha="center",
                     va="center",
                     fontsize=7,

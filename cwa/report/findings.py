@@ -7,9 +7,9 @@ never formats a sentence. ``cwa.report.markdown`` renders them; the report's exe
 by section, verdict and strength (:func:`cwa.report.analysis.headlines`). Where the placement findings are, see
 ``cwa.report.placement``.
 
-To add a finding: write a function returning ``Finding``s with a new ``verdict``, call it from
-``cwa.report.analysis.analyse``, and give the verdict its wording in :func:`cwa.report.text.sentence`
-(docs/architecture.md).
+To add a finding: write a function from the runs to ``Finding``s with a new ``verdict`` and register it with
+:func:`finding_source` (``cwa.report.analysis.analyse`` calls every registered source); a new verdict is worded
+by the generic sentence until :func:`cwa.report.text.sentence` gives it a branch (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cwa.rundir import PerturbRow, Run
+from cwa.compare.result import Comparison, RankCorrelation, StabilityGroup
+from cwa.rundir import ConditionKind, PerturbRow, Run
 from cwa.scoring import agreement
 
 FRACTIONS = (1e-4, 1e-3, 1e-2)
@@ -71,6 +73,19 @@ class Finding:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+FindingSource = Callable[[list[Run]], list[Finding]]
+
+FINDING_SOURCES: dict[str, FindingSource] = {}
+"""Finding functions beyond the built-in sections, by name: ``analyse`` adds what each finds, in this order."""
+
+
+def finding_source(source: FindingSource) -> FindingSource:
+    """Register ``source`` (a function from the runs to findings) so that every report runs it; registering a
+    function of the same name again replaces it."""
+    FINDING_SOURCES[source.__name__] = source
+    return source
 
 
 def strongest(findings: list[Finding]) -> list[Finding]:
@@ -140,22 +155,22 @@ def concentration_findings(position: int, c: dict) -> list[Finding]:
 
 
 # -- agreement between runs ---------------------------------------------------------------------
-def pair_findings(pair: tuple[int, int], k: int, jac: float | None, rho: dict | None) -> list[Finding]:
+def pair_findings(pair: tuple[int, int], k: int, jac: float | None, rho: RankCorrelation | None) -> list[Finding]:
     """Two runs' agreement: rank correlation over random weights (gated on its interval) and top-K Jaccard."""
     out = []
-    if rho and rho.get("low") is not None:
+    if rho is not None and rho.low is not None and rho.high is not None:
         statistic = "Spearman ρ of |score| over a uniform random sample of weights"
-        interval = (rho["low"], rho["high"])
-        numbers = {"n": rho["n"]}
-        if rho["low"] >= AGREE_RHO:
+        interval = (rho.low, rho.high)
+        numbers = {"n": rho.n}
+        if rho.low >= AGREE_RHO:
             out.append(
-                Finding("agreement", "rank_alike", pair, statistic, rho["value"], AGREE_RHO, interval,
-                        rho["low"] - AGREE_RHO + 1, numbers)
+                Finding("agreement", "rank_alike", pair, statistic, rho.value, AGREE_RHO, interval,
+                        rho.low - AGREE_RHO + 1, numbers)
             )  # fmt: skip
-        elif rho["high"] < DISAGREE_RHO:
+        elif rho.high < DISAGREE_RHO:
             out.append(
-                Finding("agreement", "rank_differently", pair, statistic, rho["value"], DISAGREE_RHO, interval,
-                        DISAGREE_RHO - rho["high"] + 1, numbers)
+                Finding("agreement", "rank_differently", pair, statistic, rho.value, DISAGREE_RHO, interval,
+                        DISAGREE_RHO - rho.high + 1, numbers)
             )  # fmt: skip
     if jac is not None:
         statistic = f"Jaccard overlap of the global top-{k}"
@@ -168,41 +183,38 @@ def pair_findings(pair: tuple[int, int], k: int, jac: float | None, rho: dict | 
     return out
 
 
-def comparison_findings(runs: list[Run], members: list[int], result: dict) -> list[Finding]:
+def comparison_findings(runs: list[Run], members: list[int], result: Comparison) -> list[Finding]:
     """Agreement findings of every pair in one comparison (``result`` from ``compare_runs`` over ``members``);
     pairs with identical settings and seed are reproducibility checks, not agreement."""
-    ks = result["ks"]
-    largest = str(ks[-1]) if ks else None
-    sample = result["correlation"]["random_sample"]
+    largest = result.largest_k
     out = []
     for a, b in itertools.combinations(range(len(members)), 2):
         ra, rb = runs[members[a]], runs[members[b]]
         if ra.settings_key() == rb.settings_key() and ra.seed == rb.seed:
             continue
-        jac = result["overlap"][largest]["jaccard"][a][b] if largest else None
-        rho = sample["spearman"][a][b] if sample else None
-        for f in pair_findings((members[a], members[b]), int(largest or 0), jac, rho):
+        jac = result.jaccard(largest, a, b) if largest else None
+        for f in pair_findings((members[a], members[b]), largest or 0, jac, result.sample_spearman(a, b)):
             f.numbers["different_metrics"] = ra.metric != rb.metric
             out.append(f)
     return out
 
 
-def stability_findings(group: dict, positions: tuple[int, ...]) -> list[Finding]:
+def stability_findings(group: StabilityGroup, positions: tuple[int, ...]) -> list[Finding]:
     """Stable (lower bound of the mean pairwise Jaccard ≥ 0.7) or unstable (upper bound < 0.3), per K."""
     out = []
-    for k, s in group["by_k"].items():
-        if s["low"] is None or s["high"] is None:
+    for k, s in group.by_k.items():
+        if s.low is None or s.high is None:
             continue
         statistic = f"mean pairwise Jaccard of the global top-{k} over calibration seeds"
-        numbers = {"k": int(k), "label": group["label"], "seeds": group["seeds"], "runs": s["runs"]}
-        if s["low"] >= STABLE_JACCARD:
-            verdict, threshold, strength = "stable", STABLE_JACCARD, s["low"]
-        elif s["high"] < UNSTABLE_JACCARD:
-            verdict, threshold, strength = "unstable", UNSTABLE_JACCARD, 1 - s["high"]
+        numbers = {"k": k, "label": group.label, "seeds": group.seeds, "runs": s.runs}
+        if s.low >= STABLE_JACCARD:
+            verdict, threshold, strength = "stable", STABLE_JACCARD, s.low
+        elif s.high < UNSTABLE_JACCARD:
+            verdict, threshold, strength = "unstable", UNSTABLE_JACCARD, 1 - s.high
         else:
             continue
-        out.append(Finding("stability", verdict, positions, statistic, s["mean"], threshold,
-                           (s["low"], s["high"]), strength, numbers))  # fmt: skip
+        out.append(Finding("stability", verdict, positions, statistic, s.mean, threshold,
+                           (s.low, s.high), strength, numbers))  # fmt: skip
     return out
 
 
@@ -233,12 +245,12 @@ def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding
     rows = [r for r in rows if not r.restore]  # an activation-restore twin is tested against its perturbed pass
     for r in rows:
         delta, (low, high) = _delta(r)
-        if r.target != "single" or low is None:
+        if r.kind is not ConditionKind.SINGLE or low is None:
             continue
         if low > 0 and r.p_value is not None and r.p_value < P_SIGNIFICANT:
             out.append(Finding("perturbation", "raises_perplexity", (position,), statistic, delta, 0.0,
                                (low, high), -math.log10(max(r.p_value, 1e-300)), _row_numbers(r)))  # fmt: skip
-    for r in (r for r in rows if r.target == "topk"):
+    for r in (r for r in rows if r.kind is ConditionKind.TOPK):
         delta, (low, high) = _delta(r)
         if delta is None or low is None or high is None:
             continue
@@ -265,21 +277,21 @@ def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding
 
 
 # -- reproducibility ------------------------------------------------------------------------------
-def reproducibility_findings(runs: list[Run], comparisons: list[tuple[list[int], dict]]) -> list[Finding]:
+def reproducibility_findings(runs: list[Run], comparisons: list[tuple[list[int], Comparison]]) -> list[Finding]:
     """Runs that repeat the same settings and seed: identical top-K (deterministic) or not; and whether all
     runs hold out the same evaluation text."""
     out = []
     for members, result in comparisons:
-        largest = str(result["ks"][-1]) if result["ks"] else None
+        largest = result.largest_k
         for a, b in itertools.combinations(range(len(members)), 2):
             ra, rb = runs[members[a]], runs[members[b]]
             if ra.settings_key() != rb.settings_key() or ra.seed != rb.seed or not largest:
                 continue
-            j = result["overlap"][largest]["jaccard"][a][b]
+            j = result.jaccard(largest, a, b)
             if j is None:
                 continue
             same_data = ra.summary.data_fingerprint == rb.summary.data_fingerprint
-            numbers = {"k": int(largest), "same_data": same_data, "fingerprint": ra.summary.data_fingerprint}
+            numbers = {"k": largest, "same_data": same_data, "fingerprint": ra.summary.data_fingerprint}
             verdict = "deterministic" if j == 1.0 and same_data else "not_reproduced"
             out.append(Finding("reproducibility", verdict, (members[a], members[b]),
                                f"Jaccard overlap of the global top-{largest}", j, 1.0, None, j, numbers))  # fmt: skip

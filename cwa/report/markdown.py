@@ -13,11 +13,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from cwa.common import format as fmt
+from cwa.compare.result import Comparison
+from cwa.report import findings as th
 from cwa.report.analysis import Analysis, agreement_pairs
 from cwa.report.findings import FRACTIONS, Finding
-from cwa.report import findings as th
-from cwa.report.text import _bullets, _ci, _num, _p, _pct, _rel, _table, headline_sentence, pair_sentence, sentence
-from cwa.rundir import PerturbRow
+from cwa.report.text import _bullets, _rel, _table, headline_sentence, pair_sentence, sentence
+from cwa.rundir import ConditionKind, PerturbRow
 
 LEAD = 5  # findings per section given as sentences; the rest go to a table
 
@@ -121,9 +123,8 @@ def models_and_metrics(analysis: Analysis) -> list[str]:
     for model in sorted({r.model for r in runs}):
         of = [r for r in runs if r.model == model]
         s = of[0].summary
-        rows.append(
-            [f"`{model}`", s.model_class or "?", f"{s.num_parameters or 0:,}", f"{of[0].num_scored:,}", str(len(of))]
-        )
+        parameters, scored = fmt.count(s.num_parameters or 0), fmt.count(of[0].num_scored)
+        rows.append([f"`{model}`", s.model_class or "?", parameters, scored, str(len(of))])
     lines += _table(["model", "class", "parameters", "weights scored", "runs"], rows)
     lines += ["## Metrics Used", ""]
     rows = []
@@ -145,9 +146,9 @@ def details(analysis: Analysis, output: Path) -> list[str]:
         s = r.summary
         rows.append(
             [label, f"`{name}`", f"`{r.model}`", r.metric, r.mode, str(r.k), str(r.samples),
-             str(r.data.get("seq_len", "?")), f"{s.tokens or 0:,}", str(r.seed), _num(s.mean_loss, 4),
-             _num(s.perplexity, 2), f"{sum(float(v) for v in s.timings.values()):.0f}",
-             _num(s.memory.get("peak_rss_mib"), 0), s.created or "?"]
+             str(r.data.get("seq_len", "?")), fmt.count(s.tokens or 0), str(r.seed), fmt.number(s.mean_loss, 4),
+             fmt.perplexity(s.perplexity), f"{sum(float(v) for v in s.timings.values()):.0f}",
+             fmt.number(s.memory.get("peak_rss_mib"), 0), s.created or "?"]
         )  # fmt: skip
     header = ["run", "directory", "model", "metric", "mode", "k", "samples", "seq_len", "tokens", "seed"]
     header += ["mean NLL", "ppl", "time (s)", "peak RSS (MiB)", "completed"]
@@ -171,12 +172,13 @@ def concentration(analysis: Analysis, fig: Figure) -> list[str]:
     for label, run, c in zip(analysis.labels, analysis.runs, analysis.concentration, strict=True):
         shares = c.get("top_shares", {})
         if c["source"] == "scores":
-            cells = [f"{_pct(shares[f'{q:g}']['share'])} ({shares[f'{q:g}']['count']:,})" for q in FRACTIONS]
-            rows.append([label, run.metric, f"{c['n']:,}", _num(c["gini"]), *cells])
+            top = [shares[f"{q:g}"] for q in FRACTIONS]
+            cells = [f"{fmt.percent(t['share'])} ({fmt.count(t['count'])})" for t in top]
+            rows.append([label, run.metric, fmt.count(c["n"]), fmt.number(c["gini"]), *cells])
         else:
             t = c["topk_share"]
-            top = f"top {t['count']} rows of topk.csv: {_pct(t['share'])}"
-            rows.append([label, run.metric, f"{c['n']:,}", "n/a (no scores file)", top, "", ""])
+            top = f"top {t['count']} rows of topk.csv: {fmt.percent(t['share'])}"
+            rows.append([label, run.metric, fmt.count(c["n"]), "n/a (no scores file)", top, "", ""])
     lines += _table(["run", "metric", "weights", "Gini", "top 0.01%", "top 0.1%", "top 1%"], rows)
     lines += [
         "Share of the total |score| held by the top fraction of weights (the number of weights in "
@@ -224,7 +226,7 @@ def agreement(analysis: Analysis, fig: Figure) -> list[str]:
     if len(pairs) > LEAD:
         lines += [f"{len(pairs) - LEAD} further pairs clear a threshold; the table above gives their numbers.", ""]
     for members, result in analysis.comparisons:
-        for note in result["notes"]:
+        for note in result.notes:
             for i in members:  # name runs by their labels here too
                 note = note.replace(analysis.names[i], analysis.labels[i])
             lines += [f"Note: {note}.", ""]
@@ -233,29 +235,29 @@ def agreement(analysis: Analysis, fig: Figure) -> list[str]:
     return lines
 
 
-def _comparison_table(analysis: Analysis, members: list[int], result: dict) -> list[str]:
-    ks = result["ks"]
+def _comparison_table(analysis: Analysis, members: list[int], result: Comparison) -> list[str]:
+    ks = result.ks
     labels = [analysis.labels[i] for i in members]
     lines = [
         f"Runs {', '.join(labels)} score the same parameters ({analysis.runs[members[0]].model}); global top-K "
         f"overlap at K = {', '.join(map(str, ks))}:",
         "",
     ]
-    sample = result["correlation"]["random_sample"]
-    largest = str(ks[-1]) if ks else None
-    union = result["correlation"]["topk_union"].get(largest) if largest else None
+    largest = result.largest_k
+    union = result.topk_union.get(largest) if largest else None
+    sample = result.random_sample
     rows = []
     for a, b in itertools.combinations(range(len(members)), 2):
         cells = [f"{labels[a]} vs {labels[b]}"]
         for k in ks:
-            ov = result["overlap"][str(k)]
-            cells.append(f"{_num(ov['jaccard'][a][b])} / {_num(ov['overlap_coefficient'][a][b])}")
-        rho = sample["spearman"][a][b] if sample else None
-        tau = sample["kendall"][a][b] if sample else None
-        urho = union["spearman"][a][b] if union else None
-        cells.append(_ci(rho["value"], (rho["low"], rho["high"])) if rho else "n/a")
-        cells.append(_num(tau["value"]) if tau else "n/a")
-        cells.append(f"{_num(urho['value'])} (n={urho['n']})" if urho else "n/a")
+            ov = result.overlap[k]
+            cells.append(f"{fmt.number(ov.jaccard[a][b])} / {fmt.number(ov.overlap_coefficient[a][b])}")
+        rho = sample.spearman[a][b] if sample else None
+        tau = sample.kendall[a][b] if sample else None
+        urho = union.spearman[a][b] if union else None
+        cells.append(fmt.interval(rho.value, rho.low, rho.high) if rho else fmt.MISSING)
+        cells.append(fmt.number(tau.value) if tau else fmt.MISSING)
+        cells.append(f"{fmt.number(urho.value)} (n={urho.n})" if urho else fmt.MISSING)
         rows.append(cells)
     header = ["pair"] + [f"Jaccard / overlap @{k}" for k in ks]
     header += ["Spearman ρ, random weights [95% CI]", "Kendall τ, random weights", f"Spearman ρ, top-{largest} union"]
@@ -283,14 +285,14 @@ def stability(analysis: Analysis) -> list[str]:
     verdicts = {(f.runs, f.numbers["k"]): f.verdict for f in analysis.of("stability")}
     for group, positions in analysis.stability:
         who = ", ".join(analysis.labels[i] for i in positions)
-        lines += [f"{group['label']} ({who}), seeds {group['seeds']} ({len(group['runs'])} runs):", ""]
+        lines += [f"{group.label} ({who}), seeds {group.seeds} ({len(group.runs)} runs):", ""]
         rows = []
-        for k, s in group["by_k"].items():
-            interval = f"[{_num(s['low'])}, {_num(s['high'])}]" if s["low"] is not None else s["note"]
-            rows.append([k, _num(s["mean"]), interval, verdicts.get((positions, int(k)), "")])
+        for k, s in group.by_k.items():
+            interval = f"[{fmt.number(s.low)}, {fmt.number(s.high)}]" if s.low is not None else s.note
+            rows.append([str(k), fmt.number(s.mean), interval, verdicts.get((positions, k), "")])
         lines += _table(["K", "mean pairwise Jaccard", "95% run-bootstrap interval", "verdict"], rows)
-        if len(group["runs"]) < 3:
-            lines += [f"Only {len(group['runs'])} runs: too few for an interval, so no verdict.", ""]
+        if len(group.runs) < 3:
+            lines += [f"Only {len(group.runs)} runs: too few for an interval, so no verdict.", ""]
     return lines
 
 
@@ -302,9 +304,9 @@ def _target(row: PerturbRow) -> str:
 
 def _which(row: PerturbRow) -> str:
     """The K column: K, a single weight's rank, ``10 − #3`` for a leave-one-out set, ``#1+#2`` for a pair."""
-    if row.target == "pair":
+    if row.kind is ConditionKind.PAIR:
         return "+".join(f"#{r}" for r in row.ranks.split("+")) if row.ranks else ""
-    if row.target == "leave_one_out":
+    if row.kind is ConditionKind.LEAVE_ONE_OUT:
         return f"{row.k} − #{row.rank}"
     return str(row.k if row.k is not None else row.rank)
 
@@ -323,8 +325,9 @@ def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
         if not rows:
             continue
         table = [
-            [_target(r), r.perturbation, _which(r), str(r.n_weights), _num(r.perplexity),
-             _ci(r.delta_perplexity, (r.delta_perplexity_low, r.delta_perplexity_high)), _p(r.p_value), r.p_value_vs]
+            [_target(r), r.perturbation, _which(r), str(r.n_weights), fmt.perplexity(r.perplexity),
+             fmt.interval(r.delta_perplexity, r.delta_perplexity_low, r.delta_perplexity_high, fmt.effect),
+             fmt.p_value(r.p_value), r.p_value_vs]
             for r in rows
         ]  # fmt: skip
         columns = header
@@ -352,7 +355,7 @@ def _recovered(row: PerturbRow) -> str:
     low, high = row.recovered_fraction_low, row.recovered_fraction_high
     if row.recovered_fraction is None or low is None or high is None or math.isnan(row.recovered_fraction):
         return "undefined"
-    return f"{100 * row.recovered_fraction:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]"
+    return fmt.interval(row.recovered_fraction, low, high, fmt.percent)
 
 
 def downstream(analysis: Analysis) -> list[str]:
@@ -365,9 +368,10 @@ def downstream(analysis: Analysis) -> list[str]:
         if not rows:
             continue
         table = [
-            [r.condition, r.task, str(r.items), _num(r.accuracy),
-             "" if r.p_value is None else _ci(r.delta_accuracy, (r.delta_accuracy_low, r.delta_accuracy_high)),
-             "" if r.p_value is None else _p(r.p_value)]
+            [r.condition, r.task, fmt.count(r.items), fmt.number(r.accuracy),
+             "" if r.p_value is None else fmt.interval(r.delta_accuracy, r.delta_accuracy_low, r.delta_accuracy_high,
+                                                      fmt.effect),
+             "" if r.p_value is None else fmt.p_value(r.p_value)]
             for r in rows
         ]  # fmt: skip
         lines += [f"{label} (`cwa perturb --tasks`, lm-evaluation-harness; Δ against the unperturbed model):", ""]
@@ -408,7 +412,7 @@ def next_steps(analysis: Analysis) -> list[str]:
             "Validate the selections causally: `cwa perturb` on these runs (top-K vs. matched random and "
             "magnitude controls, with bootstrap intervals)."
         )
-    if not analysis.stability or any(len(g["runs"]) < 3 for g, _ in analysis.stability):
+    if not analysis.stability or any(len(g.runs) < 3 for g, _ in analysis.stability):
         steps.append("Measure stability: repeat one setting with at least three `--data.seed` values.")
     if any(r.model == "smollm2-135m" for r in runs):
         steps.append(

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.common.io import atomic_open, write_json
 from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
+from cwa.compare.result import Comparison, RankCorrelation
 from cwa.report.analysis import Analysis, analyse, headlines
 from cwa.report.markdown import render
 from cwa.report.placement import LOCATION_K
-from cwa.rundir import load_runs
+from cwa.rundir import ConditionKind, load_runs
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         }
         for i, rows in enumerate(analysis.perturbation)
         for r in rows
-        if (r.target == "topk" or r.is_control) and not r.restore and r.delta_perplexity is not None
+        if (r.kind is ConditionKind.TOPK or r.is_control) and not r.restore and r.delta_perplexity is not None
     ]
     if forest:
         out["perturbation_effects"] = fig_dir / "perturbation_effects.png"
@@ -66,33 +68,35 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _comparison_figures(analysis: Analysis, members: list[int], result: dict, fig_dir: Path) -> dict[str, Path]:
+def _comparison_figures(analysis: Analysis, members: list[int], result: Comparison, fig_dir: Path) -> dict[str, Path]:
     from cwa.report import figures as report_figures
 
-    ks = result["ks"]
-    if not ks:
+    largest = result.largest_k
+    if not largest:
         return {}
-    largest = str(ks[-1])
     tag = "-".join(analysis.labels[i] for i in members)
     names = [f"{analysis.labels[i]} ({analysis.runs[i].metric})" for i in members]
     ticks = [analysis.labels[i] for i in members]
     out = {f"jaccard:{tag}": fig_dir / f"jaccard_k{largest}_{tag}.png"}
-    matrix = np.array(result["overlap"][largest]["jaccard"], dtype=float)
+    matrix = np.array(result.overlap[largest].jaccard, dtype=float)
     report_figures.overlap_heatmap(
         matrix, names, f"Jaccard overlap of the global top-{largest}", out[f"jaccard:{tag}"], ticks
     )
-    sample = result["correlation"]["random_sample"]
+    sample = result.random_sample
     if sample:
         n = len(members)
         rho = np.array(
-            [[1.0 if i == j else (sample["spearman"][i][j] or {}).get("value") or np.nan for j in range(n)]
-             for i in range(n)],
+            [[1.0 if i == j else _value_or_nan(sample.spearman[i][j]) for j in range(n)] for i in range(n)],
             dtype=float,
-        )  # fmt: skip
+        )
         out[f"spearman:{tag}"] = fig_dir / f"spearman_{tag}.png"
-        title = f"Spearman ρ of |score| over {sample['size']:,} random weights"
+        title = f"Spearman ρ of |score| over {fmt.count(sample.size)} random weights"
         report_figures.overlap_heatmap(rho, names, title, out[f"spearman:{tag}"], ticks)
     return out
+
+
+def _value_or_nan(c: RankCorrelation | None) -> float:
+    return c.value if c is not None and c.value else np.nan  # a missing or zero ρ stays blank, as before
 
 
 # -- the command ---------------------------------------------------------------------------------

@@ -6,41 +6,20 @@ label (R1, R2, ...). To add a finding, give its verdict a branch in :func:`sente
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
+from cwa.common import format as fmt
+from cwa.report import findings as th
 from cwa.report.analysis import Analysis
 from cwa.report.findings import Finding
-from cwa.report import findings as th
+from cwa.rundir import ConditionKind
 
 
-# -- formatting ----------------------------------------------------------------------------------
-def _pct(x: float | None, digits: int = 2) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if 0 < abs(x) < 10 ** -(digits + 2):  # a tiny share (one layer norm of a model) keeps two significant digits
-        return f"{100 * x:.2g}%"
-    return f"{100 * x:.{digits}f}%"
-
-
-def _num(x: float | None, digits: int = 3) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if x != 0 and (abs(x) < 10**-digits or abs(x) >= 1e5):
-        return f"{x:.2e}"
-    return f"{x:.{digits}f}"
-
-
-def _p(p: float | None) -> str:
-    if p is None or not math.isfinite(p):
-        return "n/a"
-    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
-
-
-def _ci(value: float | None, interval: tuple | None) -> str:
+# -- formatting (the rules are cwa.common.format's) -------------------------------------------------
+def _ci(value: float | None, interval: tuple | None, rule=fmt.number) -> str:
     low, high = interval or (None, None)
-    return f"{_num(value)} [{_num(low)}, {_num(high)}]"
+    return fmt.interval(value, low, high, rule)
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -77,7 +56,7 @@ def _unit_of(n: dict, one: bool = False) -> str:
 
 
 def _perturbed(n: dict) -> str:
-    if n["target"] == "single":
+    if ConditionKind.of(n["target"]) is ConditionKind.SINGLE:
         return f"{n['perturbation']} of {_unit_of(n, one=True)}the single weight of rank {n['rank']}"
     return f"{n['perturbation']} of {_unit_of(n)}the top {n['k']} ({n['n_weights']} weights)"
 
@@ -87,33 +66,35 @@ def sentence(f: Finding, labels: list[str]) -> str:
     n, who = f.numbers, " and ".join(labels[i] for i in f.runs)
     if f.verdict in ("concentrated", "evenly_spread"):
         numbers = (
-            f"the top 1% hold {_pct(n['top_share'])} of the total |score| ({f.value:.1f}× an equal share), "
-            f"Gini {_num(n['gini'])}"
+            f"the top 1% hold {fmt.percent(n['top_share'])} of the total |score| ({f.value:.1f}× an equal share), "
+            f"Gini {fmt.number(n['gini'])}"
         )
         if f.verdict == "evenly_spread":
             return f"{who}: the scores are close to evenly spread (no concentration): {numbers}."
         tiny = (
-            f"; the top 0.01% alone ({n['tiny_count']:,} weights) hold {_pct(n['tiny_share'])}"
+            f"; the top 0.01% alone ({fmt.count(n['tiny_count'])} weights) hold {fmt.percent(n['tiny_share'])}"
             if "tiny_count" in n
             else ""
         )
         return f"**{who}: the scores are concentrated**: {numbers}{tiny}."
     if f.verdict in ("enriched_module", "enriched_layer"):
         return (
-            f"{who}: {_where(n, f.verdict.split('_')[1])} {n['count']} of the top {n['k']} ({_pct(n['share'], 0)}) "
-            f"against {_pct(n['weight_share'], 1)} of the weights ({f.value:.1f}×, adjusted p = {_p(n['p_adjusted'])})."
+            f"{who}: {_where(n, f.verdict.split('_')[1])} {n['count']} of the top {n['k']} ({fmt.percent(n['share'])}) "
+            f"against {fmt.percent(n['weight_share'])} of the weights ({f.value:.1f}×, adjusted p = "
+            f"{fmt.p_value(n['p_adjusted'])})."
         )
     if f.verdict == "residual_dimension_recurs":
         return (
             f"{who}: residual-stream dimension {n['dimension']} recurs across module types "
             f"({', '.join(f'`{m}`' for m in n['modules'])}): {n['count']} of the {n['of']} top-{n['k']} weights that "
-            f"read or write the residual stream use it (adjusted binomial p = {_p(f.value)} against a uniform "
+            f"read or write the residual stream use it (adjusted binomial p = {fmt.p_value(f.value)} against a uniform "
             f"spread over its {n['hidden']} dimensions)."
         )
     if f.verdict == "recurs":
         return (
             f"{who}: {n['axis']} {n['coordinate']} of `{n['module']}` recurs: {n['count']} of the {n['of']} "
-            f"top-{n['k']} weights in that module type{_layers(n['layers'])} (adjusted binomial p = {_p(f.value)})."
+            f"top-{n['k']} weights in that module type{_layers(n['layers'])} (adjusted binomial p = "
+            f"{fmt.p_value(f.value)})."
         )
     if f.verdict in ("stable", "unstable"):
         return (
@@ -121,18 +102,19 @@ def sentence(f: Finding, labels: list[str]) -> str:
             f"(mean pairwise Jaccard {_ci(f.value, f.interval)})."
         )
     if f.verdict == "raises_perplexity":
-        numbers = f"Δppl = {_ci(f.value, f.interval)}, p = {_p(n['p_value'])}"
+        numbers = f"Δppl = {_ci(f.value, f.interval, fmt.effect)}, p = {fmt.p_value(n['p_value'])}"
         return f"{who}: {_perturbed(n)} raises held-out perplexity ({numbers})."
     if f.verdict == "no_effect":
         return (
             f"{who}: {_perturbed(n)} has no detectable effect on held-out perplexity "
-            f"(Δppl = {_ci(f.value, f.interval)}, p = {_p(n['p_value'])})."
+            f"(Δppl = {_ci(f.value, f.interval, fmt.effect)}, p = {fmt.p_value(n['p_value'])})."
         )
     if f.verdict == "costs_more_than_control":
         return (
             f"{who}: at K={n['k']}, {n['perturbation']} of {_unit_of(n)}the top-K costs more than the {n['control']} "
             f"control "
-            f"(Δppl {_num(n['topk_delta'])} vs {_ci(f.value, f.interval)}, paired p = {_p(n['p_value'])})."
+            f"(Δppl {fmt.effect(n['topk_delta'])} vs {_ci(f.value, f.interval, fmt.effect)}, "
+            f"paired p = {fmt.p_value(n['p_value'])})."
         )
     if f.verdict == "deterministic":
         return (
@@ -143,11 +125,11 @@ def sentence(f: Finding, labels: list[str]) -> str:
         same = "same" if n["same_data"] else "different"
         return (
             f"{who} repeat the same settings ({same} calibration fingerprint) but their top-{n['k']} differ "
-            f"(Jaccard {_num(f.value)})."
+            f"(Jaccard {fmt.number(f.value)})."
         )
     if f.verdict == "same_heldout":
         return f"All {len(f.runs)} runs hold out the same evaluation text (held-out fingerprint `{n['fingerprint']}`)."
-    return f"{who}: {f.verdict} ({f.statistic} = {_num(f.value)})."
+    return f"{who}: {f.verdict} ({f.statistic} = {fmt.number(f.value)})."
 
 
 def pair_sentence(group: list[Finding], analysis: Analysis) -> str:
@@ -159,12 +141,12 @@ def pair_sentence(group: list[Finding], analysis: Analysis) -> str:
             how = "alike" if f.verdict == "rank_alike" else "differently"
             parts.append(
                 f"rank the weights {how} (Spearman ρ = {_ci(f.value, f.interval)} "
-                f"over {f.numbers['n']:,} random weights)"
+                f"over {fmt.count(f.numbers['n'])} random weights)"
             )
         elif f.verdict == "share_topk":
-            parts.append(f"largely share their top-{f.numbers['k']} (Jaccard {_num(f.value)})")
+            parts.append(f"largely share their top-{f.numbers['k']} (Jaccard {fmt.number(f.value)})")
         elif f.verdict == "disjoint_topk":
-            parts.append(f"share almost none of their top-{f.numbers['k']} (Jaccard {_num(f.value)})")
+            parts.append(f"share almost none of their top-{f.numbers['k']} (Jaccard {fmt.number(f.value)})")
     la, lb = analysis.labels[a], analysis.labels[b]
     ma, mb = analysis.runs[a].metric, analysis.runs[b].metric
     return f"{la} ({ma}) and {lb} ({mb}) " + " and ".join(parts) + "."
@@ -185,12 +167,12 @@ def headline_sentence(group: list[Finding], analysis: Analysis) -> str:
             return (
                 f"Critical weights recur on shared rows/columns: e.g. {n['axis']} {n['coordinate']} of `{n['module']}` "
                 f"holds {n['count']} of {n['of']} top-K weights of that module type in {who} "
-                f"(adjusted p = {_p(first.value)})."
+                f"(adjusted p = {fmt.p_value(first.value)})."
             )
         return (
             f"Critical weights share residual-stream dimensions: e.g. dimension {n['dimension']} holds {n['count']} "
             f"of {n['of']} top-K weights across {len(n['modules'])} module types in {who} "
-            f"(adjusted p = {_p(first.value)})."
+            f"(adjusted p = {fmt.p_value(first.value)})."
         )
     if first.section == "agreement":
         return pair_sentence(group, analysis)

@@ -46,6 +46,7 @@ from cwa.rundir.files import (
 from cwa.rundir.outputs import OutputSet
 from cwa.rundir.perturbation import (
     SET_TARGETS,
+    ConditionKind,
     Perturbation,
     PerturbRow,
     read_perturb_csv,
@@ -87,6 +88,7 @@ __all__ = [
     "OutputSet",
     "PerturbRow",
     "SET_TARGETS",
+    "ConditionKind",
     "Perturbation",
     "Run",
     "Summary",

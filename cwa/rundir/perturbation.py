@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from cwa.common.errors import CwaError
@@ -15,7 +16,28 @@ from cwa.rundir.files import DOWNSTREAM_CSV, FIGURES, PERTURB_CSV, PERTURB_JSON
 from cwa.rundir.outputs import OutputSet, sha256
 from cwa.rundir.rows import CsvRow, read_rows, write_rows
 
-SET_TARGETS = ("topk", "single", "leave_one_out", "pair")
+
+class ConditionKind(StrEnum):
+    """What a condition perturbs. A ``str`` enum: its value is what ``perturb.csv`` writes in ``target`` (a control
+    writes its own name there instead of ``control``), so files written before it existed read the same."""
+
+    BASELINE = "baseline"  # nothing perturbed
+    TOPK = "topk"  # the first k of the ranked list, the joint set
+    SINGLE = "single"  # the weight of one rank alone
+    LEAVE_ONE_OUT = "leave_one_out"  # the top k without one member
+    PAIR = "pair"  # two top weights together
+    CONTROL = "control"  # weights drawn by a control to match the top-k set
+
+    @classmethod
+    def of(cls, target: str) -> ConditionKind:
+        """The kind of a ``target`` cell: one of the set kinds, ``baseline``, or else a control's name."""
+        try:
+            return cls(target)
+        except ValueError:
+            return cls.CONTROL
+
+
+SET_TARGETS = (ConditionKind.TOPK, ConditionKind.SINGLE, ConditionKind.LEAVE_ONE_OUT, ConditionKind.PAIR)
 """Targets drawn from the ranked list itself; any other target (but ``baseline``) is a control."""
 
 
@@ -72,9 +94,14 @@ class PerturbRow(CsvRow):
     restored_tokens: int | None = None
 
     @property
+    def kind(self) -> ConditionKind:
+        """What the row's condition perturbed (``target`` with every control's name read as ``control``)."""
+        return ConditionKind.of(self.target)
+
+    @property
     def is_control(self) -> bool:
         """A control row (drawn to match a top-K set), not a baseline or a set from the ranked list."""
-        return self.target != "baseline" and self.target not in SET_TARGETS
+        return self.kind is ConditionKind.CONTROL
 
 
 def write_perturb_csv(path: Path, rows: Iterable[PerturbRow]) -> None:
@@ -134,7 +161,7 @@ class Perturbation:
 
     @property
     def baseline(self) -> PerturbRow | None:
-        return next((r for r in self.rows if r.target == "baseline"), None)
+        return next((r for r in self.rows if r.kind is ConditionKind.BASELINE), None)
 
 
 def read_perturbation(run_dir: Path) -> Perturbation | None:
