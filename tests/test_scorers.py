@@ -218,7 +218,7 @@ def test_finite_difference_divides_by_the_applied_step(fd_scheme):
         # Weights near a power of two, where the two signs of v round to different steps, are in the data.
         assert int(((up - x != x - down) & ~zero.numpy()).sum()) > 0
         assert scorer.zero_steps == {"w": int(zero.sum())}
-        assert scorer.settings()["fd_zero_steps"] == ({"w": int(zero.sum())} if zero.any() else {})
+        assert scorer.facts()["fd_zero_steps"] == ({"w": int(zero.sum())} if zero.any() else {})
         # The diagonal is exact wherever float32 can move the weight, whatever the step's rounding.
         torch.testing.assert_close(scores[~zero], model.h[~zero], rtol=1e-6, atol=0)
         assert torch.equal(scores[zero], torch.zeros(int(zero.sum())))
@@ -242,8 +242,8 @@ def test_probe_signs_are_the_generator_bits(shape):
     bits = [(int(octets[i // 8]) >> (i % 8)) & 1 for i in range(n)]
     expected = torch.tensor([2.0 * b - 1.0 for b in bits]).view(shape)
     for out in (None, torch.full(shape, 7.0)):
-        scorer._generator.manual_seed(5)
-        v = scorer._probe(like, out=out)
+        scorer.generator.manual_seed(5)
+        v = scorer.probe(like, out=out)
         assert v.dtype == torch.float32 and torch.equal(v, expected)
         if out is not None:
             assert torch.equal(out, expected)
