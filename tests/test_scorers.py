@@ -141,21 +141,52 @@ def test_hutchinson_matches_exact_hessian_diagonal(hvp, fd_scheme):
         assert torch.equal(p.detach(), before[n]), n
 
 
+def _rademacher(generator, shape):
+    """A probe as documented for ``HutchinsonDiag.probe``: sign 8 j + k is +1 where bit k of random byte j is set."""
+    n = math.prod(shape)
+    octets = torch.randint(0, 256, ((n + 7) // 8,), generator=generator, dtype=torch.uint8)
+    bits = (octets[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return (bits.reshape(-1)[:n].float() * 2 - 1).view(shape)
+
+
 def test_hutchinson_probes_share_one_forward_pass():
+    """Four probes cost one forward pass, and each still gets its own exact H v: the estimate equals the
+    mean of v * (H v) over the same four probes, each computed from a forward pass and double backward of
+    its own."""
+    probes, seed, step = 4, 3, 5
     model = tiny_llama(layers=1)
     model.set_attn_implementation("eager")
-    scorer = HutchinsonDiag(probes=4, hvp="autograd")
-    _bind(scorer, model)
+    scorer = HutchinsonDiag(probes=probes, hvp="autograd", seed=seed)
+    params = _bind(scorer, model)
+    batch = {"input_ids": random_blocks(2, 8)}
     calls = []
 
     def loss_fn(batch):
         calls.append(1)
         return next_token_nll(model, batch)
 
-    scorer.update({"input_ids": random_blocks(2, 8)}, loss_fn)
+    scorer.set_step(step)
+    scorer.update(batch, loss_fn)
     assert len(calls) == 1
-    assert scorer.compute()  # signed values allowed
-    assert HutchinsonDiag.signed
+    scores = scorer.compute()
+
+    # Independent: the same probes redrawn from the documented seed and bit layout, one pass per probe.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    drawn = [[_rademacher(generator, p.shape) for p in params.values()] for _ in range(probes)]
+    assert not torch.equal(drawn[0][0], drawn[1][0])  # the probes differ: sharing is not reusing one
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    for vs in drawn:
+        nll, tokens = next_token_nll(model, batch)
+        grads = torch.autograd.grad(nll, list(params.values()), create_graph=True)
+        hvs = torch.autograd.grad(grads, list(params.values()), grad_outputs=vs, allow_unused=True)
+        for name, v, hv in zip(params, vs, hvs, strict=True):
+            if hv is not None:
+                expected[name] += v * hv / (tokens * probes)
+    for name in params:  # float rounding only: summed in another order, divided once instead of per probe
+        atol = 1e-6 * float(expected[name].abs().max())
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-5, atol=atol, msg=name)
+    # Signed, as the estimate of a Hessian diagonal must be (a |.| would hide the negative curvature).
+    assert any(bool((s < 0).any()) for s in scores.values())
 
 
 @pytest.mark.parametrize(("fd_scheme", "gradients"), [("forward", 4 + 1), ("central", 2 * 4)])

@@ -219,6 +219,19 @@ TRAINER_DEFAULTS = {
 }
 
 
+def _check_devices(section: dict) -> None:
+    """Before Lightning builds the Trainer (a traceback otherwise) and launches any process (the sentence is
+    printed once): the requested devices exist and every process gets calibration data."""
+    trainer = section.get("trainer", {})
+    check_device(trainer.get("accelerator"), trainer.get("devices"))
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    data = section.get("data", {})
+    samples, batch = data.get("num_samples"), data.get("batch_size")
+    counted = isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit())
+    if counted and isinstance(samples, int) and isinstance(batch, int) and batch > 0:
+        check_processes(int(devices) * int(nodes), samples, batch)
+
+
 def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | list[Path] | None:
     """``cwa fit-sensitivity ARGS`` as a function: parse the options (``--config`` files included) with
     LightningCLI, score, write the run directory and return it (None for ``-h`` / ``--print_config``; one
@@ -247,18 +260,8 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
 
         def before_instantiate_classes(self) -> None:
             section = self.config.get(str(self.subcommand), self.config)
-            if section.get("dry_run"):
-                return  # a dry run plans for devices that need not be here
-            # The requested device must exist before Lightning builds the Trainer (a traceback otherwise).
-            trainer = section.get("trainer", {})
-            check_device(trainer.get("accelerator"), trainer.get("devices"))
-            # Before any process is launched, so that the sentence is printed once, not once per process.
-            devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-            data = section.get("data", {})
-            samples, batch = data.get("num_samples"), data.get("batch_size")
-            counted = isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit())
-            if counted and isinstance(samples, int) and isinstance(batch, int) and batch > 0:
-                check_processes(int(devices) * int(nodes), samples, batch)
+            if not section.get("dry_run"):  # a dry run plans for devices that need not be here
+                _check_devices(section)
 
         def instantiate_trainer(self, **kwargs):
             section = self.config_init.get(str(self.subcommand), self.config_init)
