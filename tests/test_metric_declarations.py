@@ -141,8 +141,9 @@ def _old_run(metric: dict) -> Run:
 def test_runs_written_before_the_declarations_read_as_before():
     """Summaries without ``fact_keys`` or ``description``: the facts cwa recorded then are told from the options
     by their names, and a registered metric's description is its class's."""
-    old = _old_run({"name": "obs", "signed": False, "damping": 0.01, "unscored": {"b": "bias"}, "memory_bound_mib": 1.5})
+    facts = {"unscored": {"b": "bias"}, "memory_bound_mib": 1.5}
+    old = _old_run({"name": "obs", "signed": False, "damping": 0.01, **facts})
     assert old.metric_options == {"damping": 0.01}
-    assert old.metric_facts == {"unscored": {"b": "bias"}, "memory_bound_mib": 1.5}
+    assert old.metric_facts == facts
     assert old.metric_description.startswith("w_ij² / [H⁻¹]_jj")
     assert _old_run({"name": "not_registered", "signed": False}).metric_description is None
