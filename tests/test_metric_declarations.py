@@ -126,11 +126,25 @@ def _scores(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "scores.safetensors")
 
 
-def test_the_default_description_is_the_docstrings_first_line():
+class Undocumented(GradMagnitude):
+    pass
+
+
+class Wrapped(GradMagnitude):
+    """A summary that does not fit on one line
+    of the docstring.
+
+    More detail that the report does not show.
+    """
+
+
+def test_the_default_description_is_the_docstrings_summary():
     assert GradMagnitude.description == (
         "|g|, g the gradient of the mean calibration NLL: declares nothing beyond its name (the defaults apply)."
     )
-    assert ScaledGradMagnitude.description == "factor·|g| (a test metric)"  # declared, not inherited
+    assert Wrapped.description == "A summary that does not fit on one line of the docstring."
+    assert Undocumented.description == GradMagnitude.description  # no docstring: the parent's
+    assert ScaledGradMagnitude.description == "factor·|g| (a test metric)"  # declared, not taken from the docstring
 
 
 def _old_run(metric: dict) -> Run:

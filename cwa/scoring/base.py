@@ -20,6 +20,7 @@ which runs the same passes and counts nothing.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -42,7 +43,7 @@ class Scorer:
     metric given only by ``class_path`` works everywhere (``--dry_run``, the summary, the report):
 
     * ``name``: its short name in summaries and run directories.
-    * ``description``: one line for the report's metric table (default: the first line of the class docstring).
+    * ``description``: one line for the report's metric table (default: the docstring's first paragraph).
     * ``needs_data``, ``signed``, ``turn_taking``: see below; ``repeats_passes``, ``required_attn_implementation``.
     * ``settings()``: the options asked for; ``facts()``: what the run found out. Both go to ``summary.json``.
     * ``memory(layout, weight_bytes)``: what it holds beside the weights, as ``--dry_run`` counts it (default:
@@ -53,7 +54,7 @@ class Scorer:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    """One line for the report; a subclass that sets none gets the first line of its docstring."""
+    """One line for the report; a subclass that sets none gets its docstring's summary (first paragraph)."""
     needs_data: ClassVar[bool] = True
     """Takes gradients or activations from the calibration data (False: only the loss is measured)."""
     signed: ClassVar[bool] = False
@@ -63,8 +64,9 @@ class Scorer:
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.__dict__.get("description"):
-            cls.description = next(iter((cls.__doc__ or "").strip().splitlines()), "").strip()
+        if "description" not in cls.__dict__ and cls.__doc__:  # without a docstring, the parent's stays
+            summary = inspect.cleandoc(cls.__doc__).split("\n\n")[0]
+            cls.description = " ".join(summary.split())
 
     @property
     def repeats_passes(self) -> bool:
