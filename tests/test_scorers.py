@@ -13,6 +13,7 @@ from conftest import random_blocks, tiny_gpt2, tiny_llama
 from cwa.common.errors import CwaError
 from cwa.model.loss import next_token_nll
 from cwa.model.params import select_parameters
+from cwa.scoring.hvp import CentralDifference, DoubleBackward, ForwardDifference
 from cwa.scoring.metrics import make_scorer
 from cwa.scoring.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
@@ -278,6 +279,30 @@ def test_probe_signs_are_the_generator_bits(shape):
         assert v.dtype == torch.float32 and torch.equal(v, expected)
         if out is not None:
             assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "strategy", "settings"),
+    [
+        ({}, DoubleBackward, {"probes": 1, "hvp": "autograd", "fd_eps": 1e-4, "seed": 0}),
+        ({"hvp": "autograd", "fd_scheme": "central"}, DoubleBackward, {"hvp": "autograd"}),
+        ({"hvp": "finite_difference"}, ForwardDifference, {"hvp": "finite_difference", "fd_scheme": "forward"}),
+        ({"hvp": "finite_difference", "fd_scheme": "central", "fd_eps": 1e-3}, CentralDifference, {"fd_eps": 1e-3}),
+    ],
+)
+def test_the_hvp_options_choose_the_strategy(options, strategy, settings):
+    """The options of older configs and command lines select one strategy class each, and the settings the
+    summary records are what they were."""
+    import cwa.scorers
+
+    scorer = cwa.scorers.HutchinsonDiag(**options)  # the class_path of configs written before the sub-packages
+    assert type(scorer) is HutchinsonDiag and type(scorer.strategy) is strategy
+    assert settings.items() <= scorer.settings().items()
+    assert ("fd_scheme" in scorer.settings()) == (strategy is not DoubleBackward)
+    assert scorer.required_attn_implementation() == ("eager" if strategy is DoubleBackward else None)
+    assert scorer.repeats_passes == (strategy is not DoubleBackward)
+    with pytest.raises(CwaError, match="unknown hvp backend 'exact'"):
+        HutchinsonDiag(**{**options, "hvp": "exact"})
 
 
 def test_finite_difference_refuses_16_bit_weights():
