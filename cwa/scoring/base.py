@@ -167,6 +167,10 @@ class Scorer:
     def update(self, batch: Batch, loss_fn: LossFn) -> None:
         raise NotImplementedError
 
+    def receive_counters(self, counters: Tensor) -> None:
+        """Take the loss and token counts that a driver of several metrics (a shared pass) counted once for all."""
+        self.counters.copy_(counters)
+
     def take_part(self, batch: Batch, loss_fn: LossFn) -> None:
         """Run ``update``'s passes for another rank's turn (or a filler batch) under sharding: every collective
         of forward and backward takes place, nothing is counted. ``loss_fn`` should weigh nothing."""

@@ -108,6 +108,10 @@ class OBD(Scorer):
         for part in self._parts():
             part.take_part(batch, loss_fn)
 
+    def receive_counters(self, counters: Tensor) -> None:
+        for part in self._parts():
+            part.receive_counters(counters)
+
     def reduce(self, all_reduce) -> None:
         for part in self._parts():
             part.reduce(all_reduce)

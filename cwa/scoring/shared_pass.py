@@ -202,17 +202,13 @@ class SharedPass(Scorer):
             member.reduce(all_reduce)
         super().reduce(all_reduce)
 
-    def _hand_counters(self) -> None:
-        for member in self.members.values():
-            for part in [member, *(member._parts() if isinstance(member, OBD) else [])]:
-                part.counters.copy_(self.counters)
-
     def compute(self) -> dict[str, Tensor]:
         raise CwaError("a shared pass computes one set of scores per metric: call compute_each().")
 
     def compute_each(self) -> dict[str, dict[str, Tensor]]:
         """Every member's scores, by metric name (each member's accumulators become its scores in place)."""
-        self._hand_counters()
+        for member in self.members.values():
+            member.receive_counters(self.counters)
         for diag, source in self._copies.values():
             diag.acc = {name: tensor.clone() for name, tensor in source.acc.items()}
         return {name: member.compute() for name, member in self.members.items()}
