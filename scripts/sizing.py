@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from cwa.scoring.sizing import DTYPE_BYTES, GIB, Memory, input_scored, model_layout, plan_memory
+from cwa.common.errors import CwaError
+from cwa.scoring.sizing import DTYPE_BYTES, GIB, Memory, model_layout, plan_memory
 
 PRESETS = {
     # meta-llama/Llama-3.1-8B config.json (the hub model is gated; the architecture is public).
@@ -78,11 +79,20 @@ def estimate(model: torch.nn.Module, dtype: str, metric: str, devices: int, sett
         settings: the metric's options.
     """
     scorer = make_metric(metric, settings)
-    if getattr(getattr(scorer, "diag", scorer), "hvp", None) == "finite_difference":
-        dtype = "float32"  # finite differences refuse 16-bit weights
-    scored, widths = input_scored(model, dict(model.named_parameters()), scorer)
+    dtype = planned_dtype(scorer, dtype, devices > 1)
+    scored, widths = scorer.plan_scored(model, dict(model.named_parameters()))
     layout = model_layout(model, scored, devices, sharded=devices > 1, input_widths=widths)
     return plan_memory(layout, scorer, dtype)
+
+
+def planned_dtype(scorer, dtype: str, sharded: bool) -> str:
+    """``dtype``, or float32 for a metric that refuses 16-bit weights (finite differences), as it would run."""
+    try:
+        scorer.check_plan(dtype, sharded)
+    except CwaError:
+        scorer.check_plan("float32", sharded)  # anything else it refuses is refused here too
+        return "float32"
+    return dtype
 
 
 def table(name: str, dtype: str, devices: list[int]) -> tuple[str, torch.nn.Module]:
@@ -114,7 +124,7 @@ def check(run_dir: Path, model: torch.nn.Module) -> str:
     metric, dtype = summary["metric"]["name"], summary["dtype"]
     world = summary.get("world_size", 1)
     sharded = summary.get("strategy") == "ModelParallelStrategy"
-    settings = summary["metric"].get("settings", {})
+    settings = summary["metric"]  # flat: make_metric keeps the keys the metric takes as options
     estimated = estimate(model, dtype, metric, world if sharded else 1, settings).total / 2**20
     ranks = summary.get("memory_ranks") or [summary["memory"]]
     measured = max(r["peak_rss_mib"] for r in ranks)

@@ -13,6 +13,7 @@ from conftest import random_blocks, tiny_gpt2, tiny_llama
 from cwa.common.errors import CwaError
 from cwa.model.loss import next_token_nll
 from cwa.model.params import select_parameters
+from cwa.scoring.hvp import CentralDifference, DoubleBackward, ForwardDifference
 from cwa.scoring.metrics import make_scorer
 from cwa.scoring.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude
 
@@ -141,21 +142,52 @@ def test_hutchinson_matches_exact_hessian_diagonal(hvp, fd_scheme):
         assert torch.equal(p.detach(), before[n]), n
 
 
+def _rademacher(generator, shape):
+    """A probe as documented for ``HutchinsonDiag.probe``: sign 8 j + k is +1 where bit k of random byte j is set."""
+    n = math.prod(shape)
+    octets = torch.randint(0, 256, ((n + 7) // 8,), generator=generator, dtype=torch.uint8)
+    bits = (octets[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return (bits.reshape(-1)[:n].float() * 2 - 1).view(shape)
+
+
 def test_hutchinson_probes_share_one_forward_pass():
+    """Four probes cost one forward pass, and each still gets its own exact H v: the estimate equals the
+    mean of v * (H v) over the same four probes, each computed from a forward pass and double backward of
+    its own."""
+    probes, seed, step = 4, 3, 5
     model = tiny_llama(layers=1)
     model.set_attn_implementation("eager")
-    scorer = HutchinsonDiag(probes=4, hvp="autograd")
-    _bind(scorer, model)
+    scorer = HutchinsonDiag(probes=probes, hvp="autograd", seed=seed)
+    params = _bind(scorer, model)
+    batch = {"input_ids": random_blocks(2, 8)}
     calls = []
 
     def loss_fn(batch):
         calls.append(1)
         return next_token_nll(model, batch)
 
-    scorer.update({"input_ids": random_blocks(2, 8)}, loss_fn)
+    scorer.set_step(step)
+    scorer.update(batch, loss_fn)
     assert len(calls) == 1
-    assert scorer.compute()  # signed values allowed
-    assert HutchinsonDiag.signed
+    scores = scorer.compute()
+
+    # Independent: the same probes redrawn from the documented seed and bit layout, one pass per probe.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    drawn = [[_rademacher(generator, p.shape) for p in params.values()] for _ in range(probes)]
+    assert not torch.equal(drawn[0][0], drawn[1][0])  # the probes differ: sharing is not reusing one
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    for vs in drawn:
+        nll, tokens = next_token_nll(model, batch)
+        grads = torch.autograd.grad(nll, list(params.values()), create_graph=True)
+        hvs = torch.autograd.grad(grads, list(params.values()), grad_outputs=vs, allow_unused=True)
+        for name, v, hv in zip(params, vs, hvs, strict=True):
+            if hv is not None:
+                expected[name] += v * hv / (tokens * probes)
+    for name in params:  # float rounding only: summed in another order, divided once instead of per probe
+        atol = 1e-6 * float(expected[name].abs().max())
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-5, atol=atol, msg=name)
+    # Signed, as the estimate of a Hessian diagonal must be (a |.| would hide the negative curvature).
+    assert any(bool((s < 0).any()) for s in scores.values())
 
 
 @pytest.mark.parametrize(("fd_scheme", "gradients"), [("forward", 4 + 1), ("central", 2 * 4)])
@@ -218,7 +250,7 @@ def test_finite_difference_divides_by_the_applied_step(fd_scheme):
         # Weights near a power of two, where the two signs of v round to different steps, are in the data.
         assert int(((up - x != x - down) & ~zero.numpy()).sum()) > 0
         assert scorer.zero_steps == {"w": int(zero.sum())}
-        assert scorer.settings()["fd_zero_steps"] == ({"w": int(zero.sum())} if zero.any() else {})
+        assert scorer.facts()["fd_zero_steps"] == ({"w": int(zero.sum())} if zero.any() else {})
         # The diagonal is exact wherever float32 can move the weight, whatever the step's rounding.
         torch.testing.assert_close(scores[~zero], model.h[~zero], rtol=1e-6, atol=0)
         assert torch.equal(scores[zero], torch.zeros(int(zero.sum())))
@@ -242,11 +274,35 @@ def test_probe_signs_are_the_generator_bits(shape):
     bits = [(int(octets[i // 8]) >> (i % 8)) & 1 for i in range(n)]
     expected = torch.tensor([2.0 * b - 1.0 for b in bits]).view(shape)
     for out in (None, torch.full(shape, 7.0)):
-        scorer._generator.manual_seed(5)
-        v = scorer._probe(like, out=out)
+        scorer.generator.manual_seed(5)
+        v = scorer.probe(like, out=out)
         assert v.dtype == torch.float32 and torch.equal(v, expected)
         if out is not None:
             assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "strategy", "settings"),
+    [
+        ({}, DoubleBackward, {"probes": 1, "hvp": "autograd", "fd_eps": 1e-4, "seed": 0}),
+        ({"hvp": "autograd", "fd_scheme": "central"}, DoubleBackward, {"hvp": "autograd"}),
+        ({"hvp": "finite_difference"}, ForwardDifference, {"hvp": "finite_difference", "fd_scheme": "forward"}),
+        ({"hvp": "finite_difference", "fd_scheme": "central", "fd_eps": 1e-3}, CentralDifference, {"fd_eps": 1e-3}),
+    ],
+)
+def test_the_hvp_options_choose_the_strategy(options, strategy, settings):
+    """The options of older configs and command lines select one strategy class each, and the settings the
+    summary records are what they were."""
+    import cwa.scorers
+
+    scorer = cwa.scorers.HutchinsonDiag(**options)  # the class_path of configs written before the sub-packages
+    assert type(scorer) is HutchinsonDiag and type(scorer.strategy) is strategy
+    assert settings.items() <= scorer.settings().items()
+    assert ("fd_scheme" in scorer.settings()) == (strategy is not DoubleBackward)
+    assert scorer.required_attn_implementation() == ("eager" if strategy is DoubleBackward else None)
+    assert scorer.repeats_passes == (strategy is not DoubleBackward)
+    with pytest.raises(CwaError, match="unknown hvp backend 'exact'"):
+        HutchinsonDiag(**{**options, "hvp": "exact"})
 
 
 def test_finite_difference_refuses_16_bit_weights():

@@ -278,7 +278,7 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, result: FitResu
         num_parameters=sum(p.numel() for p in module.model.parameters()),  # DTensor numel is the global size
         num_scored=sum(info.numel for info in result.infos.values()),
         scored_tensors=len(result.infos),
-        metric={"name": scorer.name, "signed": scorer.signed, **scorer.settings()},
+        metric=rundir.metric_entry(scorer.name, scorer.signed, scorer.settings(), scorer.facts(), scorer.description),
         mode=module.mode,
         k=module.k,
         topk_rows=len(result.topk),

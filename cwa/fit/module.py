@@ -117,6 +117,7 @@ class SensitivityModule(L.LightningModule):
         self.checkpoint_every, self.checkpoint_dir, self.resume_from = checkpoint_every, checkpoint_dir, resume_from
         self.resumed_batches = 0
         self.rank_memory: list[dict] | None = None
+        self.sharded = False  # FSDP2: set with the model in configure_model, given to the scorer's bind
         self._ckpt_dir: Path | None = None
         self._started = 0.0
 
@@ -128,14 +129,14 @@ class SensitivityModule(L.LightningModule):
         start = time.perf_counter()
         strategy = self._trainer.strategy if self._trainer is not None else None
         check_supported_strategy(strategy)
-        self.scorer.sharded = is_sharded_strategy(strategy)
+        self.sharded = is_sharded_strategy(strategy)
         needed = self.scorer.required_attn_implementation()
         if needed and self.attn_implementation and self.attn_implementation != needed:
             raise CwaError(
                 f"{self.scorer.name} with these settings needs attn_implementation '{needed}', "
                 f"not '{self.attn_implementation}'."
             )
-        files = self._shard_files() if self.scorer.sharded and self.shard_loading else []
+        files = self._shard_files() if self.sharded and self.shard_loading else []
         loader = shard_loading.build_skeleton if files else load_model
         self.model = loader(
             self.pretrained,
@@ -147,7 +148,7 @@ class SensitivityModule(L.LightningModule):
         if needed:
             set_attn_implementation(self.model, needed)
         self.select_parameters()
-        if self.scorer.sharded:
+        if self.sharded:
             apply_fsdp2(self.model, strategy.root_device.type)
         if files:  # each rank reads its own rows only
             shard_loading.materialize(self.model, strategy.root_device)
@@ -192,7 +193,7 @@ class SensitivityModule(L.LightningModule):
         if not self.selected:
             self.select_parameters()
         params = dict(self.model.named_parameters())
-        self.scorer.bind({name: params[name] for name in self.selected})
+        self.scorer.bind({name: params[name] for name in self.selected}, sharded=self.sharded)
         self.scorer.attach(self.model)
 
     def loss_fn(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -236,7 +237,7 @@ class SensitivityModule(L.LightningModule):
         filler = PAD_KEY in batch
         batch = {k: v for k, v in batch.items() if k != PAD_KEY}
         with torch.enable_grad():
-            if not self.scorer.sharded:
+            if not self.sharded:
                 self.scorer.set_step(batch_idx * world + rank)
                 self.scorer.update(batch, self.loss_fn)
             elif not self.scorer.turn_taking:
@@ -249,11 +250,10 @@ class SensitivityModule(L.LightningModule):
         self.log("calibration_nll", self.scorer.mean_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
     def _update(self, batch: dict[str, Tensor], counting: bool) -> None:
-        self.scorer.counting = counting
-        try:
-            self.scorer.update(batch, self.loss_fn if counting else self.idle_loss)
-        finally:
-            self.scorer.counting = True
+        if counting:
+            self.scorer.update(batch, self.loss_fn)
+        else:  # another rank's turn or a filler batch: the same collectives, nothing counted
+            self.scorer.take_part(batch, self.idle_loss)
 
     def _take_turns(self, batch: dict[str, Tensor], batch_idx: int, rows: int) -> None:
         """Score each rank's batch in turn (one small all-gather of batch sizes per step)."""

@@ -107,7 +107,8 @@ def dry_run_fit_sensitivity(
     """Print and return the memory one rank of this fit-sensitivity run would need, without running it.
 
     The model is built on the meta device from its config.json (no weights), the selection and the metric's
-    own restrictions (Linear / Conv1D weights for wanda and obs) decide which tensors count, and the FSDP2
+    own restrictions (``Scorer.plan_scored``: Linear / Conv1D weights for wanda and obs) decide which tensors
+    count, the metric's ``memory`` what it holds beside the weights, and the FSDP2
     plan (row shards over ``world_size`` ranks, one unit per decoder layer and the root) or DDP's
     replication decides what each rank holds (``cwa.scoring.sizing``).
 
@@ -121,18 +122,18 @@ def dry_run_fit_sensitivity(
 
     from cwa.model.loading import build_meta_model
     from cwa.model.params import select_parameters
-    from cwa.scoring.sizing import check_metric_plan, format_memory, input_scored, model_layout, plan_memory
+    from cwa.scoring.sizing import format_memory, model_layout, plan_memory
     from cwa.scoring.topk import check_k
 
     scorer = model.scorer
-    check_metric_plan(scorer, model.dtype_name, sharded)
+    scorer.check_plan(model.dtype_name, sharded)
     if datamodule is not None:
         check_context(model.pretrained, datamodule.seq_len, model.trust_remote_code, model.revision)
         check_processes(world_size, datamodule.num_samples, datamodule.batch_size)
     meta = build_meta_model(model.pretrained, model.dtype_name, model.trust_remote_code, model.revision)
     chosen = select_parameters(meta, model.include, model.exclude)
     check_k({name: info.numel for name, (_, info) in chosen.items()}, model.k, model.mode)
-    scored, widths = input_scored(meta, {name: param for name, (param, _) in chosen.items()}, scorer)
+    scored, widths = scorer.plan_scored(meta, {name: param for name, (param, _) in chosen.items()})
     layout = model_layout(meta, scored, world_size, sharded, widths)
     memory = plan_memory(layout, scorer, model.dtype_name, model.save_scores)
     plan = f"FSDP2, rows sharded over {world_size} ranks" if sharded else "replicated (DDP or one process)"
@@ -218,6 +219,19 @@ TRAINER_DEFAULTS = {
 }
 
 
+def _check_devices(section: dict) -> None:
+    """Before Lightning builds the Trainer (a traceback otherwise) and launches any process (the sentence is
+    printed once): the requested devices exist and every process gets calibration data."""
+    trainer = section.get("trainer", {})
+    check_device(trainer.get("accelerator"), trainer.get("devices"))
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    data = section.get("data", {})
+    samples, batch = data.get("num_samples"), data.get("batch_size")
+    counted = isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit())
+    if counted and isinstance(samples, int) and isinstance(batch, int) and batch > 0:
+        check_processes(int(devices) * int(nodes), samples, batch)
+
+
 def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | list[Path] | None:
     """``cwa fit-sensitivity ARGS`` as a function: parse the options (``--config`` files included) with
     LightningCLI, score, write the run directory and return it (None for ``-h`` / ``--print_config``; one
@@ -246,18 +260,8 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
 
         def before_instantiate_classes(self) -> None:
             section = self.config.get(str(self.subcommand), self.config)
-            if section.get("dry_run"):
-                return  # a dry run plans for devices that need not be here
-            # The requested device must exist before Lightning builds the Trainer (a traceback otherwise).
-            trainer = section.get("trainer", {})
-            check_device(trainer.get("accelerator"), trainer.get("devices"))
-            # Before any process is launched, so that the sentence is printed once, not once per process.
-            devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-            data = section.get("data", {})
-            samples, batch = data.get("num_samples"), data.get("batch_size")
-            counted = isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit())
-            if counted and isinstance(samples, int) and isinstance(batch, int) and batch > 0:
-                check_processes(int(devices) * int(nodes), samples, batch)
+            if not section.get("dry_run"):  # a dry run plans for devices that need not be here
+                _check_devices(section)
 
         def instantiate_trainer(self, **kwargs):
             section = self.config_init.get(str(self.subcommand), self.config_init)

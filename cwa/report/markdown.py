@@ -105,17 +105,6 @@ def executive_summary(analysis: Analysis, headlines: list[list[Finding]]) -> lis
     )
 
 
-DESCRIBED = {
-    "magnitude": "|w| (no data)",
-    "grad_x_weight": "|g·w|, g the gradient of the mean calibration NLL (first-order loss change when w is zeroed)",
-    "grad_squared": "mean over micro-batches of g² (empirical Fisher diagonal)",
-    "hutchinson_diag": "Hutchinson estimate of the Hessian diagonal (signed; ranked by |·|)",
-    "wanda": "|w_ij|·‖X_j‖₂, X_j the j-th input feature over all calibration tokens (Wanda)",
-    "obs": "w_ij² / [H⁻¹]_jj, H = (2/n)·XᵀX + λ·mean(diag H)·I per layer input (Optimal Brain Surgeon)",
-    "obd": "½·H_ii·w², diag(H) from the Fisher or Hutchinson (Optimal Brain Damage)",
-}
-
-
 def models_and_metrics(analysis: Analysis) -> list[str]:
     runs = analysis.runs
     lines = ["## Models Tested", ""]
@@ -134,7 +123,8 @@ def models_and_metrics(analysis: Analysis) -> list[str]:
         unscored = sorted({len(r.metric_facts.get("unscored") or {}) for r in of} - {0})
         if unscored:  # wanda and obs leave out norms, embeddings and biases (listed in each summary.json)
             options.append(f"leaves out {'/'.join(map(str, unscored))} tensors that multiply no layer input")
-        rows.append([f"`{metric}`", DESCRIBED.get(metric, "—"), "; ".join(options), str(len(of))])
+        described = next((r.metric_description for r in of if r.metric_description), "—")
+        rows.append([f"`{metric}`", described, "; ".join(options), str(len(of))])
     return lines + _table(["metric", "score of a weight", "options", "runs"], rows)
 
 

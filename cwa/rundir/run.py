@@ -25,8 +25,8 @@ from cwa.scoring.topk import TopK, select_topk
 PREFETCH_K = 1024
 
 
-METRIC_FACTS = ("unscored", "memory_bound_mib", "fd_zero_steps", "damping_raised")
-"""Keys of the summary's ``metric`` entry that describe the run's outcome, not the metric's settings."""
+LEGACY_FACTS = ("unscored", "memory_bound_mib", "fd_zero_steps", "damping_raised")
+"""The facts among the ``metric`` entry of summaries written before it listed its ``fact_keys``."""
 
 
 @dataclass
@@ -91,15 +91,33 @@ class Run:
         return self.summary.metric_name
 
     @property
+    def _fact_keys(self) -> tuple[str, ...]:
+        keys = self.summary.metric.get("fact_keys")
+        return tuple(keys) if isinstance(keys, list) else LEGACY_FACTS
+
+    @property
     def metric_options(self) -> dict:
         """The metric's settings (what was asked for), without what the run found out (``metric_facts``)."""
-        return {k: v for k, v in self.summary.metric.items() if k not in ("name", "signed", *METRIC_FACTS)}
+        other = ("name", "signed", "description", "fact_keys", *self._fact_keys)
+        return {k: v for k, v in self.summary.metric.items() if k not in other}
 
     @property
     def metric_facts(self) -> dict:
-        """What the scorer reported about this run: tensors it cannot score, its memory bound, weights a
-        finite-difference step cannot move, a raised damping."""
-        return {k: v for k, v in self.summary.metric.items() if k in METRIC_FACTS}
+        """What the scorer reported about this run (``Scorer.facts()``): for the built-in metrics, tensors it
+        cannot score, its memory bound, weights a finite-difference step cannot move, a raised damping."""
+        return {k: v for k, v in self.summary.metric.items() if k in self._fact_keys}
+
+    @property
+    def metric_description(self) -> str | None:
+        """The metric's one-line description as the run recorded it; for a run written before descriptions
+        were recorded, the registered metric's of that name (None for an unregistered one)."""
+        description = self.summary.metric.get("description")
+        if isinstance(description, str):
+            return description
+        from cwa.scoring.metrics import METRICS
+
+        registered = METRICS.get(self.metric)
+        return registered.description if registered is not None else None
 
     @property
     def signed(self) -> bool:

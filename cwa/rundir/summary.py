@@ -16,7 +16,7 @@ class Summary:
     """``summary.json``: what a fit-sensitivity run did and found (the contract in DESIGN.md)."""
 
     model: str
-    metric: dict  # {"name", "signed", **the scorer's settings}
+    metric: dict  # metric_entry(): {"name", "signed", **settings, **facts, "description", "fact_keys"}
     mode: str
     k: int
     tensors: dict[str, dict]  # per-tensor statistics: shape, numel, mean, std, min, max, abs_sum, zeros, topk_count
@@ -87,6 +87,21 @@ class Summary:
     @property
     def metric_name(self) -> str:
         return str(self.metric.get("name", "?"))
+
+
+def metric_entry(name: str, signed: bool, settings: dict, facts: dict, description: str) -> dict:
+    """The summary's ``metric`` entry: the metric's name, sign, settings and facts side by side (flat, as older
+    summaries have them), its one-line description, and which keys are facts (``fact_keys``), so that a reader
+    needs no knowledge of the metric to tell what was asked for from what the run found out.
+
+    Args:
+        name: the metric's short name.
+        signed: whether its scores may be negative.
+        settings: its options (``Scorer.settings()``).
+        facts: what the run found out (``Scorer.facts()``).
+        description: one line for the report (``Scorer.description``).
+    """
+    return {"name": name, "signed": signed, **settings, **facts, "description": description, "fact_keys": list(facts)}
 
 
 def write_summary(run_dir: Path, summary: Summary) -> None:

@@ -1,15 +1,18 @@
 """The metric registry: each short name of ``model.metric`` and the scorer class it stands for.
 
-It sits above :mod:`cwa.scoring.scorers` (the gradient and curvature metrics) and :mod:`cwa.scoring.saliency` (the
-activation-aware ones, which build on the former), so that neither has to import the other to be found.
+It sits above the modules of the metrics (:mod:`cwa.scoring.scorers`, :mod:`cwa.scoring.hutchinson`,
+:mod:`cwa.scoring.saliency`, :mod:`cwa.scoring.obd`), so that none has to import another to be found.
 A metric outside the registry is given by ``class_path``.
 """
 
 from __future__ import annotations
 
 from cwa.common.errors import CwaError
-from cwa.scoring.saliency import OBD, OBS, Wanda
-from cwa.scoring.scorers import GradSquared, GradXWeight, HutchinsonDiag, Magnitude, Scorer
+from cwa.scoring.base import Scorer
+from cwa.scoring.hutchinson import HutchinsonDiag
+from cwa.scoring.obd import OBD
+from cwa.scoring.saliency import OBS, Wanda
+from cwa.scoring.scorers import GradSquared, GradXWeight, Magnitude
 from cwa.scoring.shared_pass import SharedPass
 
 METRICS: dict[str, type[Scorer]] = {

@@ -4,14 +4,14 @@
   calibration token (padding excluded).
 * ``obs`` (Optimal Brain Surgeon, the SparseGPT saliency): w_ij^2 / [H^-1]_jj with
   H = (2/n) X^T X + lambda * mean(diag H) * I per distinct layer input.
-* ``obd`` (LeCun's Optimal Brain Damage): 1/2 * H_ii * w^2 with diag(H) from the empirical Fisher or from
-  Hutchinson, optionally the signed second-order estimate of the loss change -g * w + 1/2 * H_ii * w^2.
+* ``obd`` (LeCun's Optimal Brain Damage, :mod:`cwa.scoring.obd`, re-exported here): 1/2 * H_ii * w^2 with
+  diag(H) from the empirical Fisher or from Hutchinson.
 
 ``wanda`` and ``obs`` score only weights that multiply a layer input: the weights of ``nn.Linear`` and of
 transformers' ``Conv1D`` (GPT-2, whose weight is stored (in, out); scores keep each parameter's own storage
 layout, and row / column in cwa's outputs still mean (output, input)). Every other selected tensor
 (embeddings, norms, biases) is left out of the scores (not scored as 0, so a top-K never contains it) and
-listed with the reason in ``scorer.unscored``, which the summary shows under the metric's settings. A weight
+listed with the reason in ``scorer.unscored``, which the summary shows among the metric's facts. A weight
 tied to an embedding and used by a linear head (GPT-2's ``wte`` / ``lm_head``) is scored through the head.
 
 Layer inputs are read by forward pre-hooks during forward passes only (no backward). Layers that read the
@@ -27,14 +27,17 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from cwa.common.errors import CwaError
 from cwa.model.sharding import local_slice
-from cwa.scoring.scorers import Batch, GradSquared, GradXWeight, HutchinsonDiag, LossFn, Scorer, _local
+from cwa.scoring.base import Batch, LossFn, Scorer, _local
+from cwa.scoring.obd import OBD
+from cwa.scoring.sizing import Layout, MetricMemory, float32_accumulators
+
+__all__ = ["OBD", "OBS", "FLOAT64_MAX_WIDTH", "LinearTarget", "Wanda", "inverse_diagonal", "obs_memory_bytes"]
 
 FLOAT64_MAX_WIDTH = 2048
 """``obs`` accumulates X^T X in float64 for inputs at most this wide (32 MiB each), float32 above."""
@@ -150,9 +153,10 @@ class _InputScorer(Scorer):
         self._model: nn.Module | None = None
         self._mask: Tensor | None = None
 
-    def bind(self, params: dict[str, nn.Parameter]) -> None:
+    def bind(self, params: dict[str, nn.Parameter], sharded: bool = False) -> None:
         """Remember the parameters; accumulators are allocated by ``attach`` (they follow layer inputs)."""
         self.params = dict(params)
+        self.sharded = sharded
         self.acc = {}
         self.counters = torch.zeros(4, dtype=torch.float64)
 
@@ -188,18 +192,35 @@ class _InputScorer(Scorer):
     def _statistic(self, x: Tensor, acc: Tensor) -> None:
         raise NotImplementedError
 
-    def settings(self) -> dict:
+    def facts(self) -> dict:
         return {"unscored": dict(self.unscored)} if self.unscored else {}
 
+    def plan_scored(self, model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[list[str], list[int]]:
+        """Only weights of Linear / Conv1D layers called in the forward pass, and one width per distinct input:
+        found as ``attach`` finds them, with one two-token forward pass (which runs on the meta device too)."""
+        targets, _ = linear_targets(model, params)
+        groups, _ = input_groups(model, [t.module for t in targets.values()])
+        called = {module for members in groups.values() for module in members}
+        scored = [name for name, t in targets.items() if t.module in called]
+        if not scored:
+            raise CwaError(
+                f"{self.name} scores only weights of Linear or Conv1D layers and none is selected; "
+                "include weight matrices such as mlp or self_attn."
+            )
+        width = {t.module: t.width for t in targets.values()}
+        return scored, [width[leader] for leader in groups]
+
     @contextlib.contextmanager
-    def _reading_inputs(self, batch: Batch) -> Iterator[None]:
+    def _reading_inputs(self, batch: Batch, counting: bool = True) -> Iterator[None]:
+        """Read the layer inputs of the forward passes run inside; ``counting`` False (another rank's turn or a
+        filler batch under sharding) adds nothing."""
         modules = dict(self._model.named_modules())
         mask = batch.get("attention_mask")
 
         def hook_for(leader: str, width: int):
             def hook(_module: nn.Module, args: tuple) -> None:
-                if not self.counting:
-                    return  # another rank's turn or a filler batch under sharding: weighs nothing
+                if not counting:
+                    return
                 x = args[0].detach()
                 if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
                     x = x[mask.bool()]
@@ -220,7 +241,7 @@ class _InputScorer(Scorer):
     def update(self, batch: Batch, loss_fn: LossFn) -> None:
         if self._model is None:
             raise CwaError(f"{self.name} reads layer inputs: call scorer.attach(model) after bind.")
-        with torch.no_grad(), self._reading_inputs(batch):
+        with torch.no_grad(), self._reading_inputs(batch, self._counting):
             nll, tokens = loss_fn(batch)
         self._count(nll, tokens)
 
@@ -229,11 +250,7 @@ class _InputScorer(Scorer):
         so unlike gradients nothing has summed them yet."""
         for tensor in self.acc.values():
             all_reduce(tensor)
-        sharded, self.sharded = self.sharded, True  # the base then sums only the counters
-        try:
-            super().reduce(all_reduce)
-        finally:
-            self.sharded = sharded
+        self._reduce_counters(all_reduce)
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["acc"]) != set(self.acc):
@@ -274,6 +291,12 @@ class Wanda(_InputScorer):
     """
 
     name = "wanda"
+    description = "|w_ij|·‖X_j‖₂, X_j the j-th input feature over all calibration tokens (Wanda)"
+
+    def memory(self, layout: Layout, weight_bytes: int) -> MetricMemory:
+        """No gradients: its float32 scores at the end, and d_in float64 sums per distinct layer input."""
+        extras = {"float64 input sums (per distinct layer input)": sum(layout.input_widths) * 8}
+        return MetricMemory(0, float32_accumulators(layout), extras)
 
     def _allocate(self, width: int, device: torch.device) -> Tensor:
         return torch.zeros(width, dtype=torch.float64, device=device)
@@ -320,10 +343,11 @@ class OBS(_InputScorer):
     Args:
         damping: lambda, the damping relative to the mean of diag(H) (SparseGPT's percdamp). When the
             Cholesky factorization fails the damping is multiplied by 10 (up to 5 times) for that input; the
-            raised values are reported in the settings under ``damping_raised``.
+            raised values are reported in the facts under ``damping_raised``.
     """
 
     name = "obs"
+    description = "w_ij² / [H⁻¹]_jj, H = (2/n)·XᵀX + λ·mean(diag H)·I per layer input (Optimal Brain Surgeon)"
 
     def __init__(self, damping: float = 0.01) -> None:
         super().__init__()
@@ -333,12 +357,21 @@ class OBS(_InputScorer):
         self.damping_raised: dict[str, float] = {}
 
     def settings(self) -> dict:
-        out: dict = {"damping": self.damping, **super().settings()}
+        return {"damping": self.damping}
+
+    def facts(self) -> dict:
+        out = super().facts()
         if self.groups:
             out["memory_bound_mib"] = round(self.memory_bytes()["peak"] / 2**20, 3)
         if self.damping_raised:
             out["damping_raised"] = dict(self.damping_raised)
         return out
+
+    def memory(self, layout: Layout, weight_bytes: int) -> MetricMemory:
+        """No gradients: its float32 scores at the end, X^T X per distinct layer input and inverting one."""
+        obs = obs_memory_bytes(layout.input_widths)
+        extras = {"X^T X per distinct layer input": obs["accumulators"], "inverting one": obs["compute_extra"]}
+        return MetricMemory(0, float32_accumulators(layout), extras)
 
     def memory_bytes(self) -> dict[str, int]:
         """The bound of ``obs_memory_bytes`` for this run's distinct inputs (after ``attach``)."""
@@ -399,108 +432,3 @@ def inverse_diagonal(
             return torch.cholesky_inverse(factor).diagonal().float().clone()
         del factor
     raise CwaError(f"obs: H of '{key}' is not positive definite even with damping {damping * 10 ** (tries - 1):g}.")
-
-
-class OBD(Scorer):
-    """Optimal Brain Damage (LeCun et al. 1990): 1/2 * H_ii * w^2, the loss change of zeroing w to second order.
-
-    diag(H) comes from the existing estimators, which this class drives unchanged: ``fisher`` is
-    ``grad_squared`` (the mean over micro-batches of the squared micro-batch gradient), ``hutchinson`` is
-    ``hutchinson_diag`` (signed; ``obd`` is then signed too).
-
-    Args:
-        hessian: ``fisher`` (empirical Fisher diagonal) or ``hutchinson`` (Hutchinson's unbiased estimate).
-        signed_taylor: store -g * w + 1/2 * H_ii * w^2 (g the gradient of the mean loss over the calibration
-            set; signed, ranked by |.|) instead of 1/2 * H_ii * w^2. Costs one more forward and backward
-            per batch and one more float32 accumulator per weight.
-        fisher_microbatch: sequences per micro-batch of the Fisher (``hessian: fisher``).
-        probes: Rademacher probes per batch (``hessian: hutchinson``).
-        hvp: ``autograd`` or ``finite_difference`` Hessian-vector products (``hessian: hutchinson``).
-        fd_eps: relative finite-difference step (``hessian: hutchinson``, ``hvp: finite_difference``).
-        seed: probe seed (``hessian: hutchinson``).
-    """
-
-    name = "obd"
-    turn_taking = True
-
-    def __init__(
-        self,
-        hessian: Literal["fisher", "hutchinson"] = "fisher",
-        signed_taylor: bool = False,
-        fisher_microbatch: int = 1,
-        probes: int = 1,
-        hvp: Literal["autograd", "finite_difference"] = "autograd",
-        fd_eps: float = 1e-4,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if hessian == "fisher":
-            self.diag: Scorer = GradSquared(fisher_microbatch)
-        elif hessian == "hutchinson":
-            self.diag = HutchinsonDiag(probes=probes, hvp=hvp, fd_eps=fd_eps, seed=seed)
-        else:
-            raise CwaError(f"unknown hessian '{hessian}': use fisher or hutchinson.")
-        self.hessian, self.signed_taylor = hessian, signed_taylor
-        self.grad: GradXWeight | None = GradXWeight() if signed_taylor else None
-        self.signed = signed_taylor or hessian == "hutchinson"
-
-    def _parts(self) -> list[Scorer]:
-        return [self.diag] + ([self.grad] if self.grad is not None else [])
-
-    @property
-    def repeats_passes(self) -> bool:
-        return self.diag.repeats_passes
-
-    def settings(self) -> dict:
-        return {"hessian": self.hessian, "signed_taylor": self.signed_taylor, **self.diag.settings()}
-
-    def required_attn_implementation(self) -> str | None:
-        return self.diag.required_attn_implementation()
-
-    def bind(self, params: dict[str, nn.Parameter]) -> None:
-        self.params = dict(params)
-        for part in self._parts():
-            part.sharded = self.sharded
-            part.bind(params)
-        self.counters = self.diag.counters  # the loss and token counts are the Hessian estimator's
-
-    def set_step(self, step: int) -> None:
-        self.step = step
-        for part in self._parts():
-            part.set_step(step)
-
-    def update(self, batch: Batch, loss_fn: LossFn) -> None:
-        for part in self._parts():
-            part.counting = self.counting
-            part.update(batch, loss_fn)
-
-    def reduce(self, all_reduce) -> None:
-        for part in self._parts():
-            part.reduce(all_reduce)
-
-    def nonfinite(self) -> list[str]:
-        return [name for part in self._parts() for name in part.nonfinite()]
-
-    def state_dict(self) -> dict:
-        return {"diag": self.diag.state_dict(), "grad": self.grad.state_dict() if self.grad is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.diag.load_state_dict(state["diag"])
-        if self.grad is not None:
-            self.grad.load_state_dict(state["grad"])
-
-    def compute(self) -> dict[str, Tensor]:
-        self.check_finite()
-        gradient = None
-        if self.grad is not None:
-            tokens = self.grad.tokens
-            gradient = {n: self.grad.acc[n].div_(tokens) for n in self.params}
-        diagonal = self.diag.compute()
-        scores = {}
-        for name, param in self.params.items():
-            w = _local(param.detach()).float()
-            score = diagonal[name].mul_(w).mul_(w).mul_(0.5)
-            if gradient is not None:
-                score.sub_(gradient[name] * w)
-            scores[name] = score
-        return scores

@@ -31,8 +31,11 @@ from torch import Tensor, nn
 
 from cwa.common.errors import CwaError
 from cwa.model.sharding import all_reduce_sum
-from cwa.scoring.saliency import OBD, Wanda
-from cwa.scoring.scorers import Batch, GradSquared, GradXWeight, LossFn, Magnitude, Scorer
+from cwa.scoring.base import Batch, LossFn, Scorer
+from cwa.scoring.obd import OBD
+from cwa.scoring.saliency import Wanda
+from cwa.scoring.scorers import GradSquared, GradXWeight, Magnitude
+from cwa.scoring.sizing import Layout, MetricMemory
 
 SHAREABLE: tuple[type[Scorer], ...] = (Magnitude, GradXWeight, GradSquared, Wanda, OBD)
 """The metric classes a shared pass can feed (exactly these classes: a subclass may update differently)."""
@@ -105,13 +108,29 @@ class SharedPass(Scorer):
     def settings(self) -> dict:
         return {name: m.settings() for name, m in self.members.items()}
 
-    def bind(self, params: dict[str, nn.Parameter]) -> None:
+    def check_plan(self, dtype: str, sharded: bool) -> None:
+        for member in self.members.values():
+            member.check_plan(dtype, sharded)
+
+    def plan_scored(self, model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[list[str], list[int]]:
+        """Every tensor some member scores, and the layer inputs the member that reads them reads."""
+        readers = [m for m in self.members.values() if isinstance(m, Wanda)]
+        return list(params), readers[0].plan_scored(model, params)[1] if readers else []
+
+    def memory(self, layout: Layout, weight_bytes: int) -> MetricMemory:
+        """One backward serves every member (the largest gradient need); each keeps its own accumulators."""
+        parts = {name: member.memory(layout, weight_bytes) for name, member in self.members.items()}
+        extras = {f"{name}: {what}": n for name, part in parts.items() for what, n in part.extras.items()}
+        gradients = max(part.gradients for part in parts.values())
+        return MetricMemory(gradients, sum(part.accumulators for part in parts.values()), extras)
+
+    def bind(self, params: dict[str, nn.Parameter], sharded: bool = False) -> None:
         self.params = dict(params)
+        self.sharded = sharded
         self.acc = {}
         self.counters = torch.zeros(4, dtype=torch.float64)
         for member in self.members.values():
-            member.sharded = self.sharded
-            member.bind(params)
+            member.bind(params, sharded)
         for diag, _ in self._copies.values():
             diag.acc = {}  # nothing to accumulate, reduce, check or save until compute_each
 
@@ -129,8 +148,7 @@ class SharedPass(Scorer):
     def _reading_inputs(self, batch: Batch) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for member in self._inputs:
-                member.counting = self.counting
-                stack.enter_context(member._reading_inputs(batch))
+                stack.enter_context(member._reading_inputs(batch, self._counting))
             yield
 
     def update(self, batch: Batch, loss_fn: LossFn) -> None:
@@ -184,17 +202,13 @@ class SharedPass(Scorer):
             member.reduce(all_reduce)
         super().reduce(all_reduce)
 
-    def _hand_counters(self) -> None:
-        for member in self.members.values():
-            for part in [member, *(member._parts() if isinstance(member, OBD) else [])]:
-                part.counters.copy_(self.counters)
-
     def compute(self) -> dict[str, Tensor]:
         raise CwaError("a shared pass computes one set of scores per metric: call compute_each().")
 
     def compute_each(self) -> dict[str, dict[str, Tensor]]:
         """Every member's scores, by metric name (each member's accumulators become its scores in place)."""
-        self._hand_counters()
+        for member in self.members.values():
+            member.receive_counters(self.counters)
         for diag, source in self._copies.values():
             diag.acc = {name: tensor.clone() for name, tensor in source.acc.items()}
         return {name: member.compute() for name, member in self.members.items()}
