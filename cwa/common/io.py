@@ -183,3 +183,25 @@ def inside(root: str | os.PathLike, relative: str) -> Path:
                 f"'{current}' is a symbolic link; cwa writes only inside the run directory '{root}', so remove it."
             )
     return current
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures are ``OSError``\\ s (safetensors reports a full disk
+    as its own error type, which ``atomic_path`` would not turn into a sentence).
+
+    Args:
+        tensors: name -> contiguous CPU tensor.
+        path: the file to write (normally ``atomic_path``'s temporary).
+        metadata: the file's string metadata.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:
+        code = re.search(r"(?:code: |os error )(\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from cwa.common.errors import CwaError
-from cwa.common.io import atomic_open, atomic_path, check_regular
+from cwa.common.io import atomic_open, atomic_path, check_regular, save_safetensors
 from cwa.rundir.files import SCORES_FORMAT
 from cwa.rundir.validate import check_score_shapes
 
@@ -30,12 +30,10 @@ def scores_metadata(metric: str, model: str) -> dict[str, str]:
 
 def write_scores(path: Path, scores: Mapping[str, Tensor], dtype: str, metadata: dict[str, str]) -> None:
     """All score tensors in one safetensors file (``dtype``: ``float32`` or ``bfloat16``)."""
-    from safetensors.torch import save_file
-
     target = _score_dtype(dtype)
     tensors = {n: s.detach().to("cpu", target).contiguous() for n, s in scores.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
 
 
 def stream_scores(
