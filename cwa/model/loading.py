@@ -228,14 +228,27 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except CwaError:
         raise
     except Exception as exc:
         if Path(path).is_dir():
             raise _local_error(Path(path), "model", exc) from exc
         raise _hub_error(name, exc) from exc
+    # transformers initialises a tensor the checkpoint lacks and carries on: its scores would be noise.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise missing_tensors_error(path, missing)
     return model.eval()
+
+
+def missing_tensors_error(where: str | Path, missing: list[str]) -> CwaError:
+    """One sentence naming the tensors a checkpoint lacks (the first three, and how many more)."""
+    shown = ", ".join(f"'{m}'" for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return CwaError(
+        f"the checkpoint in '{where}' has no tensor for {shown}; cwa never scores weights that were freshly "
+        "initialised, so copy or download the complete checkpoint."
+    )
 
 
 def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None:
