@@ -12,8 +12,9 @@ from cwa.fit.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult, SharedP
 from cwa.fit.data import CalibrationData
 from cwa.fit.distributed import check_supported_strategy, is_sharded_strategy, register_strategy_name
 from cwa.fit.module import SensitivityModule
-from cwa.fit.preflight import check_context, check_device, check_processes, check_trainer
-from cwa.rundir import remove_unfinished_metric_runs, remove_unfinished_run
+from cwa.fit.progress import use_plain_progress
+from cwa.fit.preflight import check_context, check_device, check_hub, check_processes, check_trainer
+from cwa.rundir import next_version, remove_unfinished_metric_runs, remove_unfinished_run
 from cwa.scoring.shared_pass import SharedPass
 from cwa.scoring.sizing import Memory
 
@@ -62,7 +63,9 @@ class CwaTrainer(L.Trainer):
         # The data module shards blocks across ranks itself (no sampler padding duplicates a block).
         self._accelerator_connector.use_distributed_sampler = False
         shared = isinstance(model.scorer, SharedPass)
+        self._number_run()
         self._order_fit_callbacks(shared)
+        use_plain_progress(self)
         self.fit_result, self.fit_results = FitResult(), None
         try:
             self.validate(model, datamodule=datamodule, verbose=False)
@@ -77,6 +80,16 @@ class CwaTrainer(L.Trainer):
             self._remove_unfinished_run(model)
             raise
         return self.fit_results if shared else self.fit_result
+
+    def _number_run(self) -> None:
+        """Give an unnumbered TensorBoard logger the next number free of every ``version_<n>`` and
+        ``version_<n>-<metric>`` (its own count skips the latter, which outlive their pass's ``version_<n>``).
+        One process only: the ranks of a launched run would race to list the directory."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = self.logger
+        if isinstance(logger, TensorBoardLogger) and logger._version is None and self.world_size == 1:
+            logger._version = next_version(Path(logger.root_dir))
 
     def _remove_unfinished_run(self, model: SensitivityModule) -> None:
         """A run that failed leaves no ``version_N`` behind, unless it holds checkpoints to resume from (nor,
@@ -246,6 +259,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
 
         def before_instantiate_classes(self) -> None:
             section = self.config.get(str(self.subcommand), self.config)
+            check_hub(str(section.get("model", {}).get("pretrained", "")))
             if section.get("dry_run"):
                 return  # a dry run plans for devices that need not be here
             # The requested device must exist before Lightning builds the Trainer (a traceback otherwise).

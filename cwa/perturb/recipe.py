@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cwa.ablation.controls import Control, ControlContext, ControlName, ControlUnavailable, make_control
+from cwa.ablation.controls import Control, ControlContext, ControlName, ControlUnavailable, check_seeds, make_control
 from cwa.ablation.perturbations import (
     ChecksumCache,
     Perturbation,
@@ -159,7 +159,7 @@ class PerturbRecipe:
             )
         self.statistics = StatisticsOptions(bootstrap, permutations, confidence)
         self.run_path, self.fit_config, self.fit_args = run, fit_config, list(fit_args or [])
-        self.single, self.seeds = single, tuple(seeds)
+        self.single, self.seeds = single, check_seeds(seeds)
         self.heldout_samples, self.heldout_tokens, self.batch_size = heldout_samples, heldout_tokens, batch_size
         self.device_name, self.trust_remote_code, self.verify = device, trust_remote_code, verify
         self.figures, self.tensorboard = figures, tensorboard
