@@ -227,8 +227,10 @@ def _check_config(path: Path, given: set[str]) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 option = f"{where}.{key}" if where else str(key)
-                if key == "trust_remote_code" and value not in (False, None, "false", "False") and (
-                    f"--{option}" not in given
+                if (
+                    key == "trust_remote_code"
+                    and value not in (False, None, "false", "False")
+                    and (f"--{option}" not in given)
                 ):
                     raise CwaError(
                         f"'{path}' sets {option}: {value}, which cwa takes only from the command line so that a "

@@ -143,7 +143,9 @@ def test_disk_full_while_writing_scores_is_one_sentence(tmp_path, monkeypatch):
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })'
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(CwaError, match="the disk is full") as info:

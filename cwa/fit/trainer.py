@@ -12,8 +12,8 @@ from cwa.fit.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult, SharedP
 from cwa.fit.data import CalibrationData
 from cwa.fit.distributed import check_supported_strategy, is_sharded_strategy, register_strategy_name
 from cwa.fit.module import SensitivityModule
-from cwa.fit.progress import use_plain_progress
 from cwa.fit.preflight import check_context, check_device, check_hub, check_processes, check_trainer
+from cwa.fit.progress import use_plain_progress
 from cwa.rundir import next_version, remove_unfinished_metric_runs, remove_unfinished_run
 from cwa.scoring.shared_pass import SharedPass
 from cwa.scoring.sizing import Memory

@@ -342,7 +342,7 @@ def load_runs(paths: Iterable[str | Path], skip_incomplete: bool = False) -> tup
             notes.append(f"skipped {exc}")
     if not runs:
         if notes:
-            raise CwaError(f"none of the given directories is a complete run ({notes[0][len('skipped ') :]})")
+            raise CwaError(f"none of the given directories is a complete run: {notes[0][len('skipped ') :]}")
         raise CwaError("no run directories given; pass lightning_logs/NAME/version_N directories.")
     return runs, notes
 

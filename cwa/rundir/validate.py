@@ -113,7 +113,9 @@ def _tensor_numel(tensor: str, stats: object, path: Path) -> int:
     return numel
 
 
-def check_score_shapes(path: Path, stored: Mapping[str, tuple[int, ...]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+def check_score_shapes(
+    path: Path, stored: Mapping[str, tuple[int, ...]], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
     """The scores file holds every tensor of the summary with the summary's shape."""
     for name, shape in shapes.items():
         if name in stored and tuple(stored[name]) != tuple(shape):
