@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cwa.common.errors import CwaError, argument_error
+from cwa.common.errors import CwaError, argument_error, cwa_cause
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         return lightning_main(verb, rest) if verb in LIGHTNING_COMMANDS else run_command(verb, rest)
     except CwaError as exc:
         print(f"cwa: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        cause = cwa_cause(exc)
+        if cause is None:
+            raise
+        print(f"cwa: error: {cause}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cwa: interrupted; no incomplete file was left looking complete.", file=sys.stderr)

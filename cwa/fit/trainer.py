@@ -218,6 +218,35 @@ def _strategy_instance(strategy: object) -> object:
     return StrategyRegistry.get(strategy) if strategy in StrategyRegistry else strategy
 
 
+def metric_class_names(args: list[str]) -> list[str]:
+    """``--model.metric hutchinson_diag --model.metric.probes 8``: a short name followed by options of the
+    metric becomes its class's import path, which jsonargparse can give options to (a short name is a plain
+    string to it, and its options then end in a page of union errors).
+
+    Args:
+        args: the command line after ``fit-sensitivity``.
+    """
+    from cwa.scoring.metrics import METRICS
+
+    if not any(a.startswith("--model.metric.") for a in args):
+        return args
+    out = list(args)
+    for i, token in enumerate(args):
+        name, equals, value = token.partition("=")
+        if name != "--model.metric":
+            continue
+        if not equals and i + 1 < len(args):
+            value = args[i + 1]
+        if value in METRICS:
+            cls = METRICS[value]
+            path = f"{cls.__module__}.{cls.__qualname__}"
+            if equals:
+                out[i] = f"--model.metric={path}"
+            else:
+                out[i + 1] = path
+    return out
+
+
 TRAINER_DEFAULTS = {
     "inference_mode": False,
     "use_distributed_sampler": False,
@@ -248,6 +277,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
         "--dry_run=true" if a == "--dry_run" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
         for i, a in enumerate(args)
     ]
+    args = metric_class_names(args)
 
     class CwaCLI(LightningCLI):
         @staticmethod

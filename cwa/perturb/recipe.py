@@ -40,6 +40,7 @@ from cwa.ablation.perturbations import (
 )
 from cwa.ablation.restore import RestoreMode
 from cwa.ablation.units import Unit, check_units, expand
+from cwa.common.environment import torch_device
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
@@ -162,6 +163,7 @@ class PerturbRecipe:
         self.single, self.seeds = single, check_seeds(seeds)
         self.heldout_samples, self.heldout_tokens, self.batch_size = heldout_samples, heldout_tokens, batch_size
         self.device_name, self.trust_remote_code, self.verify = device, trust_remote_code, verify
+        torch_device(device)  # an absent device is refused here, before the run or the model is read
         self.figures, self.tensorboard = figures, tensorboard
         self._set_units_and_sets(units, leave_one_out, pairs)
         self.timings: dict[str, float] = {}
@@ -322,8 +324,7 @@ class PerturbRecipe:
             trust_remote_code=self.trust_remote_code,
             revision=settings.get("revision"),
         )
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(auto if self.device_name == "auto" else self.device_name)
+        self.device = torch_device(self.device_name)
         self.model = model.to(self.device).requires_grad_(False)
         named = dict(model.named_parameters())
         unknown = [n for n in self.topk.names if n not in named]
