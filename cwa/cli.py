@@ -270,6 +270,17 @@ def _trusted(path: str) -> bool:
 
 
 # -- entry point -----------------------------------------------------------------------------------
+def _interruptible() -> None:
+    """Make SIGINT interrupt cwa even where it was inherited as ignored: a shell script starts background
+    commands with SIGINT ignored, and Python then never raises KeyboardInterrupt, so ``kill -INT`` (or
+    Ctrl-C on the script) let a run finish with exit 0 instead of stopping it resumable."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -280,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cwa: error: unknown command '{argv[0]}'.\n\n{usage()}", file=sys.stderr)
         return 2
     _quiet_frameworks()
+    _interruptible()
     try:
         check_config_files(rest)
         return lightning_main(verb, rest) if verb in LIGHTNING_COMMANDS else run_command(verb, rest)

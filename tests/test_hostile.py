@@ -243,3 +243,200 @@ def test_resume_from_names_what_is_wrong(tmp_path):
     (tmp_path / "run" / "accumulators").write_text("edited")
     with pytest.raises(CwaError, match=re.escape("accumulators' is not a directory of checkpoints")):
         checkpoint.load(tmp_path / "run", _scorer(), {}, ONE_PROCESS)
+
+
+# -- code from a shared configuration --------------------------------------------------------------
+def test_config_file_cannot_trust_remote_code(tmp_path, capsys, tiny_gpt2_dir):
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"pretrained": str(tiny_gpt2_dir), "trust_remote_code": True}}))
+    message = _cli_error(capsys, ["fit-sensitivity", "--config", str(config), "--dry_run"])
+    assert "sets model.trust_remote_code: True, which cwa takes only from the command line" in message
+    from cwa.cli import check_config_files
+
+    check_config_files(["--config", str(config), "--model.trust_remote_code", "true"])  # said on the command line
+
+
+def test_config_file_class_path_is_checked_before_import(tmp_path, capsys):
+    import sys
+
+    import yaml
+
+    assert "this" not in sys.modules
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"metric": {"class_path": "this.Scorer"}}}))
+    message = _cli_error(capsys, ["fit-sensitivity", f"--config={config}", "--dry_run"])
+    assert "names the class 'this.Scorer' at model.metric.class_path" in message
+    assert "this" not in sys.modules and "Beautiful is better" not in capsys.readouterr().out
+    config.write_text(yaml.safe_dump({"perturbation": "this.Zero"}))
+    assert "names the class 'this.Zero'" in _cli_error(capsys, ["perturb", "--config", str(config)])
+    assert "this" not in sys.modules
+
+
+# -- a checkpoint missing a tensor ------------------------------------------------------------------
+def test_checkpoint_missing_a_tensor_is_named(tmp_path, tiny_gpt2_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cwa.model.loading import load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CwaError, match=r"has no tensor for 'transformer\.h\.1\.mlp\.c_fc\.weight'; cwa never scores"):
+        load_model(str(model_dir))
+    assert load_model(str(tiny_gpt2_dir)) is not None  # a complete checkpoint still loads
+
+
+# -- bounds on what a configuration may ask for ---------------------------------------------------
+def test_absurd_model_config_is_refused_before_building(tmp_path, capsys, tiny_gpt2_dir):
+    import shutil
+    import time
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["n_layer"] = 2_000_000
+    (model_dir / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    message = _cli_error(
+        capsys, ["fit-sensitivity", f"--model.pretrained={model_dir}", "--data.seq_len=16", "--dry_run"]
+    )
+    assert "asks for n_layer=2,000,000, outside 0..1,024" in message
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [("[0,0]", "seeds [0, 0] repeat 0"), ("[]", "seeds is empty, so no random control would be drawn")],
+)
+def test_seeds_are_validated(capsys, tmp_path, seeds, message):
+    assert message in _cli_error(capsys, ["perturb", "--run", str(tmp_path), "--seeds", seeds])
+
+
+def test_check_seeds_against_its_definition():
+    from cwa.ablation.controls import check_seeds
+
+    assert check_seeds([3, 1, 2]) == (3, 1, 2)
+    for bad in ([], [1, 1], [1, True], "012"):
+        with pytest.raises(CwaError):
+            check_seeds(bad)
+
+
+# -- one sentence for options a class refuses, and for an absent device ----------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.metric", "hutchinson_diag", "--model.metric.probes", "0"], "probes must be at least 1, got 0."),
+        (["--model.metric=hutchinson_diag", "--model.metric.fd_eps", "-1"], "fd_eps must be positive, got -1.0."),
+        (["--model.metric", "HutchinsonDiag", "--model.metric.fd_eps=-0.5"], "fd_eps must be positive, got -0.5."),
+    ],
+)
+def test_metric_options_refused_in_one_sentence(capsys, args, message):
+    assert _cli_error(capsys, ["fit-sensitivity", *args, "--dry_run"]).endswith(message)
+
+
+def test_short_metric_name_takes_options():
+    from cwa.fit.trainer import metric_class_names
+
+    args = ["--model.metric", "hutchinson_diag", "--model.metric.probes", "2", "--model.k=3"]
+    assert metric_class_names(args)[1] == "cwa.scoring.scorers.HutchinsonDiag"
+    assert metric_class_names(["--model.metric=wanda"]) == ["--model.metric=wanda"]  # no options: the name stays
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_absent_device_is_one_sentence(capsys, tmp_path):
+    message = _cli_error(capsys, ["perturb", "--run", str(tmp_path), "--device", "cuda"])
+    assert message.endswith(
+        "device 'cuda' is not available: this torch build has no CUDA; use --device cpu (or auto)."
+    ) or ("no CUDA device is visible" in message)
+    assert "is not a device name" in _cli_error(capsys, ["perturb", "--run", str(tmp_path), "--device", "gpu0"])
+
+
+# -- the hub: one probe, before any process --------------------------------------------------------
+def test_unreachable_hub_fails_fast(monkeypatch, capsys):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    start = time.perf_counter()
+    args = ["fit-sensitivity", "--model.pretrained=org/model", "--trainer.accelerator=cpu", "--trainer.devices=8"]
+    message = _cli_error(capsys, [*args, "--trainer.strategy=ddp"])
+    assert "the Hugging Face Hub at http://127.0.0.1:9 is unreachable from here" in message
+    assert time.perf_counter() - start < 10
+
+
+# -- run numbers stay unique after a shared pass ---------------------------------------------------
+def test_next_version_counts_metric_directories(tmp_path):
+    from cwa.rundir import next_version
+
+    assert next_version(tmp_path / "none") == 0
+    for name in ("version_0", "version_3-magnitude", "version_3-wanda", "version_x", "other_7"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "version_9").write_text("a file, not a run")
+    assert next_version(tmp_path) == 4
+
+
+def _fit_args(model_dir: Path, save_dir: Path, samples: int = 4) -> list[str]:
+    return [
+        "fit-sensitivity",
+        f"--model.pretrained={model_dir}",
+        "--data.seq_len=16",
+        f"--data.num_samples={samples}",
+        "--data.batch_size=1",
+        "--model.metric=grad_x_weight",
+        "--model.k=5",
+        "--trainer.accelerator=cpu",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
+        "--trainer.callbacks.enabled=false",
+    ]
+
+
+def test_a_run_after_a_shared_pass_takes_a_new_number(tmp_path, tiny_gpt2_dir, capsys):
+    experiment = tmp_path / "cwa"
+    (experiment / "version_0-magnitude").mkdir(parents=True)  # what a shared pass leaves (its version_0 removed)
+    assert main(_fit_args(tiny_gpt2_dir, tmp_path)) == 0
+    assert sorted(p.name for p in experiment.iterdir()) == ["version_0-magnitude", "version_1"]
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path, tiny_gpt2_dir, capsys):
+    assert main(_fit_args(tiny_gpt2_dir, tmp_path, samples=3)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^cwa: scored batch 1 of 3 \(\d+ s, about \d+ s left\), calibration NLL \d", out, re.M), out
+    assert re.search(r"^cwa: scored batch 3 of 3 \(\d+ s\), calibration NLL \d", out, re.M), out
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_sigint_after_a_checkpoint_stops_the_run_resumable(tmp_path, tiny_gpt2_dir, ignored):
+    """Ctrl-C (or ``kill -INT``, also on a run a shell script started in the background, where SIGINT arrives
+    ignored) stops the run with exit 130 and leaves its checkpoint, never a complete-looking run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*_fit_args(tiny_gpt2_dir, tmp_path, samples=400), "--model.checkpoint_every=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cwa", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ignore
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.rglob("rank0-of-1-batch*.safetensors")) and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err.decode()[-2000:]
+    run = next(tmp_path.rglob("version_0"))
+    assert not (run / "summary.json").exists()
+    assert list((run / "accumulators").glob("rank0-of-1-batch*.safetensors"))
