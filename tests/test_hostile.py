@@ -440,3 +440,13 @@ def test_sigint_after_a_checkpoint_stops_the_run_resumable(tmp_path, tiny_gpt2_d
     run = next(tmp_path.rglob("version_0"))
     assert not (run / "summary.json").exists()
     assert list((run / "accumulators").glob("rank0-of-1-batch*.safetensors"))
+
+
+def test_perturbation_files_must_be_regular(tmp_path):
+    from cwa.rundir.perturbation import read_perturbation
+
+    run = make_run(tmp_path, "a", random_scores(0))
+    os.mkfifo(run / "perturb.csv")
+    (run / "perturb.json").symlink_to("/dev/zero")
+    with pytest.raises(CwaError, match="perturbation table '.*perturb.csv' is a FIFO, not a regular file"):
+        read_perturbation(run)
