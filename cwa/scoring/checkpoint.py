@@ -3,8 +3,9 @@
 A checkpoint is one safetensors file per process, ``rank<r>-of-<world>-batch<n>.safetensors`` (written
 atomically): that process's float32 accumulators (its row shards under FSDP2) and float64 counters as
 tensors, and how many of its batches it has seen and a fingerprint of the settings as JSON in the file's
-metadata. Nothing in it is ever unpickled, so a file planted in the directory cannot run code: safetensors
-reads a JSON header and raw tensor bytes only.
+metadata, with a checksum over all of it (an edited accumulator or batch count is refused on resume).
+Nothing in it is ever unpickled, so a file planted in the directory cannot run code: safetensors reads a
+JSON header and raw tensor bytes only.
 
 While running only the newest checkpoint is kept: the new file is on disk before the older one is removed
 (under sharding, only after every process has written its new file, so they always share a position), so
