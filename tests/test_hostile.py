@@ -450,3 +450,15 @@ def test_perturbation_files_must_be_regular(tmp_path):
     (run / "perturb.json").symlink_to("/dev/zero")
     with pytest.raises(CwaError, match="perturbation table '.*perturb.csv' is a FIFO, not a regular file"):
         read_perturbation(run)
+
+
+def test_scores_of_other_shapes_are_not_taken_for_absent_scores(tmp_path):
+    from safetensors.torch import save_file
+
+    scores = random_scores(0)
+    run = make_run(tmp_path, "a", scores)
+    save_file({**scores, "model.norm.weight": torch.rand(4, 2)}, str(run / "scores.safetensors"))
+    with pytest.raises(CwaError, match="with shape \\[4, 2\\] but the run's summary.json says \\[8\\]"):
+        _ = Run.load(run).has_scores
+    (run / "scores.safetensors").write_bytes(b"truncated")
+    assert Run.load(run).has_scores is False  # an unreadable file is a run without scores, as before

@@ -18,7 +18,7 @@ from cwa.common.io import read_regular
 from cwa.model.params import ParamInfo
 from cwa.rundir.files import ACCUMULATORS, CONFIG, FIGURES, SCORES, SUMMARY, TOPK, Key
 from cwa.rundir.perturbation import Perturbation, read_perturbation
-from cwa.rundir.scores import LazyScores
+from cwa.rundir.scores import LazyScores, UnreadableScores
 from cwa.rundir.summary import Summary
 from cwa.rundir.topk import read_topk
 from cwa.rundir.validate import CONFIG_BYTES, SUMMARY_BYTES
@@ -198,7 +198,7 @@ class Run:
             return False
         try:
             self.scores()
-        except CwaError:  # a truncated or foreign file: absent, and said so where it matters
+        except UnreadableScores:  # a truncated or foreign file: absent, and said so where it matters
             return False
         return True
 

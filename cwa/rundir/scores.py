@@ -76,6 +76,10 @@ def stream_scores(
             handle.write(data.view(torch.uint8).numpy().tobytes())
 
 
+class UnreadableScores(CwaError):
+    """A scores file that is truncated or not safetensors: a run without scores, where that is enough."""
+
+
 class LazyScores(Mapping[str, Tensor]):
     """A read-only ``{parameter: float32 score tensor}`` over a ``scores.safetensors`` that loads one
     tensor per access (the last one is cached), so a whole run's scores are never in memory at once."""
@@ -93,7 +97,7 @@ class LazyScores(Mapping[str, Tensor]):
         except CwaError:
             raise
         except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-            raise CwaError(f"'{self.path}' is not a readable safetensors file ({exc}).") from None
+            raise UnreadableScores(f"'{self.path}' is not a readable safetensors file ({exc}).") from None
         self.names = list(stored) if names is None else list(names)
         missing = [n for n in self.names if n not in stored]
         if missing:
