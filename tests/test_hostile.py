@@ -462,3 +462,20 @@ def test_scores_of_other_shapes_are_not_taken_for_absent_scores(tmp_path):
         _ = Run.load(run).has_scores
     (run / "scores.safetensors").write_bytes(b"truncated")
     assert Run.load(run).has_scores is False  # an unreadable file is a run without scores, as before
+
+
+def test_progress_on_a_terminal_says_scoring(monkeypatch):
+    import sys
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from cwa.fit.progress import PlainProgress, ScoringBar, use_plain_progress
+
+    trainer = SimpleNamespace(callbacks=[TQDMProgressBar(refresh_rate=3)])
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    use_plain_progress(trainer)
+    assert isinstance(trainer.callbacks[0], ScoringBar) and trainer.callbacks[0].validation_description == "Scoring"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    trainer = SimpleNamespace(callbacks=[TQDMProgressBar()])
+    use_plain_progress(trainer)
+    assert [type(c) for c in trainer.callbacks] == [PlainProgress]

@@ -6,7 +6,7 @@ import sys
 import time
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 
 class PlainProgress(L.Callback):
@@ -47,9 +47,23 @@ class PlainProgress(L.Callback):
         )
 
 
+class ScoringBar(TQDMProgressBar):
+    """Lightning's bar, saying what fit-sensitivity does (it runs in the validation loop)."""
+
+    @property
+    def validation_description(self) -> str:
+        return "Scoring"
+
+
 def use_plain_progress(trainer: L.Trainer, interval: float = 30.0) -> None:
-    """On a stdout that is not a terminal, replace Lightning's progress bar with :class:`PlainProgress`."""
-    if sys.stdout.isatty() or any(isinstance(c, PlainProgress) for c in trainer.callbacks):
+    """On a stdout that is not a terminal, replace Lightning's progress bar with :class:`PlainProgress`; on a
+    terminal, label the default bar "Scoring" rather than "Validation"."""
+    if any(isinstance(c, PlainProgress) for c in trainer.callbacks):
+        return
+    if sys.stdout.isatty():
+        trainer.callbacks[:] = [
+            ScoringBar(c.refresh_rate) if type(c) is TQDMProgressBar else c for c in trainer.callbacks
+        ]
         return
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)]
     trainer.callbacks.append(PlainProgress(interval))
