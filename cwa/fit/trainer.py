@@ -218,6 +218,14 @@ def _strategy_instance(strategy: object) -> object:
     return StrategyRegistry.get(strategy) if strategy in StrategyRegistry else strategy
 
 
+def _bare_dry_run(args: list[str]) -> list[str]:
+    """``--dry_run`` alone means ``--dry_run true`` (jsonargparse wants a value for a bool)."""
+    return [
+        "--dry_run=true" if a == "--dry_run" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
+        for i, a in enumerate(args)
+    ]
+
+
 def metric_class_names(args: list[str]) -> list[str]:
     """``--model.metric hutchinson_diag --model.metric.probes 8``: a short name followed by options of the
     metric becomes its class's import path, which jsonargparse can give options to (a short name is a plain
@@ -272,12 +280,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
     from lightning.pytorch.cli import LightningCLI
 
     register_strategy_name()
-    # `--dry_run` alone means `--dry_run true` (jsonargparse wants a value for a bool).
-    args = [
-        "--dry_run=true" if a == "--dry_run" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
-        for i, a in enumerate(args)
-    ]
-    args = metric_class_names(args)
+    args = metric_class_names(_bare_dry_run(args))
 
     class CwaCLI(LightningCLI):
         @staticmethod
