@@ -13,11 +13,13 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
-from cwa.common.errors import CwaError, argument_error
+from cwa.common.errors import CwaError, argument_error, cwa_cause
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,107 @@ def lightning_main(verb: str, args: list[str]) -> int:
     return 0
 
 
+# -- configuration files: data, never code -----------------------------------------------------------
+TRUSTED_MODULES = ("cwa", "lightning", "lightning_fabric", "pytorch_lightning", "torch")
+"""Packages whose classes a ``--config`` file may name: a ``class_path`` elsewhere imports (runs) its module
+before jsonargparse can check the class, so another class must be given on the command line."""
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+_CONFIG_BYTES = 16 << 20
+_YAML = (".yaml", ".yml")
+
+
+def check_config_files(args: list[str]) -> None:
+    """Refuse, before anything is parsed or imported, a ``--config`` file (or a YAML file given as an option's
+    value) that names code: a class outside cwa, Lightning and torch, or ``trust_remote_code: true`` (which
+    is taken from the command line only, so rerunning a shared ``config.yaml`` never runs its model's code).
+
+    Args:
+        args: the command line after the command's name.
+    """
+    given = {a.split("=", 1)[0] for a in args if a.startswith("--") and "trust_remote_code" in a}
+    files = []
+    for i, token in enumerate(args):
+        name, equals, value = token.partition("=")
+        if name in ("--config", "-c"):
+            files.append(value if equals else args[i + 1] if i + 1 < len(args) else "")
+        elif token.startswith("--") and value.endswith(_YAML):
+            files.append(value)  # --model=model.yaml: a sub-configuration file
+        elif not token.startswith("-") and token.endswith(_YAML) and i > 0 and args[i - 1].startswith("--"):
+            files.append(token)
+    for file in files:
+        if file and Path(file).is_file():
+            _check_config(Path(file), given)
+
+
+def _check_config(path: Path, given: set[str]) -> None:
+    import yaml
+
+    from cwa.common.io import read_regular
+
+    try:
+        data = yaml.safe_load(read_regular(path, _CONFIG_BYTES, "configuration").decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return  # not YAML: jsonargparse says so in its own sentence
+    stack: list[tuple[object, str]] = [(data, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                option = f"{where}.{key}" if where else str(key)
+                if (
+                    key == "trust_remote_code"
+                    and value not in (False, None, "false", "False")
+                    and (f"--{option}" not in given)
+                ):
+                    raise CwaError(
+                        f"'{path}' sets {option}: {value}, which cwa takes only from the command line so that a "
+                        f"shared configuration never runs a model's own code; add --{option} true if you trust it."
+                    )
+                stack.append((value, option))
+        elif isinstance(node, list):
+            stack.extend((value, where) for value in node)
+        elif isinstance(node, str) and _names_class(node, where) and not _trusted(node):
+            raise CwaError(
+                f"'{path}' names the class '{node}' at {where or 'its top level'}, outside "
+                f"{', '.join(TRUSTED_MODULES)}; a configuration file may not import code, so give that class "
+                "on the command line instead."
+            )
+
+
+def _names_class(value: str, where: str) -> bool:
+    """A ``class_path``, or a dotted name ending in a capitalised word (jsonargparse resolves such a string
+    given for a class-typed option as an import path); file names such as ``notes.txt`` are neither."""
+    if not _IMPORT_PATH.match(value):
+        return False
+    return where.endswith("class_path") or value.rsplit(".", 1)[1][:1].isupper()
+
+
+def _trusted(path: str) -> bool:
+    """Whether a dotted name is one of the trusted packages' or no importable module's (a parameter name such
+    as ``mlp.down_proj``). The top-level module is only located (``find_spec``), never imported."""
+    from importlib.util import find_spec
+
+    top = path.split(".", 1)[0]
+    if top in TRUSTED_MODULES:
+        return True
+    try:
+        return find_spec(top) is None
+    except (ImportError, ValueError):
+        return True
+
+
 # -- entry point -----------------------------------------------------------------------------------
+def _interruptible() -> None:
+    """Make SIGINT interrupt cwa even where it was inherited as ignored: a shell script starts background
+    commands with SIGINT ignored, and Python then never raises KeyboardInterrupt, so ``kill -INT`` (or
+    Ctrl-C on the script) let a run finish with exit 0 instead of stopping it resumable."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -189,10 +291,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cwa: error: unknown command '{argv[0]}'.\n\n{usage()}", file=sys.stderr)
         return 2
     _quiet_frameworks()
+    _interruptible()
     try:
+        check_config_files(rest)
         return lightning_main(verb, rest) if verb in LIGHTNING_COMMANDS else run_command(verb, rest)
     except CwaError as exc:
         print(f"cwa: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        cause = cwa_cause(exc)
+        if cause is None:
+            raise
+        print(f"cwa: error: {cause}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cwa: interrupted; no incomplete file was left looking complete.", file=sys.stderr)

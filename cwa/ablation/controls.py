@@ -437,6 +437,27 @@ CONTROLS: dict[str, type[Control]] = {cls.name: cls for cls in (RandomMatched, M
 ControlName = Literal["random_matched", "magnitude_matched", "bottomk"]
 
 
+def check_seeds(seeds: object) -> tuple[int, ...]:
+    """The seeds of the random controls as a tuple, refused in one sentence when empty (the controls would
+    silently not run) or repeated (one draw would be averaged as two independent ones).
+
+    Args:
+        seeds: the seeds as given (a sequence of integers).
+    """
+    values = tuple(seeds) if isinstance(seeds, (list, tuple)) else None
+    if values is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
+        raise CwaError(f"seeds must be a list of integers such as [0,1,2], got {seeds!r}.")
+    if not values:
+        raise CwaError("seeds is empty, so no random control would be drawn; give at least one, e.g. --seeds [0,1,2].")
+    repeated = sorted({s for s in values if values.count(s) > 1})
+    if repeated:
+        raise CwaError(
+            f"seeds {list(values)} repeat {repeated[0]}, which would count one draw as several independent ones; "
+            "give distinct seeds."
+        )
+    return values
+
+
 def make_control(spec: str | Control) -> Control:
     """A control from its short name (default options) or as given.
 

@@ -116,3 +116,32 @@ def release_freed_memory() -> None:
 
 def environment() -> dict:
     return {"versions": versions(), "git_commit": git_commit(), "device_count": torch.cuda.device_count()}
+
+
+def torch_device(name: str) -> torch.device:
+    """The device a ``--device`` option names (``auto``: CUDA where available, else the CPU), refused in one
+    sentence when it is malformed or not present in this torch build or on this machine.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
+    """
+    from cwa.common.errors import CwaError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CwaError(f"device '{name}' is not a device name; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise CwaError(f"device '{name}' is not available: {build}; use --device cpu (or auto).")
+        if device.index is not None and device.index >= count:
+            raise CwaError(f"device '{name}' is not available: only {count} CUDA device(s) here (0..{count - 1}).")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CwaError(f"device '{name}' is not available here; use --device cpu (or auto).")
+    elif device.type not in ("cpu", "meta", "mps"):
+        raise CwaError(f"device '{name}' is not supported by cwa; use auto, cpu, cuda or cuda:N.")
+    return device

@@ -7,6 +7,19 @@ class CwaError(Exception):
     """A problem with the user's input or environment, stated in one sentence."""
 
 
+def cwa_cause(exc: BaseException) -> CwaError | None:
+    """The CwaError behind ``exc``, when one is in its chain of causes: jsonargparse wraps an error raised by
+    a class it instantiates (``probes must be at least 1``) in its own union-type messages."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CwaError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def argument_error(verb: str, exc: Exception) -> CwaError:
     """jsonargparse's multi-line message as one sentence naming the option (no usage dump).
 

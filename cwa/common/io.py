@@ -124,3 +124,84 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, tuple)):
         return list(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def read_regular(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    A FIFO would block the reader forever and a symlink to ``/dev/zero`` never ends, so anything that is
+    not a regular file (after following links) is refused before it is opened, and at most ``limit`` + 1
+    bytes are read even when the file grows while it is read.
+
+    Args:
+        path: the file to read.
+        limit: the largest size accepted, in bytes.
+        what: what the file is, for the sentence (``summary.json``, ``data file``).
+    """
+    path = Path(path)
+    try:
+        status = os.stat(path)
+    except OSError as exc:
+        raise CwaError(f"cannot read {what} '{path}': {exc.strerror or exc}.") from None
+    check_regular(path, status, limit, what)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise CwaError(f"cannot read {what} '{path}': {exc.strerror or exc}.") from None
+    if len(data) > limit:
+        raise CwaError(f"{what} '{path}' is larger than {limit:,} bytes; it is not one cwa wrote.")
+    return data
+
+
+def check_regular(path: Path, status: os.stat_result, limit: int | None, what: str) -> None:
+    """One sentence when ``status`` (of ``path``) is not a regular file, or is larger than ``limit`` bytes."""
+    import stat
+
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a directory" if stat.S_ISDIR(status.st_mode) else "a FIFO" if stat.S_ISFIFO(status.st_mode) else None
+        kind = kind or ("a device" if stat.S_ISCHR(status.st_mode) or stat.S_ISBLK(status.st_mode) else "a socket")
+        raise CwaError(f"{what} '{path}' is {kind}, not a regular file; cwa reads only regular files.")
+    if limit is not None and status.st_size > limit:
+        raise CwaError(f"{what} '{path}' is larger than {limit:,} bytes; it is not one cwa wrote.")
+
+
+def inside(root: str | os.PathLike, relative: str) -> Path:
+    """``root / relative``, refused in one sentence when a folder on the way (or the file) is a symbolic link:
+    a ``figures`` link planted in a run directory must not make cwa write somewhere else.
+
+    Args:
+        root: the directory cwa owns (a run directory).
+        relative: the path inside it.
+    """
+    root = Path(root)
+    current = root
+    for part in Path(relative).parts:
+        current = current / part
+        if current.is_symlink():
+            raise CwaError(
+                f"'{current}' is a symbolic link; cwa writes only inside the run directory '{root}', so remove it."
+            )
+    return current
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures are ``OSError``\\ s (safetensors reports a full disk
+    as its own error type, which ``atomic_path`` would not turn into a sentence).
+
+    Args:
+        tensors: name -> contiguous CPU tensor.
+        path: the file to write (normally ``atomic_path``'s temporary).
+        metadata: the file's string metadata.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:
+        code = re.search(r"(?:code: |os error )(\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None

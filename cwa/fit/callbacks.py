@@ -33,7 +33,7 @@ from torch import Tensor
 
 from cwa import rundir
 from cwa.common.environment import environment, peak_memory
-from cwa.common.io import remove_stale_temporaries
+from cwa.common.io import inside, remove_stale_temporaries
 from cwa.model.params import ParamInfo
 from cwa.scoring import checkpoint
 from cwa.scoring.topk import TopK, select_topk, select_topk_sharded
@@ -171,7 +171,7 @@ class ScoreFigures(FitCallback):
 
         start = time.perf_counter()
         title = f"{pl_module.pretrained} · {pl_module.scorer.name}"
-        fig_dir = result.run_dir / rundir.FIGURES
+        fig_dir = inside(result.run_dir, rundir.FIGURES)
         figures.score_histogram(result.scores, result.topk, title, fig_dir / "score_histogram.png")
         figures.layer_module_heatmap(result.scores, result.infos, title, fig_dir / "layer_module_heatmap.png")
         figures.topk_locations(result.topk, result.infos, f"{title} · {pl_module.mode}", fig_dir / "topk_locations.png")

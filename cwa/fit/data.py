@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cwa.common.errors import CwaError
+from cwa.common.io import check_regular
 
 
 class TextSource:
@@ -64,6 +65,8 @@ class TextFiles(TextSource):
             for match in matches:
                 if os.path.isdir(match):
                     raise CwaError(f"data path '{match}' is a directory; give its files (e.g. '{match}/*.txt').")
+                if os.path.exists(match):  # a FIFO or a device would block or never end: refused before opening
+                    check_regular(Path(match), os.stat(match), None, "data file")
             found.extend(matches)
         return found
 

@@ -212,7 +212,10 @@ class SensitivityModule(L.LightningModule):
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             self._ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir else run_dir / "accumulators"
         if self.resume_from:
-            self.resumed_batches = checkpoint.load(self.resume_from, self.scorer, self._fingerprint(), self.trainer)
+            batches = self.trainer.num_val_batches[0] if self.trainer.num_val_batches else None
+            self.resumed_batches = checkpoint.load(
+                self.resume_from, self.scorer, self._fingerprint(), self.trainer, max_batches=batches
+            )
         if self.scorer.repeats_passes:
             keep_freed_memory()  # released at the epoch's end
         self._started = time.perf_counter()

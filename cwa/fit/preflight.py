@@ -81,6 +81,52 @@ def check_context(pretrained: str, seq_len: int, trust_remote_code: bool = False
         )
 
 
+HUB_PROBE_S = 5.0
+"""How long the reachability probe of the hub waits: huggingface_hub's own retries take about 45 s."""
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def check_hub(pretrained: str) -> None:
+    """Once, before any process is launched: a hub name needs a reachable hub, found out with one TCP
+    connection instead of huggingface_hub's retries (printed by every process of a launched run).
+
+    Nothing is checked for a local directory, the embedded model, ``HF_HUB_OFFLINE`` (transformers then
+    fails at once where the cache lacks the model) or a proxy (the direct connection says nothing then).
+
+    Args:
+        pretrained: the model as given (``model.pretrained``).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    from cwa.model.loading import resolve_model_path
+
+    proxied = any(os.environ.get(p) for p in _PROXIES)
+    if not pretrained or constants.HF_HUB_OFFLINE or proxied or resolve_model_path(pretrained) != pretrained:
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+    except OSError as exc:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(pretrained, "config.json"), str)
+        advice = (
+            "set HF_HUB_OFFLINE=1 to use the copy in your Hugging Face cache"
+            if cached
+            else f"download the model where the hub is reachable (e.g. `hf download {pretrained} --local-dir DIR`) "
+            "and pass that directory instead"
+        )
+        reason = exc.strerror or type(exc).__name__
+        raise CwaError(
+            f"cannot fetch '{pretrained}': the Hugging Face Hub at {constants.ENDPOINT} is unreachable from here "
+            f"({reason}); {advice}."
+        ) from None
+
+
 def check_processes(world_size: int, num_samples: int, batch_size: int) -> None:
     """Refuse more processes than calibration batches (a process without a batch has nothing to score).
 

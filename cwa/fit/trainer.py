@@ -12,8 +12,9 @@ from cwa.fit.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult, SharedP
 from cwa.fit.data import CalibrationData
 from cwa.fit.distributed import check_supported_strategy, is_sharded_strategy, register_strategy_name
 from cwa.fit.module import SensitivityModule
-from cwa.fit.preflight import check_context, check_device, check_processes, check_trainer
-from cwa.rundir import remove_unfinished_metric_runs, remove_unfinished_run
+from cwa.fit.preflight import check_context, check_device, check_hub, check_processes, check_trainer
+from cwa.fit.progress import use_plain_progress
+from cwa.rundir import next_version, remove_unfinished_metric_runs, remove_unfinished_run
 from cwa.scoring.shared_pass import SharedPass
 from cwa.scoring.sizing import Memory
 
@@ -62,7 +63,9 @@ class CwaTrainer(L.Trainer):
         # The data module shards blocks across ranks itself (no sampler padding duplicates a block).
         self._accelerator_connector.use_distributed_sampler = False
         shared = isinstance(model.scorer, SharedPass)
+        self._number_run()
         self._order_fit_callbacks(shared)
+        use_plain_progress(self)
         self.fit_result, self.fit_results = FitResult(), None
         try:
             self.validate(model, datamodule=datamodule, verbose=False)
@@ -77,6 +80,16 @@ class CwaTrainer(L.Trainer):
             self._remove_unfinished_run(model)
             raise
         return self.fit_results if shared else self.fit_result
+
+    def _number_run(self) -> None:
+        """Give an unnumbered TensorBoard logger the next number free of every ``version_<n>`` and
+        ``version_<n>-<metric>`` (its own count skips the latter, which outlive their pass's ``version_<n>``).
+        One process only: the ranks of a launched run would race to list the directory."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = self.logger
+        if isinstance(logger, TensorBoardLogger) and logger._version is None and self.world_size == 1:
+            logger._version = next_version(Path(logger.root_dir))
 
     def _remove_unfinished_run(self, model: SensitivityModule) -> None:
         """A run that failed leaves no ``version_N`` behind, unless it holds checkpoints to resume from (nor,
@@ -206,6 +219,43 @@ def _strategy_instance(strategy: object) -> object:
     return StrategyRegistry.get(strategy) if strategy in StrategyRegistry else strategy
 
 
+def _bare_dry_run(args: list[str]) -> list[str]:
+    """``--dry_run`` alone means ``--dry_run true`` (jsonargparse wants a value for a bool)."""
+    return [
+        "--dry_run=true" if a == "--dry_run" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
+        for i, a in enumerate(args)
+    ]
+
+
+def metric_class_names(args: list[str]) -> list[str]:
+    """``--model.metric hutchinson_diag --model.metric.probes 8``: a short name followed by options of the
+    metric becomes its class's import path, which jsonargparse can give options to (a short name is a plain
+    string to it, and its options then end in a page of union errors).
+
+    Args:
+        args: the command line after ``fit-sensitivity``.
+    """
+    from cwa.scoring.metrics import METRICS
+
+    if not any(a.startswith("--model.metric.") for a in args):
+        return args
+    out = list(args)
+    for i, token in enumerate(args):
+        name, equals, value = token.partition("=")
+        if name != "--model.metric":
+            continue
+        if not equals and i + 1 < len(args):
+            value = args[i + 1]
+        if value in METRICS:
+            cls = METRICS[value]
+            path = f"{cls.__module__}.{cls.__qualname__}"
+            if equals:
+                out[i] = f"--model.metric={path}"
+            else:
+                out[i + 1] = path
+    return out
+
+
 TRAINER_DEFAULTS = {
     "inference_mode": False,
     "use_distributed_sampler": False,
@@ -244,11 +294,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
     from lightning.pytorch.cli import LightningCLI
 
     register_strategy_name()
-    # `--dry_run` alone means `--dry_run true` (jsonargparse wants a value for a bool).
-    args = [
-        "--dry_run=true" if a == "--dry_run" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
-        for i, a in enumerate(args)
-    ]
+    args = metric_class_names(_bare_dry_run(args))
 
     class CwaCLI(LightningCLI):
         @staticmethod
@@ -260,6 +306,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
 
         def before_instantiate_classes(self) -> None:
             section = self.config.get(str(self.subcommand), self.config)
+            check_hub(str(section.get("model", {}).get("pretrained", "")))
             if not section.get("dry_run"):  # a dry run plans for devices that need not be here
                 _check_devices(section)
 

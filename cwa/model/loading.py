@@ -224,18 +224,86 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
+    _check_local_config(path)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except CwaError:
         raise
     except Exception as exc:
         if Path(path).is_dir():
             raise _local_error(Path(path), "model", exc) from exc
         raise _hub_error(name, exc) from exc
+    # transformers initialises a tensor the checkpoint lacks and carries on: its scores would be noise.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise missing_tensors_error(path, missing)
     return model.eval()
+
+
+def missing_tensors_error(where: str | Path, missing: list[str]) -> CwaError:
+    """One sentence naming the tensors a checkpoint lacks (the first three, and how many more)."""
+    shown = ", ".join(f"'{m}'" for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return CwaError(
+        f"the checkpoint in '{where}' has no tensor for {shown}; cwa never scores weights that were freshly "
+        "initialised, so copy or download the complete checkpoint."
+    )
+
+
+CONFIG_LIMITS = {
+    "num_hidden_layers": 1024,
+    "n_layer": 1024,
+    "num_layers": 1024,
+    "hidden_size": 1 << 17,
+    "n_embd": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "n_inner": 1 << 20,
+    "vocab_size": 1 << 23,
+    "num_attention_heads": 4096,
+    "n_head": 4096,
+    "num_key_value_heads": 4096,
+    "n_positions": 1 << 22,
+}
+"""The largest size a config.json may ask for (Llama-3.1-405B has 126 layers of width 16,384): building a
+model of two million layers on the meta device alone takes minutes, so such a file is refused first."""
+
+
+def check_config_sizes(config: dict, where: str | Path) -> None:
+    """One sentence when a model configuration (its nested ones included) asks for an absurd size.
+
+    Args:
+        config: the configuration as a dict (``config.json``, or ``PretrainedConfig.to_dict()``).
+        where: the model directory or name, for the sentence.
+    """
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif key in CONFIG_LIMITS and isinstance(value, int) and not 0 <= value <= CONFIG_LIMITS[key]:
+                raise CwaError(
+                    f"the configuration of '{where}' asks for {key}={value:,}, outside 0..{CONFIG_LIMITS[key]:,}; "
+                    "it is not a real model's config.json."
+                )
+
+
+def _check_local_config(path: str) -> None:
+    """``check_config_sizes`` on a local directory's config.json before transformers builds anything."""
+    import json
+
+    from cwa.common.io import read_regular
+
+    file = Path(path) / "config.json"
+    if file.is_file():
+        try:
+            config = json.loads(read_regular(file, 1 << 24, "model configuration"))
+        except (ValueError, RecursionError):
+            return  # transformers names a malformed config.json itself
+        if isinstance(config, dict):
+            check_config_sizes(config, path)
 
 
 def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None:
@@ -271,6 +339,7 @@ def build_meta_model(
         if Path(path).is_dir():
             raise CwaError(f"cannot read the configuration in '{path}': {str(exc).splitlines()[0]}") from exc
         raise _hub_error(name, exc) from exc
+    check_config_sizes(config.to_dict(), name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     return model.eval()

@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from cwa.common.errors import CwaError
-from cwa.model.loading import _hub_error, _safetensors_problem, resolve_model_path, torch_dtype
+from cwa.model.loading import (
+    _hub_error,
+    _safetensors_problem,
+    check_config_sizes,
+    missing_tensors_error,
+    resolve_model_path,
+    torch_dtype,
+)
 from cwa.model.sharding import local_of, shard_rows, world_and_rank
 
 if TYPE_CHECKING:
@@ -120,6 +127,7 @@ def build_skeleton(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors here
         raise _hub_error(name, exc) from exc
+    check_config_sizes(config.to_dict(), name)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -282,11 +290,7 @@ def load_local_shards(model: nn.Module, files: list[Path]) -> int:
                     if key is not None and index[key].shape == tuple(buf.shape):
                         read_rows(handles[index[key].file], index[key], 0, buf)
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CwaError(
-            f"the checkpoint in '{files[0].parent}' has no tensor for '{missing[0]}'{more}; "
-            "load it in full with --model.shard_loading=false."
-        )
+        raise missing_tensors_error(files[0].parent, missing)
     return read
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cwa.common.environment import torch_device
 from cwa.common.errors import CwaError
 from cwa.fit.data import CalibrationData
 from cwa.perturb.run_data import build_data
@@ -73,8 +74,7 @@ def load_run_model(run: Run, dtype: str, device: str, trust_remote_code: bool, u
         trust_remote_code=trust_remote_code,
         revision=settings.get("revision"),
     )
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    where = torch.device(auto if device == "auto" else device)
+    where = torch_device(device)
     model = model.to(where).requires_grad_(False)
     named = dict(model.named_parameters())
     unknown = [n for n in run.topk.names if n not in named]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from cwa.ablation.controls import Control, ControlContext, ControlName, ControlUnavailable, make_control
+from cwa.ablation.controls import Control, ControlContext, ControlName, ControlUnavailable, check_seeds, make_control
 from cwa.ablation.perturbations import (
     ChecksumCache,
     Perturbation,
@@ -37,6 +37,7 @@ from cwa.ablation.perturbations import (
 )
 from cwa.ablation.restore import RestoreMode
 from cwa.ablation.units import Unit, check_units
+from cwa.common.environment import torch_device
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
 from cwa.perturb.conditions import condition_place, selection_of, unit_conditions, with_restored_twins
@@ -158,9 +159,10 @@ class PerturbRecipe:
             )
         self.statistics = StatisticsOptions(bootstrap, permutations, confidence)
         self.run_path, self.fit_config, self.fit_args = run, fit_config, list(fit_args or [])
-        self.single, self.seeds = single, tuple(seeds)
+        self.single, self.seeds = single, check_seeds(seeds)
         self.heldout_samples, self.heldout_tokens, self.batch_size = heldout_samples, heldout_tokens, batch_size
         self.device_name, self.trust_remote_code, self.verify = device, trust_remote_code, verify
+        torch_device(device)  # an absent device is refused here, before the run or the model is read
         self.figures, self.tensorboard = figures, tensorboard
         self._set_units_and_sets(units, leave_one_out, pairs)
         self.timings: dict[str, float] = {}

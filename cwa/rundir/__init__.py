@@ -56,7 +56,13 @@ from cwa.rundir.perturbation import (
 )
 from cwa.rundir.run import PREFETCH_K, Run, is_complete, load_runs, remove_unfinished_run, unique_names
 from cwa.rundir.scores import LazyScores, scores_metadata, stream_scores, write_scores
-from cwa.rundir.shared import metric_run_dir, remove_pass_dir, remove_unfinished_metric_runs, write_metric_config
+from cwa.rundir.shared import (
+    metric_run_dir,
+    next_version,
+    remove_pass_dir,
+    remove_unfinished_metric_runs,
+    write_metric_config,
+)
 from cwa.rundir.summary import Summary, metric_entry, write_summary
 from cwa.rundir.super_weights import write_super_weights
 from cwa.rundir.topk import TOPK_COLUMNS, read_topk, write_topk
@@ -66,6 +72,7 @@ __all__ = [
     "metric_run_dir",
     "remove_pass_dir",
     "remove_unfinished_metric_runs",
+    "next_version",
     "write_metric_config",
     "ACCUMULATORS",
     "CONFIG",

@@ -10,6 +10,8 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+from cwa.common.io import inside
+
 
 def sha256(path: Path) -> str:
     """The hex SHA-256 of a file, read in 1 MiB chunks."""
@@ -47,7 +49,7 @@ class OutputSet:
 
     def stage(self, relative: str) -> Path:
         """A temporary path whose file will become ``directory / relative`` at the commit."""
-        final = self.directory / relative
+        final = inside(self.directory, relative)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.staged.tmp")
         self._staged.append((tmp, final))

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from cwa.common.errors import CwaError
-from cwa.common.io import write_json
+from cwa.common.io import check_regular, read_regular, write_json
 from cwa.rundir.downstream import DownstreamRow, read_downstream_csv, write_downstream_csv
 from cwa.rundir.files import DOWNSTREAM_CSV, FIGURES, PERTURB_CSV, PERTURB_JSON
 from cwa.rundir.outputs import OutputSet, sha256
@@ -173,9 +173,10 @@ def read_perturbation(run_dir: Path) -> Perturbation | None:
         return None
     if not (csv_path.exists() and json_path.exists()):
         raise CwaError(f"'{run_dir}' has only one of perturb.csv and perturb.json; rerun cwa perturb for it.")
+    check_regular(csv_path, csv_path.stat(), None, "perturbation table")  # a FIFO would hang the checksum
     try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = json.loads(read_regular(json_path, 64 << 20, "perturbation summary").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CwaError(f"'{json_path}' is not readable JSON ({exc}); rerun cwa perturb for this run.") from None
     expected = meta.get("perturb_csv_sha256") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or meta.get("status") != "complete":

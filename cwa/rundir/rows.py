@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 from cwa.common.errors import CwaError
-from cwa.common.io import atomic_open
+from cwa.common.io import atomic_open, check_regular
 
 R = TypeVar("R", bound="CsvRow")
 
@@ -75,6 +76,7 @@ def write_rows(path: Path, kind: type[CsvRow], rows: Iterable[CsvRow]) -> None:
 def read_rows(path: Path, kind: type[R]) -> list[R]:
     """The rows of a CSV file written by :func:`write_rows`; an unreadable file is one sentence."""
     try:
+        check_regular(Path(path), os.stat(path), None, "table")  # a FIFO or a device would never end
         with open(path, newline="", encoding="utf-8") as handle:
             return [kind.parse(row) for row in csv.DictReader(handle)]
     except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as exc:

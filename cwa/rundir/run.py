@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 from cwa.common.errors import CwaError
+from cwa.common.io import read_regular
 from cwa.model.params import ParamInfo
 from cwa.rundir.files import ACCUMULATORS, CONFIG, FIGURES, SCORES, SUMMARY, TOPK, Key
 from cwa.rundir.perturbation import Perturbation, read_perturbation
-from cwa.rundir.scores import LazyScores
+from cwa.rundir.scores import LazyScores, UnreadableScores
 from cwa.rundir.summary import Summary
 from cwa.rundir.topk import read_topk
+from cwa.rundir.validate import CONFIG_BYTES, SUMMARY_BYTES
 from cwa.scoring.topk import TopK, select_topk
 
 PREFETCH_K = 1024
@@ -56,8 +58,8 @@ class Run:
                 f"'{path}' has no summary.json: it is not a fit-sensitivity run directory, or the run did not finish."
             )
         try:
-            data = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = json.loads(read_regular(summary_path, SUMMARY_BYTES, "summary").decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CwaError(f"'{summary_path}' is not readable JSON ({exc}); rerun fit-sensitivity for it.") from None
         summary = Summary.from_json(data, summary_path)
         if not (path / TOPK).exists():
@@ -176,9 +178,8 @@ class Run:
         if not path.exists():
             return {}
         try:
-            with open(path, encoding="utf-8") as handle:
-                config = yaml.safe_load(handle)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            config = yaml.safe_load(read_regular(path, CONFIG_BYTES, "configuration").decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
             raise CwaError(f"cannot read '{path}' ({exc}); rerun fit-sensitivity for this run.") from None
         if not isinstance(config, dict):
             raise CwaError(f"'{path}' is not a cwa configuration (expected a mapping).")
@@ -215,14 +216,14 @@ class Run:
             return False
         try:
             self.scores()
-        except CwaError:  # a truncated or foreign file: absent, and said so where it matters
+        except UnreadableScores:  # a truncated or foreign file: absent, and said so where it matters
             return False
         return True
 
     def scores(self) -> LazyScores:
         if not self.scores_path.exists():
             raise CwaError(f"'{self.path}' has no scores.safetensors (the run used save_scores: off).")
-        return LazyScores(self.scores_path, list(self.infos))
+        return LazyScores(self.scores_path, list(self.infos), self.shapes)
 
     def scores_at(self, wanted: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """|score| of the weights ``{parameter: flat indices}``, reading only the tensors needed."""
@@ -250,7 +251,9 @@ class Run:
     @cached_property
     def topk(self) -> TopK:
         """The run's own list (topk.csv), ranked by the one tie rule."""
-        return read_topk(self.path / TOPK, list(self.infos))
+        # A run without per-tensor statistics (sharded, save_scores off) has nothing to check the rows against.
+        numels = {n: i.numel for n, i in self.infos.items()} or None
+        return read_topk(self.path / TOPK, list(self.infos), numels)
 
     @property
     def max_global_k(self) -> int:
@@ -357,7 +360,7 @@ def load_runs(paths: Iterable[str | Path], skip_incomplete: bool = False) -> tup
             notes.append(f"skipped {exc}")
     if not runs:
         if notes:
-            raise CwaError(f"none of the given directories is a complete run ({notes[0][len('skipped ') :]})")
+            raise CwaError(f"none of the given directories is a complete run: {notes[0][len('skipped ') :]}")
         raise CwaError("no run directories given; pass lightning_logs/NAME/version_N directories.")
     return runs, notes
 

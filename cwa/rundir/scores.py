@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 from torch import Tensor
 
 from cwa.common.errors import CwaError
-from cwa.common.io import atomic_open, atomic_path
+from cwa.common.io import atomic_open, atomic_path, check_regular, save_safetensors
 from cwa.rundir.files import SCORES_FORMAT
+from cwa.rundir.validate import check_score_shapes
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -28,12 +30,10 @@ def scores_metadata(metric: str, model: str) -> dict[str, str]:
 
 def write_scores(path: Path, scores: Mapping[str, Tensor], dtype: str, metadata: dict[str, str]) -> None:
     """All score tensors in one safetensors file (``dtype``: ``float32`` or ``bfloat16``)."""
-    from safetensors.torch import save_file
-
     target = _score_dtype(dtype)
     tensors = {n: s.detach().to("cpu", target).contiguous() for n, s in scores.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
 
 
 def stream_scores(
@@ -76,23 +76,33 @@ def stream_scores(
             handle.write(data.view(torch.uint8).numpy().tobytes())
 
 
+class UnreadableScores(CwaError):
+    """A scores file that is truncated or not safetensors: a run without scores, where that is enough."""
+
+
 class LazyScores(Mapping[str, Tensor]):
     """A read-only ``{parameter: float32 score tensor}`` over a ``scores.safetensors`` that loads one
     tensor per access (the last one is cached), so a whole run's scores are never in memory at once."""
 
-    def __init__(self, path: Path, names: list[str] | None = None) -> None:
+    def __init__(
+        self, path: Path, names: list[str] | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None
+    ) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
         try:
+            check_regular(self.path, os.stat(self.path), None, "scores file")
             with safe_open(str(self.path), framework="pt") as handle:
-                stored = list(handle.keys())
+                stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        except CwaError:
+            raise
         except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-            raise CwaError(f"'{self.path}' is not a readable safetensors file ({exc}).") from None
-        self.names = stored if names is None else list(names)
+            raise UnreadableScores(f"'{self.path}' is not a readable safetensors file ({exc}).") from None
+        self.names = list(stored) if names is None else list(names)
         missing = [n for n in self.names if n not in stored]
         if missing:
             raise CwaError(f"'{self.path}' has no scores for '{missing[0]}'; rerun fit-sensitivity for it.")
+        check_score_shapes(self.path, stored, shapes or {})
         self._cached: tuple[str, Tensor] | None = None
 
     def __getitem__(self, name: str) -> Tensor:
@@ -104,6 +114,14 @@ class LazyScores(Mapping[str, Tensor]):
 
         with safe_open(str(self.path), framework="pt") as handle:
             tensor = handle.get_tensor(name).float()
+        # A score is never NaN or infinite (scorers refuse to finish with one): a NaN here would rank
+        # arbitrarily and make two runs agree perfectly.
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CwaError(
+                f"'{self.path}' holds {bad} non-finite scores in '{name}', which cwa never writes; the file was "
+                "altered or damaged, so rerun fit-sensitivity for this run."
+            )
         self._cached = (name, tensor)
         return tensor
 

@@ -11,6 +11,7 @@ every metric's directory is complete (unless checkpoints are kept).
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from cwa.common.io import atomic_open
 from cwa.rundir.files import CONFIG, SUMMARY
 from cwa.rundir.run import remove_unfinished_run
 
-_PASS_FILES = (CONFIG, "hparams.yaml")  # what the CLI and the logger put in the pass's own directory
+_PASS_FILES = (CONFIG, "hparams.yaml")
+_VERSION = re.compile(r"^version_(\d+)(?:-.+)?$")  # what the CLI and the logger put in the pass's own directory
 
 
 def metric_run_dir(base: Path, metric: str, beside: bool = True) -> Path:
@@ -31,6 +33,24 @@ def metric_run_dir(base: Path, metric: str, beside: bool = True) -> Path:
             (no logger: ``base`` is the trainer's root directory).
     """
     return base.with_name(f"{base.name}-{metric}") if beside else base / metric
+
+
+def next_version(experiment: Path) -> int:
+    """The next free run number in ``experiment``: one above every ``version_<n>`` and ``version_<n>-<metric>``.
+
+    Lightning's logger counts ``version_<n>`` only, so once a shared pass has removed its own directory the
+    next run would take its number and two unrelated runs would share it.
+
+    Args:
+        experiment: ``lightning_logs/<experiment>`` (a missing one is empty).
+    """
+    numbers = [-1]
+    if experiment.is_dir():
+        for entry in experiment.iterdir():
+            match = _VERSION.match(entry.name)
+            if match and entry.is_dir():
+                numbers.append(int(match.group(1)))
+    return max(numbers) + 1
 
 
 def write_metric_config(source: Path, target: Path, index: int) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from cwa.common.errors import CwaError
 from cwa.common.io import write_json
 from cwa.rundir.files import FIT_KIND, SCHEMA_VERSION, SUMMARY
+from cwa.rundir.validate import check_fields, check_summary_values
 
 
 @dataclass
@@ -74,11 +76,12 @@ class Summary:
         values = {k: v for k, v in data.items() if k in known}
         values["schema"] = schema
         for key in ("include", "exclude"):
-            values[key] = list(values.get(key) or [])
+            values[key] = values.get(key) or []
         for key in ("data", "timings", "memory", "environment", "layout"):
-            values[key] = dict(values.get(key) or {})
-        if not isinstance(values["metric"], dict) or not isinstance(values["tensors"], dict):
-            raise CwaError(f"'{path}' has a malformed metric or tensors entry; rerun fit-sensitivity for it.")
+            values[key] = values.get(key) or {}
+        # Types, then ranges and shapes: nothing downstream sizes an allocation from an unchecked number.
+        check_fields(values, typing.get_type_hints(cls), path)
+        check_summary_values(values, path)
         return cls(**values)
 
     def to_json(self) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from cwa.common.errors import CwaError
-from cwa.common.io import atomic_open
+from cwa.common.io import atomic_open, check_regular
 from cwa.model.params import ParamInfo
 from cwa.scoring.topk import TopK, rank_order
 
@@ -39,7 +40,7 @@ def write_topk(path: Path, topk: TopK, infos: Mapping[str, ParamInfo], weights: 
             writer.writerow([rank, name, layer, info.module, row, col, index, f"{score:.9g}", f"{weight:.9g}"])
 
 
-def read_topk(path: Path, names: list[str] | None = None) -> TopK:
+def read_topk(path: Path, names: list[str] | None = None, numels: Mapping[str, int] | None = None) -> TopK:
     """``topk.csv`` as a :class:`TopK` ranked by the one tie rule (|score| descending, then parameter order,
     then flat index). A ``per_layer`` list (K per tensor, tensors in turn) is thereby re-ranked globally,
     so that its first K rows are the K highest scores in it.
@@ -47,8 +48,11 @@ def read_topk(path: Path, names: list[str] | None = None) -> TopK:
     Args:
         path: the ``topk.csv`` file.
         names: the scored parameters in model order (from the summary); by first appearance where None.
+        numels: each scored parameter's number of weights (from the summary): a row naming another
+            parameter, or an index outside its tensor, is refused.
     """
     try:
+        check_regular(Path(path), os.stat(path), None, "top-K table")
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -67,5 +71,23 @@ def read_topk(path: Path, names: list[str] | None = None) -> TopK:
         score = torch.tensor([float(r["score"]) for r in rows], dtype=torch.float32)
     except (TypeError, ValueError) as exc:
         raise CwaError(f"'{path}' has a malformed row ({exc}); rerun fit-sensitivity for it.") from None
+    if numels is not None:
+        _check_rows(path, rows, index, numels)
     order = rank_order(score.abs(), param, index)
     return TopK(names=names, param=param[order], index=index[order], score=score[order])
+
+
+def _check_rows(path: Path, rows: list[dict], index: Tensor, numels: Mapping[str, int]) -> None:
+    """Every row names a scored parameter and an index inside it (a -1 would silently address the last weight)."""
+    for line, (row, flat) in enumerate(zip(rows, index.tolist(), strict=True), start=2):
+        name = row["parameter"]
+        if name not in numels:
+            raise CwaError(
+                f"'{path}' line {line} names parameter '{name}', which the run's summary.json does not list; "
+                "the file was altered or damaged, so rerun fit-sensitivity for this run."
+            )
+        if not 0 <= flat < numels[name]:
+            raise CwaError(
+                f"'{path}' line {line} has index {flat} for '{name}', outside its {numels[name]} weights; "
+                "the file was altered or damaged, so rerun fit-sensitivity for this run."
+            )

@@ -3,8 +3,9 @@
 A checkpoint is one safetensors file per process, ``rank<r>-of-<world>-batch<n>.safetensors`` (written
 atomically): that process's float32 accumulators (its row shards under FSDP2) and float64 counters as
 tensors, and how many of its batches it has seen and a fingerprint of the settings as JSON in the file's
-metadata. Nothing in it is ever unpickled, so a file planted in the directory cannot run code: safetensors
-reads a JSON header and raw tensor bytes only.
+metadata, with a checksum over all of it (an edited accumulator or batch count is refused on resume).
+Nothing in it is ever unpickled, so a file planted in the directory cannot run code: safetensors reads a
+JSON header and raw tensor bytes only.
 
 While running only the newest checkpoint is kept: the new file is on disk before the older one is removed
 (under sharding, only after every process has written its new file, so they always share a position), so
@@ -17,6 +18,7 @@ so the resumed run adds exactly what the uninterrupted run would have added.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cwa.common.errors import CwaError
-from cwa.common.io import atomic_path
+from cwa.common.io import atomic_path, save_safetensors
 from cwa.model.sharding import all_gather_objects
 from cwa.scoring.scorers import Scorer
 
@@ -63,16 +65,15 @@ def save(directory: Path, scorer: Scorer, batches: int, fingerprint: dict, train
         fingerprint: the settings the state is only valid for (JSON-serializable).
         trainer: gives the process's rank and the number of processes.
     """
-    from safetensors.torch import save_file
-
     rank, world = trainer.global_rank, trainer.world_size
     path = _path(directory, rank, world, batches)
     state = scorer.state_dict()
     tensors = {f"{_ACC}{name}": t.detach().cpu().contiguous() for name, t in state["acc"].items()}
     tensors[_COUNTERS] = state["counters"].detach().cpu().contiguous()
-    metadata = {_META: json.dumps({"batches": batches, "fingerprint": fingerprint})}
+    digest = _digest(tensors, batches, _jsonable(fingerprint))
+    metadata = {_META: json.dumps({"batches": batches, "fingerprint": fingerprint, "digest": digest})}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
     if scorer.sharded and world > 1:
         # Sharded processes resume from a position they all have: nobody drops its older file before
         # everyone has written the new one.
@@ -81,6 +82,18 @@ def save(directory: Path, scorer: Scorer, batches: int, fingerprint: dict, train
         if older != batches:
             _path(directory, rank, world, older).unlink(missing_ok=True)
     return path
+
+
+def _digest(tensors: dict[str, torch.Tensor], batches: int, fingerprint: dict) -> str:
+    """A checksum over the batch count, the settings and every tensor's bytes: an accumulator edited by hand
+    (scaled, a NaN planted) or a batch count raised would otherwise be resumed as if it were the run's."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps({"batches": batches, "fingerprint": fingerprint}, sort_keys=True).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -103,7 +116,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load(location: str | Path, scorer: Scorer, fingerprint: dict, trainer) -> int:
+def load(location: str | Path, scorer: Scorer, fingerprint: dict, trainer, max_batches: int | None = None) -> int:
     """Load the latest usable checkpoint into ``scorer``; returns how many batches it covers.
 
     Args:
@@ -111,13 +124,18 @@ def load(location: str | Path, scorer: Scorer, fingerprint: dict, trainer) -> in
         scorer: the bound scorer to load the accumulators and counters into.
         fingerprint: this run's settings; the checkpoint must have been made with the same.
         trainer: gives the process's rank and the number of processes.
+        max_batches: how many batches this process has in the run (a checkpoint claiming more is refused).
     """
     rank, world = trainer.global_rank, trainer.world_size
     directory = Path(location).expanduser()
-    if (directory / "accumulators").is_dir():
-        directory = directory / "accumulators"
     if not directory.is_dir():
-        raise CwaError(f"resume_from '{location}' is not a directory of cwa checkpoints.")
+        what = "does not exist" if not directory.exists() else "is a file, not a directory"
+        raise CwaError(f"resume_from '{location}' {what}; give the interrupted run's directory.")
+    nested = directory / "accumulators"
+    if nested.exists() or nested.is_symlink():
+        if not nested.is_dir():
+            raise CwaError(f"'{nested}' is not a directory of checkpoints; resume from another directory.")
+        directory = nested
     mine = _saved(directory, rank, world)
     everyone = all_gather_objects(mine)
     if scorer.sharded:
@@ -137,6 +155,7 @@ def load(location: str | Path, scorer: Scorer, fingerprint: dict, trainer) -> in
             f"the checkpoint in '{directory}' was made with different settings ({', '.join(changed)}); "
             "resume with the settings of the interrupted run."
         )
+    _check_integrity(path, tensors, meta, batches, max_batches)
     acc = {key[len(_ACC) :]: t for key, t in tensors.items() if key.startswith(_ACC)}
     expected = scorer.state_dict()
     shapes = {name: tuple(t.shape) for name, t in expected["acc"].items()}
@@ -144,6 +163,26 @@ def load(location: str | Path, scorer: Scorer, fingerprint: dict, trainer) -> in
         raise CwaError(f"'{path}' does not hold the accumulators of this run; resume from another directory.")
     scorer.load_state_dict({"acc": acc, "counters": tensors[_COUNTERS]})
     return int(meta["batches"])
+
+
+def _check_integrity(path: Path, tensors: dict[str, torch.Tensor], meta: dict, batches: int, limit: int | None) -> None:
+    """One sentence naming what is wrong with a checkpoint file that does not hold what cwa wrote."""
+    claimed = meta["batches"]
+    if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed != batches:
+        raise CwaError(
+            f"'{path}' claims {claimed!r} batches but its name says {batches}; the checkpoint was edited, so "
+            "resume from another directory or rerun from the start."
+        )
+    if limit is not None and batches > limit:
+        raise CwaError(
+            f"'{path}' claims {batches} batches but this process has only {limit} in this run; the checkpoint "
+            "was edited or belongs to another run, so resume from another directory or rerun from the start."
+        )
+    if meta.get("digest") != _digest(tensors, claimed, meta["fingerprint"]):
+        raise CwaError(
+            f"'{path}' does not match the checksum cwa wrote with it: its accumulators, counters or batch count "
+            "were edited or damaged, so resume from another directory or rerun from the start."
+        )
 
 
 def _no_checkpoint(directory: Path, rank: int, world: int) -> CwaError:
