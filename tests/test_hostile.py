@@ -342,9 +342,10 @@ def test_metric_options_refused_in_one_sentence(capsys, args, message):
 
 def test_short_metric_name_takes_options():
     from cwa.fit.trainer import metric_class_names
+    from cwa.scoring.scorers import HutchinsonDiag
 
     args = ["--model.metric", "hutchinson_diag", "--model.metric.probes", "2", "--model.k=3"]
-    assert metric_class_names(args)[1] == "cwa.scoring.scorers.HutchinsonDiag"
+    assert metric_class_names(args)[1] == f"{HutchinsonDiag.__module__}.{HutchinsonDiag.__qualname__}"
     assert metric_class_names(["--model.metric=wanda"]) == ["--model.metric=wanda"]  # no options: the name stays
 
 
