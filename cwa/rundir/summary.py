@@ -13,7 +13,7 @@ from cwa.rundir.files import FIT_KIND, SCHEMA_VERSION, SUMMARY
 
 @dataclass
 class Summary:
-    """``summary.json``: what a fit-sensitivity run did and found (the contract in DESIGN.md)."""
+    """``summary.json``: what a fit-sensitivity run did and found (the contract in docs/design.md)."""
 
     model: str
     metric: dict  # {"name", "signed", **the scorer's settings}

@@ -2,7 +2,7 @@
 
 A scorer is bound to the parameters it scores, sees the calibration batches one by one through
 ``update`` and returns one score tensor per parameter from ``compute``. The contract
-(``DESIGN.md``): L is the token-weighted mean next-token NLL over all calibration tokens.
+(``docs/design.md``): L is the token-weighted mean next-token NLL over all calibration tokens.
 
 * ``magnitude``: |w|.
 * ``grad_x_weight``: |g * w| with g = dL/dw over the whole calibration set.
