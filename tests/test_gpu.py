@@ -44,6 +44,7 @@ def _top(run: Path) -> list[tuple[str, str]]:
     return [(r["parameter"], r["index"]) for r in csv.DictReader((run / "topk.csv").read_text().splitlines())]
 
 
+@pytest.mark.slow
 def test_bf16_fit_sensitivity_on_one_gpu(tmp_path):
     gpu_args = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--model.dtype=bfloat16"]
     assert main(_embedded_args(tmp_path, "gpu", *gpu_args)) == 0
@@ -107,6 +108,7 @@ def two_gpu_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 @two_gpus
+@pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("metric", GPU_METRICS)
 def test_two_gpus_equal_one(one_gpu_references, two_gpu_runs, strategy, metric):
@@ -118,6 +120,7 @@ def test_two_gpus_equal_one(one_gpu_references, two_gpu_runs, strategy, metric):
 
 
 @two_gpus
+@pytest.mark.distributed
 def test_two_gpus_shard_loading_equals_full_loading(two_gpu_runs):
     a, b = _run_dir(two_gpu_runs["fsdp2-grad_x_weight"]), _run_dir(two_gpu_runs["fsdp2-full-grad_x_weight"])
     scores_a, scores_b = load_file(a / "scores.safetensors"), load_file(b / "scores.safetensors")
@@ -125,6 +128,7 @@ def test_two_gpus_shard_loading_equals_full_loading(two_gpu_runs):
     assert (a / "topk.csv").read_text() == (b / "topk.csv").read_text()
 
 
+@pytest.mark.slow  # the embedded SmolLM2-135M
 def test_benchmark_on_cuda():
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cuda", "--metrics", "grad_x_weight"]
     cmd += ["--reps", "1", "--topk", "0", "--hvp-accuracy", "0", "--batch", "2", "--seq-len", "128"]
