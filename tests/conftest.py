@@ -70,6 +70,20 @@ def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def _fast_tests_on_one_thread(request):
+    """Every test but the slow ones runs torch on one thread: their matrices are tiny, so threads only add
+    synchronisation (the Hutchinson tests run 3-4 times faster on one thread on 2 busy cores). The slow tests
+    run the 135M model, which does gain from threads."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices gain nothing from threads, and on a busy machine OpenMP barriers cost ~40 ms per matmul."""
