@@ -90,7 +90,7 @@ def overrides(exp: Experiment, embedded: bool, seq_len: int | None, seed: int) -
         args += ["--model.pretrained", EMBEDDED]
         if exp.metric == "hutchinson_diag":
             # Same estimator (v ⊙ Hv, Rademacher probes), finite-difference HVPs: about 2.5× faster than double
-            # backward on CPU and within 0.2% of it on this model (docs/DESIGN.md), so the grid fits on a laptop.
+            # backward on CPU and within 0.2% of it on this model (docs/design.md), so the grid fits on a laptop.
             args += ["--model.metric.init_args.hvp", "finite_difference"]
         if exp.config == "llama-3.1-8b.yaml":
             # The 8-GPU FSDP / bf16 settings of the Llama config do not apply to one CPU process.

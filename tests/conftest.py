@@ -70,6 +70,24 @@ def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+# The fast tests run torch on one thread: their matrices are tiny, so threads only add synchronisation (the
+# Hutchinson tests ran 30 to 90 times faster on one thread on 2 busy cores). Set here, before any fixture,
+# so that a module's shared runs and its tests' own runs sum in the same order (some compare bit for bit).
+THREADS = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _slow_tests_use_every_thread(request):
+    """The slow tests run the 135M model, which does gain from threads."""
+    if not request.node.get_closest_marker("slow"):
+        yield
+        return
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices gain nothing from threads, and on a busy machine OpenMP barriers cost ~40 ms per matmul."""

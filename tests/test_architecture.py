@@ -27,3 +27,33 @@ def test_the_doc_has_a_worked_example_for_each_extension_point() -> None:
 def test_the_worked_example_runs(block: str) -> None:
     code = compile(block, str(DOC), "exec")
     exec(code, {"__name__": "architecture_example"})
+
+
+def _layer_table() -> list[tuple[str, set[str]]]:
+    """(layer, modules) per row of the doc's layer table, top layer first. A cell lists ``cwa.package``
+    names, each followed by its modules' short names."""
+    start = TEXT.index("| layer | package: modules |")
+    rows = []
+    for line in TEXT[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        layer, cell = (c.strip() for c in line.strip("|").split("|")[:2])
+        modules, package = set(), ""
+        for name in re.findall(r"`([\w.]+)`", cell):
+            if name == "cwa" or name.startswith("cwa."):
+                package = name
+                modules.add(name)
+            else:
+                modules.add(f"{package}.{name}")
+        rows.append((layer, modules))
+    return rows
+
+
+def test_the_layer_table_names_every_module_in_its_layer() -> None:
+    from test_layers import LAYER_OF, LAYERS, MODULES
+
+    table = _layer_table()
+    assert len(table) == len(LAYERS)
+    for (layer, listed), index in zip(table, reversed(range(len(LAYERS))), strict=True):
+        actual = {m for m in MODULES if LAYER_OF.get(m) == index}
+        assert listed == actual, f"docs/architecture.md, layer {layer}: {sorted(listed ^ actual)}"

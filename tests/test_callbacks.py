@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import fit_args
 from safetensors.torch import load_file
 
 from cwa import rundir
@@ -116,19 +117,13 @@ def test_callbacks_need_the_result_object():
 
 
 def test_run_fit_sensitivity_returns_the_run_directory(tiny_llama_dir, tmp_path, capsys):
-    run_dir = run_fit_sensitivity(
-        [
-            f"--model.pretrained={tiny_llama_dir}",
-            "--data.seq_len=32",
-            "--data.num_samples=3",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.logger.init_args.name=r",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks+=cwa.fit.callbacks.TensorBoardHistograms",
-            "--trainer.callbacks.enabled=false",
-            "--model.k=3",
-        ]
+    no_histograms = (
+        "--trainer.callbacks+=cwa.fit.callbacks.TensorBoardHistograms",
+        "--trainer.callbacks.enabled=false",
     )
+    settings = {"name": "r", "num_samples": 3, "batch_size": None, "k": 3, "accelerator": None}
+    args = fit_args(tiny_llama_dir, tmp_path, *no_histograms, **settings)
+    run_dir = run_fit_sensitivity(args[1:])  # the arguments after the command's name
     assert run_dir == tmp_path / "r" / "version_0" and rundir.is_complete(run_dir)
     assert (run_dir / rundir.FIGURES / "topk_locations.png").is_file()
     assert f"run directory: {run_dir}" in capsys.readouterr().out

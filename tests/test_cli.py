@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fit, latest_run
 from safetensors.torch import load_file
 
 from cwa.cli import main
@@ -16,25 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fit(tmp_path, model_dir, *extra):
-    return main(
-        [
-            "fit-sensitivity",
-            f"--model.pretrained={model_dir}",
-            "--data.seq_len=32",
-            "--data.num_samples=6",
-            "--data.batch_size=4",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-            "--trainer.logger.init_args.name=tiny",
-            "--trainer.enable_progress_bar=false",
-            *extra,
-        ]
-    )
+    return fit(model_dir, tmp_path / "logs", *extra, accelerator=None)
 
 
 def _run_dir(tmp_path) -> Path:
-    runs = sorted((tmp_path / "logs" / "tiny").glob("version_*"))
-    assert runs, "no run directory"
-    return runs[-1]
+    return latest_run(tmp_path / "logs")
 
 
 @pytest.mark.parametrize("metric", ["magnitude", "grad_x_weight", "grad_squared", "hutchinson_diag"])

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_run
 from scipy import stats
 
 from cwa.cli import main
 from cwa.common.errors import CwaError
 from cwa.compare.recipe import compare, compare_runs, parse_ks
-from cwa.model.params import ParamInfo, split_name
-from cwa.rundir import PerturbRow, Run, write_perturbation, write_topk
+from cwa.rundir import Run
 from cwa.rundir import load_runs as load_runs_with_notes
 from cwa.scoring import agreement
 from cwa.scoring.topk import select_topk
@@ -50,41 +50,28 @@ def make_run(
     version: int = 0,
     perturb_rows: list[dict] | None = None,
 ) -> Path:
-    """Write a fit-sensitivity run directory by hand: summary.json, topk.csv, scores.safetensors."""
-    from safetensors.torch import save_file
-
-    run = root / name / f"version_{version}"
-    run.mkdir(parents=True)
-    infos = {}
-    for n, s in scores.items():
-        layer, module = split_name(n)
-        infos[n] = ParamInfo(n, tuple(s.shape), layer, module)
-    topk = select_topk(scores, k, mode)
-    write_topk(run / "topk.csv", topk, infos, {n: torch.zeros_like(s) for n, s in scores.items()})
-    if save_scores:
-        save_file({n: s.float().contiguous() for n, s in scores.items()}, str(run / "scores.safetensors"))
-    counts = torch.bincount(topk.param, minlength=len(topk.names)).tolist()
-    summary = {
-        "status": "complete",
-        "created": "2026-01-01T00:00:00+00:00",
-        "model": "tiny-llama",
-        "model_class": "LlamaForCausalLM",
-        "dtype": "float32",
-        "num_parameters": sum(s.numel() for s in scores.values()),
-        "num_scored": sum(s.numel() for s in scores.values()),
-        "scored_tensors": len(scores),
-        "metric": {"name": metric, "signed": metric == "hutchinson_diag"},
-        "mode": mode,
-        "k": k,
-        "topk_rows": len(topk),
-        "include": [],
-        "exclude": [],
-        "samples": 8,
-        "tokens": 1024,
-        "mean_loss": 2.5,
-        "perplexity": math.exp(2.5),
-        "seed": seed,
-        "data": {
+    """A fit-sensitivity run directory of a tiny Llama's layout with the given scores (helpers.write_run)."""
+    numel = sum(s.numel() for s in scores.values())
+    return write_run(
+        root / name / f"version_{version}",
+        scores,
+        metric=metric,
+        mode=mode,
+        k=k,
+        save_scores=save_scores,
+        perturb_rows=perturb_rows,
+        created="2026-01-01T00:00:00+00:00",
+        model_class="LlamaForCausalLM",
+        dtype="float32",
+        num_parameters=numel,
+        num_scored=numel,
+        scored_tensors=len(scores),
+        samples=8,
+        tokens=1024,
+        mean_loss=2.5,
+        perplexity=math.exp(2.5),
+        seed=seed,
+        data={
             "source": "pydoc",
             "seq_len": 128,
             "num_samples": 8,
@@ -92,28 +79,13 @@ def make_run(
             "calibration_fingerprint": f"cal{seed}",
             "heldout_fingerprint": "held",
         },
-        "data_fingerprint": f"cal{seed}",
-        "world_size": 1,
-        "strategy": "SingleDeviceStrategy",
-        "timings": {"accumulate_s": 1.0},
-        "memory": {"peak_rss_mib": 100.0},
-        "environment": {"versions": {"torch": "2.13"}, "git_commit": "abc123", "device_count": 0},
-        "tensors": {
-            n: {
-                "shape": list(s.shape),
-                "numel": s.numel(),
-                "abs_sum": float(s.abs().double().sum()),
-                "topk_count": counts[i],
-            }
-            for i, (n, s) in enumerate(scores.items())
-        },
-        "layout": {n: {"layer": i.layer, "module": i.module, "transposed": False} for n, i in infos.items()},
-    }
-    (run / "summary.json").write_text(json.dumps(summary))
-    if perturb_rows:
-        rows = [PerturbRow.parse({key: str(value) for key, value in row.items()}) for row in perturb_rows]
-        write_perturbation(run, rows, {"run": str(run)})
-    return run
+        data_fingerprint=f"cal{seed}",
+        world_size=1,
+        strategy="SingleDeviceStrategy",
+        timings={"accumulate_s": 1.0},
+        memory={"peak_rss_mib": 100.0},
+        environment={"versions": {"torch": "2.13"}, "git_commit": "abc123", "device_count": 0},
+    )
 
 
 def load_runs(paths: list) -> list[Run]:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import make_tokenizer, tiny_llama
 from crash import crash_after
+from helpers import fit_args, latest_run
 from safetensors.torch import load_file
 
 from cwa.cli import main
@@ -45,27 +46,12 @@ NUM_SAMPLES, BATCH = 5, 2
 
 
 def _args(model_dir: Path, save_dir: Path, *extra: str) -> list[str]:
-    return [
-        "fit-sensitivity",
-        f"--model.pretrained={model_dir}",
-        "--trainer.accelerator=cpu",
-        "--data.seq_len=32",
-        f"--data.num_samples={NUM_SAMPLES}",
-        f"--data.batch_size={BATCH}",
-        "--model.k=20",
-        f"--trainer.logger.init_args.save_dir={save_dir}",
-        "--trainer.logger.init_args.name=run",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
-        "--trainer.callbacks.enabled=false",
-        *extra,
-    ]
+    settings = {"name": "run", "num_samples": NUM_SAMPLES, "batch_size": BATCH, "k": 20, "figures": False}
+    return fit_args(model_dir, save_dir, *extra, **settings)
 
 
 def _run_dir(save_dir: Path) -> Path:
-    runs = sorted((save_dir / "run").glob("version_*"))
-    assert runs, f"no run directory under {save_dir}"
-    return runs[-1]
+    return latest_run(save_dir, "run")
 
 
 def _free_port() -> int:

@@ -6,25 +6,14 @@ import csv
 import json
 
 import pytest
+from helpers import fit
 from safetensors import safe_open
-
-from cwa.cli import main
 
 
 @pytest.mark.slow
 def test_embedded_smollm2_end_to_end(tmp_path, capsys):
-    code = main(
-        [
-            "fit-sensitivity",
-            "--data.seq_len=64",
-            "--data.num_samples=2",
-            "--data.batch_size=2",
-            "--model.k=50",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.logger.init_args.name=smollm2",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    settings = {"name": "smollm2", "seq_len": 64, "num_samples": 2, "batch_size": 2, "k": 50, "accelerator": None}
+    code = fit(None, tmp_path, **settings)
     assert code == 0, capsys.readouterr().err
     run = tmp_path / "smollm2" / "version_0"
     summary = json.loads((run / "summary.json").read_text())

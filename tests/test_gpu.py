@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fit_args, latest_run
 from safetensors.torch import load_file
 from test_distributed import METRICS, _args, _assert_same_run, _env, _run_dir, _run_workers
 
@@ -35,25 +36,15 @@ GPU_METRICS = ("grad_x_weight", "grad_squared")
 
 
 def _embedded_args(save_dir: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "fit-sensitivity",
-        "--data.seq_len=128",
-        "--data.num_samples=8",
-        "--data.batch_size=4",
-        "--model.k=50",
-        f"--trainer.logger.init_args.save_dir={save_dir}",
-        f"--trainer.logger.init_args.name={name}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
-        "--trainer.callbacks.enabled=false",
-        *extra,
-    ]
+    settings = {"name": name, "seq_len": 128, "num_samples": 8, "k": 50, "accelerator": None, "figures": False}
+    return fit_args(None, save_dir, *extra, **settings)
 
 
 def _top(run: Path) -> list[tuple[str, str]]:
     return [(r["parameter"], r["index"]) for r in csv.DictReader((run / "topk.csv").read_text().splitlines())]
 
 
+@pytest.mark.slow
 def test_bf16_fit_sensitivity_on_one_gpu(tmp_path):
     gpu_args = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--model.dtype=bfloat16"]
     assert main(_embedded_args(tmp_path, "gpu", *gpu_args)) == 0
@@ -72,18 +63,8 @@ def test_bf16_fit_sensitivity_on_one_gpu(tmp_path):
 
 def test_every_artifact_of_a_gpu_run(tiny_llama_dir, tmp_path):
     """The scores stay on the GPU until written: the figures, histograms and statistics read them there."""
-    args = [
-        "fit-sensitivity",
-        f"--model.pretrained={tiny_llama_dir}",
-        "--data.seq_len=32",
-        "--data.num_samples=6",
-        "--model.k=10",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.logger.init_args.name=tiny",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.accelerator=gpu",
-        "--trainer.devices=1",
-    ]
+    gpu = ("--trainer.accelerator=gpu", "--trainer.devices=1")
+    args = fit_args(tiny_llama_dir, tmp_path, *gpu, batch_size=None, k=10, accelerator=None)
     assert main(args) == 0
     run = _run_dir_named(tmp_path, "tiny")
     for name in ("scores.safetensors", "topk.csv", "summary.json", "figures/score_histogram.png"):
@@ -93,9 +74,7 @@ def test_every_artifact_of_a_gpu_run(tiny_llama_dir, tmp_path):
 
 
 def _run_dir_named(save_dir: Path, name: str) -> Path:
-    runs = sorted((save_dir / name).glob("version_*"))
-    assert runs, f"no run directory under {save_dir / name}"
-    return runs[-1]
+    return latest_run(save_dir, name)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +108,7 @@ def two_gpu_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 @two_gpus
+@pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("metric", GPU_METRICS)
 def test_two_gpus_equal_one(one_gpu_references, two_gpu_runs, strategy, metric):
@@ -140,6 +120,7 @@ def test_two_gpus_equal_one(one_gpu_references, two_gpu_runs, strategy, metric):
 
 
 @two_gpus
+@pytest.mark.distributed
 def test_two_gpus_shard_loading_equals_full_loading(two_gpu_runs):
     a, b = _run_dir(two_gpu_runs["fsdp2-grad_x_weight"]), _run_dir(two_gpu_runs["fsdp2-full-grad_x_weight"])
     scores_a, scores_b = load_file(a / "scores.safetensors"), load_file(b / "scores.safetensors")
@@ -147,6 +128,7 @@ def test_two_gpus_shard_loading_equals_full_loading(two_gpu_runs):
     assert (a / "topk.csv").read_text() == (b / "topk.csv").read_text()
 
 
+@pytest.mark.slow  # the embedded SmolLM2-135M
 def test_benchmark_on_cuda():
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cuda", "--metrics", "grad_x_weight"]
     cmd += ["--reps", "1", "--topk", "0", "--hvp-accuracy", "0", "--batch", "2", "--seq-len", "128"]

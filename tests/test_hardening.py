@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from crash import crash_after
+from helpers import fit, fit_args
 
 from cwa.cli import main
 from cwa.common import io
@@ -155,23 +156,8 @@ def test_txt_corpus_that_parses_as_yaml_stays_a_path(tmp_path, capsys):
 def test_txt_corpus_that_parses_as_yaml_is_scored_as_a_file(tmp_path, tiny_gpt2_dir):
     corpus = _yamlish_corpora(tmp_path)["one_line"]
     save_dir = tmp_path / "logs"
-    code = main(
-        [
-            "fit-sensitivity",
-            f"--model.pretrained={tiny_gpt2_dir}",
-            f"--data.source={corpus}",
-            "--data.seq_len=16",
-            "--data.num_samples=4",
-            "--data.batch_size=2",
-            "--model.k=5",
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={save_dir}",
-            "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
-            "--trainer.callbacks.enabled=false",
-        ]
-    )
-    assert code == 0
+    settings = {"name": None, "seq_len": 16, "num_samples": 4, "batch_size": 2, "k": 5, "figures": False}
+    assert fit(tiny_gpt2_dir, save_dir, f"--data.source={corpus}", **settings) == 0
     summary = json.loads(next(save_dir.rglob("summary.json")).read_text())
     assert str(corpus) in json.dumps(summary)
     assert isinstance(as_source(corpus), TextFiles)
@@ -395,21 +381,8 @@ def test_default_trainer_passes(tmp_path, monkeypatch):
 
 def test_killed_run_keeps_only_its_newest_checkpoint_and_resumes_exactly(tiny_gpt2_dir, tmp_path, monkeypatch):
     def args(save_dir: Path, *extra: str) -> list[str]:
-        return [
-            "fit-sensitivity",
-            f"--model.pretrained={tiny_gpt2_dir}",
-            "--data.seq_len=16",
-            "--data.num_samples=6",
-            "--data.batch_size=1",
-            "--model.metric=grad_squared",
-            "--model.k=5",
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={save_dir}",
-            "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
-            "--trainer.callbacks.enabled=false",
-            *extra,
-        ]
+        settings = {"name": None, "seq_len": 16, "num_samples": 6, "batch_size": 1, "k": 5, "figures": False}
+        return fit_args(tiny_gpt2_dir, save_dir, "--model.metric=grad_squared", *extra, **settings)
 
     from safetensors.torch import load_file
 

@@ -8,11 +8,10 @@ A new module must be given a layer here, or this test fails.
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cwa"
 
@@ -159,22 +158,22 @@ def test_the_parser_sees_imports_inside_functions() -> None:
     assert "cwa.rundir" in imports("cwa.fit.callbacks")[0]
 
 
-@pytest.mark.parametrize("layer", ["common", "model", "scoring", "ablation", "rundir"])
-def test_the_layers_below_lightning_load_no_lightning(layer: str) -> None:
-    modules = sorted(m for m in MODULES if LAYER_OF.get(m) == [name for name, _ in LAYERS].index(layer))
-    code = (
-        "import importlib, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    assert out.stdout.strip() == "[]", out.stdout[:500]
+BELOW_FIT = ["common", "model", "scoring", "ablation", "rundir"]
 
 
-def test_scorers_alone_load_no_lightning() -> None:
+def test_the_layers_below_fit_load_no_lightning() -> None:
+    """One fresh interpreter imports the layers below ``fit`` from the bottom up and reports the Lightning
+    modules loaded after each: the first layer that brings one in is the culprit. (One interpreter for all
+    layers: each start imports torch, which costs seconds; ``cwa.scoring.scorers`` alone is covered too.)"""
+    names = [name for name, _ in LAYERS]
+    steps = [sorted(m for m in MODULES if LAYER_OF.get(m) == names.index(layer)) for layer in BELOW_FIT]
     code = (
-        "import sys, cwa.scoring.scorers; "
-        "print([m for m in sys.modules if m.startswith(('lightning', 'pytorch_lightning'))])"
+        "import importlib, json, sys\n"
+        f"for modules in {steps!r}:\n"
+        "    for m in modules: importlib.import_module(m)\n"
+        "    top = {m.split('.')[0] for m in sys.modules}\n"
+        "    print(json.dumps(sorted(top & {'lightning', 'pytorch_lightning', 'lightning_fabric'})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    assert out.stdout.strip() == "[]"
+    loaded = dict(zip(BELOW_FIT, (json.loads(line) for line in out.stdout.splitlines()), strict=True))
+    assert all(not found for found in loaded.values()), loaded

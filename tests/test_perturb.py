@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_run
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -351,21 +352,12 @@ def make_run(
 ) -> Path:
     """A complete fit-sensitivity run directory written through cwa.rundir (magnitude scores) for the tiny model
     (``include``: score only the parameters it selects)."""
-    import yaml
     from transformers import AutoModelForCausalLM
 
     from cwa.model.params import select_parameters
-    from cwa.rundir import Summary, write_scores, write_summary, write_topk
 
-    run = root / "run"
-    run.mkdir(parents=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     chosen = select_parameters(model, include=include)
-    score = {n: p.detach().abs() for n, (p, _) in chosen.items()}
-    topk = select_topk(score, k)
-    write_topk(run / "topk.csv", topk, {n: i for n, (_, i) in chosen.items()}, {n: p for n, (p, _) in chosen.items()})
-    if scores:
-        write_scores(run / "scores.safetensors", score, "float32", {"metric": "magnitude"})
     config = {
         "model": {"pretrained": str(model_dir), "metric": "magnitude", "k": k, "mode": "global", "dtype": "float32"},
         "data": {
@@ -378,12 +370,19 @@ def make_run(
             "seed": 0,
         },
     }
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    layout = {n: {"layer": i.layer, "module": i.module, "transposed": i.transposed} for n, (_, i) in chosen.items()}
-    tensors = {n: {"shape": list(p.shape), "numel": p.numel()} for n, (p, _) in chosen.items()}
-    summary = Summary(str(model_dir), {"name": "magnitude"}, "global", k, tensors, dtype="float32", layout=layout)
-    write_summary(run, summary)
-    return run
+    return write_run(
+        root / "run",
+        {n: p.detach().abs() for n, (p, _) in chosen.items()},
+        weights={n: p for n, (p, _) in chosen.items()},
+        infos={n: i for n, (_, i) in chosen.items()},
+        model=str(model_dir),
+        metric={"name": "magnitude"},
+        k=k,
+        save_scores=scores,
+        config=config,
+        tensors={n: {"shape": list(p.shape), "numel": p.numel()} for n, (p, _) in chosen.items()},
+        dtype="float32",
+    )
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:

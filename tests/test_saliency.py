@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import random_blocks, tiny_gpt2, tiny_llama
+from helpers import fit, latest_run
 from safetensors.torch import load_file
 from test_scorers import _bind, _exact_hessian_diagonal, _mean_loss, _run
 
@@ -267,22 +268,8 @@ def test_short_names_and_bad_options():
 
 @pytest.mark.parametrize("metric", ["wanda", "obs", "obd"])
 def test_fit_sensitivity_cli_writes_a_complete_run(tmp_path, tiny_gpt2_dir, metric):
-    from cwa.cli import main
-
-    args = [
-        "fit-sensitivity",
-        f"--model.pretrained={tiny_gpt2_dir}",
-        f"--model.metric={metric}",
-        "--model.k=25",
-        "--data.seq_len=32",
-        "--data.num_samples=6",
-        "--data.batch_size=4",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--trainer.logger.init_args.name=tiny",
-        "--trainer.enable_progress_bar=false",
-    ]
-    assert main(args) == 0
-    run = sorted((tmp_path / "logs" / "tiny").glob("version_*"))[-1]
+    assert fit(tiny_gpt2_dir, tmp_path / "logs", f"--model.metric={metric}", k=25, accelerator=None) == 0
+    run = latest_run(tmp_path / "logs")
     for name in ("config.yaml", "scores.safetensors", "topk.csv", "summary.json", "figures/score_histogram.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())

@@ -149,6 +149,7 @@ print(models.embedded_model_dir())
 """
 
 
+@pytest.mark.distributed
 def test_embedded_conversion_happens_once_across_processes(tmp_path):
     """Two ranks asking for the embedded model at once: one converts under the file lock, the other waits."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), CWA_CACHE=str(tmp_path / "cache"))

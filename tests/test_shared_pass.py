@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from crash import crash_after
+from helpers import fit_args
 from safetensors.torch import load_file
 
 from cwa.cli import main
@@ -120,21 +121,8 @@ def test_dry_run_counts_one_gradient_and_every_members_accumulators(tiny_llama_d
 
 
 def _args(model_dir: Path, save_dir: Path, *extra: str) -> list[str]:
-    return [
-        "fit-sensitivity",
-        f"--model.pretrained={model_dir}",
-        "--trainer.accelerator=cpu",
-        "--data.seq_len=17",
-        "--data.num_samples=5",
-        "--data.batch_size=2",
-        "--model.k=20",
-        f"--trainer.logger.init_args.save_dir={save_dir}",
-        "--trainer.logger.init_args.name=run",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=cwa.fit.callbacks.ScoreFigures",
-        "--trainer.callbacks.enabled=false",
-        *extra,
-    ]
+    settings = {"name": "run", "seq_len": 17, "num_samples": 5, "batch_size": 2, "k": 20, "figures": False}
+    return fit_args(model_dir, save_dir, *extra, **settings)
 
 
 LIST = f"--model.metric=[{', '.join(SHARED)}]"

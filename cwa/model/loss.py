@@ -1,4 +1,4 @@
-"""The calibration loss of the metric contract (DESIGN.md): next-token NLL over counted tokens, in plain torch."""
+"""The calibration loss of the metric contract (docs/design.md): next-token NLL over counted tokens, in plain torch."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from cwa.rundir.validate import check_fields, check_summary_values
 
 @dataclass
 class Summary:
-    """``summary.json``: what a fit-sensitivity run did and found (the contract in DESIGN.md)."""
+    """``summary.json``: what a fit-sensitivity run did and found (the contract in docs/design.md)."""
 
     model: str
     metric: dict  # metric_entry(): {"name", "signed", **settings, **facts, "description", "fact_keys"}

@@ -1,6 +1,6 @@
 """Per-weight sensitivity metrics as small classes over tensors (no Lightning here).
 
-The contract (``DESIGN.md``): L is the token-weighted mean next-token NLL over all calibration tokens.
+The contract (``docs/design.md``): L is the token-weighted mean next-token NLL over all calibration tokens.
 
 * ``magnitude``: |w|.
 * ``grad_x_weight``: |g * w| with g = dL/dw over the whole calibration set.
