@@ -2,7 +2,7 @@
 
 A scorer is bound to the parameters it scores, sees the calibration batches one by one through
 ``update`` and returns one score tensor per parameter from ``compute``. The contract
-(``DESIGN.md``): L is the token-weighted mean next-token NLL over all calibration tokens. The metrics
+(``docs/design.md``): L is the token-weighted mean next-token NLL over all calibration tokens. The metrics
 themselves are in :mod:`cwa.scoring.scorers`, :mod:`cwa.scoring.hutchinson`, :mod:`cwa.scoring.saliency`
 and :mod:`cwa.scoring.obd`.
 
