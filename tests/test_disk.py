@@ -131,3 +131,17 @@ def test_bfloat16_scores_change_ties_and_ranks_only_by_rounding(tiny_llama_dir, 
         )
     assert overlap >= 0.95 and rho > 0.999
     assert a.topk.names == b.topk.names and len(a.topk) == len(b.topk)  # topk.csv is written from float32
+
+
+def test_readers_work_from_bfloat16_scores_and_without_scores(tiny_llama_dir, tmp_path):
+    """compare and report accept a bfloat16 run beside one that saved no scores, saying what the latter lacks."""
+    half = _fit(tiny_llama_dir, tmp_path / "bf16", "--model.save_scores=bfloat16", "--model.k=20")
+    none = _fit(tiny_llama_dir, tmp_path / "off", "--model.save_scores=off", "--model.k=20", "--data.seed=1")
+    assert rundir.Run.load(half).has_scores and not rundir.Run.load(none).has_scores
+    out = tmp_path / "compare"
+    assert main(["compare", str(half), str(none), "--ks", "5,10", "--sample", "300", "--output", str(out)]) == 0
+    text = " ".join(p.read_text() for p in out.rglob("*.json"))
+    assert "saved no scores.safetensors" in text
+    report = tmp_path / "report.md"
+    assert main(["report", str(half), str(none), "--output", str(report), "--ks", "5,10", "--sample", "300"]) == 0
+    assert "scores.safetensors" in report.read_text()  # the report says which findings the scoreless run lacks
