@@ -9,8 +9,8 @@ next-token NLL summed over counted tokens; the token counts are fixed before the
 data-dependent ``int`` cannot be taken inside vmap.
 
 Not for sharded (FSDP2) parameters: ``functional_call`` replaces whole tensors and DTensor row shards are
-not that. On the CPU the plain per-micro-batch backward is faster (measured in ``tests/test_per_sequence.py``
-and the README), so ``SharedPass`` uses this path on CUDA only unless told otherwise.
+not that. Faster than the per-micro-batch backward on the CPU too (README, "Per-sequence gradients"), but
+equal to it only to float rounding, so ``SharedPass`` uses it by default on CUDA only.
 """
 
 from __future__ import annotations

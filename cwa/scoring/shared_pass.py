@@ -47,8 +47,9 @@ class SharedPass(Scorer):
             ``hessian: fisher`` only, and all squared-gradient members with the same ``fisher_microbatch``.
         per_sequence: how squared-gradient members get each micro-batch's gradient: ``backward`` (one
             backward per micro-batch), ``vmap`` (``torch.func``, vectorised: ``cwa.scoring.per_sequence``), or
-            ``auto``: ``vmap`` on CUDA, ``backward`` on the CPU (faster there). Sharded parameters and padded
-            batches always take ``backward``.
+            ``auto``: ``vmap`` on CUDA, ``backward`` on the CPU (there vmap is faster too, but ``backward``
+            keeps these metrics bit-identical to their own runs). Sharded parameters and padded batches always
+            take ``backward``.
         vmap_chunk: micro-batches differentiated at once by ``vmap`` (bounds their stacked gradients).
     """
 
