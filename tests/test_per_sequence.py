@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -93,18 +91,3 @@ def test_auto_uses_backward_on_the_cpu_and_for_shards():
     assert scorer._vectorised({"input_ids": torch.zeros(1, 2, dtype=torch.long)})
     scorer.sharded = True
     assert not scorer._vectorised({"input_ids": torch.zeros(1, 2, dtype=torch.long)})
-
-
-def test_cpu_timing_of_both_paths(capsys):
-    """Not a bound: prints both paths' time on this CPU (the README quotes it); auto picks backward here."""
-    batches = [_batch(8, seq_len=32)]
-    seconds = {}
-    for mode in ("backward", "vmap", "backward", "vmap"):  # the second of each counts: imports and caches warm
-        start = time.perf_counter()
-        _shared(mode, batches, chunk=8)
-        seconds[mode] = time.perf_counter() - start
-    with capsys.disabled():
-        print(
-            f"\nshared pass on the CPU, 8 x 32 tokens: backward {seconds['backward']:.2f} s, "
-            f"vmap {seconds['vmap']:.2f} s"
-        )
