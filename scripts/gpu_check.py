@@ -214,7 +214,9 @@ def fit_step(label: str, argv: list[str], logs: Path, name: str, device: str) ->
     row.peak_gib = _peak_gib(device)
     summary = json.loads((_run_dir(logs, name) / "summary.json").read_text())
     row.seconds = summary["timings"].get("accumulate_s")
-    row.notes.append(f"loaded in {summary['timings'].get('load_model_s', float('nan')):.1f} s")
+    timings = summary["timings"]
+    after = sum(v for k, v in timings.items() if k != "load_model_s")
+    row.notes.append(f"loaded in {timings.get('load_model_s', float('nan')):.1f} s, {after:.1f} s after loading")
     return row
 
 
