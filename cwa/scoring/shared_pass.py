@@ -169,12 +169,12 @@ class SharedPass(Scorer):
 
     def _vectorised(self, batch: Batch) -> bool:
         """Whether this batch's micro-batch gradients come from ``torch.func`` (see ``per_sequence``)."""
-        if self.per_sequence == "backward" or self.sharded or self._model is None:
-            return False
-        mask = batch.get("attention_mask")
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if self.per_sequence == "backward" or self.sharded or self._model is None or ids is None:
+            return False  # vmap differentiates a causal LM's next-token loss over its input_ids only
         if mask is not None and not bool(mask.all()):
             return False  # padded blocks: Transformers' mask builder branches on values, which vmap cannot trace
-        return self.per_sequence == "vmap" or batch["input_ids"].device.type == "cuda"
+        return self.per_sequence == "vmap" or ids.device.type == "cuda"
 
     def _update_vectorised(self, batch: Batch, loss_fn: LossFn) -> int:
         """Whole micro-batches, ``vmap_chunk`` at a time; returns where the per-micro-batch remainder starts."""
