@@ -14,7 +14,8 @@ from cwa.fit.distributed import check_supported_strategy, is_sharded_strategy, r
 from cwa.fit.module import SensitivityModule
 from cwa.fit.preflight import check_context, check_device, check_hub, check_processes, check_trainer
 from cwa.fit.progress import use_plain_progress
-from cwa.rundir import next_version, remove_unfinished_metric_runs, remove_unfinished_run
+from cwa.rundir import ACCUMULATORS, next_version, remove_unfinished_metric_runs, remove_unfinished_run
+from cwa.rundir.disk import DiskPlan
 from cwa.scoring.shared_pass import SharedPass
 from cwa.scoring.sizing import Memory
 
@@ -161,7 +162,49 @@ def dry_run_fit_sensitivity(
         props = torch.cuda.get_device_properties(0)
         device = (props.name, props.total_memory)
     print(format_memory(memory, title, device), flush=True)
+    print(_disk_table(model, meta, world_size, sharded), flush=True)
     return memory
+
+
+def plan_run_disk(model: SensitivityModule, world_size: int, sharded: bool, meta: object | None = None) -> DiskPlan:
+    """The bytes of every file this fit-sensitivity run writes (``cwa.rundir.disk``), from shapes alone.
+
+    Args:
+        model: the module with the model and metric settings (nothing is loaded into it).
+        world_size: processes of the planned run.
+        sharded: FSDP2 rather than DDP or one process.
+        meta: the model built on the meta device (built here when None).
+    """
+    from cwa.model.loading import build_meta_model
+    from cwa.model.params import select_parameters
+    from cwa.rundir.disk import checkpoint_states, plan_disk
+    from cwa.scoring.sizing import input_scored
+
+    if meta is None:
+        meta = build_meta_model(model.pretrained, model.dtype_name, model.trust_remote_code, model.revision)
+    chosen = select_parameters(meta, model.include, model.exclude)
+    scored, _ = input_scored(meta, {name: param for name, (param, _) in chosen.items()}, model.scorer)
+    infos = {name: chosen[name][1] for name in scored}
+    bound = checkpoint_states(model.scorer, meta, {n: param for n, (param, _) in chosen.items()}, world_size, sharded)
+    states, settings = bound if bound is not None else (None, {})
+    fingerprint = {"model": model.pretrained, "metric": model.scorer.name, "settings": settings}
+    fingerprint |= {"scored": list(chosen), "batch_size": None, "world_size": world_size}
+    metric = next(iter(getattr(model.scorer, "members", None) or [model.scorer.name]))
+    plan = plan_disk(infos, metric, model.pretrained, model.save_scores, model.k, model.mode, states, fingerprint)
+    if not model.checkpoint_every and states is not None:
+        plan.notes[f"{ACCUMULATORS}/"] = "only written with checkpoint_every"
+    return plan
+
+
+def _disk_table(model: SensitivityModule, meta: object, world_size: int, sharded: bool) -> str:
+    from cwa.rundir.disk import format_disk
+
+    plan = plan_run_disk(model, world_size, sharded, meta)
+    metrics = list(getattr(model.scorer, "members", None) or [model.scorer.name])
+    title = f"\nDisk per run directory (save_scores: {model.save_scores})"
+    title += f", one run directory per metric ({len(metrics)}):" if len(metrics) > 1 else ":"
+    table = format_disk(plan, title)
+    return table if f"{ACCUMULATORS}/" in plan.files else table + "\naccumulators/: no figure for this metric"
 
 
 class PlannedTrainer:

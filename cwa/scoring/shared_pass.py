@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +48,25 @@ class SharedPass(Scorer):
     Args:
         members: the scorers, each at most once by name; every one of ``SHAREABLE``'s classes, ``obd`` with
             ``hessian: fisher`` only, and all squared-gradient members with the same ``fisher_microbatch``.
+        per_sequence: how squared-gradient members get each micro-batch's gradient: ``backward`` (one
+            backward per micro-batch), ``vmap`` (``torch.func``, vectorised: ``cwa.scoring.per_sequence``), or
+            ``auto``: ``vmap`` on CUDA, ``backward`` on the CPU (there vmap is faster too, but ``backward``
+            keeps these metrics bit-identical to their own runs). Sharded parameters and padded batches always
+            take ``backward``.
+        vmap_chunk: micro-batches differentiated at once by ``vmap`` (bounds their stacked gradients).
     """
 
-    def __init__(self, members: list[Scorer]) -> None:
+    def __init__(
+        self,
+        members: list[Scorer],
+        per_sequence: Literal["auto", "vmap", "backward"] = "auto",
+        vmap_chunk: int = 4,
+    ) -> None:
         super().__init__()
+        if vmap_chunk < 1:
+            raise CwaError(f"vmap_chunk must be at least 1, got {vmap_chunk}.")
+        self.per_sequence, self.vmap_chunk = per_sequence, vmap_chunk
+        self._model: nn.Module | None = None
         names = [m.name for m in members]
         if len(members) < 2:
             raise CwaError("a shared pass needs at least two metrics; give a single metric by itself.")
@@ -135,6 +151,7 @@ class SharedPass(Scorer):
             diag.acc = {}  # nothing to accumulate, reduce, check or save until compute_each
 
     def attach(self, model: nn.Module) -> None:
+        self._model = model
         for member in self.members.values():
             member.attach(model)
 
@@ -164,8 +181,42 @@ class SharedPass(Scorer):
                 nll.backward()
         else:
             size = next(iter(batch.values())).shape[0]
-            for start in range(0, size, self.microbatch):
+            done = self._update_vectorised(batch, loss_fn) if self._vectorised(batch) else 0
+            for start in range(done, size, self.microbatch):
                 self._update_micro({k: v[start : start + self.microbatch] for k, v in batch.items()}, loss_fn)
+
+    def _vectorised(self, batch: Batch) -> bool:
+        """Whether this batch's micro-batch gradients come from ``torch.func`` (see ``per_sequence``)."""
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if self.per_sequence == "backward" or self.sharded or self._model is None or ids is None:
+            return False  # vmap differentiates a causal LM's next-token loss over its input_ids only
+        if mask is not None and not bool(mask.all()):
+            return False  # padded blocks: Transformers' mask builder branches on values, which vmap cannot trace
+        return self.per_sequence == "vmap" or ids.device.type == "cuda"
+
+    def _update_vectorised(self, batch: Batch, loss_fn: LossFn) -> int:
+        """Whole micro-batches, ``vmap_chunk`` at a time; returns where the per-micro-batch remainder starts."""
+        from cwa.scoring.per_sequence import micro_batch_gradients
+
+        size = next(iter(batch.values())).shape[0]
+        whole = size - size % self.microbatch
+        step = self.microbatch * self.vmap_chunk
+        for start in range(0, whole, step):
+            part = {k: v[start : min(start + step, whole)] for k, v in batch.items()}
+            if self._inputs:  # layer inputs are not read inside vmap: one plain forward without a graph
+                with torch.no_grad(), self._reading_inputs(part):
+                    loss_fn(part)
+            grads, nll, tokens = micro_batch_gradients(self._model, self.params, part, self.microbatch)
+            for value, count in zip(nll, tokens.tolist(), strict=True):
+                self._count(value, count, microbatches=int(count > 0))
+            for name, grad in grads.items():
+                squared = grad.float()
+                for member in self._squares:
+                    member.acc[name].add_(squared.square().sum(0))
+                if self._sums:
+                    weights = tokens.to(squared).reshape(-1, *[1] * (squared.dim() - 1))
+                    self._add_sums(name, squared.mul_(weights).sum(0))
+        return whole
 
     def _add_sums(self, name: str, grad: Tensor, scale: float = 1.0) -> None:
         for member in self._sums:
