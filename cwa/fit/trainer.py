@@ -178,12 +178,11 @@ def plan_run_disk(model: SensitivityModule, world_size: int, sharded: bool, meta
     from cwa.model.loading import build_meta_model
     from cwa.model.params import select_parameters
     from cwa.rundir.disk import checkpoint_states, plan_disk
-    from cwa.scoring.sizing import input_scored
 
     if meta is None:
         meta = build_meta_model(model.pretrained, model.dtype_name, model.trust_remote_code, model.revision)
     chosen = select_parameters(meta, model.include, model.exclude)
-    scored, _ = input_scored(meta, {name: param for name, (param, _) in chosen.items()}, model.scorer)
+    scored, _ = model.scorer.plan_scored(meta, {name: param for name, (param, _) in chosen.items()})
     infos = {name: chosen[name][1] for name in scored}
     bound = checkpoint_states(model.scorer, meta, {n: param for n, (param, _) in chosen.items()}, world_size, sharded)
     states, settings = bound if bound is not None else (None, {})
