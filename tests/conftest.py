@@ -21,17 +21,25 @@ def corpus_words(n: int = 250) -> list[str]:
     return [w for w, _ in words.most_common(n)]
 
 
-def make_tokenizer(path: Path, n_words: int = 250):
-    """A word-level tokenizer over the most common pydoc words (ids 0..n_words+1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def make_tokenizer(path: Path, n_words: int = 250, bos: bool = False):
+    """A word-level tokenizer over the most common pydoc words (ids 0..n_words+1); with ``bos``, id 2 is
+    ``<bos>``, which the tokenizer puts before every text by default (as Gemma's and Llama 3's do), and the
+    words take ids 3..n_words+2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<eos>": 1}
+    vocab = {"<unk>": 0, "<eos>": 1, **({"<bos>": 2} if bos else {})}
     for word in corpus_words(n_words):
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    specials = {"unk_token": "<unk>", "eos_token": "<eos>"}
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
+        )
+        specials["bos_token"] = "<bos>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
     tok.save_pretrained(path)
     return tok
 
