@@ -78,6 +78,28 @@ def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+def tiny_opt(vocab_size: int = 252, layers: int = 2, seed: int = 0):
+    """A tiny OPT: its decoder layers flatten hidden states to (batch·tokens, d) before fc1 / fc2."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        ffn_dim=24,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        pad_token_id=1,
+    )
+    return OPTForCausalLM(config).eval()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices gain nothing from threads, and on a busy machine OpenMP barriers cost ~40 ms per matmul."""

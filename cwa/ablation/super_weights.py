@@ -173,7 +173,10 @@ class _SideTracker:
 
     def update(self, activation: Tensor, input_ids: Tensor, mask: Tensor | None, first_block: int) -> None:
         a = activation.detach().abs().float()
-        if a.dim() == 2:
+        if a.shape[:-1].numel() == input_ids.numel():
+            # (batch, tokens, d) for most models, (batch·tokens, d) for OPT's MLP: the same token order
+            a = a.reshape(*input_ids.shape[:2], a.shape[-1])
+        elif a.dim() == 2:
             a = a.unsqueeze(0)
         if mask is not None and a.shape[:2] == mask.shape:
             a = a * mask[..., None].to(a.dtype)  # padding never counts
