@@ -100,6 +100,32 @@ def tiny_opt(vocab_size: int = 252, layers: int = 2, seed: int = 0):
     return OPTForCausalLM(config).eval()
 
 
+def tiny_moe(family: str, vocab_size: int = 252, layers: int = 2, experts: int = 4, seed: int = 0):
+    """A tiny mixture-of-experts model whose experts transformers packs into 3-D tensors: ``mixtral``,
+    ``olmoe`` or ``qwen2_moe`` (its blocks also have a shared expert)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 16,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 64,
+        "intermediate_size": 24,
+    }
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**common, num_local_experts=experts)).eval()
+    if family == "olmoe":
+        return tf.OlmoeForCausalLM(tf.OlmoeConfig(**common, num_experts=experts)).eval()
+    config = tf.Qwen2MoeConfig(
+        **common, num_experts=experts, moe_intermediate_size=24, shared_expert_intermediate_size=24
+    )
+    return tf.Qwen2MoeForCausalLM(config).eval()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices gain nothing from threads, and on a busy machine OpenMP barriers cost ~40 ms per matmul."""

@@ -1,0 +1,96 @@
+"""Packed experts (cwa.ablation.experts): planted super experts and in-expert super weights are recovered at
+rank 1 with their (layer, expert, row, column) on tiny Mixtral, OLMoE and Qwen-MoE models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_blocks, tiny_moe
+
+from cwa.ablation.experts import ExpertSpikes, packed_experts, scan_experts, super_experts
+
+LAYER, EXPERT, ROW, COL = 1, 2, 5, 7
+
+
+def _batches(n=4, seq_len=12, batch_size=2):
+    blocks = random_blocks(n, seq_len, seed=11)
+    return [{"input_ids": blocks[i : i + batch_size]} for i in range(0, n, batch_size)]
+
+
+def _planted(family: str):
+    """Expert EXPERT of layer LAYER: input channel COL of its down-projection driven large (its up row scaled,
+    its gate row positive) and down_proj[EXPERT, ROW, COL] large: a super weight inside a super expert."""
+    model = tiny_moe(family, layers=3)
+    block = packed_experts(model)[LAYER]
+    experts = dict(model.named_modules())[block.module]
+    inner = experts.down_proj.shape[2]
+    with torch.no_grad():
+        experts.gate_up_proj[EXPERT, COL] = experts.gate_up_proj[EXPERT, COL].abs().sign() * 0.5
+        experts.gate_up_proj[EXPERT, inner + COL] *= 60.0
+        experts.down_proj[EXPERT, ROW, COL] = 3.0
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+def test_planted_super_expert_and_weight_are_recovered_at_rank_one(family):
+    model = _planted(family)
+    blocks = packed_experts(model)
+    assert [b.layer for b in blocks] == [0, 1, 2] and all(b.experts == 4 for b in blocks)
+    scan = scan_experts(model, _batches())
+    assert len(scan.experts) == 12 and sum(e.tokens for e in scan.experts) == 2 * 48 * 3  # top-2 routing
+    top = scan.super_experts[0]
+    assert (top.layer, top.expert) == (LAYER, EXPERT)
+    candidate = scan.candidates[0]
+    assert (candidate.rank, candidate.layer, candidate.expert, candidate.row, candidate.col) == (
+        1,
+        LAYER,
+        EXPERT,
+        ROW,
+        COL,
+    )
+    assert candidate.storage_index == (EXPERT, ROW, COL) and candidate.weight == pytest.approx(3.0)
+    weight = dict(model.named_parameters())[candidate.parameter]
+    assert float(weight[candidate.storage_index]) == pytest.approx(3.0)
+
+
+def test_scan_matches_a_forward_pass_by_hand():
+    """Each expert's largest |output| against the Mixtral block recomputed by hand from its router."""
+    model = tiny_moe("mixtral", layers=2)
+    batches = _batches()
+    scan = scan_experts(model, batches)
+    moe = model.model.layers[0].mlp
+    seen = []
+    handle = moe.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, 16)))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    handle.remove()
+    x = torch.cat(seen)
+    logits = x @ moe.gate.weight.T
+    chosen = logits.topk(2, dim=-1).indices
+    for e in range(4):
+        routed = x[(chosen == e).any(-1)]
+        gate = routed @ moe.experts.gate_up_proj[e, :24].T
+        up = routed @ moe.experts.gate_up_proj[e, 24:].T
+        out = (torch.nn.functional.silu(gate) * up) @ moe.experts.down_proj[e].T
+        record = scan.experts[e]
+        assert record.tokens == routed.shape[0]
+        assert record.output_max == pytest.approx(float(out.abs().max()), rel=1e-5)
+
+
+def test_super_expert_rule():
+    def spikes(layer, expert, value):
+        return ExpertSpikes(layer, expert, "p", 1, value, 0, 0, 1.0, 1.0)
+
+    values = {(0, 0): 1.0, (0, 1): 2.0, (1, 0): 500.0, (1, 1): 3.0, (2, 0): 40.0, (2, 1): 1.5}
+    experts = [spikes(layer, expert, v) for (layer, expert), v in values.items()]
+    # the 99.5th percentile of six values lies between the two largest: only 500 is above it
+    assert [(e.layer, e.expert) for e in super_experts(experts)] == [(1, 0)]
+    # at the 50th percentile (2.5), 40 and 3 clear it too, but 3 is not above a tenth of its layer's 500
+    assert [(e.layer, e.expert) for e in super_experts(experts, 50.0)] == [(1, 0), (2, 0)]
+
+
+def test_dense_model_has_no_packed_experts():
+    from conftest import tiny_llama
+
+    assert packed_experts(tiny_llama()) == [] and scan_experts(tiny_llama(), _batches()) is None
