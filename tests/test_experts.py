@@ -94,3 +94,45 @@ def test_dense_model_has_no_packed_experts():
     from conftest import tiny_llama
 
     assert packed_experts(tiny_llama()) == [] and scan_experts(tiny_llama(), _batches()) is None
+
+
+def test_find_super_weights_reports_experts(tmp_path, capsys):
+    """``cwa find-super-weights`` on a Mixtral (no dense MLP at all): the planted weight is candidate 1 with
+    its expert, its ablation zeroes exactly that element, the super expert is in summary.json and the csv."""
+    import csv
+    import json
+
+    from conftest import make_tokenizer
+
+    from cwa.cli import main
+
+    model_dir = tmp_path / "model"
+    _planted("mixtral").save_pretrained(model_dir)
+    make_tokenizer(model_dir)
+    code = main(
+        [
+            "find-super-weights",
+            f"--model.pretrained={model_dir}",
+            "--data.seq_len=32",
+            "--data.num_samples=8",
+            "--data.heldout_fraction=0.3",
+            "--data.batch_size=4",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            "--trainer.logger.init_args.name=sw",
+            "--super_weights.bootstrap=200",
+            "--super_weights.permutations=200",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    run = tmp_path / "logs" / "sw" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    top = summary["candidates"][0]
+    assert (top["rank"], top["layer"], top["expert"], top["row"], top["col"]) == (1, LAYER, EXPERT, ROW, COL)
+    assert top["storage_index"] == [EXPERT, ROW, COL] and "ablation" in top
+    assert [(e["layer"], e["expert"]) for e in summary["super_experts"]][:1] == [(LAYER, EXPERT)]
+    with open(run / "super_weights.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * 4  # one per expert
+    planted = next(r for r in rows if (r["layer"], r["expert"]) == (str(LAYER), str(EXPERT)))
+    assert planted["candidate_rank"] == "1" and planted["super_expert"] == "True"
+    assert f"expert {EXPERT} [{ROW}, {COL}]" in capsys.readouterr().out

@@ -132,7 +132,11 @@ def _routed(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
 
 
 @contextmanager
-def _tracking(model: nn.Module, blocks: list[PackedExperts], state: dict) -> Iterator[dict[str, list[_ExpertTracker]]]:
+def track_experts(
+    model: nn.Module, blocks: list[PackedExperts], state: dict
+) -> Iterator[dict[str, list[_ExpertTracker]]]:
+    """Hooks on the expert modules ``blocks`` while inside; ``state["mask"]`` is the current batch's attention
+    mask (or None). Yields module name -> one tracker per expert."""
     modules = dict(model.named_modules())
     trackers = {b.module: [_ExpertTracker() for _ in range(b.experts)] for b in blocks}
 
@@ -190,10 +194,29 @@ def scan_experts(
     if not blocks:
         return None
     state: dict = {}
-    with _tracking(model, blocks, state) as trackers, torch.no_grad():
+    with track_experts(model, blocks, state) as trackers, torch.no_grad():
         for batch in batches:
             state["mask"] = batch.get("attention_mask")
             model(input_ids=batch["input_ids"], attention_mask=state["mask"])
+    return expert_scan(model, blocks, trackers, threshold, percentile)
+
+
+def expert_scan(
+    model: nn.Module,
+    blocks: list[PackedExperts],
+    trackers: dict[str, list[_ExpertTracker]],
+    threshold: float = 10.0,
+    percentile: float = 99.5,
+) -> ExpertScan:
+    """The result of tracked forward passes (``track_experts``): every expert, the super experts, the candidates.
+
+    Args:
+        model: the model the trackers watched.
+        blocks: its expert modules.
+        trackers: what ``track_experts`` yielded.
+        threshold: see ``scan_experts``.
+        percentile: see ``scan_experts``.
+    """
     experts = [t.result(b.layer, e, b.parameter) for b in blocks for e, t in enumerate(trackers[b.module])]
     return ExpertScan(experts, super_experts(experts, percentile), _candidates(model, experts, threshold), percentile)
 
