@@ -296,7 +296,8 @@ class FindSuperWeights:
             expert = "" if c.expert is None else f" expert {c.expert}"
             print(
                 f"  {c.rank:>3}  layer {c.layer:>3}{expert} [{c.row}, {c.col}] w={c.weight:.4g} "
-                f"(|w| rank {c.weight_rank})  spikes x{c.input_ratio:.0f} in, x{c.output_ratio:.0f} out{effect}  {verdict}"
+                f"(|w| rank {c.weight_rank})  spikes x{c.input_ratio:.0f} in, x{c.output_ratio:.0f} out"
+                f"{effect}  {verdict}"
             )
         for e in [] if result.experts is None else result.experts.super_experts:
             print(f"  super expert: layer {e.layer} expert {e.expert} (largest |output| {e.output_max:.4g})")
