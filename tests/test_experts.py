@@ -136,3 +136,44 @@ def test_find_super_weights_reports_experts(tmp_path, capsys):
     planted = next(r for r in rows if (r["layer"], r["expert"]) == (str(LAYER), str(EXPERT)))
     assert planted["candidate_rank"] == "1" and planted["super_expert"] == "True"
     assert f"expert {EXPERT} [{ROW}, {COL}]" in capsys.readouterr().out
+
+
+def test_topk_csv_names_the_expert(tmp_path, capsys):
+    """fit-sensitivity (magnitude) on a Mixtral's packed down-projections: each topk.csv row's (expert, row,
+    col) is the weight torch.topk finds in the packed tensor, unravelled by hand."""
+    import csv
+
+    from conftest import make_tokenizer
+
+    from cwa.cli import main
+
+    model_dir = tmp_path / "model"
+    model = tiny_moe("mixtral")
+    model.save_pretrained(model_dir)
+    make_tokenizer(model_dir)
+    code = main(
+        [
+            "fit-sensitivity",
+            f"--model.pretrained={model_dir}",
+            "--model.metric=magnitude",
+            "--model.include=[.*experts\\.down_proj]",
+            "--model.k=6",
+            "--data.seq_len=16",
+            "--data.num_samples=2",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            "--trainer.logger.init_args.name=moe",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / "logs" / "moe" / "version_0" / "topk.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    packed = {n: p.detach() for n, p in model.named_parameters() if n.endswith("experts.down_proj")}
+    flat = torch.cat([p.abs().reshape(-1) for p in packed.values()])
+    best = flat.topk(6).indices
+    size = next(iter(packed.values())).numel()
+    for row, position in zip(rows, best.tolist(), strict=True):
+        name = list(packed)[position // size]
+        expert, out, inp = torch.unravel_index(torch.tensor(position % size), packed[name].shape)
+        assert row["parameter"] == name
+        assert (row["expert"], row["row"], row["col"]) == (str(int(expert)), str(int(out)), str(int(inp)))
