@@ -177,3 +177,32 @@ def test_topk_csv_names_the_expert(tmp_path, capsys):
         expert, out, inp = torch.unravel_index(torch.tensor(position % size), packed[name].shape)
         assert row["parameter"] == name
         assert (row["expert"], row["row"], row["col"]) == (str(int(expert)), str(int(out)), str(int(inp)))
+
+
+def test_expert_units_and_their_random_control():
+    """Unit ``expert``: every weight of the chosen weights' experts (checked against a mask built by hand),
+    and a random control of as many other experts of the same tensor, never the target's."""
+    from cwa.ablation.controls import ControlContext, MagnitudeMatched, RandomMatched
+    from cwa.ablation.units import expand, unit_mean_abs
+    from cwa.common.errors import CwaError
+    from cwa.scoring.topk import TopK
+
+    shape = (6, 3, 4)
+    packed = torch.randn(shape)
+    chosen = torch.tensor([13, 14, 50])  # experts 1, 1 and 4
+    members = expand({"experts": chosen}, {"experts": shape}, {}, "expert")["experts"]
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[1] = mask[4] = True
+    assert torch.equal(members, torch.nonzero(mask.reshape(-1)).squeeze(1))
+    assert torch.allclose(unit_mean_abs(packed, False, "expert"), packed.abs().mean(dim=(1, 2)))
+    with pytest.raises(CwaError, match="2-D tensor holds no packed experts"):
+        expand({"w": torch.tensor([0])}, {"w": (3, 4)}, {}, "expert")
+    params = {"experts": packed, "norm": torch.randn(4)}
+    topk = TopK(names=["experts"], param=torch.zeros(3, dtype=torch.long), index=chosen, score=torch.ones(3))
+    for control in (RandomMatched(), MagnitudeMatched(bins=2)):
+        control.prepare(ControlContext(params, topk, 3, None, {}))
+        for seed in range(4):
+            drawn = control.select(3, seed, "expert")["experts"]
+            experts = torch.unique(drawn // 12)
+            assert experts.numel() == 2 and not set(experts.tolist()) & {1, 4}
+            assert torch.equal(drawn, (experts[:, None] * 12 + torch.arange(12)).reshape(-1))
