@@ -96,3 +96,28 @@ def test_block_start_errors(model_dir):
     if adds_bos:
         with pytest.raises(CwaError, match="leaves no room"):
             CalibrationData(tokenizer=str(path), seq_len=2, num_samples=1).setup()
+
+
+@pytest.mark.parametrize("block_start", ["tokenizer", "none"])
+def test_lm_eval_encodes_items_the_way_blocks_start(model_dir, block_start):
+    """lm-eval's HFLM, built as cwa builds it, starts a text with BOS exactly when the run's blocks do."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    from cwa.perturb.downstream import DownstreamTasks
+
+    path, adds_bos = model_dir
+    data = CalibrationData(tokenizer=str(path), seq_len=SEQ_LEN, num_samples=4, block_start=block_start)
+    data.setup()
+    tasks = DownstreamTasks(["cwa_pydoc_lastword"], limit=2)
+    tasks.setup(data)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        lm = HFLM(pretrained=model, tokenizer=tasks.tokenizer, batch_size=1, add_bos_token=tasks.add_bos_token)
+        encoded = lm.tok_encode("the")
+        word = tasks.tokenizer("the", add_special_tokens=False)["input_ids"]
+        assert len(word) == 1
+        assert encoded == ([2] + word if adds_bos and block_start == "tokenizer" else word)
+    finally:
+        tasks.close()
