@@ -166,6 +166,7 @@ def test_topk_csv_names_the_expert(tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err
+    assert "experts.down_proj[expert " in capsys.readouterr().out
     with open(tmp_path / "logs" / "moe" / "version_0" / "topk.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     packed = {n: p.detach() for n, p in model.named_parameters() if n.endswith("experts.down_proj")}
