@@ -207,3 +207,58 @@ def test_expert_units_and_their_random_control():
             experts = torch.unique(drawn // 12)
             assert experts.numel() == 2 and not set(experts.tolist()) & {1, 4}
             assert torch.equal(drawn, (experts[:, None] * 12 + torch.arange(12)).reshape(-1))
+
+
+def test_perturb_unit_expert_equals_zeroing_the_expert_by_hand(tmp_path, capsys):
+    """``cwa perturb --units [expert]`` on a planted Mixtral: the top weight's whole expert zeroed (384
+    weights, routing unchanged) gives the perplexity of the same expert zeroed by hand; every bit restored."""
+    import csv
+
+    from conftest import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from cwa.ablation.perturbations import tensor_checksum
+    from cwa.cli import main
+    from cwa.perturb.evaluate import evaluate
+    from cwa.perturb.recipe import PerturbRecipe
+    from cwa.perturb.run_data import build_data
+    from cwa.rundir import Run
+
+    model_dir = tmp_path / "model"
+    _planted("mixtral").save_pretrained(model_dir)
+    make_tokenizer(model_dir)
+    logs = tmp_path / "logs"
+    args = [f"--model.pretrained={model_dir}", "--model.metric=magnitude", "--model.include=[.*experts\\.down_proj]"]
+    args += ["--model.k=2", "--data.seq_len=16", "--data.num_samples=2", "--data.heldout_samples=8"]
+    args += [f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.name=moe"]
+    assert main(["fit-sensitivity", *args, "--trainer.enable_progress_bar=false"]) == 0
+    run = logs / "moe" / "version_0"
+    recipe = PerturbRecipe(
+        run=str(run),
+        perturbation=["zero"],
+        ks=(1,),
+        single=1,
+        units=("expert",),
+        controls=("random_matched",),
+        seeds=(0,),
+        bootstrap=50,
+        permutations=50,
+        tensorboard=False,
+        figures=False,
+    )
+    recipe.run()
+    with open(run / "perturb.csv", newline="") as handle:
+        rows = {r["condition"]: r for r in csv.DictReader(handle)}
+    single = rows["zero/single/rank=1/unit=expert"]
+    assert single["n_weights"] == "384"
+    assert rows["zero/random_matched/k=1/seed=0/unit=expert"]["n_weights"] == "384"
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert {n: tensor_checksum(p) for n, p in recipe.model.named_parameters()} == {
+        n: tensor_checksum(p) for n, p in model.named_parameters()
+    }
+    with torch.no_grad():
+        model.model.layers[LAYER].mlp.experts.down_proj[EXPERT] = 0.0
+    heldout = build_data(Run.load(run)).heldout
+    by_hand = evaluate(model, heldout, 4, torch.device("cpu")).perplexity
+    assert float(single["perplexity"]) == pytest.approx(by_hand, rel=1e-5)
