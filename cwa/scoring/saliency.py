@@ -135,22 +135,6 @@ def input_groups(model: nn.Module, modules: list[str]) -> tuple[dict[str, list[s
     return groups, [name for name in modules if not seen[name]]
 
 
-def token_mask(mask: Tensor, rows: int) -> Tensor:
-    """The (batch, tokens) attention mask as one flag per row of a layer input flattened to (rows, d).
-
-    Models differ in the layout a layer sees: (batch, tokens, d) for most, (batch·tokens, d) for OPT's MLP,
-    which flattens its hidden states first. Both flatten to the same token order, so the mask follows the
-    tokens whatever the layout. A layer that sees another number of rows (none here) cannot be masked.
-    """
-    flat = mask.reshape(-1).bool()
-    if flat.numel() != rows:
-        raise CwaError(
-            f"a layer input has {rows} rows for a batch of {flat.numel()} tokens, so its padding cannot be "
-            "told apart; run without padding (blocks of equal length)."
-        )
-    return flat
-
-
 class _InputScorer(Scorer):
     """Base of the scorers that read layer inputs with forward pre-hooks (forward passes only).
 
@@ -217,8 +201,8 @@ class _InputScorer(Scorer):
                 if not self.counting:
                     return  # another rank's turn or a filler batch under sharding: weighs nothing
                 x = args[0].detach().reshape(-1, width)
-                if mask is not None:
-                    x = x[token_mask(mask, x.shape[0])]
+                if mask is not None:  # (batch, tokens, d), or (batch·tokens, d) in OPT's MLP: the same token order
+                    x = x[mask.reshape(-1).bool()]
                 self._statistic(x, self.acc[leader])
                 self.acc[f"{leader}#tokens"] += x.shape[0]
 
