@@ -121,3 +121,30 @@ def test_lm_eval_encodes_items_the_way_blocks_start(model_dir, block_start):
         assert encoded == ([2] + word if adds_bos and block_start == "tokenizer" else word)
     finally:
         tasks.close()
+
+
+def test_a_run_is_reevaluated_on_its_own_blocks(model_dir, tmp_path):
+    """perturb rebuilds a run's held-out split from its config.yaml: with the run's block_start, and for a run
+    made before the setting existed (no block_start in its config), on the raw stream as it was scored."""
+    import yaml
+
+    from cwa.cli import main
+    from cwa.perturb.run_data import build_data
+    from cwa.rundir import Run
+
+    path, adds_bos = model_dir
+    args = ["fit-sensitivity", f"--model.pretrained={path}", "--model.metric=magnitude", "--model.k=3"]
+    args += [f"--data.seq_len={SEQ_LEN}", "--data.num_samples=2", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert main([*args, "--trainer.logger.init_args.name=bos", "--trainer.enable_progress_bar=false"]) == 0
+    run_dir = tmp_path / "bos" / "version_0"
+    expected = CalibrationData(tokenizer=str(path), seq_len=SEQ_LEN, num_samples=2)
+    expected.setup()
+    assert torch.equal(build_data(Run.load(run_dir)).heldout, expected.heldout)
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"].pop("block_start") == "tokenizer"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    raw = CalibrationData(tokenizer=str(path), seq_len=SEQ_LEN, num_samples=2, block_start="none")
+    raw.setup()
+    rebuilt = build_data(Run.load(run_dir)).heldout
+    assert torch.equal(rebuilt, raw.heldout) and torch.equal(rebuilt, expected.heldout) == (not adds_bos)
