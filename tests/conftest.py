@@ -21,17 +21,25 @@ def corpus_words(n: int = 250) -> list[str]:
     return [w for w, _ in words.most_common(n)]
 
 
-def make_tokenizer(path: Path, n_words: int = 250):
-    """A word-level tokenizer over the most common pydoc words (ids 0..n_words+1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def make_tokenizer(path: Path, n_words: int = 250, bos: bool = False):
+    """A word-level tokenizer over the most common pydoc words (ids 0..n_words+1); with ``bos``, id 2 is
+    ``<bos>``, which the tokenizer puts before every text by default (as Gemma's and Llama 3's do), and the
+    words take ids 3..n_words+2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<eos>": 1}
+    vocab = {"<unk>": 0, "<eos>": 1, **({"<bos>": 2} if bos else {})}
     for word in corpus_words(n_words):
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    specials = {"unk_token": "<unk>", "eos_token": "<eos>"}
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
+        )
+        specials["bos_token"] = "<bos>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
     tok.save_pretrained(path)
     return tok
 
@@ -68,6 +76,54 @@ def tiny_gpt2(vocab_size: int = 252, layers: int = 2, seed: int = 0):
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_opt(vocab_size: int = 252, layers: int = 2, seed: int = 0):
+    """A tiny OPT: its decoder layers flatten hidden states to (batch·tokens, d) before fc1 / fc2."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        ffn_dim=24,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        pad_token_id=1,
+    )
+    return OPTForCausalLM(config).eval()
+
+
+def tiny_moe(family: str, vocab_size: int = 252, layers: int = 2, experts: int = 4, seed: int = 0):
+    """A tiny mixture-of-experts model whose experts transformers packs into 3-D tensors: ``mixtral``,
+    ``olmoe`` or ``qwen2_moe`` (its blocks also have a shared expert)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 16,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 64,
+        "intermediate_size": 24,
+    }
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**common, num_local_experts=experts)).eval()
+    if family == "olmoe":
+        return tf.OlmoeForCausalLM(tf.OlmoeConfig(**common, num_experts=experts)).eval()
+    config = tf.Qwen2MoeConfig(
+        **common, num_experts=experts, moe_intermediate_size=24, shared_expert_intermediate_size=24
+    )
+    return tf.Qwen2MoeForCausalLM(config).eval()
 
 
 # The fast tests run torch on one thread: their matrices are tiny, so threads only add synchronisation (the

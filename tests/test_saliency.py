@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_blocks, tiny_gpt2, tiny_llama
+from conftest import random_blocks, tiny_gpt2, tiny_llama, tiny_opt
 from helpers import fit, latest_run
 from safetensors.torch import load_file
 from test_scorers import _bind, _exact_hessian_diagonal, _mean_loss, _run
@@ -105,16 +105,19 @@ def test_layers_reading_one_input_share_one_accumulator():
     assert scorer.unscored["model.embed_tokens.weight"].startswith("embedding")
 
 
-def test_wanda_excludes_padding():
-    model = tiny_llama()
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+@pytest.mark.parametrize("metric", [Wanda, OBS])
+def test_input_statistics_exclude_padding(make, metric):
+    """OPT flattens its hidden states to (batch·tokens, d) before fc1 / fc2: the padding there counts too."""
+    model = make()
     blocks = random_blocks(2, 10, seed=5)
     mask = torch.ones_like(blocks)
     mask[1, 6:] = 0  # right padding: the first 6 tokens of sequence 1 are unchanged by it
-    scorer = Wanda()
+    scorer = metric()
     _attached(scorer, model)
     scorer.update({"input_ids": blocks, "attention_mask": mask}, lambda b: next_token_nll(model, b))
     padded = scorer.compute()
-    reference = Wanda()
+    reference = metric()
     _attached(reference, model)
     for row, length in ((0, 10), (1, 6)):
         reference.update({"input_ids": blocks[row : row + 1, :length]}, lambda b: next_token_nll(model, b))

@@ -160,3 +160,48 @@ def test_embedded_conversion_happens_once_across_processes(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs == [str(tmp_path / "cache" / "smollm2-135m-instruct")] * 2
     assert log.read_text().splitlines() == ["converted"]
+
+
+def _tiny_family(family: str):
+    """Tiny GPT-NeoX (its checkpoints store ``embed_out`` for the LM head), Mixtral and OLMoE (their
+    checkpoints store each expert apart; transformers packs them into one tensor per layer)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    if family == "gpt_neox":
+        config = tf.GPTNeoXConfig(**common, intermediate_size=24, max_position_embeddings=64)
+        return tf.GPTNeoXForCausalLM(config).eval()
+    moe = {"intermediate_size": 24, "num_key_value_heads": 1, "num_experts_per_tok": 2, "max_position_embeddings": 64}
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**common, **moe, num_local_experts=4)).eval()
+    return tf.OlmoeForCausalLM(tf.OlmoeConfig(**common, **moe, num_experts=4)).eval()
+
+
+@pytest.mark.parametrize(
+    ("family", "stored", "packed"),
+    [
+        ("gpt_neox", "embed_out.weight", False),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight", True),
+        ("olmoe", "model.layers.0.mlp.experts.0.gate_proj.weight", True),
+    ],
+)
+def test_renamed_and_packed_checkpoints(tmp_path, capsys, family, stored, packed):
+    """transformers' own renaming is followed shard by shard; packed experts fall back to a full load with a
+    note, never an error; either way the model equals transformers' own load."""
+    from cwa.model.shard_loading import load_for_sharding, read_index
+
+    _tiny_family(family).save_pretrained(tmp_path)
+    files = checkpoint_files(str(tmp_path))
+    assert stored in read_index(files)  # the checkpoint really uses the names transformers converts
+    reference = load_model(str(tmp_path))
+    model, shard_files = load_for_sharding(str(tmp_path), files)
+    assert shard_files == ([] if packed else files)
+    if not packed:
+        materialize(model, "cpu")
+        load_local_shards(model, shard_files)
+    note = capsys.readouterr().err
+    assert ("loads the whole checkpoint before sharding" in note) == packed
+    assert packed is False or "cannot be read shard by shard" in note
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

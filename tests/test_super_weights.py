@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_blocks, tiny_gpt2, tiny_llama
+from conftest import random_blocks, tiny_gpt2, tiny_llama, tiny_opt
 
 from cwa.ablation.published import PUBLISHED, published_super_weights
 from cwa.ablation.super_weights import (
@@ -47,7 +47,17 @@ def _planted_gpt2():
     return model
 
 
-@pytest.mark.parametrize("make", [_planted_llama, _planted_gpt2])
+def _planted_opt():
+    """OPT's decoder layer flattens hidden states to (batch·tokens, d) before fc1 / fc2."""
+    model = tiny_opt(layers=3)
+    layer = model.model.decoder.layers[LAYER]
+    with torch.no_grad():
+        layer.fc1.bias[COL] = 20.0  # relu(~20) = ~20 at every token: the input channel spikes
+        layer.fc2.weight[ROW, COL] = 3.0
+    return model
+
+
+@pytest.mark.parametrize("make", [_planted_llama, _planted_gpt2, _planted_opt])
 def test_planted_super_weight_is_recovered_at_rank_one(make):
     model = make()
     scan = find_super_weights(model, _batches(), threshold=10.0)
@@ -65,18 +75,22 @@ def test_planted_super_weight_is_recovered_at_rank_one(make):
     assert record.input.ratio > max(r.input.ratio for i, r in enumerate(scan.layers) if i != LAYER)
 
 
-def test_spike_location_matches_a_manual_forward_pass():
-    model = _planted_llama()
+@pytest.mark.parametrize("make", [_planted_llama, _planted_opt])
+def test_spike_location_matches_a_manual_forward_pass(make):
+    model = make()
     batches = _batches()
     scan = find_super_weights(model, batches)
     seen = []
-    handle = model.model.layers[LAYER].mlp.down_proj.register_forward_hook(
-        lambda _m, args, out: seen.append((args[0].detach(), out.detach()))
-    )
+    module = dict(model.named_modules())[mlp_output_projections(model)[LAYER].module]
+
+    def keep(_module, args, out, shape):  # OPT's fc2 sees (batch·tokens, d): back to (batch, tokens, d)
+        seen.append((args[0].detach().reshape(*shape, -1), out.detach().reshape(*shape, -1)))
+
     with torch.no_grad():
         for batch in batches:
+            handle = module.register_forward_hook(lambda m, a, o, s=batch["input_ids"].shape: keep(m, a, o, s))
             model(**batch)
-    handle.remove()
+            handle.remove()
     inputs = torch.cat([x for x, _ in seen]).abs()
     outputs = torch.cat([y for _, y in seen]).abs()
     ids = torch.cat([b["input_ids"] for b in batches])
@@ -88,8 +102,9 @@ def test_spike_location_matches_a_manual_forward_pass():
         assert spike.ratio == pytest.approx(float(acts.max() / typical), rel=1e-5)
 
 
-def test_padding_never_counts():
-    model = _planted_llama()
+@pytest.mark.parametrize("make", [_planted_llama, _planted_opt])
+def test_padding_never_counts(make):
+    model = make()
     ids = random_blocks(2, 12, seed=11)
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0

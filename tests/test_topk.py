@@ -9,7 +9,7 @@ from torch import nn
 
 from cwa.common.errors import CwaError
 from cwa.model.params import select_parameters, split_name
-from cwa.scoring.topk import select_topk
+from cwa.scoring.topk import select_topk, select_topk_sharded
 
 
 def _scores(seed=0, shapes=((30, 20), (7,), (50, 3), (1000,))):
@@ -171,3 +171,21 @@ def test_merging_row_shard_candidates_equals_single_process(mode, ties):
     names = list(scores)
     for p, i, w in zip(param.tolist(), index.tolist(), weight.tolist(), strict=True):
         assert w == float(weights[names[p]].reshape(-1)[i])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("k", [2, 40])  # below and above an eighth of the weights: both selection paths
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_non_finite_scores_are_refused_naming_tensor_and_count(bad, k, mode, sharded):
+    scores = {"a.weight": torch.rand(6, 8), "b.weight": torch.rand(6, 8)}
+    scores["b.weight"][1, 2] = bad
+    scores["b.weight"][4, 0] = bad
+    message = r"the scores of 'b\.weight' hold 2 non-finite values"
+    with pytest.raises(CwaError, match=message):
+        if sharded:  # one process: the gathered candidates are this rank's
+            select_topk_sharded(scores, {n: s.clone() for n, s in scores.items()}, k, mode)
+        else:
+            select_topk(scores, k, mode)
+    scores["b.weight"].nan_to_num_(0.5, 0.5, 0.5)
+    assert len(select_topk(scores, k, "global")) == k  # finite again: selected as usual

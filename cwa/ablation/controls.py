@@ -89,14 +89,14 @@ def random_matched_units(
     unit: str,
     generator: torch.Generator,
 ) -> Selection:
-    """Every weight of random units (rows or columns) with exactly the per-tensor count of distinct units of
-    ``target``, never one of ``target``'s units.
+    """Every weight of random units (rows, columns or experts) with exactly the per-tensor count of distinct
+    units of ``target``, never one of ``target``'s units.
 
     Args:
         params: parameter name -> tensor (only shapes are read).
         target: the top-K selection (single weights) whose units are matched.
         transposed: parameter name -> True for a (in, out) layout.
-        unit: ``weight``, ``row`` or ``column``.
+        unit: ``weight``, ``row``, ``column`` or ``expert``.
         generator: the control's seed.
     """
     if unit == "weight":
@@ -401,6 +401,8 @@ class MagnitudeMatched(Control):
         if unit not in self._unit_bins:
             groups: dict[int, dict[str, Tensor]] = {}
             for name, tensor in self.context.params.items():
+                if unit == "expert" and tensor.dim() != 3:
+                    continue  # only packed expert tensors hold experts to match
                 length = tensor.numel() // unit_count(shapes[name], flip[name], unit)
                 groups.setdefault(length, {})[name] = unit_mean_abs(tensor, flip[name], unit)
             what = f"{unit}s"

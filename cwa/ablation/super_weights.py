@@ -22,11 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from cwa.ablation.experts import ExpertScan, expert_scan, packed_experts, track_experts
 from cwa.ablation.published import PublishedSuperWeight, published_super_weights
 from cwa.common.errors import CwaError
 from cwa.model.params import split_name
@@ -37,7 +38,8 @@ MLP_OUTPUT_PROJECTION = (
 """The role "MLP output projection" by module name, matched against whole module names: ``mlp.down_proj``
 (Llama, Mistral, Qwen2, Gemma, Phi-3, OLMo), ``mlp.c_proj`` (GPT-2 ``Conv1D``, GPT-BigCode),
 ``mlp.dense_4h_to_h`` (GPT-NeoX, Falcon, Bloom), ``mlp.fc_out`` (GPT-J), ``mlp.fc2`` (Phi-1/2) and ``fc2``
-(OPT). Mixture-of-experts blocks have one projection per expert and are not matched."""
+(OPT). Packed mixture-of-experts blocks (one 3-D ``down_proj`` for all experts) are scanned expert by expert
+by :mod:`cwa.ablation.experts` in the same forward passes."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,14 @@ class Projection:
     transposed: bool
 
 
-def mlp_output_projections(model: nn.Module, pattern: str | None = None) -> list[Projection]:
+def mlp_output_projections(model: nn.Module, pattern: str | None = None, required: bool = True) -> list[Projection]:
     """Every MLP output projection of ``model``, in layer order.
 
     Args:
         model: a causal LM.
         pattern: a regular expression matched against whole module names instead of the role rule
             ``MLP_OUTPUT_PROJECTION`` (e.g. ``.*\\.mlp\\.down_proj``); only ``Linear`` / ``Conv1D`` modules count.
+        required: fail in one sentence when none matches (a model whose MLPs are all packed experts has none).
     """
     try:
         regex = re.compile(pattern or MLP_OUTPUT_PROJECTION)
@@ -69,7 +72,7 @@ def mlp_output_projections(model: nn.Module, pattern: str | None = None) -> list
             continue
         layer, _ = split_name(f"{name}.weight")
         found.append(Projection(layer if layer is not None else len(found), name, f"{name}.weight", conv1d))
-    if not found:
+    if not found and required:
         raise CwaError(
             f"no MLP output projection matches '{pattern or 'the built-in rule'}' in {type(model).__name__}; "
             "pass a regular expression for the projection modules' names (e.g. '.*\\.mlp\\.down_proj')."
@@ -116,8 +119,9 @@ class Candidate:
     Attributes:
         rank: 1 for the strongest output spike.
         row: output channel (the output spike's channel); col: input channel (the input spike's).
-        storage_index: (row, col) for ``Linear``, (col, row) for ``Conv1D``.
-        weight: the weight's value; weight_rank: its rank within its tensor by |w| (1 = largest).
+        storage_index: (row, col) for ``Linear``, (col, row) for ``Conv1D``, (expert, row, col) for packed experts.
+        weight: the weight's value; weight_rank: its rank within its tensor (its expert's matrix) by |w|.
+        expert: the expert of a packed expert tensor, None for a dense MLP.
     """
 
     rank: int
@@ -125,11 +129,12 @@ class Candidate:
     parameter: str
     row: int
     col: int
-    storage_index: tuple[int, int]
+    storage_index: tuple[int, ...]
     weight: float
     weight_rank: int
     input_ratio: float
     output_ratio: float
+    expert: int | None = None
 
 
 @dataclass
@@ -141,10 +146,12 @@ class SuperWeightScan:
     tokens: int
     layers: list[LayerSpikes]
     candidates: list[Candidate] = field(default_factory=list)
+    experts: ExpertScan | None = None
 
     def to_rows(self) -> list[dict]:
-        """One flat row per layer for a CSV; candidate columns are empty where the layer is not one."""
-        by_layer = {(c.layer, c.parameter): c for c in self.candidates}
+        """One flat row per layer (dense MLP) or per expert (packed experts) for a CSV; candidate columns are
+        empty where the layer or expert is not one."""
+        by_layer = {(c.layer, c.parameter): c for c in self.candidates if c.expert is None}
         rows = []
         for record in self.layers:
             row: dict = {"layer": record.layer, "parameter": record.parameter}
@@ -161,6 +168,35 @@ class SuperWeightScan:
                 }
             )
             rows.append(row)
+        return rows + self._expert_rows()
+
+    def _expert_rows(self) -> list[dict]:
+        if self.experts is None:
+            return []
+        by_expert = {(c.layer, c.expert): c for c in self.candidates if c.expert is not None}
+        supers = {(e.layer, e.expert) for e in self.experts.super_experts}
+        rows = []
+        for e in self.experts.experts:
+            candidate = by_expert.get((e.layer, e.expert))
+            rows.append(
+                {
+                    "layer": e.layer,
+                    "parameter": e.parameter,
+                    "expert": e.expert,
+                    "tokens": e.tokens,
+                    "super_expert": (e.layer, e.expert) in supers,
+                    "input_channel": e.col,
+                    "input_ratio": e.input_ratio,
+                    "output_value": e.output_max,
+                    "output_channel": e.row,
+                    "output_ratio": e.output_ratio,
+                    "candidate_rank": candidate.rank if candidate else "",
+                    "row": candidate.row if candidate else "",
+                    "col": candidate.col if candidate else "",
+                    "weight": candidate.weight if candidate else "",
+                    "weight_rank": candidate.weight_rank if candidate else "",
+                }
+            )
         return rows
 
 
@@ -173,7 +209,10 @@ class _SideTracker:
 
     def update(self, activation: Tensor, input_ids: Tensor, mask: Tensor | None, first_block: int) -> None:
         a = activation.detach().abs().float()
-        if a.dim() == 2:
+        if a.shape[:-1].numel() == input_ids.numel():
+            # (batch, tokens, d) for most models, (batch·tokens, d) for OPT's MLP: the same token order
+            a = a.reshape(*input_ids.shape[:2], a.shape[-1])
+        elif a.dim() == 2:
             a = a.unsqueeze(0)
         if mask is not None and a.shape[:2] == mask.shape:
             a = a * mask[..., None].to(a.dtype)  # padding never counts
@@ -233,10 +272,15 @@ def find_super_weights(
     """
     if not threshold > 0:
         raise CwaError(f"threshold must be positive, got {threshold}.")
-    projections = mlp_output_projections(model, pattern)
+    blocks = packed_experts(model)
+    projections = mlp_output_projections(model, pattern, required=not blocks)
     state: dict = {"first_block": 0}
     tokens = 0
-    with _tracking(model, projections, state) as trackers, torch.no_grad():
+    with (
+        _tracking(model, projections, state) as trackers,
+        track_experts(model, blocks, state) as expert_trackers,
+        torch.no_grad(),
+    ):
         for batch in batches:
             ids, mask = batch["input_ids"], batch.get("attention_mask")
             state.update(input_ids=ids, mask=mask)
@@ -251,6 +295,11 @@ def find_super_weights(
     ]
     scan = SuperWeightScan(threshold, state["first_block"], tokens, layers)
     scan.candidates = _candidates(model, projections, layers, threshold)
+    if blocks:
+        scan.experts = expert_scan(model, blocks, expert_trackers, threshold)
+        in_experts = [Candidate(**asdict(c)) for c in scan.experts.candidates]
+        ranked = sorted(scan.candidates + in_experts, key=lambda c: (-c.output_ratio, -c.input_ratio, c.layer))
+        scan.candidates = [replace(c, rank=rank) for rank, c in enumerate(ranked, start=1)]
     return scan
 
 

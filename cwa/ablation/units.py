@@ -1,10 +1,13 @@
-"""Ablation units: a chosen weight, its output row (a neuron) or its input column (a channel).
+"""Ablation units: a chosen weight, its output row (a neuron), its input column (a channel) or, in packed
+mixture-of-experts tensors ((experts, out, in), e.g. Mixtral's ``experts.down_proj``), its whole expert.
 
 Pure index arithmetic on flat storage indices, no model: a unit is identified by its *unit id* (the
 output row or the input column, in cwa's (output, input) convention) and expands to the flat indices of
 all its weights. The storage layout matters: ``nn.Linear`` stores (out, in), so an output row is a
 storage row; GPT-2's ``Conv1D`` stores (in, out) (``ParamInfo.transposed``), so an output row is a
 storage column. A 1-D tensor (a norm's gain, a bias) has no rows or columns: its unit is the weight itself.
+An ``expert`` unit is every weight of one expert's matrix in a packed tensor (zeroing a down-projection's
+expert silences that expert's output while the router still sends it tokens).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from torch import Tensor
 from cwa.ablation.perturbations import Selection
 from cwa.common.errors import CwaError
 
-Unit = Literal["weight", "row", "column"]
-UNITS: tuple[str, ...] = ("weight", "row", "column")
+Unit = Literal["weight", "row", "column", "expert"]
+UNITS: tuple[str, ...] = ("weight", "row", "column", "expert")
 
 
 def check_units(units: tuple[str, ...]) -> tuple[str, ...]:
@@ -30,11 +33,18 @@ def check_units(units: tuple[str, ...]) -> tuple[str, ...]:
     """
     out = tuple(dict.fromkeys(units))
     if not out:
-        raise CwaError("give at least one unit (weight, row or column).")
+        raise CwaError("give at least one unit (weight, row, column or expert).")
     for unit in out:
         if unit not in UNITS:
-            raise CwaError(f"unknown unit '{unit}': use weight, row or column.")
+            raise CwaError(f"unknown unit '{unit}': use weight, row, column or expert.")
     return out
+
+
+def _expert_size(shape: tuple[int, ...]) -> int:
+    """Weights per expert of a packed (experts, out, in) tensor; one sentence for any other tensor."""
+    if len(shape) != 3:
+        raise CwaError(f"a {len(shape)}-D tensor holds no packed experts; unit expert needs (experts, out, in).")
+    return int(shape[1] * shape[2])
 
 
 def storage_axis(shape: tuple[int, ...], transposed: bool, unit: str) -> int | None:
@@ -46,6 +56,8 @@ def storage_axis(shape: tuple[int, ...], transposed: bool, unit: str) -> int | N
         transposed: True for a (in, out) layout (GPT-2 ``Conv1D``).
         unit: ``weight``, ``row`` (output unit) or ``column`` (input channel).
     """
+    if unit == "expert":
+        raise CwaError("an expert is a block of a packed tensor, not a storage row or column.")
     if unit == "weight" or len(shape) == 1:
         return None
     if len(shape) != 2:
@@ -56,6 +68,8 @@ def storage_axis(shape: tuple[int, ...], transposed: bool, unit: str) -> int | N
 
 def unit_count(shape: tuple[int, ...], transposed: bool, unit: str) -> int:
     """How many units of this kind the tensor has."""
+    if unit == "expert":
+        return int(shape[0]) if _expert_size(shape) else 0
     axis = storage_axis(shape, transposed, unit)
     return int(torch.Size(shape).numel()) if axis is None else int(shape[axis])
 
@@ -67,8 +81,10 @@ def unit_ids(index: Tensor, shape: tuple[int, ...], transposed: bool, unit: str)
         index: flat indices into the tensor's storage.
         shape: the tensor's shape.
         transposed: True for a (in, out) layout.
-        unit: ``weight``, ``row`` or ``column``.
+        unit: ``weight``, ``row``, ``column`` or ``expert``.
     """
+    if unit == "expert":
+        return torch.unique(index.long() // _expert_size(shape))
     axis = storage_axis(shape, transposed, unit)
     index = index.long()
     if axis is None:
@@ -83,8 +99,12 @@ def unit_members(ids: Tensor, shape: tuple[int, ...], transposed: bool, unit: st
         ids: unit ids (output rows for ``row``, input columns for ``column``).
         shape: the tensor's shape.
         transposed: True for a (in, out) layout.
-        unit: ``weight``, ``row`` or ``column``.
+        unit: ``weight``, ``row``, ``column`` or ``expert``.
     """
+    if unit == "expert":
+        size = _expert_size(shape)
+        ids = torch.unique(ids.long())
+        return (ids[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
     axis = storage_axis(shape, transposed, unit)
     ids = torch.unique(ids.long())
     if axis is None:
@@ -120,6 +140,8 @@ def expand(
 def unit_mean_abs(tensor: Tensor, transposed: bool, unit: str) -> Tensor:
     """Mean |w| of each unit of the tensor (1-D, indexed by unit id); |w| itself for unit ``weight``."""
     shape = tuple(tensor.shape)
+    if unit == "expert":
+        return tensor.detach().abs().float().reshape(shape[0], _expert_size(shape)).mean(dim=1)
     axis = storage_axis(shape, transposed, unit)
     values = tensor.detach().abs().float()
     if axis is None:

@@ -252,6 +252,9 @@ class FindSuperWeights:
             "layers": len(self.result.layers),
             "candidates": candidates,
             "super_weights": [c for c in candidates if c["verdict"] == SUPER],
+            "super_experts": []
+            if self.result.experts is None
+            else [asdict(e) for e in self.result.experts.super_experts],
             "published": published,
             "heldout": None
             if baseline is None
@@ -291,10 +294,14 @@ class FindSuperWeights:
             if row is not None:
                 low, high = row.delta_perplexity_low, row.delta_perplexity_high
                 effect = f"  Δppl {fmt.interval(row.delta_perplexity, low, high, fmt.effect)}"
+            expert = "" if c.expert is None else f" expert {c.expert}"
             print(
-                f"  {c.rank:>3}  layer {c.layer:>3} [{c.row}, {c.col}] w={c.weight:.4g} (|w| rank {c.weight_rank})  "
-                f"spikes x{c.input_ratio:.0f} in, x{c.output_ratio:.0f} out{effect}  {verdict}"
+                f"  {c.rank:>3}  layer {c.layer:>3}{expert} [{c.row}, {c.col}] w={c.weight:.4g} "
+                f"(|w| rank {c.weight_rank})  spikes x{c.input_ratio:.0f} in, x{c.output_ratio:.0f} out"
+                f"{effect}  {verdict}"
             )
+        for e in [] if result.experts is None else result.experts.super_experts:
+            print(f"  super expert: layer {e.layer} expert {e.expert} (largest |output| {e.output_max:.4g})")
         for p, c in recovered_published(result, self.pretrained):
             found = f"recovered (candidate {c.rank})" if c is not None else "not among the candidates"
             print(f"  published ({p.model}) layer {p.layer} [{p.row}, {p.col}]: {found}")
@@ -308,12 +315,15 @@ class FindSuperWeights:
 
     def _flat_index(self, candidate: Candidate) -> int:
         weight = dict(self.model.named_parameters())[candidate.parameter]
-        i, j = candidate.storage_index
-        return i * weight.shape[1] + j
+        flat = 0
+        for size, i in zip(weight.shape, candidate.storage_index, strict=True):  # (row, col) or (expert, row, col)
+            flat = flat * size + i
+        return flat
 
     @staticmethod
     def _where(candidate: Candidate) -> str:
-        return f"{candidate.parameter}[{candidate.row},{candidate.col}]"
+        expert = "" if candidate.expert is None else f"{candidate.expert},"
+        return f"{candidate.parameter}[{expert}{candidate.row},{candidate.col}]"
 
     def _tensorboard(self) -> None:
         from torch.utils.tensorboard import SummaryWriter

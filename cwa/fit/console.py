@@ -27,7 +27,10 @@ def print_fit_result(result: FitResult, rows: int = 10) -> None:
         name = topk.names[int(topk.param[i])]
         index = int(topk.index[i])
         rc = result.infos[name].row_col(topk.index[i])
+        packed = result.infos[name].expert_row_col(index)
         where = f"{name}[{int(rc[0])}, {int(rc[1])}]" if rc is not None else f"{name}[{index}]"
+        if packed is not None:
+            where = f"{name}[expert {packed[0]}: {packed[1]}, {packed[2]}]"
         weight = float("nan") if topk.weight is None else float(topk.weight[i])
         print(f"  {i + 1:>4}  {float(topk.score[i]):>11.4g}  {weight:>10.4g}  {where}")
     print(f"  run directory: {result.run_dir}")

@@ -1,9 +1,12 @@
 """Calibration and held-out data: text sources, tokenization, packing into fixed-length blocks.
 
-The token stream of all documents (separated by EOS) is cut into blocks of ``seq_len`` tokens.
-The last ``heldout_fraction`` of the blocks is the held-out split (used by ``cwa perturb``), fixed
-whatever the seed, so runs with different calibration seeds are evaluated on the same text and no
-calibration block ever overlaps it. ``num_samples`` calibration blocks are drawn by ``seed`` from
+The token stream of all documents (separated by EOS) is cut into blocks of ``seq_len`` tokens, each
+starting the way the model's tokenizer starts a text (``block_start="tokenizer"``: its BOS token where it
+adds one, nothing where it does not), so a model trained with BOS at position 0 is measured in the regime it
+was trained in; ``block_start="none"`` cuts the raw stream (as cwa did before this option existed). The
+last ``heldout_fraction`` of the blocks is the held-out split (used by ``cwa perturb``), fixed whatever the
+seed, so runs with different calibration seeds are evaluated on the same text and no calibration block
+ever overlaps it. ``num_samples`` calibration blocks are drawn by ``seed`` from
 the rest.
 """
 
@@ -13,6 +16,7 @@ import glob
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -196,6 +200,34 @@ def as_source(source: TextSource | str | os.PathLike) -> TextSource:
     return HubDataset(source)
 
 
+BlockStart = Literal["tokenizer", "none"]
+
+
+def text_prefix(tokenizer) -> list[int]:
+    """The token ids a tokenizer puts before a text by default (``[bos]`` for Gemma, Llama 2/3, Mistral;
+    ``[]`` for GPT-2 or SmolLM2): its default encoding of a probe text minus the encoding without
+    special tokens. Read from the tokenizer's behaviour, not from ``bos_token`` (many tokenizers define a
+    BOS token they never add)."""
+    probe = "The quick brown fox."
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    default = tokenizer(probe)["input_ids"]
+    for start in range(len(default) - len(plain) + 1):
+        if default[start : start + len(plain)] == plain:
+            return list(default[:start])
+    bos = tokenizer.bos_token_id  # the specials changed how the text itself tokenizes: keep a leading BOS only
+    return [bos] if bos is not None and default[:1] == [bos] else []
+
+
+def cut_blocks(stream: torch.Tensor, seq_len: int, prefix: list[int]) -> torch.Tensor:
+    """(n, seq_len) blocks: ``prefix`` followed by the next ``seq_len - len(prefix)`` tokens of ``stream``;
+    a last incomplete block is dropped."""
+    content = seq_len - len(prefix)
+    n_blocks = stream.numel() // content
+    body = stream[: n_blocks * content].view(n_blocks, content)
+    head = torch.tensor(prefix, dtype=stream.dtype).expand(n_blocks, len(prefix))
+    return torch.cat([head, body], dim=1)
+
+
 PAD_KEY = "cwa_pad"
 """Marks a filler batch: under sharding every rank must run the same number of steps (each forward and
 backward is a collective), so ranks short of batches take part with a batch whose loss counts zero."""
@@ -231,6 +263,9 @@ class CalibrationData(L.LightningDataModule):
         heldout_samples: at most this many held-out blocks are evaluated (None: all).
         seed: seed for drawing the calibration blocks.
         num_workers: DataLoader worker processes.
+        block_start: how each block starts: ``tokenizer`` with the tokens the tokenizer puts before a text
+            by default (BOS for Gemma, Llama 2/3, Mistral; nothing for GPT-2, SmolLM2), ``none`` with the
+            raw token stream (no special token; runs made before this option existed).
     """
 
     def __init__(
@@ -246,8 +281,11 @@ class CalibrationData(L.LightningDataModule):
         heldout_samples: int | None = 64,
         seed: int = 0,
         num_workers: int = 0,
+        block_start: BlockStart = "tokenizer",
     ) -> None:
         super().__init__()
+        if block_start not in ("tokenizer", "none"):
+            raise CwaError(f"block_start must be 'tokenizer' or 'none', got '{block_start}'.")
         for name, value in (("seq_len", seq_len), ("num_samples", num_samples), ("batch_size", batch_size)):
             if value < 1:
                 raise CwaError(f"{name} must be at least 1, got {value}.")
@@ -260,6 +298,8 @@ class CalibrationData(L.LightningDataModule):
         self.seq_len, self.num_samples, self.batch_size = seq_len, num_samples, batch_size
         self.heldout_fraction, self.heldout_samples = heldout_fraction, heldout_samples
         self.seed, self.num_workers = seed, num_workers
+        self.block_start = block_start
+        self.prefix: list[int] = []
         self.calibration: torch.Tensor | None = None
         self.heldout: torch.Tensor | None = None
         self.corpus_tokens = 0
@@ -276,15 +316,21 @@ class CalibrationData(L.LightningDataModule):
         if not texts or not any(t.strip() for t in texts):
             raise CwaError(f"the corpus {self.source.describe()} is empty.")
         tokenizer = load_tokenizer(self.tokenizer_name)
+        self.prefix = text_prefix(tokenizer) if self.block_start == "tokenizer" else []
+        if self.seq_len < len(self.prefix) + 2:
+            raise CwaError(
+                f"seq_len={self.seq_len} leaves no room for two tokens after the {len(self.prefix)} the "
+                "tokenizer puts before a text; raise seq_len."
+            )
         stream = tokenize_stream(texts, tokenizer)
         self.corpus_tokens = stream.numel()
-        n_blocks = stream.numel() // self.seq_len
+        blocks = cut_blocks(stream, self.seq_len, self.prefix)
+        n_blocks = blocks.shape[0]
         if n_blocks < 1:
             raise CwaError(
                 f"the corpus {self.source.describe()} has {stream.numel()} tokens, fewer than one block of "
                 f"seq_len={self.seq_len}; use more text or a shorter seq_len."
             )
-        blocks = stream[: n_blocks * self.seq_len].view(n_blocks, self.seq_len)
         n_heldout = int(round(n_blocks * self.heldout_fraction))
         pool = n_blocks - n_heldout
         if self.num_samples > pool:
@@ -317,6 +363,8 @@ class CalibrationData(L.LightningDataModule):
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "block_start": self.block_start,
+            "block_prefix": list(self.prefix),
             "corpus_tokens": self.corpus_tokens,
             "heldout_blocks": 0 if self.heldout is None else int(self.heldout.shape[0]),
             "calibration_fingerprint": self.fingerprint("calibration"),

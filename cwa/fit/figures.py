@@ -152,11 +152,19 @@ def activation_spikes(scan, title: str, path: Path) -> None:
         ]
         ax.plot(layers, values, marker=marker, color=color, label=f"largest |{side}|")
         ax.plot(layers, typical, linestyle=":", color=color, alpha=0.7, label=f"median channel max, {side}")
+    if scan.experts is not None:  # packed experts: each layer's largest expert output
+        peak: dict[int, float] = {}
+        for e in scan.experts.experts:
+            peak[e.layer] = max(peak.get(e.layer, 0.0), e.output_max)
+        ax.plot(list(peak), list(peak.values()), marker="^", color="tab:purple", label="largest |expert output|")
     for c in scan.candidates:
-        record = next(r for r in scan.layers if r.layer == c.layer and r.parameter == c.parameter)
+        if c.expert is not None:
+            spot = next(e.output_max for e in scan.experts.experts if (e.layer, e.expert) == (c.layer, c.expert))
+        else:
+            spot = next(r for r in scan.layers if r.layer == c.layer and r.parameter == c.parameter).output.value
         ax.annotate(
-            f"#{c.rank} [{c.row}, {c.col}]",
-            (c.layer, record.output.value),
+            f"#{c.rank} [{'' if c.expert is None else f'{c.expert}, '}{c.row}, {c.col}]",
+            (c.layer, spot),
             textcoords="offset points",
             xytext=(4, 6),
             fontsize=8,

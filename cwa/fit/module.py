@@ -27,7 +27,7 @@ from cwa.fit import preflight
 from cwa.fit.data import PAD_KEY
 from cwa.fit.distributed import check_supported_strategy, is_sharded_strategy
 from cwa.model import shard_loading
-from cwa.model.loading import Dtype, load_model, set_attn_implementation
+from cwa.model.loading import Dtype, set_attn_implementation
 from cwa.model.loss import next_token_nll
 from cwa.model.params import ParamInfo, as_patterns, compile_patterns, select_parameters
 from cwa.model.sharding import all_gather_objects, all_reduce_sum, apply_fsdp2, local_of
@@ -137,9 +137,9 @@ class SensitivityModule(L.LightningModule):
                 f"not '{self.attn_implementation}'."
             )
         files = self._shard_files() if self.sharded and self.shard_loading else []
-        loader = shard_loading.build_skeleton if files else load_model
-        self.model = loader(
+        self.model, files = shard_loading.load_for_sharding(
             self.pretrained,
+            files,
             self.dtype_name,
             attn_implementation=self.attn_implementation or needed,
             trust_remote_code=self.trust_remote_code,

@@ -41,10 +41,10 @@ def model_context(pretrained: str, trust_remote_code: bool = False, revision: st
         embedded model has not been converted yet). A config that cannot be fetched at all returns None
         too: loading the model then reports why, in one sentence.
     """
-    from cwa.model.loading import cache_dir, is_embedded, resolve_model_path
+    from cwa.model.loading import embedded_cache, is_embedded, resolve_model_path
 
     if is_embedded(pretrained):
-        config_file = cache_dir() / "smollm2-135m-instruct" / "config.json"
+        config_file = embedded_cache(pretrained) / "config.json"
         if not config_file.exists():
             return None
         path = str(config_file.parent)

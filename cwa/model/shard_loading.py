@@ -10,6 +10,12 @@ pages count in the process's resident memory until the file is closed, which on 
 the loading peak at the whole-checkpoint level. Every parameter must be filled exactly once; a missing
 tensor fails with one sentence naming it. Checkpoints without safetensors fall back to the full load
 (cwa.model.loading.load_model).
+
+Checkpoint names are mapped to the model's through transformers' own conversion mapping (its
+``WeightRenaming`` rules: GPT-NeoX stores ``embed_out.weight`` for ``lm_head.weight``). A tensor that
+transformers builds from several stored ones (``WeightConverter``: Mixtral's and OLMoE's experts, stored one
+by one, packed into one 3-D tensor per layer) has no byte range to read: such a checkpoint is loaded in full
+before sharding, with a note (``load_for_sharding``).
 """
 
 from __future__ import annotations
@@ -201,6 +207,46 @@ def read_rows(handle: BinaryIO, stored: Stored, first: int, dest: torch.Tensor) 
         dest.copy_(buffer)
 
 
+def _conversions(model: nn.Module) -> tuple[list, list]:
+    """transformers' (renamings, converters) for ``model``'s checkpoints; empty where transformers has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:  # a transformers without conversion mappings renames nothing either
+        return [], []
+    transforms = get_model_conversion_mapping(model, add_legacy=True)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def model_names(model: nn.Module, stored: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The names the model gives the checkpoint's tensors, as transformers' loading renames them.
+
+    Returns ({model name: checkpoint name} for every tensor read as it is, [checkpoint names that
+    transformers converts: packed or merged from several stored tensors]).
+
+    Args:
+        model: the model the checkpoint is loaded into (a skeleton is enough: only names are read).
+        stored: the checkpoint's tensor names.
+    """
+    renamings, converters = _conversions(model)
+    if not renamings and not converters:
+        return {name: name for name in stored}, []
+    from transformers.core_model_loading import rename_source_key
+
+    wanted = dict.fromkeys(model.state_dict(keep_vars=True), True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+    renamed, converted = {}, []
+    for name in stored:
+        target, pattern = rename_source_key(name, renamings, converters, prefix, wanted)
+        if pattern is not None:
+            converted.append(name)
+        else:
+            renamed[target] = name
+    return renamed, converted
+
+
 def _candidates(names: list[str], prefix: str) -> Iterator[str]:
     """Checkpoint names a model tensor may be stored under: its own names, then without / with the base
     model's prefix (GPT-2's hub checkpoint stores ``h.0.attn.c_attn.weight`` for
@@ -259,7 +305,9 @@ def load_local_shards(model: nn.Module, files: list[Path]) -> int:
         model: the sharded model after ``materialize``.
         files: its safetensors files.
     """
-    index = read_index(files)
+    stored = read_index(files)
+    renamed, _ = model_names(model, list(stored))
+    index = {**stored, **{name: stored[key] for name, key in renamed.items()}}
     prefix = getattr(model, "base_model_prefix", "") or ""
     missing: list[str] = []
     read = 0
@@ -292,6 +340,44 @@ def load_local_shards(model: nn.Module, files: list[Path]) -> int:
     if missing:
         raise missing_tensors_error(files[0].parent, missing)
     return read
+
+
+def load_for_sharding(
+    name: str,
+    files: list[Path],
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, list[Path]]:
+    """``name`` ready to be sharded: a skeleton and the files to fill its shards from when every tensor can be
+    read as stored, else (packed experts, or no safetensors files) the whole model loaded as transformers
+    loads it, with a note, and no files.
+
+    Args:
+        name: a hub name, a local directory or the embedded model's name.
+        files: its safetensors files (``checkpoint_files``; empty: load in full).
+        dtype: the parameters' dtype.
+        attn_implementation: attention kernel, or None for the default.
+        trust_remote_code: allow custom configuration and model code from the hub.
+        revision: hub revision.
+    """
+    from cwa.model.loading import load_model
+
+    options = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
+    if files:
+        skeleton = build_skeleton(name, dtype, revision=revision, **options)
+        header_names = list(read_index(files))
+        _, converted = model_names(skeleton, header_names)
+        if not converted:
+            return skeleton, files
+        note(
+            f"transformers builds {len(converted)} of '{name}''s tensors from several stored ones (e.g. "
+            f"'{converted[0]}'), which cannot be read shard by shard: every rank loads the whole checkpoint "
+            "before sharding."
+        )
+        del skeleton
+    return load_model(name, dtype, revision=revision, **options), []
 
 
 def note(message: str) -> None:

@@ -58,11 +58,14 @@ def require_lm_eval() -> None:
 
 
 # -- the local task's items ------------------------------------------------------------------------
-def heldout_pieces(texts: list[str], tokenizer, seq_len: int, heldout_fraction: float) -> list[str]:
+def heldout_pieces(
+    texts: list[str], tokenizer, seq_len: int, heldout_fraction: float, prefix_len: int = 0
+) -> list[str]:
     """The text of the documents inside the held-out blocks of :class:`cwa.fit.data.CalibrationData`.
 
     The token stream is laid out as :func:`cwa.fit.data.tokenize_stream` does (each document, then EOS); the
-    held-out blocks are the last ``round(n_blocks · heldout_fraction)`` blocks of ``seq_len`` tokens. A
+    held-out blocks are the last ``round(n_blocks · heldout_fraction)`` blocks of ``seq_len`` tokens, each
+    ``prefix_len`` special tokens and then ``seq_len - prefix_len`` tokens of the stream. A
     document cut by the start or end of that region keeps only its paragraphs wholly inside it (the
     token offsets of a fast tokenizer map the cut back to characters); no calibration block ever holds
     a returned character.
@@ -72,15 +75,17 @@ def heldout_pieces(texts: list[str], tokenizer, seq_len: int, heldout_fraction: 
         tokenizer: the run's (fast) tokenizer.
         seq_len: tokens per block.
         heldout_fraction: share of the blocks held out.
+        prefix_len: special tokens at the start of each block (``CalibrationData.prefix``).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise CwaError(f"the local task {LOCAL_TASK} needs a fast tokenizer (its offsets map tokens to text).")
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     eos = 1 if tokenizer.eos_token_id is not None else 0
     lengths = [len(ids) + eos for ids in encoded["input_ids"]]
-    n_blocks = sum(lengths) // seq_len
-    first = (n_blocks - int(round(n_blocks * heldout_fraction))) * seq_len
-    end = n_blocks * seq_len
+    content = seq_len - prefix_len
+    n_blocks = sum(lengths) // content
+    first = (n_blocks - int(round(n_blocks * heldout_fraction))) * content
+    end = n_blocks * content
     pieces, start = [], 0
     for text, offsets, length in zip(texts, encoded["offset_mapping"], lengths, strict=True):
         lo, hi = max(first - start, 0), min(end - start, length - eos)
@@ -128,7 +133,10 @@ def local_items(data, tokenizer, max_items: int = MAX_ITEMS) -> list[dict[str, s
         tokenizer: the run's tokenizer.
         max_items: at most this many items.
     """
-    return lastword_items(heldout_pieces(data.source.load(), tokenizer, data.seq_len, data.heldout_fraction), max_items)
+    pieces = heldout_pieces(
+        data.source.load(), tokenizer, data.seq_len, data.heldout_fraction, len(getattr(data, "prefix", []))
+    )
+    return lastword_items(pieces, max_items)
 
 
 def items_fingerprint(items: list[dict[str, str]]) -> str:
@@ -194,6 +202,7 @@ class DownstreamTasks:
         self.items: list[dict[str, str]] = []
         self.timings: dict[str, float] = {}
         self.conditions: list[str] = []
+        self.add_bos_token: bool | None = None
         self._directory: tempfile.TemporaryDirectory | None = None
 
     def setup(self, data, trust_remote_code: bool = False) -> None:
@@ -208,6 +217,9 @@ class DownstreamTasks:
 
         start = time.perf_counter()
         self.tokenizer = load_tokenizer(data.tokenizer_name, trust_remote_code=trust_remote_code)
+        # lm-eval scores each item the way the run's blocks start: as the tokenizer starts a text (None: its
+        # defaults), or with no special token for runs on the raw stream.
+        self.add_bos_token = None if getattr(data, "block_start", "none") == "tokenizer" else False
         self.prepare(local_items(data, self.tokenizer) if LOCAL_TASK in self.tasks else None)
         self.timings["prepare_s"] = time.perf_counter() - start
 
@@ -287,7 +299,7 @@ class DownstreamTasks:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token)
         out = {}
         for task in self.tasks:
             start = time.perf_counter()

@@ -75,6 +75,8 @@ def build_data(run: Run, heldout_samples: int | None = None, batch_size: int | N
         raise CwaError(f"'{where}' has a data section that is not a mapping; rerun fit-sensitivity.")
     source = text_source(settings.pop("source", "pydoc"), where)
     settings.setdefault("tokenizer", (run.config.get("model") or {}).get("pretrained") or run.model)
+    # A run made before blocks started the tokenizer's way cut the raw stream: evaluate it on the same blocks.
+    settings.setdefault("block_start", "none")
     if heldout_samples is not None:
         settings["heldout_samples"] = heldout_samples
     if batch_size is not None:

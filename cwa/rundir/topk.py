@@ -16,15 +16,19 @@ from cwa.model.params import ParamInfo
 from cwa.scoring.topk import TopK, rank_order
 
 TOPK_COLUMNS = ["rank", "parameter", "layer", "module", "row", "col", "index", "score", "weight"]
+EXPERT_COLUMN = "expert"
+"""Written after ``TOPK_COLUMNS`` (files from before it lack it, and stay readable): the expert of a weight
+of packed experts, whose ``row`` / ``col`` are then within that expert's matrix."""
 
 
 def write_topk(path: Path, topk: TopK, infos: Mapping[str, ParamInfo], weights: Mapping[str, Tensor]) -> None:
     """One row per selected weight, in ``topk``'s order. ``row``/``col`` are (output unit, input unit) for
-    2-D tensors (also for GPT-2's transposed Conv1D); ``index`` is the flat index into the stored tensor.
+    2-D tensors (also for GPT-2's transposed Conv1D) and within its expert (``expert``) for packed experts;
+    ``index`` is the flat index into the stored tensor.
     ``weights`` gives the weights' values unless ``topk.weight`` carries them (sharded runs)."""
     with atomic_open(path, newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(TOPK_COLUMNS)
+        writer.writerow([*TOPK_COLUMNS, EXPERT_COLUMN])
         for rank, (p, index, score) in enumerate(
             zip(topk.param.tolist(), topk.index.tolist(), topk.score.tolist(), strict=True), start=1
         ):
@@ -32,12 +36,16 @@ def write_topk(path: Path, topk: TopK, infos: Mapping[str, ParamInfo], weights: 
             info = infos[name]
             rc = info.row_col(torch.tensor(index))
             row, col = ("", "") if rc is None else (int(rc[0]), int(rc[1]))
+            packed = info.expert_row_col(index)
+            expert = "" if packed is None else packed[0]
+            if packed is not None:
+                row, col = packed[1], packed[2]
             if topk.weight is not None:
                 weight = float(topk.weight[rank - 1])
             else:
                 weight = float(weights[name].detach().reshape(-1)[index])
             layer = "" if info.layer is None else info.layer
-            writer.writerow([rank, name, layer, info.module, row, col, index, f"{score:.9g}", f"{weight:.9g}"])
+            writer.writerow([rank, name, layer, info.module, row, col, index, f"{score:.9g}", f"{weight:.9g}", expert])
 
 
 def read_topk(path: Path, names: list[str] | None = None, numels: Mapping[str, int] | None = None) -> TopK:

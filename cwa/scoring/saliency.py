@@ -220,11 +220,10 @@ class _InputScorer(Scorer):
         def hook_for(leader: str, width: int):
             def hook(_module: nn.Module, args: tuple) -> None:
                 if not counting:
-                    return
-                x = args[0].detach()
-                if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                    x = x[mask.bool()]
-                x = x.reshape(-1, width)
+                    return  # another rank's turn or a filler batch under sharding: weighs nothing
+                x = args[0].detach().reshape(-1, width)
+                if mask is not None:  # (batch, tokens, d), or (batch·tokens, d) in OPT's MLP: the same token order
+                    x = x[mask.reshape(-1).bool()]
                 self._statistic(x, self.acc[leader])
                 self.acc[f"{leader}#tokens"] += x.shape[0]
 

@@ -85,6 +85,31 @@ def check_k(sizes: Mapping[str, int], k: int, mode: Mode) -> None:
             )
 
 
+def nonfinite_counts(scores: Mapping[str, Tensor]) -> dict[str, int]:
+    """Tensor name -> how many of its scores are NaN or infinite (tensors without any are left out)."""
+    counts = {}
+    for name, tensor in scores.items():
+        if tensor.is_floating_point() and tensor.numel():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def check_finite(counts: Mapping[str, int]) -> None:
+    """Refuse to rank scores that hold NaN or infinity, in one sentence naming the first such tensor and
+    the count: |NaN| compares false with everything, so a ranking would silently drop it, or return
+    nothing when the selection falls back to sorting all scores."""
+    if not counts:
+        return
+    name, count = next(iter(counts.items()))
+    more = f" ({len(counts) - 1} more tensors too)" if len(counts) > 1 else ""
+    raise CwaError(
+        f"the scores of '{name}' hold {count} non-finite values (NaN or inf){more}, which have no rank; "
+        "check the model's weights and the metric's settings (e.g. a finite-difference step or dtype)."
+    )
+
+
 def select_topk(scores: Mapping[str, Tensor], k: int, mode: Mode = "global") -> TopK:
     """Top-K over ``scores`` (one tensor per parameter, in model order).
 
@@ -94,6 +119,7 @@ def select_topk(scores: Mapping[str, Tensor], k: int, mode: Mode = "global") -> 
     """
     names = list(scores)
     check_k({n: s.numel() for n, s in scores.items()}, k, mode)
+    check_finite(nonfinite_counts(scores))
     if mode == "global":
         param, index, score = _global_topk(scores, k)
     else:
@@ -236,6 +262,11 @@ def select_topk_sharded(scores: Mapping[str, Tensor], params: Mapping[str, Tenso
 
     names = list(scores)
     check_k({n: p.numel() for n, p in params.items()}, k, mode)
+    counts: dict[str, int] = {}
+    for part in all_gather_objects(nonfinite_counts(scores)):  # every rank refuses, none waits in a gather
+        for name, count in part.items():
+            counts[name] = counts.get(name, 0) + count
+    check_finite({name: counts[name] for name in names if name in counts})
     parts = all_gather_objects(local_candidates(scores, params, k, mode))
     _, param, index, score, weight = merge_candidates(parts, k, mode)
     return TopK(names=names, param=param, index=index, score=score, weight=weight)
