@@ -55,7 +55,9 @@ def quality_against_sparsity(rows: list[PruneRow], title: str, path: Path) -> No
             ax.errorbar([r.sparsity for r in line], values, yerr=error, fmt=style, capsize=3, label=metric)
             if kind != "unstructured":
                 for r in line:
-                    ax.annotate(r.structure, (r.sparsity, r.perplexity), fontsize=7, xytext=(4, 2), textcoords="offset points")
+                    ax.annotate(
+                        r.structure, (r.sparsity, r.perplexity), fontsize=7, xytext=(4, 2), textcoords="offset points"
+                    )
         ax.axhline(dense.perplexity, color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_yscale("log")
         ax.set_xlabel("sparsity (share of weights removed)")

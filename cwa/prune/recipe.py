@@ -113,9 +113,13 @@ class PruneRecipe:
         first = self.runs[0]
         for other in self.runs[1:]:
             if other.model != first.model:
-                raise CwaError(f"'{other.path}' is a run of {other.model}, '{first.path}' of {first.model}: prune one model.")
+                raise CwaError(
+                    f"'{other.path}' is a run of {other.model}, '{first.path}' of {first.model}: prune one model."
+                )
             if other.data.get("heldout_fingerprint") != first.data.get("heldout_fingerprint"):
-                raise CwaError(f"'{other.path}' and '{first.path}' hold different held-out data; prune runs of one data set.")
+                raise CwaError(
+                    f"'{other.path}' and '{first.path}' hold different held-out data; prune runs of one data set."
+                )
         for run in self.runs:
             if not run.has_scores and run.metric != "magnitude":
                 raise CwaError(f"'{run.path}' has no scores.safetensors; rerun its fit-sensitivity with scores kept.")
@@ -167,7 +171,9 @@ class PruneRecipe:
             stats = quality(base, result.evaluation.stats, weights, self.statistics)
             group = "row" if stress.structure != "unstructured" else stress.group
             removed = result.applied.edited
-            rows.append(PruneRow(run.metric, run.name, stress.structure, group, stress.sparsity, total, removed, **stats))
+            rows.append(
+                PruneRow(run.metric, run.name, stress.structure, group, stress.sparsity, total, removed, **stats)
+            )
         return rows
 
     # -- writing -----------------------------------------------------------------------------------
@@ -218,9 +224,12 @@ class PruneRecipe:
 
     def _print(self) -> None:
         dense = self.rows[0]
-        print(f"\ncwa prune: {self.session.run.model} · {len(self.params)} tensors · dense perplexity {dense.perplexity:.3f}")
+        model, tensors = self.session.run.model, len(self.params)
+        print(f"\ncwa prune: {model} · {tensors} tensors · dense perplexity {dense.perplexity:.3f}")
         for row in self.rows[1:]:
             where = f"{row.structure} {row.group} {row.sparsity:.0%}"
-            delta = f"Δppl {row.delta_perplexity:+.3f} [{row.delta_perplexity_low:+.3f}, {row.delta_perplexity_high:+.3f}]"
+            delta = (
+                f"Δppl {row.delta_perplexity:+.3f} [{row.delta_perplexity_low:+.3f}, {row.delta_perplexity_high:+.3f}]"
+            )
             print(f"  {row.metric:<16} {where:<26} perplexity {row.perplexity:10.3f}  {delta}")
         print(f"  -> {self.directory / 'prune.csv'}")

@@ -13,9 +13,9 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from cwa.report import findings as th
 from cwa.report.analysis import Analysis, agreement_pairs
 from cwa.report.findings import FRACTIONS, Finding
-from cwa.report import findings as th
 from cwa.report.text import _bullets, _ci, _num, _p, _pct, _rel, _table, headline_sentence, pair_sentence, sentence
 from cwa.rundir import PerturbRow
 

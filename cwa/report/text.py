@@ -10,9 +10,9 @@ import math
 import os
 from pathlib import Path
 
+from cwa.report import findings as th
 from cwa.report.analysis import Analysis
 from cwa.report.findings import Finding
-from cwa.report import findings as th
 
 
 # -- formatting ----------------------------------------------------------------------------------
