@@ -36,7 +36,7 @@ def cost_rows(run_path: str, heldout_samples: int, repeats: int) -> list[dict]:
     batch = int(run.data.get("batch_size") or 4)
     evaluation = evaluate(session.model, session.blocks, batch, session.device)
     rows = []
-    stresses = [Prune(0.5, "row"), Prune(0.5, "global"), Prune(0.0, "row", "2:4"), RTN(4, 128), RTN(3, None)]
+    stresses = [Prune(0.5, "row"), Prune(0.5, "global"), Prune(0.0, "row", "2:4"), RTN(4, 64), RTN(3, None)]
     stresses += [BitErrors(1e-6, "exponent"), Noise(0.1)]
     for stress in stresses:
         times = []

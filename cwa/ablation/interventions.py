@@ -158,7 +158,7 @@ class RTN(Stress):
     level_name = "bits"
 
     def __init__(
-        self, bits: int = 4, group_size: int | None = 128, symmetric: bool = True, clip_ratio: float = 1.0
+        self, bits: int = 4, group_size: int | None = None, symmetric: bool = True, clip_ratio: float = 1.0
     ) -> None:
         check_rtn(bits, group_size, clip_ratio)
         self.bits, self.group_size, self.symmetric, self.clip_ratio = int(bits), group_size, symmetric, clip_ratio

@@ -92,7 +92,7 @@ class ProtectRecipe:
         super_weights: str | None = None,
         units: tuple[Unit, ...] = ("weight",),
         seeds: tuple[int, ...] = (0, 1, 2),
-        group_size: int | None = 128,
+        group_size: int | None = None,
         symmetric: bool = True,
         clip_ratio: float = 1.0,
         prune_group: Group = "row",
@@ -321,7 +321,7 @@ class ProtectRecipe:
 def make_stress(
     name: str,
     level: float,
-    group_size: int | None = 128,
+    group_size: int | None = None,
     symmetric: bool = True,
     clip_ratio: float = 1.0,
     prune_group: Group = "row",

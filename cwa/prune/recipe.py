@@ -42,7 +42,8 @@ class PruneRecipe:
         sparsity: shares of each group removed (unstructured structures).
         groups: comparison groups of unstructured pruning: ``row`` (each output unit, as Wanda),
             ``tensor``, ``global`` (the whole model).
-        structure: ``unstructured`` and/or ``N:M`` (``2:4``: 2 of every 4 consecutive inputs of a row).
+        structure: ``unstructured`` and/or ``N:M`` (``2:4``: 2 of every 4 consecutive inputs of a row); quote
+            it in a list, ``'[unstructured, "2:4"]'``: YAML reads an unquoted 2:4 as the number 124.
         tensors: ``linear`` (weights of Linear / Conv1D layers inside the blocks, what pruners touch) or
             ``scored`` (every tensor the run scored: embeddings, norms and biases too).
         output: the directory for prune.csv, prune.json and figures/prune.png (None: the first run's).
