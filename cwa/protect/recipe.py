@@ -31,6 +31,7 @@ from cwa.ablation.perturbations import Selection, seeded, topk_prefix
 from cwa.ablation.pruning import Group
 from cwa.ablation.units import Unit, check_units, expand
 from cwa.common.errors import CwaError
+from cwa.common.io import remove_stale_temporaries
 from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice
 from cwa.rundir import Run
@@ -299,6 +300,7 @@ class ProtectRecipe:
             figures["protect_k.png"] = partial(protect_against_k, self.rows, title)
             figures["protect_level.png"] = partial(protect_against_level, self.rows, title)
         write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
+        remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed protect may have left
         print_rows(self)
 
     def settings(self) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from cwa.ablation.interventions import Prune, StressContext
 from cwa.ablation.pruning import GROUPS, Group, check_sparsity, parse_structure
 from cwa.common.errors import CwaError
+from cwa.common.io import remove_stale_temporaries
 from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice, quality, resamples
 from cwa.rundir import Run
@@ -187,6 +188,7 @@ class PruneRecipe:
 
             figures["prune.png"] = partial(quality_against_sparsity, self.rows, self.session.run.model)
         write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
+        remove_stale_temporaries(self.directory)  # what an earlier, killed prune may have left
         self._print()
 
     def _meta(self) -> dict:
