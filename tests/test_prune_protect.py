@@ -216,3 +216,27 @@ def test_protect_refuses_bad_settings_in_one_sentence(tiny_dir: Path, tmp_path: 
     with pytest.raises(CwaError, match="does not divide"):
         ProtectRecipe(run=str(run), group_size=5, protect_k=(0,), **QUICK).run()
     assert read_intervention(run, "protect") is None  # nothing half-written
+
+
+def test_an_interrupted_write_keeps_the_previous_set(tmp_path: Path) -> None:
+    from cwa.rundir.interventions import write_intervention
+
+    nan = {f"delta_{m}{s}": 0.0 for m in ("perplexity", "nll", "accuracy") for s in ("", "_low", "_high")}
+    row = PruneRow("dense", "", "", "", 0.0, 10, 0, 5.0, 1.6, 0.3, **nan, p_value=None, broken_fraction=0.0)
+    write_intervention(tmp_path, "prune", [row], {"model": "tiny"})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    def interrupted(path: Path) -> None:
+        path.write_bytes(b"half a figure")
+        raise KeyboardInterrupt
+
+    changed = PruneRow(**{**row.as_dict(), "perplexity": 9.0})
+    with pytest.raises(KeyboardInterrupt):
+        write_intervention(tmp_path, "prune", [changed], {"model": "tiny"}, {"prune.png": interrupted})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not list(tmp_path.rglob("*.tmp"))
+    rows, meta = read_intervention(tmp_path, "prune")
+    assert rows == [row] and meta["model"] == "tiny"
+    (tmp_path / "prune.csv").write_text((tmp_path / "prune.csv").read_text().replace("5", "6"))
+    with pytest.raises(CwaError, match="interrupted cwa prune"):
+        read_intervention(tmp_path, "prune")
