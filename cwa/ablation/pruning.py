@@ -70,11 +70,18 @@ def _as_rows(key: Tensor, transposed: bool) -> Tensor:
 
 
 def _lowest_in_last_dim(key: Tensor, count: int) -> Tensor:
-    """Boolean mask: the ``count`` lowest finite keys along the last dimension (ties: lower position first)."""
-    order = torch.sort(key, dim=-1, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
-    return (rank < count) & torch.isfinite(key)
+    """Boolean mask: the ``count`` lowest finite keys along the last dimension (ties: lower position first).
+
+    The count-th smallest key t of each line (``kthvalue``, no full sort) splits it: every key below t goes,
+    and of the keys equal to t the first ``count − #(key < t)`` by position (a running count of them).
+    """
+    if count <= 0:
+        return torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+    cut = torch.kthvalue(key, count, dim=-1, keepdim=True).values
+    below = key < cut
+    equal = key == cut
+    room = count - below.sum(-1, keepdim=True)
+    return (below | (equal & (equal.cumsum(-1) <= room))) & torch.isfinite(key)
 
 
 def tensor_mask(
