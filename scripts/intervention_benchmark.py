@@ -23,7 +23,7 @@ from cwa.ablation.interventions import RTN, BitErrors, Noise, Prune, StressConte
 from cwa.ablation.pruning import prune_key, tensor_mask
 
 
-def cost_rows(run_path: str, heldout_samples: int, repeats: int) -> list[dict]:
+def cost_rows(run_path: str, heldout_samples: int, repeats: int, with_global: bool) -> list[dict]:
     from cwa.perturb.evaluate import evaluate
     from cwa.prune.session import HeldOutSession
     from cwa.rundir import Run
@@ -35,9 +35,14 @@ def cost_rows(run_path: str, heldout_samples: int, repeats: int) -> list[dict]:
     transposed = session.transposed(list(params))
     batch = int(run.data.get("batch_size") or 4)
     evaluation = evaluate(session.model, session.blocks, batch, session.device)
-    rows = []
-    stresses = [Prune(0.5, "row"), Prune(0.5, "global"), Prune(0.0, "row", "2:4"), RTN(4, 64), RTN(3, None)]
-    stresses += [BitErrors(1e-6, "exponent"), Noise(0.1)]
+    start = time.perf_counter()
+    for name in params:  # once per command: the originals' checksums that every restore is verified against
+        session.checksums.original(name)
+    rows = [{"stress": "checksums of the originals (once)", "seconds": round(time.perf_counter() - start, 3)}]
+    print(json.dumps(rows[-1]), flush=True)
+    stresses = [Prune(0.5, "row"), Prune(0.0, "row", "2:4"), RTN(4, 64), BitErrors(1e-6, "exponent"), Noise(0.1)]
+    if with_global:
+        stresses.append(Prune(0.5, "global"))
     for stress in stresses:
         times = []
         for seed in range(repeats):
@@ -150,9 +155,10 @@ def main() -> None:
     parser.add_argument("--heldout_samples", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--with_global", action="store_true", help="also time global pruning (31 counting passes)")
     args = parser.parse_args()
     rows = {
-        "cost": cost_rows(args.run, args.heldout_samples, args.repeats) if args.run else [],
+        "cost": cost_rows(args.run, args.heldout_samples, args.repeats, args.with_global) if args.run else [],
         "torchao": torchao_rows(),
     }
     if args.output:
