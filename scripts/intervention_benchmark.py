@@ -155,8 +155,11 @@ def main() -> None:
     parser.add_argument("--heldout_samples", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--threads", type=int, help="torch threads (on a shared machine 1 avoids OpenMP contention)")
     parser.add_argument("--with_global", action="store_true", help="also time global pruning (31 counting passes)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = {
         "cost": cost_rows(args.run, args.heldout_samples, args.repeats, args.with_global) if args.run else [],
         "torchao": torchao_rows(),
