@@ -94,7 +94,8 @@ def protect_against_k(rows: list[ProtectRow], title: str, path: Path) -> None:
         ax.set_xlabel("protected weights K")
         ax.set_ylabel("Δ held-out perplexity")
         ax.set_title(f"{rows[0].stress} {rows[0].level_name}={level:g}", fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # only K = 0 was asked for: no line to label
+            ax.legend(fontsize=7)
     fig.suptitle(f"{title}: what protecting K weights buys", fontsize=10)
     _save(fig, path)
 
