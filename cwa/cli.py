@@ -37,6 +37,15 @@ COMMANDS: dict[str, Command] = {
         "perturb the top-K weights and matched controls, measure held-out perplexity",
         "cwa.perturb.recipe:PerturbRecipe",
     ),
+    "prune": Command(
+        "remove the lowest-scoring weights of each run's metric, measure held-out perplexity against sparsity",
+        "cwa.prune.recipe:PruneRecipe",
+        "run",
+    ),
+    "protect": Command(
+        "quantize / prune / flip bits / add noise everywhere except a protected set, against matched random sets",
+        "cwa.protect.recipe:ProtectRecipe",
+    ),
     "compare": Command(
         "agreement between runs: top-K overlap, rank correlations, stability", "cwa.compare.recipe:compare", "runs"
     ),

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("ablation", {"cwa.ablation"}),  # perturbations, controls, units, restore, statistics, super weights
     ("rundir", {"cwa.rundir"}),  # the one owner of a run directory: pure I/O, so that the callbacks write through it
     ("lightning", {"lightning", "pytorch_lightning", "cwa.fit"}),  # the loop and what consumes its results
-    ("recipes", {"cwa.perturb", "cwa.find_super_weights", "cwa.compare", "cwa.report"}),  # one package per command
+    ("recipes", {"cwa.perturb", "cwa.find_super_weights", "cwa.compare", "cwa.report", "cwa.prune", "cwa.protect"}),
     ("cli", {"cwa.cli", "cwa.__main__"}),
 ]
 PACKAGE_LAYER = {package: i for i, (_, packages) in enumerate(LAYERS) for package in packages}

@@ -1,0 +1,238 @@
+"""``cwa prune``: remove the lowest-scoring weights of each run's metric and measure held-out quality against
+sparsity, one line per metric, the dense model as the baseline.
+
+A recipe: :class:`PruneRecipe` takes the typed options, then ``setup`` (load the runs, the model once and the
+held-out blocks), ``build_conditions``, ``evaluate`` (each condition pruned in place, one held-out pass,
+restored bit for bit and checksummed) and ``write`` (``prune.csv``, the figure and ``prune.json`` as one set
+through :func:`cwa.rundir.interventions.write_intervention`).
+
+SparseGPT's weight update (reconstructing the surviving weights) is not a saliency and is out of scope:
+every condition here only removes weights, so metrics compare on what they choose, not on a repair.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cwa.ablation.interventions import Prune, StressContext
+from cwa.ablation.pruning import GROUPS, Group, check_sparsity, parse_structure
+from cwa.common.errors import CwaError
+from cwa.common.io import remove_stale_temporaries
+from cwa.perturb.evaluate import StatisticsOptions
+from cwa.prune.session import HeldOutSession, Pass, TensorChoice, quality, resamples
+from cwa.rundir import Run
+from cwa.rundir.interventions import PruneRow, write_intervention
+
+
+@dataclass
+class PruneCondition:
+    run: int  # position in the recipe's runs
+    stress: Prune
+
+
+class PruneRecipe:
+    """Prune by each run's metric (lowest scores first, within comparison groups); quality against sparsity.
+
+    Args:
+        run: one or several fit-sensitivity run directories of the same model and data, one per metric
+            (each run's scores.safetensors decides what is removed; a magnitude run needs none).
+        sparsity: shares of each group removed (unstructured structures).
+        groups: comparison groups of unstructured pruning: ``row`` (each output unit, as Wanda),
+            ``tensor``, ``global`` (the whole model).
+        structure: ``unstructured`` and/or ``N:M`` (``2:4``: 2 of every 4 consecutive inputs of a row); quote
+            it in a list, ``'[unstructured, "2:4"]'``: YAML reads an unquoted 2:4 as the number 124.
+        tensors: ``linear`` (weights of Linear / Conv1D layers inside the blocks, what pruners touch) or
+            ``scored`` (every tensor the run scored: embeddings, norms and biases too).
+        output: the directory for prune.csv, prune.json and figures/prune.png (None: the first run's).
+        heldout_samples: evaluate at most this many held-out blocks (None: the run's setting).
+        heldout_tokens: only the first this many tokens of each block (None: whole blocks).
+        batch_size: held-out blocks per forward pass (None: the run's setting).
+        bootstrap: bootstrap resamples over held-out sequences for the intervals.
+        permutations: resamples of the paired bootstrap-t test against the dense model.
+        confidence: coverage of the intervals.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``...
+        trust_remote_code: let the model's own code run; taken only from this command.
+        verify: checksum every pruned tensor after restoring it.
+        figures: write figures/prune.png.
+    """
+
+    def __init__(
+        self,
+        run: list[str],
+        sparsity: tuple[float, ...] = (0.5, 0.7),
+        groups: tuple[Group, ...] = ("row",),
+        structure: tuple[str, ...] = ("unstructured", "2:4"),
+        tensors: TensorChoice = "linear",
+        output: str | None = None,
+        heldout_samples: int | None = None,
+        heldout_tokens: int | None = None,
+        batch_size: int | None = None,
+        bootstrap: int = 2000,
+        permutations: int = 10000,
+        confidence: float = 0.95,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        verify: bool = True,
+        figures: bool = True,
+    ) -> None:
+        self.run_paths = [run] if isinstance(run, str) else list(run)
+        if not self.run_paths:
+            raise CwaError("give at least one fit-sensitivity run directory with --run.")
+        self.sparsity = tuple(sorted({check_sparsity(s) for s in sparsity}))
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown:
+            raise CwaError(f"unknown comparison group '{unknown[0]}': use {', '.join(GROUPS)}.")
+        self.groups, self.structure = tuple(dict.fromkeys(groups)), tuple(dict.fromkeys(structure))
+        for s in self.structure:
+            parse_structure(s)
+        if "unstructured" in self.structure and not (self.sparsity and self.groups):
+            raise CwaError("unstructured pruning needs at least one sparsity and one group.")
+        if not self.structure:
+            raise CwaError("give at least one structure (unstructured or N:M).")
+        self.tensor_choice, self.output, self.figures = tensors, output, figures
+        self.statistics = StatisticsOptions(bootstrap, permutations, confidence)
+        self.session_options = (heldout_samples, heldout_tokens, batch_size, device, trust_remote_code, verify)
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    # -- the life cycle ----------------------------------------------------------------------------
+    def run(self) -> Path:
+        started = time.perf_counter()
+        self.setup()
+        self.build_conditions()
+        self.evaluate()
+        self.timings["total_s"] = time.perf_counter() - started
+        self.write()
+        return self.directory
+
+    def setup(self) -> None:
+        """Load the runs (same model and held-out data), the model once and the held-out blocks."""
+        self.runs = [Run.load(p) for p in self.run_paths]
+        first = self.runs[0]
+        for other in self.runs[1:]:
+            if other.model != first.model:
+                raise CwaError(
+                    f"'{other.path}' is a run of {other.model}, '{first.path}' of {first.model}: prune one model."
+                )
+            if other.data.get("heldout_fingerprint") != first.data.get("heldout_fingerprint"):
+                raise CwaError(
+                    f"'{other.path}' and '{first.path}' hold different held-out data; prune runs of one data set."
+                )
+        for run in self.runs:
+            if not run.has_scores and run.metric != "magnitude":
+                raise CwaError(f"'{run.path}' has no scores.safetensors; rerun its fit-sensitivity with scores kept.")
+        self.directory = Path(self.output).expanduser() if self.output else first.path
+        self.session = HeldOutSession(first, *self.session_options)
+        self.session.load()
+        self.names = list(self.runs[0].infos)
+        for run in self.runs[1:]:
+            self.names = [n for n in self.names if n in run.infos]  # pruned: what every metric scored
+        self.params = self.session.tensors(self.names, self.tensor_choice)
+        self.transposed = self.session.transposed(list(self.params))
+
+    def build_conditions(self) -> None:
+        """Per run: every unstructured (group, sparsity) and every N:M structure."""
+        stresses = []
+        for structure in self.structure:
+            if structure == "unstructured":
+                stresses += [Prune(s, g) for g in self.groups for s in self.sparsity if s > 0]
+            else:
+                stresses.append(Prune(0.0, "row", structure))
+        self.conditions = [PruneCondition(i, s) for i in range(len(self.runs)) for s in stresses]
+
+    def evaluate(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.baseline = self.session.evaluate()
+        self.passes: list[Pass] = []
+        with tqdm(total=len(self.conditions), desc="cwa prune", unit="condition", file=sys.stderr) as bar:
+            for condition in self.conditions:
+                run = self.runs[condition.run]
+                bar.set_postfix_str(f"{run.metric} {condition.stress.describe()}", refresh=False)
+                self.passes.append(self.session.evaluate(condition.stress, self._context(run)))
+                bar.update(1)
+        self.rows = self._rows()
+
+    def _context(self, run: Run) -> StressContext:
+        if not run.has_scores:  # a magnitude run without its scores file: |w| is its score
+            return StressContext(self.params, transposed=self.transposed)
+        scores = run.scores()
+        return StressContext(self.params, transposed=self.transposed, scores=lambda name: scores[name])
+
+    def _rows(self) -> list[PruneRow]:
+        base = self.baseline.evaluation.stats
+        weights = resamples(len(base), self.statistics)
+        total = sum(p.numel() for p in self.params.values())
+        rows = [PruneRow("dense", "", "", "", 0.0, total, 0, **quality(base, base, weights, self.statistics))]
+        for condition, result in zip(self.conditions, self.passes, strict=True):
+            run, stress = self.runs[condition.run], condition.stress
+            stats = quality(base, result.evaluation.stats, weights, self.statistics)
+            group = "row" if stress.structure != "unstructured" else stress.group
+            removed = result.applied.edited
+            rows.append(
+                PruneRow(run.metric, run.name, stress.structure, group, stress.sparsity, total, removed, **stats)
+            )
+        return rows
+
+    # -- writing -----------------------------------------------------------------------------------
+    def write(self) -> None:
+        figures = {}
+        if self.figures:
+            from functools import partial
+
+            from cwa.prune.figures import quality_against_sparsity
+
+            figures["prune.png"] = partial(quality_against_sparsity, self.rows, self.session.run.model)
+        write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
+        remove_stale_temporaries(self.directory)  # what an earlier, killed prune may have left
+        self._print()
+
+    def _meta(self) -> dict:
+        from cwa.common.environment import environment, peak_memory
+
+        passes = self.passes
+        n = max(1, len(passes))
+        mean_eval = sum(p.evaluation.seconds for p in passes) / n
+        mean_apply = sum(p.apply_restore_s for p in passes) / n
+        self.timings.update(
+            {
+                "baseline_eval_s": self.baseline.evaluation.seconds,
+                "mean_eval_s_per_condition": mean_eval,
+                "mean_apply_restore_s_per_condition": mean_apply,
+                "apply_restore_share_of_eval": mean_apply / mean_eval if mean_eval else None,
+            }
+        )
+        return {
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "runs": [{"path": str(r.path), "metric": r.metric, "name": r.name} for r in self.runs],
+            "model": self.session.run.model,
+            "dtype": self.session.dtype,
+            "tensors": {"choice": self.tensor_choice, "count": len(self.params), "names": list(self.params)},
+            "settings": {
+                "sparsity": list(self.sparsity),
+                "groups": list(self.groups),
+                "structure": list(self.structure),
+                **vars(self.statistics),
+            },
+            "heldout": self.session.heldout_meta(),
+            "timings": {**self.session.timings, **self.timings},
+            "memory": peak_memory(),
+            "notes": self.notes,
+            "environment": environment(),
+        }
+
+    def _print(self) -> None:
+        dense = self.rows[0]
+        model, tensors = self.session.run.model, len(self.params)
+        print(f"\ncwa prune: {model} · {tensors} tensors · dense perplexity {dense.perplexity:.3f}")
+        for row in self.rows[1:]:
+            where = f"{row.structure} {row.group} {row.sparsity:.0%}"
+            delta = (
+                f"Δppl {row.delta_perplexity:+.3f} [{row.delta_perplexity_low:+.3f}, {row.delta_perplexity_high:+.3f}]"
+            )
+            print(f"  {row.metric:<16} {where:<26} perplexity {row.perplexity:10.3f}  {delta}")
+        print(f"  -> {self.directory / 'prune.csv'}")

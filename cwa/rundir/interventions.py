@@ -1,0 +1,144 @@
+"""``prune.csv`` / ``prune.json`` and ``protect.csv`` / ``protect.json``: the typed rows of ``cwa prune`` and
+``cwa protect``, each written as one set with its figures (all new or all previous), read back only whole."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cwa.common.errors import CwaError
+from cwa.common.io import write_json
+from cwa.rundir.files import FIGURES, PROTECT_CSV, PROTECT_JSON, PRUNE_CSV, PRUNE_JSON
+from cwa.rundir.outputs import OutputSet, sha256
+from cwa.rundir.rows import CsvRow, read_rows, write_rows
+
+Kind = Literal["prune", "protect"]
+
+
+@dataclass
+class PruneRow(CsvRow):
+    """One row of ``prune.csv``: the model pruned by one run's metric (``dense``: the unpruned baseline) in
+    ``structure`` (``unstructured`` or ``N:M``) within comparison ``group`` (row, tensor, global) at
+    ``sparsity``; ``removed`` weights out of ``weights`` in the pruned tensors.
+
+    ``delta_*`` are the change from the dense model with their interval (``_low``, ``_high``, paired over
+    held-out sequences), ``p_value`` tests the pruned model against it; ``broken_fraction`` is the share of
+    sequences with a non-finite NLL (``delta_*`` are then NaN)."""
+
+    metric: str
+    run: str
+    structure: str
+    group: str
+    sparsity: float
+    weights: int
+    removed: int
+    perplexity: float
+    nll: float
+    accuracy: float
+    delta_perplexity: float
+    delta_perplexity_low: float
+    delta_perplexity_high: float
+    delta_nll: float
+    delta_nll_low: float
+    delta_nll_high: float
+    delta_accuracy: float
+    delta_accuracy_low: float
+    delta_accuracy_high: float
+    p_value: float | None
+    broken_fraction: float | None
+    over: str = "sequences"
+
+
+@dataclass
+class ProtectRow(CsvRow):
+    """One row of ``protect.csv``: a stress (``none``: the baseline) at ``level`` (its ``level_name``: bits,
+    sparsity, p, sigma) applied to every chosen weight except a protected set: ``protected`` is ``none``
+    (K = 0), ``topk`` (the run's top-K), ``super_weights`` or a control of the same size (``random_matched``,
+    ``magnitude_matched``, drawn with ``set_seed``), at ``unit`` (the weights, or their rows or columns);
+    ``n_protected`` weights kept exactly. ``seed`` is the random stress's seed (empty for a deterministic
+    stress, and on the mean-over-seeds rows, ``over`` = ``seeds``, ``seeds`` passes); ``changed`` counts the
+    weights whose bits the stress changed."""
+
+    stress: str
+    level_name: str
+    level: float | None
+    protected: str
+    unit: str
+    k: int
+    n_protected: int
+    set_seed: int | None
+    seed: int | None
+    seeds: int
+    changed: int | None
+    perplexity: float
+    nll: float
+    accuracy: float
+    delta_perplexity: float
+    delta_perplexity_low: float
+    delta_perplexity_high: float
+    delta_nll: float
+    delta_nll_low: float
+    delta_nll_high: float
+    delta_accuracy: float
+    delta_accuracy_low: float
+    delta_accuracy_high: float
+    p_value: float | None
+    broken_fraction: float | None
+    over: str = "sequences"
+
+
+_FILES: dict[str, tuple[str, str, type[CsvRow]]] = {
+    "prune": (PRUNE_CSV, PRUNE_JSON, PruneRow),
+    "protect": (PROTECT_CSV, PROTECT_JSON, ProtectRow),
+}
+
+
+def write_intervention(
+    directory: Path,
+    kind: Kind,
+    rows: Iterable[CsvRow],
+    meta: dict,
+    figures: Mapping[str, Callable[[Path], None]] | None = None,
+) -> None:
+    """Write ``<kind>.csv``, the figures and ``<kind>.json`` (with the csv's sha256) as one set: all new, or
+    after any failure or interrupt all the previous ones.
+
+    Args:
+        directory: where the set goes (a run directory).
+        kind: ``prune`` or ``protect``.
+        rows: the table, baseline first.
+        meta: the contents of the json (``status`` and the checksum are added).
+        figures: ``{file name under figures/: function drawing into a given path}``.
+    """
+    csv_name, json_name, row_class = _FILES[kind]
+    outputs = OutputSet(Path(directory))
+    try:
+        csv_tmp = outputs.stage(csv_name)
+        write_rows(csv_tmp, row_class, rows)
+        checksum = sha256(csv_tmp)
+        for name, draw in (figures or {}).items():
+            draw(outputs.stage(f"{FIGURES}/{name}"))
+        write_json(outputs.stage(json_name), {"status": "complete", **meta, f"{kind}_csv_sha256": checksum})
+        outputs.commit()
+    finally:
+        outputs.discard()
+
+
+def read_intervention(directory: Path, kind: Kind) -> tuple[list, dict] | None:
+    """(rows, meta) of a ``prune`` or ``protect`` set, None when absent; one sentence when it was split."""
+    csv_name, json_name, row_class = _FILES[kind]
+    csv_path, json_path = Path(directory) / csv_name, Path(directory) / json_name
+    if not csv_path.exists() and not json_path.exists():
+        return None
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("status") != "complete" or not csv_path.exists():
+        raise CwaError(f"'{directory}' holds an incomplete {kind} set; rerun cwa {kind} for it.")
+    if meta.get(f"{kind}_csv_sha256") != sha256(csv_path):
+        raise CwaError(f"'{csv_path}' does not match its {json_name} (an interrupted cwa {kind}); rerun it.")
+    return read_rows(csv_path, row_class), meta
