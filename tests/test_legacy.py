@@ -1,0 +1,97 @@
+"""Paths from before the sub-packages keep working: old module paths, old configs, old run directories.
+
+``tests/data/pre-layout`` holds two run directories written by cwa before the package had sub-packages (a
+Hutchinson run, and a grad_x_weight run of a shared pass with its perturb set), on a 2-layer random Llama.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import fit, latest_run
+from safetensors.torch import load_file
+
+from cwa._legacy import MOVED
+
+FIXTURE = Path(__file__).parent / "data" / "pre-layout"
+
+
+def test_every_old_module_path_is_the_module_at_its_new_path() -> None:
+    code = (
+        "import importlib, cwa._legacy as legacy\n"
+        "for old, new in legacy.MOVED.items():\n"
+        "    a, b = importlib.import_module(old), importlib.import_module(new)\n"
+        "    assert a is b, (old, new)\n"
+        "    assert b.__spec__.name == new, (old, b.__spec__.name)\n"
+        "from cwa.scorers import HutchinsonDiag\n"
+        "from cwa.scoring.hutchinson import HutchinsonDiag as H\n"
+        "assert HutchinsonDiag is H\n"
+        "print(len(legacy.MOVED))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) == len(MOVED)
+
+
+def test_an_unknown_old_looking_path_still_fails_as_usual() -> None:
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("cwa.no_such_module")
+
+
+@pytest.fixture
+def old_runs(tmp_path: Path) -> list[Path]:
+    runs = []
+    for name in ("hutchinson_diag", "grad_x_weight"):
+        shutil.copytree(FIXTURE / name, tmp_path / "logs" / name / "version_0")
+        runs.append(tmp_path / "logs" / name / "version_0")
+    return runs
+
+
+def test_a_run_directory_from_before_the_layout_loads(old_runs: list[Path]) -> None:
+    from cwa.rundir import Run
+
+    hutchinson, gxw = (Run.load(run) for run in old_runs)
+    assert hutchinson.metric == "hutchinson_diag" and gxw.metric == "grad_x_weight"
+    assert len(gxw.topk) == 20
+    scores = load_file(old_runs[1] / "scores.safetensors")
+    best = gxw.topk.names[int(gxw.topk.param[0])]
+    assert float(scores[best].view(-1)[int(gxw.topk.index[0])]) == pytest.approx(float(gxw.topk.score[0]).__abs__())
+    rows = gxw.perturbation.rows
+    assert rows and {r.target for r in rows} >= {"topk", "random_matched", "magnitude_matched"}
+
+
+def test_report_and_compare_read_runs_from_before_the_layout(old_runs: list[Path], tmp_path: Path) -> None:
+    from cwa.cli import main
+
+    runs = f"[{','.join(str(r) for r in old_runs)}]"
+    assert main(["report", "--runs", runs, "--output", str(tmp_path / "report.md"), "--ks=[5,20]"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "hutchinson_diag" in text and "grad_x_weight" in text
+    assert main(["compare", "--runs", runs, "--output", str(tmp_path / "cmp"), "--ks=[5,20]"]) == 0
+    assert (tmp_path / "cmp" / "compare.json").is_file()
+
+
+def test_a_config_naming_old_class_paths_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(["the value of a name is an object"] * 200))
+    config = tmp_path / "old.yaml"
+    config.write_text(
+        "model:\n"
+        "  metric:\n"
+        "    class_path: cwa.scorers.HutchinsonDiag\n"
+        "    init_args: {probes: 1}\n"
+        "data:\n"
+        "  source:\n"
+        "    class_path: cwa.data.TextFiles\n"
+        f"    init_args: {{paths: [{corpus}]}}\n"
+    )
+    assert fit(tiny_llama_dir, tmp_path / "logs", "--config", str(config), k=5) == 0
+    from cwa.rundir import Run
+
+    run = Run.load(latest_run(tmp_path / "logs"))
+    assert run.metric == "hutchinson_diag" and len(run.topk) == 5
