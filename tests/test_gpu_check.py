@@ -7,9 +7,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # the whole script end to end: several cwa processes, about 10 s idle
 def test_gpu_check_tiny_runs_every_step(tmp_path):
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", str(ROOT / ".venv" / "bin" / "python")))
     if not Path(env["PYTHON"]).exists():

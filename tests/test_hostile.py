@@ -416,6 +416,7 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path, tiny_gpt2_dir, c
     assert re.search(r"^cwa: scored batch 3 of 3 \(\d+ s\), calibration NLL \d", out, re.M), out
 
 
+@pytest.mark.slow  # a fit-sensitivity process interrupted after its first checkpoint, about 7 s each
 @pytest.mark.parametrize("ignored", [False, True])
 def test_sigint_after_a_checkpoint_stops_the_run_resumable(tmp_path, tiny_gpt2_dir, ignored):
     """Ctrl-C (or ``kill -INT``, also on a run a shell script started in the background, where SIGINT arrives

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING
 
+from cwa.common import format as fmt
 from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import Pass, over_seeds, quality, resamples
 from cwa.rundir.interventions import ProtectRow
@@ -101,17 +102,12 @@ def meta(recipe: ProtectRecipe) -> dict:
     }
 
 
-def _interval(row: ProtectRow) -> str:
-    return f"[{row.delta_perplexity_low:+.3f}, {row.delta_perplexity_high:+.3f}]"
-
-
 def print_rows(recipe: ProtectRecipe) -> None:
     """One line per level, protected set and K (the mean over seeds where there are several)."""
     rows = recipe.rows
     base = rows[0]
-    print(
-        f"\ncwa protect: {recipe.run_dir.model} · {recipe.run_dir.metric} · baseline perplexity {base.perplexity:.3f}"
-    )
+    run = recipe.run_dir
+    print(f"\ncwa protect: {run.model} · {run.metric} · baseline perplexity {fmt.perplexity(base.perplexity)}")
     shown = [r for r in rows[1:] if r.over == "seeds" or r.seeds == 1]
     multiple = {(r.level, r.protected, r.unit, r.k) for r in rows if r.over == "seeds"}
     for row in shown:
@@ -119,9 +115,11 @@ def print_rows(recipe: ProtectRecipe) -> None:
             continue
         unit = "" if row.unit == "weight" else f" ({row.unit}s)"
         over = f" mean of {row.seeds}" if row.over == "seeds" else ""
+        low, high = row.delta_perplexity_low, row.delta_perplexity_high
         print(
             f"  {row.stress} {row.level_name}={row.level:g}  {row.protected + unit:<24} K={row.k:<7} "
-            f"perplexity {row.perplexity:10.3f}  Δppl {row.delta_perplexity:+.3f} {_interval(row)}{over}"
+            f"perplexity {fmt.perplexity(row.perplexity):>10}  "
+            f"Δppl {fmt.interval(row.delta_perplexity, low, high, fmt.effect)}{over}"
         )
     for note in recipe.notes:
         print(f"  note: {note}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cwa.ablation.interventions import Prune, StressContext
 from cwa.ablation.pruning import GROUPS, Group, check_sparsity, parse_structure
+from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
 from cwa.perturb.evaluate import StatisticsOptions
@@ -228,11 +229,10 @@ class PruneRecipe:
     def _print(self) -> None:
         dense = self.rows[0]
         model, tensors = self.session.run.model, len(self.params)
-        print(f"\ncwa prune: {model} · {tensors} tensors · dense perplexity {dense.perplexity:.3f}")
+        print(f"\ncwa prune: {model} · {tensors} tensors · dense perplexity {fmt.perplexity(dense.perplexity)}")
         for row in self.rows[1:]:
             where = f"{row.structure} {row.group} {row.sparsity:.0%}"
-            delta = (
-                f"Δppl {row.delta_perplexity:+.3f} [{row.delta_perplexity_low:+.3f}, {row.delta_perplexity_high:+.3f}]"
-            )
-            print(f"  {row.metric:<16} {where:<26} perplexity {row.perplexity:10.3f}  {delta}")
+            low, high = row.delta_perplexity_low, row.delta_perplexity_high
+            delta = f"Δppl {fmt.interval(row.delta_perplexity, low, high, fmt.effect)}"
+            print(f"  {row.metric:<16} {where:<26} perplexity {fmt.perplexity(row.perplexity):>10}  {delta}")
         print(f"  -> {self.directory / 'prune.csv'}")
