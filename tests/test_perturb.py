@@ -817,3 +817,22 @@ def test_a_condition_kind_is_typed_and_writes_the_same_strings() -> None:
         "my_control": ConditionKind.CONTROL,
     }
     assert PerturbRow.parse(cells | {"target": "topk"}).cells()[2] == "topk"
+
+
+def test_a_figure_that_fails_costs_no_results(tiny_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A figure that raises (a bit flip's rows once gave matplotlib "Data cannot be log-scaled") leaves the
+    csv and json written, the other figures drawn, and a note on the console and in perturb.json."""
+    import cwa.perturb.figures
+
+    def fail(*args, **kwargs):
+        raise ValueError("Data cannot be log-scaled")
+
+    monkeypatch.setattr(cwa.perturb.figures, "single_weight", fail)
+    run = make_run(tmp_path, tiny_dir)
+    _quick(run, tensorboard=False).run()
+    outputs = _outputs(run)
+    assert {"perturb.csv", "perturb.json", "figures/perturb_dose_response.png"} <= set(outputs)
+    assert "figures/perturb_single_weight.png" not in outputs
+    notes = json.loads(outputs["perturb.json"])["figure_notes"]
+    assert len(notes) == 1 and "perturb_single_weight.png" in notes[0] and "log-scaled" in notes[0]
+    assert "perturb_single_weight.png was not drawn" in capsys.readouterr().out

@@ -192,7 +192,8 @@ class FindSuperWeights:
 
             title = f"{self.pretrained} · MLP output projections"
             figures["activation_spikes.png"] = partial(activation_spikes, self.result, title)
-        write_super_weights(self.run_dir, self.csv_rows(), self.summary(), figures)
+        for note in write_super_weights(self.run_dir, self.csv_rows(), self.summary(), figures):
+            print(f"note: {note}.", file=sys.stderr)
         if self.tensorboard:
             self._tensorboard()
 

@@ -276,7 +276,7 @@ class PerturbRecipe:
         """perturb.csv, the figures and perturb.json as one set; TensorBoard scalars; the console summary."""
         self.timings.update(self._condition_timings())
         figures = self._figures() if self.figures else {}
-        write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
+        self.notes += write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:
             from cwa.perturb.figures import tensorboard_scalars

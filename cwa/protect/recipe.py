@@ -299,9 +299,11 @@ class ProtectRecipe:
             title = f"{self.run_dir.model} · {self.run_dir.metric}"
             figures["protect_k.png"] = partial(protect_against_k, self.rows, title)
             figures["protect_level.png"] = partial(protect_against_level, self.rows, title)
-        write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
+        notes = write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed protect may have left
         print_rows(self)
+        for note in notes:
+            print(f"note: {note}.", file=sys.stderr)
 
     def settings(self) -> dict:
         return {

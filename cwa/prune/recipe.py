@@ -188,9 +188,11 @@ class PruneRecipe:
             from cwa.prune.figures import quality_against_sparsity
 
             figures["prune.png"] = partial(quality_against_sparsity, self.rows, self.session.run.model)
-        write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
+        notes = write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
         remove_stale_temporaries(self.directory)  # what an earlier, killed prune may have left
         self._print()
+        for note in notes:
+            print(f"note: {note}.", file=sys.stderr)
 
     def _meta(self) -> dict:
         from cwa.common.environment import environment, peak_memory

@@ -8,14 +8,14 @@ This module draws the figures and writes the report; the numbers behind it go to
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
-from cwa.common.io import atomic_open, write_json
+from cwa.common.io import atomic_open, draw_or_note, write_json
 from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
 from cwa.compare.result import Comparison, RankCorrelation
 from cwa.report.analysis import Analysis, analyse, headlines
@@ -35,18 +35,15 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         labels[i]: (c["curve"]["q"], c["curve"]["share"]) for i, c in enumerate(analysis.concentration) if "curve" in c
     }
     if curves:
-        out["concentration"] = fig_dir / "concentration.png"
-        report_figures.concentration_curves(curves, out["concentration"])
+        _draw(out, "concentration", fig_dir / "concentration.png", report_figures.concentration_curves, curves)
     locs = {
         labels[i]: locations(run, p.k)
         for i, (run, p) in enumerate(zip(analysis.runs, analysis.placements, strict=True))
         if p is not None
     }
     if locs:
-        out["topk_by_layer"] = fig_dir / "topk_by_layer.png"
-        report_figures.layer_distribution(locs, out["topk_by_layer"])
-        out["topk_by_module"] = fig_dir / "topk_by_module.png"
-        report_figures.module_distribution(locs, out["topk_by_module"])
+        _draw(out, "topk_by_layer", fig_dir / "topk_by_layer.png", report_figures.layer_distribution, locs)
+        _draw(out, "topk_by_module", fig_dir / "topk_by_module.png", report_figures.module_distribution, locs)
     for members, result in analysis.comparisons:
         out.update(_comparison_figures(analysis, members, result, fig_dir))
     forest = [
@@ -63,8 +60,8 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         if (r.kind is ConditionKind.TOPK or r.is_control) and not r.restore and r.delta_perplexity is not None
     ]
     if forest:
-        out["perturbation_effects"] = fig_dir / "perturbation_effects.png"
-        report_figures.perturbation_effects(forest[:60], out["perturbation_effects"])
+        path = fig_dir / "perturbation_effects.png"
+        _draw(out, "perturbation_effects", path, report_figures.perturbation_effects, forest[:60])
     return out
 
 
@@ -77,11 +74,11 @@ def _comparison_figures(analysis: Analysis, members: list[int], result: Comparis
     tag = "-".join(analysis.labels[i] for i in members)
     names = [f"{analysis.labels[i]} ({analysis.runs[i].metric})" for i in members]
     ticks = [analysis.labels[i] for i in members]
-    out = {f"jaccard:{tag}": fig_dir / f"jaccard_k{largest}_{tag}.png"}
+    out: dict[str, Path] = {}
     matrix = np.array(result.overlap[largest].jaccard, dtype=float)
-    report_figures.overlap_heatmap(
-        matrix, names, f"Jaccard overlap of the global top-{largest}", out[f"jaccard:{tag}"], ticks
-    )
+    title = f"Jaccard overlap of the global top-{largest}"
+    path = fig_dir / f"jaccard_k{largest}_{tag}.png"
+    _draw(out, f"jaccard:{tag}", path, lambda p: report_figures.overlap_heatmap(matrix, names, title, p, ticks))
     sample = result.random_sample
     if sample:
         n = len(members)
@@ -89,10 +86,20 @@ def _comparison_figures(analysis: Analysis, members: list[int], result: Comparis
             [[1.0 if i == j else _value_or_nan(sample.spearman[i][j]) for j in range(n)] for i in range(n)],
             dtype=float,
         )
-        out[f"spearman:{tag}"] = fig_dir / f"spearman_{tag}.png"
         title = f"Spearman ρ of |score| over {fmt.count(sample.size)} random weights"
-        report_figures.overlap_heatmap(rho, names, title, out[f"spearman:{tag}"], ticks)
+        path = fig_dir / f"spearman_{tag}.png"
+        _draw(out, f"spearman:{tag}", path, lambda p: report_figures.overlap_heatmap(rho, names, title, p, ticks))
     return out
+
+
+def _draw(out: dict[str, Path], key: str, path: Path, draw: Callable[..., None], *args: object) -> None:
+    """Draw one figure into ``path`` and list it under ``key``; a failure is a printed note and the report
+    goes on without that figure."""
+    note = draw_or_note(path.name, lambda: draw(*args, path))
+    if note is None:
+        out[key] = path
+    else:
+        print(f"note: {note}.", file=sys.stderr)
 
 
 def _value_or_nan(c: RankCorrelation | None) -> float:
