@@ -836,3 +836,19 @@ def test_a_figure_that_fails_costs_no_results(tiny_dir: Path, tmp_path: Path, mo
     notes = json.loads(outputs["perturb.json"])["figure_notes"]
     assert len(notes) == 1 and "perturb_single_weight.png" in notes[0] and "log-scaled" in notes[0]
     assert "perturb_single_weight.png was not drawn" in capsys.readouterr().out
+
+
+def test_the_dose_response_figure_draws_rows_that_broke_the_model(tiny_dir: Path, tmp_path: Path) -> None:
+    """A bit flip to inf leaves every Δ NaN (broken sequences): the figure leaves those points out instead of
+    raising matplotlib's "Data cannot be log-scaled"."""
+    from dataclasses import replace
+
+    from cwa.perturb.figures import dose_response
+    from cwa.rundir import read_perturb_csv
+
+    run = make_run(tmp_path, tiny_dir)
+    _quick(run, tensorboard=False, figures=False).run()
+    rows = read_perturb_csv(run / "perturb.csv")
+    nan = math.nan
+    broken = [rows[0], *(replace(r, delta_perplexity=nan, delta_perplexity_low=nan) for r in rows[1:])]
+    dose_response(broken, "broken", tmp_path / "dose.png")

@@ -7,6 +7,7 @@ into the path it is given (``rundir.write_perturbation`` stages it beside the ot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -58,6 +59,10 @@ def line_styles(rows: list[PerturbRow], styles: Mapping[str, FigureStyle] | None
     return {t: style if style.color else replace(style, color=next(free)) for t, style in out.items()}
 
 
+def _finite(*values: float | None) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
 def dose_response(
     rows: list[PerturbRow], title: str, path: Path, styles: Mapping[str, FigureStyle] | None = None
 ) -> None:
@@ -68,7 +73,9 @@ def dose_response(
     control's name to its :class:`~cwa.ablation.controls.FigureStyle`; a control without one is drawn too.
     """
     plt = _pyplot()
-    rows = [r for r in rows if not r.restore]  # activation-restore twins are not points of the curve
+    # activation-restore twins are not points of the curve, nor a pass that broke the model (a bit flip to inf
+    # or NaN: no finite Δ, its broken fraction is in the table)
+    rows = [r for r in rows if not r.restore and _finite(r.delta_perplexity, r.delta_perplexity_low)]
     lines = line_styles(rows, styles)
     panels = _panels([r for r in rows if r.target in lines])
     if not panels:
