@@ -480,6 +480,9 @@ def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, ca
         (["--run", "{run}", "--units", "[row,neuron]"], "--units"),
         (["--run", "{run}", "--heldout_samples", "0"], "held-out split is empty"),
         (["--run", "{no_heldout}"], "held-out split is empty"),
+        (["--run", "{run}", "--heldout_samples", "1"], ("1 held-out sequence cannot reach 0.95", "at least 6")),
+        (["--run", "{run}", "--heldout_samples", "2"], ("2 held-out sequences cannot reach 0.95", "at least 6")),
+        (["--run", "{run}", "--heldout_samples", "4", "--confidence", "0.9"], ("cannot reach 0.9 ", "at least 5")),
         (["--run", "{run}", "--controls", "[nearby]"], ("unknown control 'nearby' for --controls", "bottomk")),
         (["--run", "{run}", "--perturbation", "Scale", "--perturbation.factor", "x"], ("--perturbation.factor", "'x'")),
         (["--run", "{run}", "--ks", "[a]"], ("--ks", "a")),
@@ -659,7 +662,7 @@ def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, m
             },
         },
         "model": {"pretrained": str(tiny_dir), "metric": "magnitude", "k": 8},
-        "data": {"source": "pydoc", "seq_len": 16, "num_samples": 2, "heldout_samples": 4},
+        "data": {"source": "pydoc", "seq_len": 16, "num_samples": 2, "heldout_samples": 6},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     run_dir = PerturbRecipe(
@@ -708,7 +711,7 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
             }
         },
         "model": {"pretrained": "smollm2-135m", "metric": "magnitude", "k": 10},
-        "data": {"source": "pydoc", "seq_len": 64, "num_samples": 1, "heldout_samples": 3},
+        "data": {"source": "pydoc", "seq_len": 64, "num_samples": 1, "heldout_samples": 6},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     recipe = PerturbRecipe(fit_config=str(tmp_path / "fit.yaml"), ks=(1, 10), single=2, seeds=(0,), bootstrap=100)

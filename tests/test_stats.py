@@ -255,3 +255,13 @@ def test_intervals_never_leave_the_range_of_their_quantity() -> None:
     assert low == pytest.approx(base.perplexity * math.expm1(nll_low))
     delta, low, high = deltas["accuracy"]
     assert -base.accuracy <= low <= delta <= high <= 1 - base.accuracy
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95, 0.99])
+def test_minimum_sequences_is_the_fewest_whose_test_can_reach_the_confidence(confidence: float) -> None:
+    """n paired sequences give p ≥ 2^(1-n); the minimum is the first n whose floor is below 1 - confidence."""
+    from cwa.ablation.stats import minimum_sequences
+
+    n = minimum_sequences(confidence)
+    assert 2.0 ** (1 - n) < 1 - confidence <= 2.0 ** (2 - n)
+    assert minimum_sequences(0.95) == 6

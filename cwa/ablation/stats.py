@@ -66,6 +66,14 @@ class SequenceStats:
         return {"perplexity": self.perplexity, "nll": self.mean_nll, "accuracy": self.accuracy}
 
 
+def minimum_sequences(confidence: float) -> int:
+    """The fewest held-out sequences whose paired test can reach p < 1 - ``confidence``: n paired sequences
+    give a p-value of at least 2^(1-n) (:func:`paired_bootstrap_test`), so n must exceed 1 + log2(1 / (1 -
+    confidence)); 6 at 95%. Fewer cannot tell an effect from noise at that confidence, and their intervals
+    are degenerate (1 sequence) or unbounded in practice (2)."""
+    return math.floor(1 + math.log2(1 / (1 - confidence))) + 1
+
+
 def bootstrap_weights(n_sequences: int, resamples: int = 2000, seed: int = 0) -> Tensor:
     """(resamples, n_sequences) multiplicities of sequences in each bootstrap resample.
 

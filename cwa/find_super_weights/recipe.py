@@ -122,6 +122,8 @@ class FindSuperWeights:
             data.heldout_samples = self.heldout_samples
         data.setup()
         self.data = data
+        if self.verify_candidates and data.heldout is not None and data.heldout.shape[0] > 0:
+            self.statistics.check_sample(data.heldout.shape[0])  # before the scan, not after it
         self.timings["data_s"] = time.perf_counter() - start
         start = time.perf_counter()
         self.device = trainer.strategy.root_device

@@ -226,6 +226,7 @@ class PerturbRecipe:
         start = time.perf_counter()
         self.heldout = load_heldout(self.run_dir, self.heldout_samples, self.batch_size, self.heldout_tokens)
         self.data, self.blocks = self.heldout.data, self.heldout.blocks
+        self.statistics.check_sample(self.blocks.shape[0])  # before any evaluation, not after all of them
         self.timings["data_s"] = time.perf_counter() - start
         self.notes += self.heldout.notes
         if self.downstream is not None:  # the local task is built from the held-out text, before any evaluation

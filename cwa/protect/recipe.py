@@ -146,6 +146,7 @@ class ProtectRecipe:
         self.run_dir = Run.load(self.run_path)
         self.session = HeldOutSession(self.run_dir, *self.session_options)
         self.session.load()
+        self.statistics.check_sample(self.session.blocks.shape[0])
         from cwa.model.loading import torch_dtype
 
         for stress in self.stresses:

@@ -129,6 +129,7 @@ class PruneRecipe:
         self.directory = Path(self.output).expanduser() if self.output else first.path
         self.session = HeldOutSession(first, *self.session_options)
         self.session.load()
+        self.statistics.check_sample(self.session.blocks.shape[0])
         self.names = list(self.runs[0].infos)
         for run in self.runs[1:]:
             self.names = [n for n in self.names if n in run.infos]  # pruned: what every metric scored
