@@ -855,3 +855,20 @@ def test_the_dose_response_figure_draws_rows_that_broke_the_model(tiny_dir: Path
     nan = math.nan
     broken = [rows[0], *(replace(r, delta_perplexity=nan, delta_perplexity_low=nan) for r in rows[1:])]
     dose_response(broken, "broken", tmp_path / "dose.png")
+
+
+def test_default_ks_are_cut_to_the_runs_list_with_a_note(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """The README's `cwa perturb --run` after a default fit-sensitivity run: the default ks reach 10,000, the
+    run's list is shorter (60 here, 100 by default); the ks above it are left out with a note, the list's length
+    is the last K, and a K given on the command line is still refused when too large."""
+    from cwa.cli import main
+    from cwa.rundir import read_perturb_csv
+
+    run = make_run(tmp_path, tiny_dir)
+    quick = ["--single", "1", "--controls", "[]", "--figures", "false", "--tensorboard", "false", "--bootstrap", "50"]
+    assert main(["perturb", "--run", str(run), *quick]) == 0
+    rows = read_perturb_csv(run / "perturb.csv")
+    assert sorted({r.k for r in rows if r.target == "topk"}) == [1, 10, 60]
+    assert "default ks 100, 1000, 10000 left out: the run's top-K list holds 60 weights" in capsys.readouterr().out
+    assert main(["perturb", "--run", str(run), "--ks", "[1,100]", *quick]) == 1
+    assert "K=100 is larger than the run's top-K list" in capsys.readouterr().err
