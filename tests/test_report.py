@@ -197,6 +197,31 @@ def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
     run = make_run(tmp_path, "q", random_scores(1), k=10, perturb_rows=null)
     assert verdicts(analysis_of([run]), "perturbation") == ["no_effect"]
 
+    # A significant fall in perplexity is a finding too; a jump whose interval covers 0 but reaches a doubling
+    # of the baseline (30) is undetermined, not "no detectable effect".
+    lower = {**rows[1], "delta_perplexity": -14.0, "delta_perplexity_low": -18.0, "delta_perplexity_high": -10.0}
+    run = make_run(tmp_path, "r", random_scores(1), k=10, perturb_rows=[rows[0], {**lower, "p_value": 2e-4}])
+    analysis = analysis_of([run])
+    assert verdicts(analysis, "perturbation") == ["lowers_perplexity"]
+    assert "lowers held-out perplexity" in text_of(analysis, tmp_path)
+    jump = {**rows[1], "perplexity": 3e6 + 30, "delta_perplexity": 3e6}
+    jump.update(delta_perplexity_low=-20.0, delta_perplexity_high=9e6)
+    run = make_run(tmp_path, "s", random_scores(1), k=10, perturb_rows=[rows[0], {**jump, "p_value": 0.25}])
+    analysis = analysis_of([run])
+    assert verdicts(analysis, "perturbation") == ["undetermined"]
+    assert "no detectable effect" not in text_of(analysis, tmp_path)
+
+
+def test_the_tail_table_counts_in_the_singular_and_has_no_stray_markup(tmp_path):
+    from cwa.report.markdown import _tail
+
+    finding = Finding("concentration", "concentrated", (0,), "top-1% share / equal share", 40.0, 10.0, None, 1.0,
+                      {"top_share": 0.4, "gini": 0.9})  # fmt: skip
+    analysis = analysis_of([make_run(tmp_path, "c", concentrated_scores(), k=10)])
+    lines = _tail([finding], analysis)
+    assert lines[0] == "1 further finding:"
+    assert not any("**" in line for line in lines)
+
 
 def test_cli_writes_markdown_json_and_figures_with_relative_links(tmp_path, capsys):
     a = make_run(tmp_path, "a", concentrated_scores(), k=10)
