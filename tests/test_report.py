@@ -360,3 +360,20 @@ def test_a_registered_finding_source_reaches_the_analysis_and_the_report(tmp_pat
     (found,) = [f for f in analysis.findings if f.verdict == "high_loss"]
     assert (found.runs, found.value, found.threshold) == ((0,), 2.5, 2.0)
     assert "- R1: high_loss (mean calibration NLL = 2.500)." in text_of(analysis, tmp_path)
+
+
+def test_copies_of_a_run_are_reported_once(tmp_path, capsys):
+    """The same run given under three paths (copies) used to triple every finding; the copies are left out
+    with a note, and the report's findings are those of the one run."""
+    import shutil
+
+    run = make_run(tmp_path, "c", concentrated_scores(), k=10)
+    copies = [tmp_path / "copy1" / "version_0", tmp_path / "copy2" / "version_0"]
+    for copy in copies:
+        shutil.copytree(run, copy)
+    single = report([str(run)], tmp_path / "one.md", ks=[10], sample=500, figures=False)
+    triple = report([str(run), *map(str, copies)], tmp_path / "three.md", ks=[10], sample=500, figures=False)
+    err = capsys.readouterr().err
+    assert err.count("left out: a copy of") == 2
+    one, three = (json.loads(p.with_suffix(".json").read_text())["findings"] for p in (single, triple))
+    assert len(three) == len(one)

@@ -21,7 +21,27 @@ from cwa.compare.result import Comparison, RankCorrelation
 from cwa.report.analysis import Analysis, analyse, headlines
 from cwa.report.markdown import render
 from cwa.report.placement import LOCATION_K
-from cwa.rundir import ConditionKind, load_runs
+from cwa.rundir import ConditionKind, Run, load_runs
+
+
+def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The runs without copies: a directory whose summary.json, topk.csv and perturb.csv (if any) are
+    byte-identical to an earlier one's is the same run under another path, and would repeat every finding.
+    (A deterministic rerun differs in its summary's timings and stays: the reproducibility section uses it.)"""
+    from cwa.rundir.files import PERTURB_CSV, SUMMARY, TOPK
+    from cwa.rundir.outputs import sha256
+
+    kept: list[Run] = []
+    notes: list[str] = []
+    seen: dict[tuple[str, ...], Run] = {}
+    for run in runs:
+        key = tuple(sha256(run.path / f) if (run.path / f).is_file() else "" for f in (SUMMARY, TOPK, PERTURB_CSV))
+        if key in seen:
+            notes.append(f"'{run.path}' left out: a copy of '{seen[key].path}' (identical files).")
+            continue
+        seen[key] = run
+        kept.append(run)
+    return kept, notes
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -144,6 +164,8 @@ def report(
         raise CwaError(f"--sample must be 0 or more, got {sample}.")
     k_values = parse_ks(ks)
     loaded, skipped = load_runs(runs, skip_incomplete=True)
+    loaded, copies = distinct_runs(loaded)
+    skipped += copies
     for note in skipped:
         print(f"note: {note}", file=sys.stderr)
     analysis = analyse(loaded, k_values, int(sample), seed, location_k)
