@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cwa.ablation.controls import FigureStyle
+from cwa.common import format as fmt
 from cwa.rundir import ConditionKind, PerturbRow
 
 TOPK_STYLE = FigureStyle("top-K", "tab:red", "o")
@@ -107,7 +108,7 @@ def dose_response(
             lowest = min([lowest, *(v for v in low if v == v)])
         ax.set_xscale("log")
         # Damage spans from noise around zero to orders of magnitude: symlog keeps both readable.
-        ax.set_yscale("symlog", linthresh=0.01)
+        fmt.symlog_axis(ax, "y", 0.01)
         ax.set_ylim(bottom=min(2 * lowest, -0.01))  # symlog autoscaling mirrors the top; only show real lows
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel("K (top weights" + ("" if unit == "weight" else f"; their {unit}s perturbed") + ")")
@@ -139,7 +140,7 @@ def single_weight(rows: list[PerturbRow], where: Mapping[str, str], title: str, 
         ax.barh(ys, deltas, xerr=err, color=colors, capsize=2)
         ax.set_yticks(ys, [f"#{r.rank} {where.get(r.condition, '')}" for r in mine], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("symlog", linthresh=0.01)
+        fmt.symlog_axis(ax, "x", 0.01)
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set_xlabel("Δ held-out perplexity (95% CI); red: p < 0.05 vs baseline")
         what = "one weight" if unit == "weight" else f"the {unit} of one weight"
@@ -182,7 +183,7 @@ def sets(rows: list[PerturbRow], title: str, path: Path) -> None:
             labels.append(f"#{member}")
         ax.set_yticks(range(n + 1), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xscale("symlog", linthresh=0.01)
+        fmt.symlog_axis(ax, "x", 0.01)
         ax.axvline(0, color="black", linewidth=0.6)
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:red", "tab:blue", "tab:orange")]
         ax.legend(handles, [f"all {n} together", "this one alone", f"the other {n - 1} (without this one)"], fontsize=7)
