@@ -143,3 +143,6 @@ def test_too_few_held_out_sequences_are_refused_before_any_verdict(tmp_path, cap
     assert len(err) == 1 and "4 held-out sequences cannot reach 0.95 confidence" in err[0], err
     assert "evaluate at least 6" in err[0]
     assert not list((tmp_path / "logs").rglob("super_weights.csv"))
+    # a looser interval does not loosen the verdicts' p < 0.05: 5 sequences still cannot reach it
+    assert _find(tmp_path, model_dir, "--super_weights.heldout_samples=5", "--super_weights.confidence=0.9") == 1
+    assert "evaluate at least 6" in capsys.readouterr().err
