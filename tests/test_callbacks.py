@@ -127,3 +127,23 @@ def test_run_fit_sensitivity_returns_the_run_directory(tiny_llama_dir, tmp_path,
     assert run_dir == tmp_path / "r" / "version_0" and rundir.is_complete(run_dir)
     assert (run_dir / rundir.FIGURES / "topk_locations.png").is_file()
     assert f"run directory: {run_dir}" in capsys.readouterr().out
+
+
+def test_figures_use_the_models_layers_and_module_order(tmp_path, monkeypatch):
+    """topk_locations has a bar slot for every layer of the model (not only those holding a top-K weight), and
+    the heatmap's rows follow the modules' order in a block (attention before MLP), not the alphabet."""
+    import cwa.fit.figures as figures
+    from cwa.model.params import ParamInfo, split_name
+    from cwa.scoring.topk import TopK
+
+    names = [f"model.layers.{i}.{m}.weight" for i in range(4) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    infos = {n: ParamInfo(n, (2, 2), *split_name(n)) for n in names}
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    topk = TopK(names, torch.tensor([0, 7]), torch.tensor([0, 1]), torch.tensor([2.0, 1.0]))
+    figures.topk_locations(topk, infos, "t", tmp_path / "a.png")
+    scores = {n: torch.full((2, 2), float(i + 1)) for i, n in enumerate(names)}
+    figures.layer_module_heatmap(scores, infos, "t", tmp_path / "b.png")
+    locations, heatmap = (fig.axes[0] for fig in drawn)
+    assert [t.get_text() for t in locations.get_xticklabels()] == ["0", "1", "2", "3"]
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["self_attn.q_proj", "mlp.down_proj"]

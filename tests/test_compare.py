@@ -300,3 +300,24 @@ def test_compare_skips_incomplete_run_directories_with_a_note(tmp_path, capsys):
         compare([str(a), str(failed)], output=tmp_path / "cmp2")
     with pytest.raises(CwaError, match="none of the given directories"):
         compare([str(failed)])
+
+
+def test_a_figure_that_fails_costs_neither_compare_nor_report(tmp_path, monkeypatch, capsys):
+    import cwa.report.figures
+    from cwa.report.recipe import report
+
+    def fail(*args, **kwargs):
+        raise ValueError("Data cannot be log-scaled")
+
+    monkeypatch.setattr(cwa.report.figures, "layer_distribution", fail)
+    a = make_run(tmp_path, "a", random_scores(1), k=10)
+    b = make_run(tmp_path, "b", random_scores(2), k=10, metric="magnitude")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(a), str(b), "--ks", "5,10", "--sample", "300", "--output", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert "figures/topk_by_module.png" in result["figures"] and "figures/topk_by_layer.png" not in result["figures"]
+    assert any("topk_by_layer.png was not drawn" in note for note in result["notes"])
+    output = report([str(a), str(b)], tmp_path / "r.md", ks="5,10", sample=300)
+    assert output.exists() and output.with_suffix(".json").exists()
+    assert "topk_by_layer.png was not drawn" in capsys.readouterr().err
+    assert "topk_by_layer.png" not in output.read_text()

@@ -132,3 +132,17 @@ def test_bad_settings_are_one_sentence(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cwa")]
     assert len(err) == 3 and all(line.startswith("cwa: error: ") for line in err), err
     assert not (tmp_path / "logs" / "sw").exists() or not any((tmp_path / "logs" / "sw").iterdir())
+
+
+def test_too_few_held_out_sequences_are_refused_before_any_verdict(tmp_path, capsys):
+    """With 4 held-out sequences no candidate can reach p < 0.05 (the test's floor is 2^(1-n) = 0.125): a weight
+    that costs hundreds of perplexity points was labelled activation_only; now the run is refused in one sentence."""
+    model_dir = _model_dir(tmp_path, _planted_llama)
+    assert _find(tmp_path, model_dir, "--super_weights.heldout_samples=4") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cwa")]
+    assert len(err) == 1 and "4 held-out sequences cannot reach 0.95 confidence" in err[0], err
+    assert "evaluate at least 6" in err[0]
+    assert not list((tmp_path / "logs").rglob("super_weights.csv"))
+    # a looser interval does not loosen the verdicts' p < 0.05: 5 sequences still cannot reach it
+    assert _find(tmp_path, model_dir, "--super_weights.heldout_samples=5", "--super_weights.confidence=0.9") == 1
+    assert "evaluate at least 6" in capsys.readouterr().err

@@ -60,3 +60,26 @@ def test_percent_perplexity_and_count() -> None:
 def test_missing_and_non_finite_values_print_as_missing(rule) -> None:
     assert rule(None) == rule(math.nan) == rule(math.inf) == fmt.MISSING == "n/a"
     assert fmt.count(None) == fmt.MISSING
+
+
+def test_symlog_axes_label_few_enough_decades_not_to_overlap() -> None:
+    """Δ perplexity from -1,000 to +100,000 with linthresh 0.01 gave matplotlib 17 decade labels on one axis;
+    the thinned axis keeps 0, the extremes and at most about 8 labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cwa.common.format import symlog_axis, thin_ticks
+
+    fig, ax = plt.subplots()
+    ax.barh([0, 1, 2], [-1e3, 0.5, 1e5])
+    ax.set_xscale("symlog", linthresh=0.01)
+    fig.canvas.draw()
+    crowded = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    symlog_axis(ax, "x", 0.01)
+    fig.canvas.draw()
+    shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    plt.close(fig)
+    assert len(crowded) > 12 and len(shown) <= 9 and 0 in shown
+    assert thin_ticks([-100, -10, -1, 0, 1, 10, 100, 1000], 4) == [-100, -1, 0, 10, 1000]

@@ -480,6 +480,9 @@ def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, ca
         (["--run", "{run}", "--units", "[row,neuron]"], "--units"),
         (["--run", "{run}", "--heldout_samples", "0"], "held-out split is empty"),
         (["--run", "{no_heldout}"], "held-out split is empty"),
+        (["--run", "{run}", "--heldout_samples", "1"], ("1 held-out sequence cannot reach 0.95", "at least 6")),
+        (["--run", "{run}", "--heldout_samples", "2"], ("2 held-out sequences cannot reach 0.95", "at least 6")),
+        (["--run", "{run}", "--heldout_samples", "4", "--confidence", "0.9"], ("cannot reach 0.9 ", "at least 5")),
         (["--run", "{run}", "--controls", "[nearby]"], ("unknown control 'nearby' for --controls", "bottomk")),
         (["--run", "{run}", "--perturbation", "Scale", "--perturbation.factor", "x"], ("--perturbation.factor", "'x'")),
         (["--run", "{run}", "--ks", "[a]"], ("--ks", "a")),
@@ -659,7 +662,7 @@ def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, m
             },
         },
         "model": {"pretrained": str(tiny_dir), "metric": "magnitude", "k": 8},
-        "data": {"source": "pydoc", "seq_len": 16, "num_samples": 2, "heldout_samples": 4},
+        "data": {"source": "pydoc", "seq_len": 16, "num_samples": 2, "heldout_samples": 6},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     run_dir = PerturbRecipe(
@@ -708,7 +711,7 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
             }
         },
         "model": {"pretrained": "smollm2-135m", "metric": "magnitude", "k": 10},
-        "data": {"source": "pydoc", "seq_len": 64, "num_samples": 1, "heldout_samples": 3},
+        "data": {"source": "pydoc", "seq_len": 64, "num_samples": 1, "heldout_samples": 6},
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     recipe = PerturbRecipe(fit_config=str(tmp_path / "fit.yaml"), ks=(1, 10), single=2, seeds=(0,), bootstrap=100)
@@ -817,3 +820,55 @@ def test_a_condition_kind_is_typed_and_writes_the_same_strings() -> None:
         "my_control": ConditionKind.CONTROL,
     }
     assert PerturbRow.parse(cells | {"target": "topk"}).cells()[2] == "topk"
+
+
+def test_a_figure_that_fails_costs_no_results(tiny_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A figure that raises (a bit flip's rows once gave matplotlib "Data cannot be log-scaled") leaves the
+    csv and json written, the other figures drawn, and a note on the console and in perturb.json."""
+    import cwa.perturb.figures
+
+    def fail(*args, **kwargs):
+        raise ValueError("Data cannot be log-scaled")
+
+    monkeypatch.setattr(cwa.perturb.figures, "single_weight", fail)
+    run = make_run(tmp_path, tiny_dir)
+    _quick(run, tensorboard=False).run()
+    outputs = _outputs(run)
+    assert {"perturb.csv", "perturb.json", "figures/perturb_dose_response.png"} <= set(outputs)
+    assert "figures/perturb_single_weight.png" not in outputs
+    notes = json.loads(outputs["perturb.json"])["figure_notes"]
+    assert len(notes) == 1 and "perturb_single_weight.png" in notes[0] and "log-scaled" in notes[0]
+    assert "perturb_single_weight.png was not drawn" in capsys.readouterr().out
+
+
+def test_the_dose_response_figure_draws_rows_that_broke_the_model(tiny_dir: Path, tmp_path: Path) -> None:
+    """A bit flip to inf leaves every Δ NaN (broken sequences): the figure leaves those points out instead of
+    raising matplotlib's "Data cannot be log-scaled"."""
+    from dataclasses import replace
+
+    from cwa.perturb.figures import dose_response
+    from cwa.rundir import read_perturb_csv
+
+    run = make_run(tmp_path, tiny_dir)
+    _quick(run, tensorboard=False, figures=False).run()
+    rows = read_perturb_csv(run / "perturb.csv")
+    nan = math.nan
+    broken = [rows[0], *(replace(r, delta_perplexity=nan, delta_perplexity_low=nan) for r in rows[1:])]
+    dose_response(broken, "broken", tmp_path / "dose.png")
+
+
+def test_default_ks_are_cut_to_the_runs_list_with_a_note(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """The README's `cwa perturb --run` after a default fit-sensitivity run: the default ks reach 10,000, the
+    run's list is shorter (60 here, 100 by default); the ks above it are left out with a note, the list's length
+    is the last K, and a K given on the command line is still refused when too large."""
+    from cwa.cli import main
+    from cwa.rundir import read_perturb_csv
+
+    run = make_run(tmp_path, tiny_dir)
+    quick = ["--single", "1", "--controls", "[]", "--figures", "false", "--tensorboard", "false", "--bootstrap", "50"]
+    assert main(["perturb", "--run", str(run), *quick]) == 0
+    rows = read_perturb_csv(run / "perturb.csv")
+    assert sorted({r.k for r in rows if r.target == "topk"}) == [1, 10, 60]
+    assert "default ks 100, 1000, 10000 left out: the run's top-K list holds 60 weights" in capsys.readouterr().out
+    assert main(["perturb", "--run", str(run), "--ks", "[1,100]", *quick]) == 1
+    assert "K=100 is larger than the run's top-K list" in capsys.readouterr().err

@@ -197,6 +197,31 @@ def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
     run = make_run(tmp_path, "q", random_scores(1), k=10, perturb_rows=null)
     assert verdicts(analysis_of([run]), "perturbation") == ["no_effect"]
 
+    # A significant fall in perplexity is a finding too; a jump whose interval covers 0 but reaches a doubling
+    # of the baseline (30) is undetermined, not "no detectable effect".
+    lower = {**rows[1], "delta_perplexity": -14.0, "delta_perplexity_low": -18.0, "delta_perplexity_high": -10.0}
+    run = make_run(tmp_path, "r", random_scores(1), k=10, perturb_rows=[rows[0], {**lower, "p_value": 2e-4}])
+    analysis = analysis_of([run])
+    assert verdicts(analysis, "perturbation") == ["lowers_perplexity"]
+    assert "lowers held-out perplexity" in text_of(analysis, tmp_path)
+    jump = {**rows[1], "perplexity": 3e6 + 30, "delta_perplexity": 3e6}
+    jump.update(delta_perplexity_low=-20.0, delta_perplexity_high=9e6)
+    run = make_run(tmp_path, "s", random_scores(1), k=10, perturb_rows=[rows[0], {**jump, "p_value": 0.25}])
+    analysis = analysis_of([run])
+    assert verdicts(analysis, "perturbation") == ["undetermined"]
+    assert "no detectable effect" not in text_of(analysis, tmp_path)
+
+
+def test_the_tail_table_counts_in_the_singular_and_has_no_stray_markup(tmp_path):
+    from cwa.report.markdown import _tail
+
+    finding = Finding("concentration", "concentrated", (0,), "top-1% share / equal share", 40.0, 10.0, None, 1.0,
+                      {"top_share": 0.4, "gini": 0.9})  # fmt: skip
+    analysis = analysis_of([make_run(tmp_path, "c", concentrated_scores(), k=10)])
+    lines = _tail([finding], analysis)
+    assert lines[0] == "1 further finding:"
+    assert not any("**" in line for line in lines)
+
 
 def test_cli_writes_markdown_json_and_figures_with_relative_links(tmp_path, capsys):
     a = make_run(tmp_path, "a", concentrated_scores(), k=10)
@@ -335,3 +360,20 @@ def test_a_registered_finding_source_reaches_the_analysis_and_the_report(tmp_pat
     (found,) = [f for f in analysis.findings if f.verdict == "high_loss"]
     assert (found.runs, found.value, found.threshold) == ((0,), 2.5, 2.0)
     assert "- R1: high_loss (mean calibration NLL = 2.500)." in text_of(analysis, tmp_path)
+
+
+def test_copies_of_a_run_are_reported_once(tmp_path, capsys):
+    """The same run given under three paths (copies) used to triple every finding; the copies are left out
+    with a note, and the report's findings are those of the one run."""
+    import shutil
+
+    run = make_run(tmp_path, "c", concentrated_scores(), k=10)
+    copies = [tmp_path / "copy1" / "version_0", tmp_path / "copy2" / "version_0"]
+    for copy in copies:
+        shutil.copytree(run, copy)
+    single = report([str(run)], tmp_path / "one.md", ks=[10], sample=500, figures=False)
+    triple = report([str(run), *map(str, copies)], tmp_path / "three.md", ks=[10], sample=500, figures=False)
+    err = capsys.readouterr().err
+    assert err.count("left out: a copy of") == 2
+    one, three = (json.loads(p.with_suffix(".json").read_text())["findings"] for p in (single, triple))
+    assert len(three) == len(one)

@@ -238,3 +238,30 @@ def test_a_change_in_one_sequence_has_a_finite_interval_around_it():
         delta, low, high = deltas[metric]
         assert all(map(math.isfinite, (delta, low, high))), (metric, deltas[metric])
         assert low <= delta <= high, (metric, deltas[metric])
+
+
+def test_intervals_never_leave_the_range_of_their_quantity() -> None:
+    """Δ perplexity cannot go below -baseline (a perplexity below zero), nor Δ accuracy outside [-acc, 1 - acc]:
+    a few sequences with one large improvement used to give a studentized Δ perplexity bound far below
+    -baseline; on the log scale the bound maps back inside the range and the interval still holds the estimate."""
+    tokens = torch.full((4,), 10.0)
+    base = SequenceStats(torch.tensor([40.0, 42.0, 90.0, 41.0]), tokens, torch.tensor([1.0, 9, 9, 2]))
+    other = SequenceStats(torch.tensor([39.0, 44.0, 10.0, 40.0]), tokens, torch.tensor([10.0, 0, 0, 10]))
+    deltas = bootstrap_deltas(base, other, bootstrap_weights(4, 2000), 0.95)
+    delta, low, high = deltas["perplexity"]
+    assert -base.perplexity <= low <= delta <= high
+    assert delta == pytest.approx(other.perplexity - base.perplexity)
+    nll_delta, nll_low, nll_high = deltas["nll"]
+    assert low == pytest.approx(base.perplexity * math.expm1(nll_low))
+    delta, low, high = deltas["accuracy"]
+    assert -base.accuracy <= low <= delta <= high <= 1 - base.accuracy
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95, 0.99])
+def test_minimum_sequences_is_the_fewest_whose_test_can_reach_the_confidence(confidence: float) -> None:
+    """n paired sequences give p ≥ 2^(1-n); the minimum is the first n whose floor is below 1 - confidence."""
+    from cwa.ablation.stats import minimum_sequences
+
+    n = minimum_sequences(confidence)
+    assert 2.0 ** (1 - n) < 1 - confidence <= 2.0 ** (2 - n)
+    assert minimum_sequences(0.95) == 6

@@ -66,6 +66,14 @@ class SequenceStats:
         return {"perplexity": self.perplexity, "nll": self.mean_nll, "accuracy": self.accuracy}
 
 
+def minimum_sequences(confidence: float) -> int:
+    """The fewest held-out sequences whose paired test can reach p < 1 - ``confidence``: n paired sequences
+    give a p-value of at least 2^(1-n) (:func:`paired_bootstrap_test`), so n must exceed 1 + log2(1 / (1 -
+    confidence)); 6 at 95%. Fewer cannot tell an effect from noise at that confidence, and their intervals
+    are degenerate (1 sequence) or unbounded in practice (2)."""
+    return math.floor(1 + math.log2(1 / (1 - confidence))) + 1
+
+
 def bootstrap_weights(n_sequences: int, resamples: int = 2000, seed: int = 0) -> Tensor:
     """(resamples, n_sequences) multiplicities of sequences in each bootstrap resample.
 
@@ -180,6 +188,10 @@ def bootstrap_deltas(
     """Change of each metric from ``base`` to ``other`` with a paired studentized bootstrap interval.
 
     Δ perplexity is exp(mean NLL of ``other``) - exp(mean NLL of ``base``), means weighted by tokens.
+    Intervals never leave the quantity's range. Δ perplexity's is computed on the log scale: the interval of
+    Δ mean NLL (the log of the ratio of perplexities) mapped back through base perplexity · (exp(·) - 1), so
+    its lower bound stays above -base perplexity (a perplexity above zero). Δ accuracy's is clipped to
+    [-base accuracy, 1 - base accuracy].
 
     Args:
         base: the reference pass (the unperturbed model), all sequences finite.
@@ -191,11 +203,24 @@ def bootstrap_deltas(
         metric name -> (delta on the full sample, interval low, interval high).
     """
     out = {}
-    for metric in METRICS:
+    for metric in ("nll", "accuracy"):
         theta, se = _paired(base, other, metric, weights)
         low, high = studentized_interval(theta, se, confidence)
         out[metric] = (float(theta[0]), float(low), float(high))
-    return out
+    delta, low, high = out["accuracy"]
+    out["accuracy"] = (delta, max(low, -base.accuracy), min(high, 1.0 - base.accuracy))
+    out["perplexity"] = (
+        other.perplexity - base.perplexity,
+        *(_perplexity_change(base.perplexity, bound) for bound in out["nll"][1:]),
+    )
+    return {metric: out[metric] for metric in METRICS}
+
+
+def _perplexity_change(base_perplexity: float, nll_change: float) -> float:
+    """The change of perplexity from ``base_perplexity`` when the mean NLL changes by ``nll_change``."""
+    if nll_change > 700:
+        return math.inf
+    return base_perplexity * math.expm1(nll_change)
 
 
 def paired_bootstrap_test(a: SequenceStats, b: SequenceStats, weights: Tensor) -> float:

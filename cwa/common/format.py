@@ -68,3 +68,26 @@ def perplexity(x: float | None) -> str:
 def count(n: int | None) -> str:
     """A count with thousands separators."""
     return MISSING if n is None else f"{int(n):,}"
+
+
+def thin_ticks(ticks: list[float], most: int) -> list[float]:
+    """At most about ``most`` of the decade ticks of a symlog axis: 0 and every n-th decade on each side,
+    counted from the outermost, so the labels never overlap and the extremes stay labelled."""
+    step = max(1, math.ceil(len(ticks) / most))
+    positive = sorted((t for t in ticks if t > 0), reverse=True)[::step]
+    negative = sorted(t for t in ticks if t < 0)[::step]
+    return sorted([*negative, *([0.0] if 0 in ticks else []), *positive])
+
+
+def symlog_axis(ax, which: str, linthresh: float, most: int = 8) -> None:
+    """Put ``ax``'s ``which`` (``x`` or ``y``) axis on a symlog scale whose major ticks are thinned by
+    :func:`thin_ticks` (matplotlib labels every decade on both sides of 0, and they overlap)."""
+    from matplotlib.ticker import SymmetricalLogLocator
+
+    class Sparse(SymmetricalLogLocator):
+        def tick_values(self, vmin: float, vmax: float) -> list[float]:
+            return thin_ticks([float(t) for t in super().tick_values(vmin, vmax)], most)
+
+    getattr(ax, f"set_{which}scale")("symlog", linthresh=linthresh)
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(Sparse(axis.get_transform(), subs=[1.0]))

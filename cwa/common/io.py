@@ -10,8 +10,9 @@ import errno
 import json
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -205,3 +206,23 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+
+
+def draw_or_note(name: str, draw: Callable[[], object]) -> str | None:
+    """Draw one figure; a failure becomes a one-line note instead of costing the results written beside it.
+
+    Args:
+        name: the figure's file name, for the note.
+        draw: draws and saves the figure.
+
+    Returns:
+        None when drawn, else the note (``figure NAME was not drawn: ...``).
+    """
+    try:
+        draw()
+    except Exception as exc:  # any figure failure (matplotlib's ValueError, a font, a full disk) is only a figure
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:
+            plt.close("all")
+        return f"figure {name} was not drawn ({type(exc).__name__}: {exc})"
+    return None

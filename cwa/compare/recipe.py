@@ -20,14 +20,15 @@ import itertools
 import math
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
-from cwa.common.io import write_json
+from cwa.common.io import draw_or_note, write_json
 from cwa.compare.result import (
     Comparison,
     Correlations,
@@ -353,28 +354,30 @@ def format_table(result: Comparison) -> str:
 
 
 def write_figures(result: Comparison, out: Path) -> list[Path]:
+    """Draw compare's figures under ``out/figures``; returns those drawn. One that fails becomes a note on
+    ``result`` (compare.json is already written: a figure must not cost the results)."""
     from cwa.report import figures as report_figures
 
-    paths = []
     names = [r.name for r in result.runs]
+    drawings: dict[Path, Callable[[Path], None]] = {}
     if result.largest_k:
         k = result.largest_k
-        path = out / "figures" / f"overlap_jaccard_k{k}.png"
-        report_figures.overlap_heatmap(
-            np.array(result.overlap[k].jaccard, dtype=float),
-            names,
-            f"Jaccard overlap of the global top-{k}",
-            path,
+        matrix = np.array(result.overlap[k].jaccard, dtype=float)
+        title = f"Jaccard overlap of the global top-{k}"
+        drawings[out / "figures" / f"overlap_jaccard_k{k}.png"] = partial(
+            report_figures.overlap_heatmap, matrix, names, title
         )
-        paths.append(path)
     if result.locations:
         located = {f"[{names.index(n)}] {n}": loc for n, loc in result.locations.items()}
-        path = out / "figures" / "topk_by_layer.png"
-        report_figures.layer_distribution(located, path)
-        paths.append(path)
-        path = out / "figures" / "topk_by_module.png"
-        report_figures.module_distribution(located, path)
-        paths.append(path)
+        drawings[out / "figures" / "topk_by_layer.png"] = partial(report_figures.layer_distribution, located)
+        drawings[out / "figures" / "topk_by_module.png"] = partial(report_figures.module_distribution, located)
+    paths = []
+    for path, draw in drawings.items():
+        note = draw_or_note(path.name, partial(draw, path))
+        if note is None:
+            paths.append(path)
+        else:
+            result.notes.append(note)
     return paths
 
 

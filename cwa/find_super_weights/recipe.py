@@ -17,7 +17,7 @@ import datetime as dt
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -122,6 +122,10 @@ class FindSuperWeights:
             data.heldout_samples = self.heldout_samples
         data.setup()
         self.data = data
+        if self.verify_candidates and data.heldout is not None and data.heldout.shape[0] > 0:
+            # before the scan, not after it; the verdicts also need p < 0.05, whatever the interval's confidence
+            strictest = replace(self.statistics, confidence=max(self.statistics.confidence, 0.95))
+            strictest.check_sample(data.heldout.shape[0])
         self.timings["data_s"] = time.perf_counter() - start
         start = time.perf_counter()
         self.device = trainer.strategy.root_device
@@ -192,7 +196,8 @@ class FindSuperWeights:
 
             title = f"{self.pretrained} · MLP output projections"
             figures["activation_spikes.png"] = partial(activation_spikes, self.result, title)
-        write_super_weights(self.run_dir, self.csv_rows(), self.summary(), figures)
+        for note in write_super_weights(self.run_dir, self.csv_rows(), self.summary(), figures):
+            print(f"note: {note}.", file=sys.stderr)
         if self.tensorboard:
             self._tensorboard()
 

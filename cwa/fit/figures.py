@@ -71,9 +71,16 @@ def score_histogram(scores: Mapping[str, Tensor], topk: TopK, title: str, path: 
     _save(fig, path)
 
 
-def _grid(infos: Mapping[str, ParamInfo], values: Mapping[str, float]) -> tuple[list[str], list[int], Tensor]:
-    modules = sorted({i.module for i in infos.values() if i.layer is not None})
+def model_axes(infos: Mapping[str, ParamInfo]) -> tuple[list[str], list[int]]:
+    """The modules of the numbered layers in the model's order (as they come in a block, not alphabetical) and
+    every layer of the model, whether or not a figure has something to draw in it."""
+    modules = list(dict.fromkeys(i.module for i in infos.values() if i.layer is not None))
     layers = sorted({i.layer for i in infos.values() if i.layer is not None})
+    return modules, layers
+
+
+def _grid(infos: Mapping[str, ParamInfo], values: Mapping[str, float]) -> tuple[list[str], list[int], Tensor]:
+    modules, layers = model_axes(infos)
     grid = torch.full((len(modules), len(layers)), float("nan"))
     for name, info in infos.items():
         if info.layer is not None and name in values:
@@ -110,9 +117,9 @@ def topk_locations(topk: TopK, infos: Mapping[str, ParamInfo], title: str, path:
     for p in topk.param.tolist():
         info = infos[topk.names[p]]
         where[(info.layer, info.module)] += 1
-    layers = sorted({layer for layer, _ in where if layer is not None})
+    all_modules, layers = model_axes(infos)  # the model's layers: one without a top-K weight is an empty bar
     outside = sorted({m for layer, m in where if layer is None})
-    modules = sorted({m for layer, m in where if layer is not None})
+    modules = [m for m in all_modules if any(where[(layer, m)] for layer in layers)]
     columns = [str(x) for x in layers] + outside
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(columns) + 3), 4.2))
     bottom = torch.zeros(len(columns))

@@ -14,7 +14,14 @@ from torch import Tensor
 
 from cwa.ablation.controls import Control
 from cwa.ablation.perturbations import Perturbation
-from cwa.ablation.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
+from cwa.ablation.stats import (
+    METRICS,
+    SequenceStats,
+    bootstrap_deltas,
+    bootstrap_weights,
+    minimum_sequences,
+    paired_bootstrap_test,
+)
 from cwa.common.errors import CwaError
 from cwa.rundir import ConditionKind, PerturbRow
 
@@ -150,6 +157,16 @@ class StatisticsOptions:
         if self.bootstrap < 1 or self.permutations < 1:
             raise CwaError("bootstrap and permutations must be at least 1.")
 
+    def check_sample(self, sequences: int) -> None:
+        """Refuse, in one sentence, a held-out sample too small to reach the stated confidence."""
+        needed = minimum_sequences(self.confidence)
+        if sequences < needed:
+            raise CwaError(
+                f"{sequences} held-out sequence{'s' if sequences != 1 else ''} cannot reach {self.confidence:g} "
+                f"confidence (n paired sequences give p of at least 2^(1-n)); evaluate at least {needed} "
+                "(raise heldout_samples or data.heldout_fraction)."
+            )
+
 
 def perturb_rows(baseline: Result, results: list[Result], options: StatisticsOptions) -> list[PerturbRow]:
     """The rows of perturb.csv: the baseline, then every condition in the order evaluated. A control, and
@@ -157,6 +174,7 @@ def perturb_rows(baseline: Result, results: list[Result], options: StatisticsOpt
     set); top-K, single weights and pairs against the baseline. All conditions share one set of bootstrap
     resamples for the intervals and one for the tests (paired statistics, comparable across conditions)."""
     n = len(baseline.evaluation.stats)
+    options.check_sample(n)
     weights = bootstrap_weights(n, options.bootstrap, seed=0), bootstrap_weights(n, options.permutations, seed=1)
     topk = {
         _joint_key(r.condition): r

@@ -7,11 +7,13 @@ into the path it is given (``rundir.write_perturbation`` stages it beside the ot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 from cwa.ablation.controls import FigureStyle
+from cwa.common import format as fmt
 from cwa.rundir import ConditionKind, PerturbRow
 
 TOPK_STYLE = FigureStyle("top-K", "tab:red", "o")
@@ -58,6 +60,10 @@ def line_styles(rows: list[PerturbRow], styles: Mapping[str, FigureStyle] | None
     return {t: style if style.color else replace(style, color=next(free)) for t, style in out.items()}
 
 
+def _finite(*values: float | None) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
 def dose_response(
     rows: list[PerturbRow], title: str, path: Path, styles: Mapping[str, FigureStyle] | None = None
 ) -> None:
@@ -68,7 +74,9 @@ def dose_response(
     control's name to its :class:`~cwa.ablation.controls.FigureStyle`; a control without one is drawn too.
     """
     plt = _pyplot()
-    rows = [r for r in rows if not r.restore]  # activation-restore twins are not points of the curve
+    # activation-restore twins are not points of the curve, nor a pass that broke the model (a bit flip to inf
+    # or NaN: no finite Δ, its broken fraction is in the table)
+    rows = [r for r in rows if not r.restore and _finite(r.delta_perplexity, r.delta_perplexity_low)]
     lines = line_styles(rows, styles)
     panels = _panels([r for r in rows if r.target in lines])
     if not panels:
@@ -100,7 +108,7 @@ def dose_response(
             lowest = min([lowest, *(v for v in low if v == v)])
         ax.set_xscale("log")
         # Damage spans from noise around zero to orders of magnitude: symlog keeps both readable.
-        ax.set_yscale("symlog", linthresh=0.01)
+        fmt.symlog_axis(ax, "y", 0.01)
         ax.set_ylim(bottom=min(2 * lowest, -0.01))  # symlog autoscaling mirrors the top; only show real lows
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel("K (top weights" + ("" if unit == "weight" else f"; their {unit}s perturbed") + ")")
@@ -132,7 +140,7 @@ def single_weight(rows: list[PerturbRow], where: Mapping[str, str], title: str, 
         ax.barh(ys, deltas, xerr=err, color=colors, capsize=2)
         ax.set_yticks(ys, [f"#{r.rank} {where.get(r.condition, '')}" for r in mine], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("symlog", linthresh=0.01)
+        fmt.symlog_axis(ax, "x", 0.01)
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set_xlabel("Δ held-out perplexity (95% CI); red: p < 0.05 vs baseline")
         what = "one weight" if unit == "weight" else f"the {unit} of one weight"
@@ -175,7 +183,7 @@ def sets(rows: list[PerturbRow], title: str, path: Path) -> None:
             labels.append(f"#{member}")
         ax.set_yticks(range(n + 1), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xscale("symlog", linthresh=0.01)
+        fmt.symlog_axis(ax, "x", 0.01)
         ax.axvline(0, color="black", linewidth=0.6)
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:red", "tab:blue", "tab:orange")]
         ax.legend(handles, [f"all {n} together", "this one alone", f"the other {n - 1} (without this one)"], fontsize=7)

@@ -47,6 +47,7 @@ from cwa.perturb.restoring import ActivationRestore
 from cwa.rundir import DownstreamRow, Run, write_perturbation
 
 MAX_PAIRS = 20
+DEFAULT_KS = (1, 10, 100, 1000, 10000)  # --ks unset: cut to the run's list
 
 DEFAULT_CONTROLS: tuple[ControlName, ...] = ("random_matched", "magnitude_matched", "bottomk")
 
@@ -62,7 +63,9 @@ class PerturbRecipe:
         perturbation: one perturbation or a list, each a short name (``zero``, ``sign_flip``, ``scale``,
             ``gaussian_noise``, ``bit_flip``: default options) or a class with its options
             (``--perturbation BitFlip --perturbation.bit sign``; ``--perturbation.help BitFlip`` lists them).
-        ks: top-K sizes to perturb (a dose-response curve); each at most the length of the run's list.
+        ks: top-K sizes to perturb (a dose-response curve); each at most the length of the run's list. None:
+            1, 10, 100, 1000, 10000 up to the length of the run's list (and that length, with a note, when the
+            list is shorter than 10000), so the defaults work on any run.
         single: perturb each of the top ``single`` weights alone (0: no single-weight ablation).
         controls: controls of the same size for every K, by short name or class: ``random_matched``
             (random weights, the same count from each tensor as the top-K set), ``magnitude_matched``
@@ -112,7 +115,7 @@ class PerturbRecipe:
         fit_config: str | None = None,
         fit_args: list[str] | None = None,
         perturbation: PerturbationName | Perturbation | list[PerturbationName | Perturbation] = "zero",
-        ks: tuple[int, ...] = (1, 10, 100, 1000, 10000),
+        ks: tuple[int, ...] | None = None,
         single: int = 10,
         controls: tuple[ControlName | Control, ...] = DEFAULT_CONTROLS,
         seeds: tuple[int, ...] = (0, 1, 2),
@@ -144,7 +147,8 @@ class PerturbRecipe:
             raise CwaError("give at least one perturbation.")
         self.perturbations = [make_perturbation(p) for p in specs]
         self.controls = [make_control(c) for c in controls]
-        self.ks = tuple(sorted(set(ks)))
+        self.default_ks = ks is None
+        self.ks = tuple(sorted(set(DEFAULT_KS if ks is None else ks)))
         if any(k < 1 for k in self.ks):
             raise CwaError(f"every K must be at least 1, got {list(self.ks)}.")
         if single < 0:
@@ -188,6 +192,16 @@ class PerturbRecipe:
             self.ks = tuple(sorted({*self.ks, leave_one_out}))  # the joint set each leave-one-out is tested against
         self.single = max(self.single, leave_one_out, pairs)  # each member alone, beside the sets
 
+    def _clip_default_ks(self, listed: int) -> None:
+        """The default ks cut to the run's top-K list (its length added as the last K), with a note."""
+        dropped = [k for k in self.ks if k > listed and k in DEFAULT_KS]
+        if dropped:
+            self.ks = tuple(sorted({*(k for k in self.ks if k <= listed), listed}))
+            self.notes.append(
+                f"default ks {', '.join(map(str, dropped))} left out: the run's top-K list holds {listed} weights "
+                f"(K up to {listed} perturbed; give --ks to choose)"
+            )
+
     # -- the life cycle ----------------------------------------------------------------------------
     def run(self) -> Path:
         """Set up, build the conditions, evaluate them and write the results; return the run directory."""
@@ -207,6 +221,8 @@ class PerturbRecipe:
             self.timings["fit_sensitivity_s"] = time.perf_counter() - start
         self.run_dir = Run.load(self.run_path)
         self.topk = self.run_dir.topk
+        if self.default_ks:
+            self._clip_default_ks(len(self.topk))
         longest = max([*self.ks, self.single])
         if longest > len(self.topk):
             raise CwaError(
@@ -226,6 +242,7 @@ class PerturbRecipe:
         start = time.perf_counter()
         self.heldout = load_heldout(self.run_dir, self.heldout_samples, self.batch_size, self.heldout_tokens)
         self.data, self.blocks = self.heldout.data, self.heldout.blocks
+        self.statistics.check_sample(self.blocks.shape[0])  # before any evaluation, not after all of them
         self.timings["data_s"] = time.perf_counter() - start
         self.notes += self.heldout.notes
         if self.downstream is not None:  # the local task is built from the held-out text, before any evaluation
@@ -276,7 +293,7 @@ class PerturbRecipe:
         """perturb.csv, the figures and perturb.json as one set; TensorBoard scalars; the console summary."""
         self.timings.update(self._condition_timings())
         figures = self._figures() if self.figures else {}
-        write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
+        self.notes += write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:
             from cwa.perturb.figures import tensorboard_scalars

@@ -146,6 +146,7 @@ class ProtectRecipe:
         self.run_dir = Run.load(self.run_path)
         self.session = HeldOutSession(self.run_dir, *self.session_options)
         self.session.load()
+        self.statistics.check_sample(self.session.blocks.shape[0])
         from cwa.model.loading import torch_dtype
 
         for stress in self.stresses:
@@ -299,9 +300,11 @@ class ProtectRecipe:
             title = f"{self.run_dir.model} · {self.run_dir.metric}"
             figures["protect_k.png"] = partial(protect_against_k, self.rows, title)
             figures["protect_level.png"] = partial(protect_against_level, self.rows, title)
-        write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
+        notes = write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed protect may have left
         print_rows(self)
+        for note in notes:
+            print(f"note: {note}.", file=sys.stderr)
 
     def settings(self) -> dict:
         return {

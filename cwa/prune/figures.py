@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from cwa.common import format as fmt
 from cwa.rundir.interventions import ProtectRow, PruneRow
 
 
@@ -90,7 +91,7 @@ def protect_against_k(rows: list[ProtectRow], title: str, path: Path) -> None:
             line = [(0, nothing[0].delta_perplexity)] if nothing else []
             line += sorted((k, sum(v) / len(v)) for k, v in points.items())
             ax.plot([k for k, _ in line], [v for _, v in line], "o-", label=label)
-        ax.set_xscale("symlog", linthresh=1)
+        fmt.symlog_axis(ax, "x", 1)
         ax.set_xlabel("protected weights K")
         ax.set_ylabel("Δ held-out perplexity")
         ax.set_title(f"{rows[0].stress} {rows[0].level_name}={level:g}", fontsize=9)
@@ -119,7 +120,7 @@ def protect_against_level(rows: list[ProtectRow], title: str, path: Path) -> Non
         if rows[0].level_name in ("p", "sigma"):
             ax.set_xscale("log")
     ax.set_ylabel("Δ held-out perplexity")
-    ax.set_yscale("symlog", linthresh=0.1)
+    fmt.symlog_axis(ax, "y", 0.1)
     ax.legend(fontsize=7)
     ax.set_title(f"{title}: quality against stress", fontsize=10)
     _save(fig, path)

@@ -129,6 +129,7 @@ class PruneRecipe:
         self.directory = Path(self.output).expanduser() if self.output else first.path
         self.session = HeldOutSession(first, *self.session_options)
         self.session.load()
+        self.statistics.check_sample(self.session.blocks.shape[0])
         self.names = list(self.runs[0].infos)
         for run in self.runs[1:]:
             self.names = [n for n in self.names if n in run.infos]  # pruned: what every metric scored
@@ -188,9 +189,11 @@ class PruneRecipe:
             from cwa.prune.figures import quality_against_sparsity
 
             figures["prune.png"] = partial(quality_against_sparsity, self.rows, self.session.run.model)
-        write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
+        notes = write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
         remove_stale_temporaries(self.directory)  # what an earlier, killed prune may have left
         self._print()
+        for note in notes:
+            print(f"note: {note}.", file=sys.stderr)
 
     def _meta(self) -> dict:
         from cwa.common.environment import environment, peak_memory

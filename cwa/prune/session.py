@@ -169,6 +169,7 @@ def quality(
 
 def resamples(n_sequences: int, options: StatisticsOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """One set of bootstrap multiplicities for the intervals and one for the tests, shared by every row."""
+    options.check_sample(n_sequences)
     return bootstrap_weights(n_sequences, options.bootstrap, seed=0), bootstrap_weights(
         n_sequences, options.permutations, seed=1
     )

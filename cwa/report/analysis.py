@@ -185,7 +185,7 @@ def headlines(analysis: Analysis) -> list[list[Finding]]:
         effects = [
             f
             for f in analysis.of("perturbation")
-            if f.runs == (i,) and f.verdict in ("raises_perplexity", "costs_more_than_control")
+            if f.runs == (i,) and f.verdict in ("raises_perplexity", "lowers_perplexity", "costs_more_than_control")
         ]
         out += [[f] for f in effects[:HEADLINE_PERTURBATION_PER_RUN]]
     return out

@@ -150,7 +150,7 @@ def perturbation_effects(rows: Sequence[Mapping], path: Path) -> None:
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(y, [r["label"] for r in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xscale("symlog", linthresh=0.1)
+    fmt.symlog_axis(ax, "x", 0.1)
     ax.set_xlabel("Δ held-out perplexity (perturbed − baseline), 95% bootstrap interval")
     ax.set_title("Perturbation effects", fontsize=10)
     _save(fig, path)

@@ -236,32 +236,45 @@ def _row_numbers(row: PerturbRow) -> dict:
     }
 
 
+def _direction(low: float, high: float, p: float | None) -> str | None:
+    """``raises_perplexity`` / ``lowers_perplexity`` when the interval excludes 0 on that side and the test
+    agrees (p < 0.05, or no test), else None."""
+    if p is not None and p >= P_SIGNIFICANT:
+        return None
+    return "raises_perplexity" if low > 0 else "lowers_perplexity" if high < 0 else None
+
+
 def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding]:
-    """A single weight or the top-K raises perplexity (interval above 0, p < 0.05), the top-K has no
-    detectable effect (interval covers 0), or the top-K costs more than a control of the same unit (paired
-    p < 0.05). Leave-one-out sets and pairs make no finding here (their rows are in the report's table)."""
+    """A single weight or the top-K raises or lowers perplexity (interval above or below 0, p < 0.05); the
+    top-K has no detectable effect (interval covers 0 and its upper bound is under the baseline perplexity: at
+    most a doubling), or the effect is undetermined (interval covers 0 but reaches a doubling or more: the
+    sample cannot tell); the top-K costs more than a control of the same unit (paired p < 0.05). Leave-one-out
+    sets and pairs make no finding here (their rows are in the report's table)."""
     out = []
     statistic = "Δ held-out perplexity (perturbed − baseline)"
     rows = [r for r in rows if not r.restore]  # an activation-restore twin is tested against its perturbed pass
     for r in rows:
         delta, (low, high) = _delta(r)
-        if r.kind is not ConditionKind.SINGLE or low is None:
+        if r.kind is not ConditionKind.SINGLE or low is None or high is None or r.p_value is None:
             continue
-        if low > 0 and r.p_value is not None and r.p_value < P_SIGNIFICANT:
-            out.append(Finding("perturbation", "raises_perplexity", (position,), statistic, delta, 0.0,
+        verdict = _direction(low, high, r.p_value)
+        if verdict is not None:
+            out.append(Finding("perturbation", verdict, (position,), statistic, delta, 0.0,
                                (low, high), -math.log10(max(r.p_value, 1e-300)), _row_numbers(r)))  # fmt: skip
     for r in (r for r in rows if r.kind is ConditionKind.TOPK):
         delta, (low, high) = _delta(r)
         if delta is None or low is None or high is None:
             continue
         p = r.p_value
-        if low > 0 and (p is None or p < P_SIGNIFICANT):
+        verdict = _direction(low, high, p)
+        if verdict is not None:
             strength = -math.log10(max(p, 1e-300)) if p is not None else 1.0
-            out.append(Finding("perturbation", "raises_perplexity", (position,), statistic, delta, 0.0,
+            out.append(Finding("perturbation", verdict, (position,), statistic, delta, 0.0,
                                (low, high), strength, _row_numbers(r)))  # fmt: skip
         elif low <= 0 <= high:
-            out.append(Finding("perturbation", "no_effect", (position,), statistic, delta, 0.0,
-                               (low, high), 0.0, _row_numbers(r)))  # fmt: skip
+            small = math.isfinite(high) and high < r.perplexity - delta  # under the baseline's perplexity
+            out.append(Finding("perturbation", "no_effect" if small else "undetermined", (position,), statistic,
+                               delta, 0.0, (low, high), 0.0, _row_numbers(r)))  # fmt: skip
         for c in rows:
             if not c.is_control or c.k != r.k or c.unit != r.unit:
                 continue

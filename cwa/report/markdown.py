@@ -75,11 +75,11 @@ def _tail(rest: list[Finding], analysis: Analysis) -> list[str]:
         [
             ", ".join(analysis.labels[i] for i in f.runs),
             f.verdict.replace("_", " "),
-            sentence(f, analysis.labels).split(": ", 1)[-1].rstrip("."),
+            sentence(f, analysis.labels).replace("**", "").split(": ", 1)[-1].rstrip("."),
         ]
         for f in rest
     ]
-    return [f"{len(rest)} further findings:", ""] + _table(["run", "verdict", "numbers"], rows)
+    return [f"{_plural(len(rest), 'further finding')}:", ""] + _table(["run", "verdict", "numbers"], rows)
 
 
 def _lead(found: list[Finding], analysis: Analysis, none: str) -> list[str]:
@@ -304,12 +304,12 @@ def _which(row: PerturbRow) -> str:
 def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
     lines = ["### Perturbation effects", ""]
     found = analysis.of("perturbation")
-    claims = [f for f in found if f.verdict != "no_effect"]
+    claims = [f for f in found if f.verdict not in ("no_effect", "undetermined")]
     lines += _bullets(
         [sentence(f, analysis.labels) for f in claims[:LEAD]],
         "No perturbation effect clears its interval and p-value threshold.",
     )
-    lines += _tail(claims[LEAD:] + [f for f in found if f.verdict == "no_effect"], analysis)
+    lines += _tail(claims[LEAD:] + [f for f in found if f.verdict in ("no_effect", "undetermined")], analysis)
     header = ["target", "perturbation", "K", "weights", "ppl", "Δppl [95% CI]", "p", "p vs"]
     for label, run, rows in zip(analysis.labels, analysis.runs, analysis.perturbation, strict=True):
         if not rows:

@@ -8,20 +8,40 @@ This module draws the figures and writes the report; the numbers behind it go to
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
-from cwa.common.io import atomic_open, write_json
+from cwa.common.io import atomic_open, draw_or_note, write_json
 from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
 from cwa.compare.result import Comparison, RankCorrelation
 from cwa.report.analysis import Analysis, analyse, headlines
 from cwa.report.markdown import render
 from cwa.report.placement import LOCATION_K
-from cwa.rundir import ConditionKind, load_runs
+from cwa.rundir import ConditionKind, Run, load_runs
+
+
+def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The runs without copies: a directory whose summary.json, topk.csv and perturb.csv (if any) are
+    byte-identical to an earlier one's is the same run under another path, and would repeat every finding.
+    (A deterministic rerun differs in its summary's timings and stays: the reproducibility section uses it.)"""
+    from cwa.rundir.files import PERTURB_CSV, SUMMARY, TOPK
+    from cwa.rundir.outputs import sha256
+
+    kept: list[Run] = []
+    notes: list[str] = []
+    seen: dict[tuple[str, ...], Run] = {}
+    for run in runs:
+        key = tuple(sha256(run.path / f) if (run.path / f).is_file() else "" for f in (SUMMARY, TOPK, PERTURB_CSV))
+        if key in seen:
+            notes.append(f"'{run.path}' left out: a copy of '{seen[key].path}' (identical files).")
+            continue
+        seen[key] = run
+        kept.append(run)
+    return kept, notes
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -35,18 +55,15 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         labels[i]: (c["curve"]["q"], c["curve"]["share"]) for i, c in enumerate(analysis.concentration) if "curve" in c
     }
     if curves:
-        out["concentration"] = fig_dir / "concentration.png"
-        report_figures.concentration_curves(curves, out["concentration"])
+        _draw(out, "concentration", fig_dir / "concentration.png", report_figures.concentration_curves, curves)
     locs = {
         labels[i]: locations(run, p.k)
         for i, (run, p) in enumerate(zip(analysis.runs, analysis.placements, strict=True))
         if p is not None
     }
     if locs:
-        out["topk_by_layer"] = fig_dir / "topk_by_layer.png"
-        report_figures.layer_distribution(locs, out["topk_by_layer"])
-        out["topk_by_module"] = fig_dir / "topk_by_module.png"
-        report_figures.module_distribution(locs, out["topk_by_module"])
+        _draw(out, "topk_by_layer", fig_dir / "topk_by_layer.png", report_figures.layer_distribution, locs)
+        _draw(out, "topk_by_module", fig_dir / "topk_by_module.png", report_figures.module_distribution, locs)
     for members, result in analysis.comparisons:
         out.update(_comparison_figures(analysis, members, result, fig_dir))
     forest = [
@@ -63,8 +80,8 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         if (r.kind is ConditionKind.TOPK or r.is_control) and not r.restore and r.delta_perplexity is not None
     ]
     if forest:
-        out["perturbation_effects"] = fig_dir / "perturbation_effects.png"
-        report_figures.perturbation_effects(forest[:60], out["perturbation_effects"])
+        path = fig_dir / "perturbation_effects.png"
+        _draw(out, "perturbation_effects", path, report_figures.perturbation_effects, forest[:60])
     return out
 
 
@@ -77,11 +94,11 @@ def _comparison_figures(analysis: Analysis, members: list[int], result: Comparis
     tag = "-".join(analysis.labels[i] for i in members)
     names = [f"{analysis.labels[i]} ({analysis.runs[i].metric})" for i in members]
     ticks = [analysis.labels[i] for i in members]
-    out = {f"jaccard:{tag}": fig_dir / f"jaccard_k{largest}_{tag}.png"}
+    out: dict[str, Path] = {}
     matrix = np.array(result.overlap[largest].jaccard, dtype=float)
-    report_figures.overlap_heatmap(
-        matrix, names, f"Jaccard overlap of the global top-{largest}", out[f"jaccard:{tag}"], ticks
-    )
+    title = f"Jaccard overlap of the global top-{largest}"
+    path = fig_dir / f"jaccard_k{largest}_{tag}.png"
+    _draw(out, f"jaccard:{tag}", path, lambda p: report_figures.overlap_heatmap(matrix, names, title, p, ticks))
     sample = result.random_sample
     if sample:
         n = len(members)
@@ -89,10 +106,20 @@ def _comparison_figures(analysis: Analysis, members: list[int], result: Comparis
             [[1.0 if i == j else _value_or_nan(sample.spearman[i][j]) for j in range(n)] for i in range(n)],
             dtype=float,
         )
-        out[f"spearman:{tag}"] = fig_dir / f"spearman_{tag}.png"
         title = f"Spearman ρ of |score| over {fmt.count(sample.size)} random weights"
-        report_figures.overlap_heatmap(rho, names, title, out[f"spearman:{tag}"], ticks)
+        path = fig_dir / f"spearman_{tag}.png"
+        _draw(out, f"spearman:{tag}", path, lambda p: report_figures.overlap_heatmap(rho, names, title, p, ticks))
     return out
+
+
+def _draw(out: dict[str, Path], key: str, path: Path, draw: Callable[..., None], *args: object) -> None:
+    """Draw one figure into ``path`` and list it under ``key``; a failure is a printed note and the report
+    goes on without that figure."""
+    note = draw_or_note(path.name, lambda: draw(*args, path))
+    if note is None:
+        out[key] = path
+    else:
+        print(f"note: {note}.", file=sys.stderr)
 
 
 def _value_or_nan(c: RankCorrelation | None) -> float:
@@ -137,6 +164,8 @@ def report(
         raise CwaError(f"--sample must be 0 or more, got {sample}.")
     k_values = parse_ks(ks)
     loaded, skipped = load_runs(runs, skip_incomplete=True)
+    loaded, copies = distinct_runs(loaded)
+    skipped += copies
     for note in skipped:
         print(f"note: {note}", file=sys.stderr)
     analysis = analyse(loaded, k_values, int(sample), seed, location_k)

@@ -101,9 +101,15 @@ def sentence(f: Finding, labels: list[str]) -> str:
             f"The top-{n['k']} of {n['label']} ({who}) is {f.verdict} across calibration seeds "
             f"(mean pairwise Jaccard {_ci(f.value, f.interval)})."
         )
-    if f.verdict == "raises_perplexity":
+    if f.verdict in ("raises_perplexity", "lowers_perplexity"):
         numbers = f"Δppl = {_ci(f.value, f.interval, fmt.effect)}, p = {fmt.p_value(n['p_value'])}"
-        return f"{who}: {_perturbed(n)} raises held-out perplexity ({numbers})."
+        return f"{who}: {_perturbed(n)} {f.verdict.split('_')[0]} held-out perplexity ({numbers})."
+    if f.verdict == "undetermined":
+        return (
+            f"{who}: the effect of {_perturbed(n)} on held-out perplexity is undetermined: the interval covers 0 "
+            f"but reaches a doubling or more (Δppl = {_ci(f.value, f.interval, fmt.effect)}, "
+            f"p = {fmt.p_value(n['p_value'])}); evaluate more held-out sequences."
+        )
     if f.verdict == "no_effect":
         return (
             f"{who}: {_perturbed(n)} has no detectable effect on held-out perplexity "

@@ -102,7 +102,7 @@ def write_intervention(
     rows: Iterable[CsvRow],
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
-) -> None:
+) -> list[str]:
     """Write ``<kind>.csv``, the figures and ``<kind>.json`` (with the csv's sha256) as one set: all new, or
     after any failure or interrupt all the previous ones.
 
@@ -111,7 +111,8 @@ def write_intervention(
         kind: ``prune`` or ``protect``.
         rows: the table, baseline first.
         meta: the contents of the json (``status`` and the checksum are added).
-        figures: ``{file name under figures/: function drawing into a given path}``.
+        figures: ``{file name under figures/: function drawing into a given path}``; one that fails to draw
+            is left out, and its note is returned and recorded under ``figure_notes`` in the json.
     """
     csv_name, json_name, row_class = _FILES[kind]
     outputs = OutputSet(Path(directory))
@@ -119,12 +120,13 @@ def write_intervention(
         csv_tmp = outputs.stage(csv_name)
         write_rows(csv_tmp, row_class, rows)
         checksum = sha256(csv_tmp)
-        for name, draw in (figures or {}).items():
-            draw(outputs.stage(f"{FIGURES}/{name}"))
-        write_json(outputs.stage(json_name), {"status": "complete", **meta, f"{kind}_csv_sha256": checksum})
+        notes = outputs.draw(figures, FIGURES)
+        full = {"status": "complete", **meta, f"{kind}_csv_sha256": checksum, "figure_notes": notes}
+        write_json(outputs.stage(json_name), full)
         outputs.commit()
     finally:
         outputs.discard()
+    return notes
 
 
 def read_intervention(directory: Path, kind: Kind) -> tuple[list, dict] | None:

@@ -7,10 +7,11 @@ import contextlib
 import hashlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
-from cwa.common.io import inside
+from cwa.common.io import draw_or_note, inside
 
 
 def sha256(path: Path) -> str:
@@ -59,6 +60,23 @@ class OutputSet:
         """Delete ``directory / relative`` (if it exists) at the commit, before the staged files land: a file
         of the previous set that the new set does not have."""
         self._removed.append(self.directory / relative)
+
+    def draw(self, figures: Mapping[str, Callable[[Path], None]] | None, folder: str) -> list[str]:
+        """Stage each figure under ``folder``; one that fails to draw is left out of the set (the previous
+        set's file of that name is removed at the commit) and returned as a note, never raised: a figure must
+        not cost the results."""
+        notes = []
+        for name, draw in (figures or {}).items():
+            relative = f"{folder}/{name}"
+            tmp = self.stage(relative)
+            note = draw_or_note(name, partial(draw, tmp))
+            if note is not None:
+                self._staged.pop()
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                self.remove(relative)
+                notes.append(note)
+        return notes
 
     def commit(self) -> None:
         with _signals_deferred():

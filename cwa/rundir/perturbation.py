@@ -118,7 +118,7 @@ def write_perturbation(
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
     downstream: list[DownstreamRow] | None = None,
-) -> None:
+) -> list[str]:
     """Write ``perturb.csv``, the figures and ``perturb.json`` as one set: either all of them are the new
     ones or, after any failure or interrupt, all are the previous ones. ``perturb.json`` records the
     checksum of ``perturb.csv``, so a reader can tell a set that was split by a hard kill.
@@ -127,7 +127,8 @@ def write_perturbation(
         run_dir: the run directory.
         rows: the table, baseline first.
         meta: the contents of ``perturb.json`` (``status`` and the csv checksum are added).
-        figures: ``{file name under figures/: function drawing into a given path}``.
+        figures: ``{file name under figures/: function drawing into a given path}``; one that fails to draw
+            is left out, and its note is returned and recorded under ``figure_notes`` in the json.
         downstream: the lm-eval task rows (``downstream.csv``, its checksum in ``perturb.json``); None
             removes a previous run's ``downstream.csv`` with the commit.
     """
@@ -142,13 +143,13 @@ def write_perturbation(
             downstream_tmp = outputs.stage(DOWNSTREAM_CSV)
             write_downstream_csv(downstream_tmp, downstream)
             checksums["downstream_csv_sha256"] = sha256(downstream_tmp)
-        for name, draw in (figures or {}).items():
-            draw(outputs.stage(f"{FIGURES}/{name}"))
+        notes = outputs.draw(figures, FIGURES)
         json_tmp = outputs.stage(PERTURB_JSON)
-        write_json(json_tmp, {"status": "complete", **meta, **checksums})
+        write_json(json_tmp, {"status": "complete", **meta, **checksums, "figure_notes": notes})
         outputs.commit()
     finally:
         outputs.discard()
+    return notes
 
 
 @dataclass

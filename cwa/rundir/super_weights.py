@@ -14,9 +14,10 @@ from cwa.rundir.rows import cell
 
 def write_super_weights(
     run_dir: Path, rows: list[dict], summary: dict, figures: Mapping[str, Callable[[Path], None]] | None = None
-) -> None:
+) -> list[str]:
     """A find-super-weights run: ``super_weights.csv`` (one row per MLP output projection), the figures and
-    ``summary.json`` (``kind: find-super-weights``, written last) as one set."""
+    ``summary.json`` (``kind: find-super-weights``, written last) as one set; returns a note per figure that
+    could not be drawn (left out, the results still written)."""
     outputs = OutputSet(Path(run_dir))
     try:
         with open(outputs.stage(SUPER_WEIGHTS), "w", newline="", encoding="utf-8") as handle:
@@ -24,10 +25,11 @@ def write_super_weights(
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows({k: cell(v) for k, v in row.items()} for row in rows)
-        for name, draw in (figures or {}).items():
-            draw(outputs.stage(f"{FIGURES}/{name}"))
+        notes = outputs.draw(figures, FIGURES)
         full = {"status": "complete", "schema": SCHEMA_VERSION, "kind": SUPER_WEIGHTS_KIND, **summary}
+        full["figure_notes"] = notes
         write_json(outputs.stage(SUMMARY), full)
         outputs.commit()
     finally:
         outputs.discard()
+    return notes
