@@ -86,6 +86,11 @@ class Analysis:
             "downstream": {
                 self.names[i]: [r.as_dict() for r in rows] for i, rows in enumerate(self.downstream) if rows
             },
+            "interventions": {
+                self.names[i]: {"prune": [r.as_dict() for r in x.prune], "protect": [r.as_dict() for r in x.protect]}
+                for i, x in enumerate(self.interventions)
+                if x
+            },
             "findings": [f.as_dict() for f in self.findings],
             "skipped": self.skipped,
         }
