@@ -92,6 +92,8 @@ def main() -> None:
             f"({int(counts.max())}); their K = 0 output error per token: max {float(per_token.max()):.4g}, "
             f"median {float(per_token.median()):.4g}"
         )
+    for n, index in chosen.items():  # protection within one tensor, every other tensor rounded as at K = 0
+        print(f"protected only in {n} ({index.numel()}): perplexity {perplexity({**plain, n: guarded[n]}):.2f}")
     print("restored dense perplexity:", f"{perplexity(original):.2f}")
 
 
