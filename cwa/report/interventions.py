@@ -73,7 +73,8 @@ def section(labels: list[str], runs: list[Run], found: list[Interventions], outp
         "### Pruning and protection",
         "",
         "Δ perplexity is against the unpruned (dense) or unstressed model of the same command, with its 95% "
-        "bootstrap interval over held-out sequences; rows averaged over seeds stand for their seeds.",
+        "bootstrap interval over held-out sequences; a row over several seeds (seeds > 1) stands for them: the mean "
+        "over the seeds with a Student-t interval over the seeds, and no p-value.",
         "",
     ]
     for label, run, item in zip(labels, runs, found, strict=True):
