@@ -240,3 +240,48 @@ def test_an_interrupted_write_keeps_the_previous_set(tmp_path: Path) -> None:
     (tmp_path / "prune.csv").write_text((tmp_path / "prune.csv").read_text().replace("5", "6"))
     with pytest.raises(CwaError, match="interrupted cwa prune"):
         read_intervention(tmp_path, "prune")
+
+
+def test_report_shows_the_prune_and_protect_sets_of_a_run(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    import re
+
+    from cwa.cli import main
+    from cwa.common import format as fmt
+    from cwa.protect.recipe import ProtectRecipe
+    from cwa.prune.recipe import PruneRecipe
+
+    run = make_run(tmp_path / "a", tiny_dir, include=LINEAR)
+    plain = make_run(tmp_path / "b", tiny_dir, include=LINEAR)
+    PruneRecipe(run=[str(run)], sparsity=(0.5,), groups=("row",), structure=("unstructured",), **QUICK).run()
+    ProtectRecipe(
+        run=str(run), stress="rtn", levels=(3,), protect_k=(0, 5), controls=("random_matched",), seeds=(0, 1), **QUICK
+    ).run()
+    out = tmp_path / "report" / "r.md"
+    assert main(["report", str(run), str(plain), "--output", str(out), "--ks", "5", "--sample", "200"]) == 0
+    text = out.read_text()
+    section = text[text.index("### Pruning and protection") :]
+    section = section[: section.index("\n## ")] if "\n## " in section else section
+    lines = section.splitlines()
+    pruned, _ = read_intervention(run, "prune")
+    for row in pruned:
+        delta = fmt.interval(row.delta_perplexity, row.delta_perplexity_low, row.delta_perplexity_high, fmt.effect)
+        assert any(
+            line.startswith(f"| {row.metric} |") and f"| {fmt.perplexity(row.perplexity)} | {delta} |" in line
+            for line in lines
+        ), row
+    protected, _ = read_intervention(run, "protect")
+    shown = [line for line in lines if line.startswith("| rtn |")]
+    means = [r for r in protected if r.over == "seeds"]
+    singles = [r for r in protected if r.stress == "rtn" and r.protected != "random_matched"]
+    assert len(means) == 1 and len(shown) == len(singles) + 1  # the two random seeds are shown by their mean
+    mean_delta = fmt.interval(
+        means[0].delta_perplexity, means[0].delta_perplexity_low, means[0].delta_perplexity_high, fmt.effect
+    )
+    assert any("| random_matched |" in line and mean_delta in line and "| 2 |" in line for line in shown)
+    assert "R2 (`cwa" not in section  # the run without prune or protect sets has no table
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
+    assert sorted(Path(link).name for link in links) == ["protect_k.png", "protect_level.png", "prune.png"]
+    assert all((out.parent / link).exists() for link in links)
+    numbers = json.loads(out.with_suffix(".json").read_text())["interventions"]
+    assert list(numbers) == [run.parent.name + "/" + run.name]
+    assert [r["perplexity"] for r in next(iter(numbers.values()))["prune"]] == [r.perplexity for r in pruned]

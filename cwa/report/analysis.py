@@ -21,6 +21,7 @@ from cwa.report.findings import (
     stability_findings,
     strongest,
 )
+from cwa.report.interventions import Interventions, interventions_of
 from cwa.report.placement import LOCATION_K, Placement, placement_findings, placement_of
 from cwa.rundir import ConditionKind, DownstreamRow, PerturbRow, Run, unique_names
 
@@ -40,6 +41,7 @@ class Analysis:
         stability: (``compare_runs`` stability group, member positions) per group of seed replicates.
         perturbation: per run, its perturbation rows without the baseline ([] when it has none).
         downstream: per run, its lm-eval task rows with the baseline (downstream.csv; [] when it has none).
+        interventions: per run, the prune and protect rows written into its directory (empty when none).
         findings: every finding, in section order.
         skipped: notes on the directories left out (not complete runs).
     """
@@ -54,6 +56,7 @@ class Analysis:
     stability: list[tuple[StabilityGroup, tuple[int, ...]]]
     perturbation: list[list[PerturbRow]]
     downstream: list[list[DownstreamRow]] = field(default_factory=list)
+    interventions: list[Interventions] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -82,6 +85,11 @@ class Analysis:
             },
             "downstream": {
                 self.names[i]: [r.as_dict() for r in rows] for i, rows in enumerate(self.downstream) if rows
+            },
+            "interventions": {
+                self.names[i]: {"prune": [r.as_dict() for r in x.prune], "protect": [r.as_dict() for r in x.protect]}
+                for i, x in enumerate(self.interventions)
+                if x
             },
             "findings": [f.as_dict() for f in self.findings],
             "skipped": self.skipped,
@@ -140,6 +148,7 @@ def analyse(
             for run in runs
         ],
         downstream=[(run.perturbation.downstream or []) if run.perturbation else [] for run in runs],
+        interventions=[interventions_of(run) for run in runs],
     )
     found = analysis.findings
     for i, c in enumerate(analysis.concentration):

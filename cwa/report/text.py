@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cwa.common import format as fmt
 from cwa.report import findings as th
-from cwa.report.analysis import Analysis
 from cwa.report.findings import Finding
 from cwa.rundir import ConditionKind
+
+if TYPE_CHECKING:
+    from cwa.report.analysis import Analysis
 
 
 # -- formatting (the rules are cwa.common.format's) -------------------------------------------------

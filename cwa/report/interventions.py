@@ -1,0 +1,91 @@
+"""The report's section on ``cwa prune`` and ``cwa protect``: one compact table per run directory that holds a
+``prune.csv`` or ``protect.csv``, with the figures those commands drew linked beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cwa.common import format as fmt
+from cwa.report.text import _rel, _table
+from cwa.rundir import Run
+from cwa.rundir.interventions import ProtectRow, PruneRow, read_intervention
+
+PRUNE_FIGURES = ("prune.png",)
+PROTECT_FIGURES = ("protect_k.png", "protect_level.png")
+
+
+@dataclass
+class Interventions:
+    """The prune and protect rows written into one run directory (empty lists where there are none)."""
+
+    prune: list[PruneRow] = field(default_factory=list)
+    protect: list[ProtectRow] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.prune or self.protect)
+
+
+def interventions_of(run: Run) -> Interventions:
+    """The prune and protect sets of a run directory; an incomplete set stops in one sentence."""
+    prune, protect = read_intervention(run.path, "prune"), read_intervention(run.path, "protect")
+    return Interventions(prune[0] if prune else [], protect[0] if protect else [])
+
+
+def _delta(row: PruneRow | ProtectRow) -> str:
+    return fmt.interval(row.delta_perplexity, row.delta_perplexity_low, row.delta_perplexity_high, fmt.effect)
+
+
+def prune_table(rows: list[PruneRow]) -> list[str]:
+    """Metric, structure, group, sparsity, perplexity and Δ perplexity from the dense model per pruning."""
+    header = ["pruned by", "structure", "group", "sparsity", "removed", "ppl", "Δppl [95% CI]", "p"]
+    table = [
+        [r.metric, r.structure, r.group, fmt.percent(r.sparsity), fmt.count(r.removed), fmt.perplexity(r.perplexity),
+         _delta(r), fmt.p_value(r.p_value)]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, table)
+
+
+def _compact(rows: list[ProtectRow]) -> list[ProtectRow]:
+    """The rows to show: where several seeds were averaged, only their mean row."""
+    averaged = {(r.stress, r.level, r.protected, r.unit, r.k) for r in rows if r.over == "seeds"}
+    return [r for r in rows if r.over == "seeds" or (r.stress, r.level, r.protected, r.unit, r.k) not in averaged]
+
+
+def protect_table(rows: list[ProtectRow]) -> list[str]:
+    """Stress level, protected set, K and the quality against the unstressed model per condition."""
+    header = ["stress", "level", "protected", "unit", "K", "kept", "seeds", "ppl", "Δppl [95% CI]", "p"]
+    table = [
+        [r.stress, "" if r.level is None else f"{r.level_name} = {r.level:g}",
+         r.protected, r.unit, fmt.count(r.k), fmt.count(r.n_protected), str(r.seeds), fmt.perplexity(r.perplexity),
+         _delta(r), fmt.p_value(r.p_value)]
+        for r in _compact(rows)
+    ]  # fmt: skip
+    return _table(header, table)
+
+
+def section(labels: list[str], runs: list[Run], found: list[Interventions], output: Path) -> list[str]:
+    """The Markdown of the section (nothing when no run directory holds a prune or protect set)."""
+    if not any(found):
+        return []
+    lines = [
+        "### Pruning and protection",
+        "",
+        "Δ perplexity is against the unpruned (dense) or unstressed model of the same command, with its 95% "
+        "bootstrap interval over held-out sequences; a row over several seeds (seeds > 1) stands for them: the mean "
+        "over the seeds with a Student-t interval over the seeds, and no p-value.",
+        "",
+    ]
+    for label, run, item in zip(labels, runs, found, strict=True):
+        for kind, rows, table, names in (
+            ("prune", item.prune, prune_table, PRUNE_FIGURES),
+            ("protect", item.protect, protect_table, PROTECT_FIGURES),
+        ):
+            if not rows:
+                continue
+            lines += [f"{label} (`cwa {kind}`, {kind}.csv):", ""] + table(rows)
+            for name in names:
+                if (run.figures_dir / name).exists():
+                    lines += [f"![{label} {name}]({_rel(run.figures_dir / name, output.parent)})", ""]
+    return lines
