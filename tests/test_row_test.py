@@ -98,3 +98,11 @@ def test_gap_uses_the_median_of_the_controls_on_each_resample():
     resampled = torch.tensor([1.1 - 0.2, 0.9 - 0.1, 1.0 - 0.2], dtype=torch.float64)
     expected = torch.quantile(resampled, torch.tensor([0.25, 0.75], dtype=torch.float64))
     assert (low, high) == pytest.approx(expected.tolist())
+
+
+def test_row_controls_below_one_is_one_sentence():
+    from cwa.common.errors import CwaError
+    from cwa.find_super_weights.recipe import FindSuperWeights
+
+    with pytest.raises(CwaError, match=r"^row_controls must be at least 1, got 0\.$"):
+        FindSuperWeights(row_controls=0)
