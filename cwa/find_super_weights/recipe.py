@@ -23,11 +23,14 @@ from pathlib import Path
 import torch
 
 from cwa.ablation.perturbations import ChecksumCache, Zero, perturbed
+from cwa.ablation.row_test import RowTest
 from cwa.ablation.super_weights import Candidate, SuperWeightScan, find_super_weights, recovered_published
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
+from cwa.find_super_weights.row_test import print_row_test
+from cwa.find_super_weights.row_test import summary as row_test_summary
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
-from cwa.rundir import CONFIG, ConditionKind, PerturbRow, remove_unfinished_run, write_super_weights
+from cwa.rundir import CONFIG, ROW_TEST, ConditionKind, PerturbRow, remove_unfinished_run, write_super_weights
 
 SUPER = "super_weight"
 DAMAGING = "damaging"
@@ -56,6 +59,12 @@ class FindSuperWeights:
         confidence: coverage of the intervals.
         figures: write figures/activation_spikes.png.
         tensorboard: write per-layer spike scalars to TensorBoard.
+        row_test: the census-comparable row test (:mod:`cwa.ablation.row_test`): ablate the strongest
+            candidate's whole down-projection output row and ``row_controls`` random rows of the same tensor,
+            each alone, and write R = relative held-out NLL increase and G = R - median control R
+            (``row_test.csv``).
+        row_controls: random control rows of the row test.
+        row_seed: seed of the control rows' draw.
     """
 
     def __init__(
@@ -72,6 +81,9 @@ class FindSuperWeights:
         confidence: float = 0.95,
         figures: bool = True,
         tensorboard: bool = True,
+        row_test: bool = False,
+        row_controls: int = 5,
+        row_seed: int = 0,
     ) -> None:
         if blocks < 1:
             raise CwaError(f"blocks must be at least 1, got {blocks}.")
@@ -86,6 +98,11 @@ class FindSuperWeights:
         self.heldout_samples = heldout_samples
         self.statistics = StatisticsOptions(bootstrap, permutations, confidence)
         self.figures, self.tensorboard = figures, tensorboard
+        if row_controls < 1:
+            raise CwaError(f"row_controls must be at least 1, got {row_controls}.")
+        self.row_test_enabled, self.row_controls, self.row_seed = row_test, row_controls, row_seed
+        self.row_result: RowTest | None = None
+        self.baseline: Result | None = None
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self.rows: list[PerturbRow] = []
@@ -99,6 +116,8 @@ class FindSuperWeights:
             self.scan()
             if self.verify_candidates:
                 self.verify()
+            if self.row_test_enabled:
+                self.row_test()
             self.timings["total_s"] = time.perf_counter() - started
             self.write(config_yaml)
         except BaseException:
@@ -169,7 +188,7 @@ class FindSuperWeights:
         zero = Zero()
         start = time.perf_counter()
         with tqdm(total=len(candidates) + 1, desc="cwa find-super-weights", unit="condition", file=sys.stderr) as bar:
-            baseline = Result(None, self._evaluate(heldout), 0)
+            baseline = self.baseline = Result(None, self._evaluate(heldout), 0)
             bar.update(1)
             results = []
             for candidate in candidates:
@@ -181,6 +200,24 @@ class FindSuperWeights:
                 bar.update(1)
         self.rows = perturb_rows(baseline, results, self.statistics)
         self.timings["verify_s"] = time.perf_counter() - start
+
+    def row_test(self) -> None:
+        """The census row test on the strongest candidate (:mod:`cwa.find_super_weights.row_test`)."""
+        from cwa.find_super_weights.row_test import run_row_test
+
+        if not self.result.candidates:
+            self.notes.append("no candidate: the row test did not run.")
+            return
+        heldout = self.data.heldout
+        if heldout is None or heldout.shape[0] == 0:
+            raise CwaError(
+                "the held-out split is empty; raise data.heldout_fraction or set super_weights.row_test false."
+            )
+        start = time.perf_counter()
+        if self.baseline is None:
+            self.baseline = Result(None, self._evaluate(heldout), 0)
+        self.row_result = run_row_test(self, self.result.candidates[0])
+        self.timings["row_test_s"] = time.perf_counter() - start
 
     def write(self, config_yaml: str) -> None:
         """super_weights.csv, the figure and summary.json as one set; config.yaml; TensorBoard scalars."""
@@ -196,7 +233,8 @@ class FindSuperWeights:
 
             title = f"{self.pretrained} · MLP output projections"
             figures["activation_spikes.png"] = partial(activation_spikes, self.result, title)
-        for note in write_super_weights(self.run_dir, self.csv_rows(), self.summary(), figures):
+        tables = {} if self.row_result is None else {ROW_TEST: self.row_result.rows()}
+        for note in write_super_weights(self.run_dir, self.csv_rows(), self.summary(), figures, tables):
             print(f"note: {note}.", file=sys.stderr)
         if self.tensorboard:
             self._tensorboard()
@@ -261,6 +299,7 @@ class FindSuperWeights:
             if self.result.experts is None
             else [asdict(e) for e in self.result.experts.super_experts],
             "published": published,
+            "row_test": None if self.row_result is None else row_test_summary(self.row_result),
             "heldout": None
             if baseline is None
             else {"sequences": int(self.data.heldout.shape[0]), "perplexity": baseline.perplexity},
@@ -280,6 +319,9 @@ class FindSuperWeights:
             "max_verify": self.max_verify,
             "min_increase": self.min_increase,
             "heldout_samples": self.heldout_samples,
+            "row_test": self.row_test_enabled,
+            "row_controls": self.row_controls,
+            "row_seed": self.row_seed,
             **vars(self.statistics),
         }
 
@@ -310,6 +352,8 @@ class FindSuperWeights:
         for p, c in recovered_published(result, self.pretrained):
             found = f"recovered (candidate {c.rank})" if c is not None else "not among the candidates"
             print(f"  published ({p.model}) layer {p.layer} [{p.row}, {p.col}]: {found}")
+        if self.row_result is not None:
+            print_row_test(self.row_result)
         for note in self.notes:
             print(f"  note: {note}")
         print(f"  run directory: {self.run_dir}")

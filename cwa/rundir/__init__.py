@@ -15,6 +15,7 @@ callbacks below it in the call chain can write through it.
 | ``perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` (one set) | :attr:`Run.perturbation` |
 | ``downstream.csv`` | :func:`.perturbation.write_perturbation` (same set, ``--tasks``) | :attr:`Run.perturbation` |
 | ``super_weights.csv`` | :func:`.super_weights.write_super_weights` (one set with its summary) | find-super-weights |
+| ``row_test.csv`` | :func:`.super_weights.write_super_weights` (same set, ``row_test``) | find-super-weights |
 | ``accumulators/`` | :mod:`cwa.scoring.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |
 | ``figures/`` | the figures callback; perturb (one set with its csv) | the report |
 
@@ -34,6 +35,7 @@ from cwa.rundir.files import (
     FIT_KIND,
     PERTURB_CSV,
     PERTURB_JSON,
+    ROW_TEST,
     SCHEMA_VERSION,
     SCORES,
     SCORES_FORMAT,
@@ -86,6 +88,7 @@ __all__ = [
     "SCORES",
     "SCORES_FORMAT",
     "SUMMARY",
+    "ROW_TEST",
     "SUPER_WEIGHTS",
     "SUPER_WEIGHTS_KIND",
     "TOPK",

@@ -13,18 +13,24 @@ from cwa.rundir.rows import cell
 
 
 def write_super_weights(
-    run_dir: Path, rows: list[dict], summary: dict, figures: Mapping[str, Callable[[Path], None]] | None = None
+    run_dir: Path,
+    rows: list[dict],
+    summary: dict,
+    figures: Mapping[str, Callable[[Path], None]] | None = None,
+    tables: Mapping[str, list[dict]] | None = None,
 ) -> list[str]:
-    """A find-super-weights run: ``super_weights.csv`` (one row per MLP output projection), the figures and
-    ``summary.json`` (``kind: find-super-weights``, written last) as one set; returns a note per figure that
-    could not be drawn (left out, the results still written)."""
+    """A find-super-weights run: ``super_weights.csv`` (one row per MLP output projection), further tables
+    (file name -> rows, e.g. ``row_test.csv``), the figures and ``summary.json`` (``kind: find-super-weights``,
+    written last) as one set; returns a note per figure that could not be drawn (left out, the results still
+    written)."""
     outputs = OutputSet(Path(run_dir))
     try:
-        with open(outputs.stage(SUPER_WEIGHTS), "w", newline="", encoding="utf-8") as handle:
-            columns = list(dict.fromkeys(key for row in rows for key in row))
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows({k: cell(v) for k, v in row.items()} for row in rows)
+        for name, table in {SUPER_WEIGHTS: rows, **(tables or {})}.items():
+            with open(outputs.stage(name), "w", newline="", encoding="utf-8") as handle:
+                columns = list(dict.fromkeys(key for row in table for key in row))
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows({k: cell(v) for k, v in row.items()} for row in table)
         notes = outputs.draw(figures, FIGURES)
         full = {"status": "complete", "schema": SCHEMA_VERSION, "kind": SUPER_WEIGHTS_KIND, **summary}
         full["figure_notes"] = notes
