@@ -270,6 +270,7 @@ def test_without_lm_eval_tasks_end_in_one_sentence(tiny_dir: Path, tmp_path: Pat
     PerturbRecipe(run=str(run), ks=(2,), single=0, controls=())  # no --tasks: no lm-eval needed
 
 
+@pytest.mark.slow  # a fresh interpreter importing every command (about 6 s)
 def test_cwa_imports_no_lm_eval() -> None:
     code = (
         "import sys, cwa, cwa.perturb.recipe, cwa.perturb.downstream, cwa.report.recipe, cwa.cli; "
