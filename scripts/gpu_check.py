@@ -74,7 +74,7 @@ PLANS = {
     "llama-3.1-8b": Plan(
         PRESETS["llama-3.1-8b"], 100, 512, 8, 8, 8, 4 * 2**30, r"layers\.[01]\.mlp\.down_proj", "layers.31", 100
     ),
-    "tiny": Plan(TINY, 8, 64, 4, 4, 4, 2**17, r"layers\.[01]\.mlp\.down_proj", "layers.1", 16),
+    "tiny": Plan(TINY, 8, 64, 4, 4, 6, 2**17, r"layers\.[01]\.mlp\.down_proj", "layers.1", 16),
 }
 
 
