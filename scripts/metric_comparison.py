@@ -3,6 +3,7 @@ metric's top 1, 10 and 100 weights (the table in the README).
 
 Usage (from the project's root, after its README set-up):
     .venv/bin/python scripts/metric_comparison.py --output /tmp/metrics [--samples 16] [--heldout 16]
+    .venv/bin/python scripts/metric_comparison.py --output /tmp/metrics-gemma --config configs/gemma3-270m.yaml
 
 Every step is a cwa command (fit-sensitivity, perturb per run, compare over all runs); finished steps are
 reused when the script is run again with the same output directory. It prints a Markdown table. The metrics
@@ -31,7 +32,7 @@ def cwa(*args: str) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def fit(out: Path, metrics: list[str], samples: int) -> dict[str, Path]:
+def fit(out: Path, metrics: list[str], samples: int, config: str, k: int) -> dict[str, Path]:
     """Score ``metrics`` on the same blocks: one run for one metric, one shared pass for several."""
     name = metrics[0] if len(metrics) == 1 else "shared"
     runs = {m: out / "logs" / name / ("version_0" if len(metrics) == 1 else f"version_0-{m}") for m in metrics}
@@ -39,7 +40,8 @@ def fit(out: Path, metrics: list[str], samples: int) -> dict[str, Path]:
         cwa(
             "fit-sensitivity",
             "--config",
-            "configs/smollm2-135m.yaml",
+            config,
+            f"--model.k={k}",
             f"--model.metric={metrics[0] if len(metrics) == 1 else '[' + ', '.join(metrics) + ']'}",
             f"--data.num_samples={samples}",
             f"--trainer.logger.init_args.save_dir={out / 'logs'}",
@@ -116,11 +118,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="calibration blocks of 256 tokens (default 16)")
     parser.add_argument("--heldout", type=int, default=16, help="held-out blocks for perturb (default 16)")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS))
+    parser.add_argument("--config", default="configs/smollm2-135m.yaml", help="the model's config (default SmolLM2)")
+    parser.add_argument("--k", type=int, default=10000, help="top-K kept per run (default 10000, for cwa protect)")
     args = parser.parse_args()
     out = args.output.resolve()
     shared = [m for m in args.metrics if m in SHAREABLE]
     passes = ([shared] if len(shared) > 1 else [[m] for m in shared]) + [[m] for m in args.metrics if m not in shared]
-    found = {m: run for metrics in passes for m, run in fit(out, metrics, args.samples).items()}
+    found = {m: run for metrics in passes for m, run in fit(out, metrics, args.samples, args.config, args.k).items()}
     runs = {m: found[m] for m in args.metrics}  # the table in the order asked for
     for run in runs.values():
         perturb(run, args.heldout)
