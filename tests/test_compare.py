@@ -30,6 +30,7 @@ LAYOUT = {
     "model.layers.2.mlp.down_proj.weight": (8, 16),
     "model.norm.weight": (8,),
 }
+MODEL_PARAMETERS = sum(math.prod(shape) for shape in LAYOUT.values())
 
 
 def random_scores(seed: int, layout: dict = LAYOUT) -> dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ def make_run(
         created="2026-01-01T00:00:00+00:00",
         model_class="LlamaForCausalLM",
         dtype="float32",
-        num_parameters=numel,
+        num_parameters=MODEL_PARAMETERS,  # the model's, whatever the run scores of it
         num_scored=numel,
         scored_tensors=len(scores),
         samples=8,

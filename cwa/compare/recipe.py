@@ -1,7 +1,8 @@
 """``cwa compare RUN RUN ...``: how far runs agree on which weights are critical.
 
-For two or more fit-sensitivity runs (different metrics, seeds, calibration subsets, or models of one
-architecture) this computes, from the runs' artifacts only (the model is never loaded):
+For two or more fit-sensitivity runs of one model (different metrics, seeds, calibration subsets or settings;
+runs of several models are refused, see ``cwa.compare.models``) this computes, from the runs' artifacts only
+(the model is never loaded):
 
 - top-K overlap (Jaccard and overlap coefficient) of the global top-K sets at several K;
 - Spearman and Kendall rank correlation of |score| over the union of two runs' top-K sets and over a
@@ -29,6 +30,7 @@ import numpy as np
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.common.io import draw_or_note, write_json
+from cwa.compare.models import require_one_model
 from cwa.compare.result import (
     Comparison,
     Correlations,
@@ -220,6 +222,7 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
         raise CwaError("compare needs at least two run directories.")
     notes = []
     names = unique_names(runs)
+    require_one_model(runs, names)
     common, note = common_parameters(runs)
     if note:
         notes.append(note)

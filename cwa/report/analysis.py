@@ -7,9 +7,12 @@ executive summary from the findings' sections, verdicts and strength. The render
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from cwa.compare.models import model_groups
 from cwa.compare.recipe import DEFAULT_SAMPLE, compare_runs
 from cwa.compare.result import Comparison, StabilityGroup
+from cwa.report.across_models import CrossModel, across_models_of
 from cwa.report.findings import (
     FINDING_SOURCES,
     Finding,
@@ -42,6 +45,7 @@ class Analysis:
         perturbation: per run, its perturbation rows without the baseline ([] when it has none).
         downstream: per run, its lm-eval task rows with the baseline (downstream.csv; [] when it has none).
         interventions: per run, the prune and protect rows written into its directory (empty when none).
+        across_models: the "Across models" section when the runs scored more than one model, else None.
         findings: every finding, in section order.
         skipped: notes on the directories left out (not complete runs).
     """
@@ -57,6 +61,7 @@ class Analysis:
     perturbation: list[list[PerturbRow]]
     downstream: list[list[DownstreamRow]] = field(default_factory=list)
     interventions: list[Interventions] = field(default_factory=list)
+    across_models: CrossModel | None = None
     findings: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -91,17 +96,20 @@ class Analysis:
                 for i, x in enumerate(self.interventions)
                 if x
             },
+            "across_models": None if self.across_models is None else self.across_models.to_json(),
             "findings": [f.as_dict() for f in self.findings],
             "skipped": self.skipped,
         }
 
 
 def layout_groups(runs: list[Run]) -> list[list[int]]:
-    """Runs that score the same parameters with the same shapes (the only ones whose scores compare)."""
+    """Runs of one model (``cwa.compare.models``) that score the same parameters with the same shapes: the only
+    ones whose weight coordinates and scores compare."""
     groups: dict[tuple, list[int]] = {}
-    for i, run in enumerate(runs):
-        groups.setdefault(tuple(run.shapes.items()), []).append(i)
-    return list(groups.values())
+    for g, (_, members) in enumerate(model_groups(runs)):
+        for i in members:
+            groups.setdefault((g, tuple(runs[i].shapes.items())), []).append(i)
+    return sorted(groups.values())
 
 
 def _stability_positions(runs: list[Run], members: list[int], group: StabilityGroup) -> tuple[int, ...]:
@@ -117,6 +125,7 @@ def analyse(
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
     location_k: int = LOCATION_K,
+    super_runs: list[tuple[Path, dict]] | None = None,
 ) -> Analysis:
     """Every statistic and finding of the report, from the runs alone (pure apart from reading them).
 
@@ -126,6 +135,7 @@ def analyse(
         sample: size of the uniform random sample of weights for rank correlations between runs.
         seed: seed of that sample and of the bootstraps.
         location_k: size of the global top-K whose placement (modules, layers, rows/columns) is analysed.
+        super_runs: (directory, summary.json) of find-super-weights runs, for the "Across models" section.
     """
     comparisons = [
         (members, compare_runs([runs[i] for i in members], ks, sample, seed))
@@ -162,6 +172,8 @@ def analyse(
     for i, rows in enumerate(analysis.perturbation):
         found += perturbation_findings(i, rows)
     found += reproducibility_findings(runs, comparisons)
+    analysis.across_models = across_models_of(runs, analysis.names, location_k, super_runs)
+    found += analysis.across_models.findings if analysis.across_models else []
     for source in FINDING_SOURCES.values():
         found += source(runs)
     return analysis
@@ -170,13 +182,15 @@ def analyse(
 # -- the executive summary: picked by section, verdict and strength, never from rendered text ----------
 HEADLINE_AGREEMENT_PAIRS = 3
 HEADLINE_PERTURBATION_PER_RUN = 2
+HEADLINE_BETWEEN_MODELS = 2
 
 
 def headlines(analysis: Analysis) -> list[list[Finding]]:
     """The executive summary's claims, each a group of findings rendered as one sentence: the concentrated
     runs together; the strongest recurring row, column or residual dimension; the strongest agreement or
     disagreement between runs of different metrics (up to three pairs); every stability verdict; the
-    strongest perturbation effects of each run (up to two)."""
+    strongest perturbation effects of each run (up to two); the largest supported differences of effect between
+    models (up to two)."""
     out: list[list[Finding]] = []
     concentrated = [f for f in analysis.of("concentration") if f.verdict == "concentrated"]
     if concentrated:
@@ -197,7 +211,8 @@ def headlines(analysis: Analysis) -> list[list[Finding]]:
             if f.runs == (i,) and f.verdict in ("raises_perplexity", "lowers_perplexity", "costs_more_than_control")
         ]
         out += [[f] for f in effects[:HEADLINE_PERTURBATION_PER_RUN]]
-    return out
+    between_models = [f for f in analysis.of("across_models") if f.verdict == "larger_effect"]
+    return out + [[f] for f in between_models[:HEADLINE_BETWEEN_MODELS]]
 
 
 def agreement_pairs(analysis: Analysis) -> list[list[Finding]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cwa.common import format as fmt
 from cwa.compare.result import Comparison
+from cwa.report import across_models_text as across_models
 from cwa.report import findings as th
 from cwa.report import interventions
 from cwa.report.analysis import Analysis, agreement_pairs
@@ -55,6 +56,7 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
     lines += concentration(analysis, fig)
     lines += placement(analysis, fig)
     lines += agreement(analysis, fig)
+    lines += across_models.section(analysis.across_models, analysis.labels, fig)
     lines += stability(analysis)
     lines += perturbation(analysis, output, fig)
     lines += downstream(analysis)

@@ -124,18 +124,26 @@ def _residual_dimensions(run: Run, top) -> list[dict]:
     return out
 
 
-def placement_of(run: Run, k: int = LOCATION_K) -> Placement | None:
-    """Global top-k by module type and layer (enrichment vs. each one's share of the scored weights, binomial
-    test, Bonferroni-adjusted), and rows/columns that hold more top-k weights than chance allows."""
+def untied_topk(run: Run, k: int) -> TopK | None:
+    """The run's global top-k (k capped at what it can give) without the weights tied with the first one left out:
+    those are in the top-K by the tie-break alone, so where they sit says nothing about the data. None when the
+    run gives no top-K."""
     k = min(k, run.max_global_k)
     top = run.global_topk(k)
     if top is None or len(top) == 0:
         return None
     tied = run.cutoff_tie(k) or 0
-    if tied:
-        # Weights tied with the first one left out are in the top-K by the tie-break alone: where they sit
-        # says nothing about the data, so only the weights strictly above the cutoff are placed.
-        top = top.prefix(len(top) - tied)
+    return top.prefix(len(top) - tied) if tied else top
+
+
+def placement_of(run: Run, k: int = LOCATION_K) -> Placement | None:
+    """Global top-k by module type and layer (enrichment vs. each one's share of the scored weights, binomial
+    test, Bonferroni-adjusted), and rows/columns that hold more top-k weights than chance allows."""
+    k = min(k, run.max_global_k)
+    top = untied_topk(run, k)
+    if top is None:
+        return None
+    tied = k - len(top)
     if len(top) == 0:
         return Placement(k=0, tied=tied)
     infos = run.infos

@@ -18,6 +18,7 @@ from cwa.common.errors import CwaError
 from cwa.common.io import atomic_open, draw_or_note, write_json
 from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
 from cwa.compare.result import Comparison, RankCorrelation
+from cwa.report.across_models import read_super_weight_runs
 from cwa.report.analysis import Analysis, analyse, headlines
 from cwa.report.markdown import render
 from cwa.report.placement import LOCATION_K
@@ -66,6 +67,11 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         _draw(out, "topk_by_module", fig_dir / "topk_by_module.png", report_figures.module_distribution, locs)
     for members, result in analysis.comparisons:
         out.update(_comparison_figures(analysis, members, result, fig_dir))
+    if analysis.across_models is not None and analysis.across_models.shares:
+        from cwa.report import across_models_text as across
+
+        path = fig_dir / "across_models_depth.png"
+        _draw(out, across.FIGURE_KEY, path, across.draw_depth_figure, analysis.across_models.shares)
     forest = [
         {
             "label": f"{labels[i]} · {r.target} · {r.perturbation} · K={r.k}"
@@ -168,7 +174,7 @@ def report(
     skipped += copies
     for note in skipped:
         print(f"note: {note}", file=sys.stderr)
-    analysis = analyse(loaded, k_values, int(sample), seed, location_k)
+    analysis = analyse(loaded, k_values, int(sample), seed, location_k, read_super_weight_runs(runs))
     analysis.skipped = skipped
     figure_paths = draw_figures(analysis, output.with_name(output.stem + "-figures")) if figures else {}
     text = render(analysis, output, figure_paths, headlines(analysis))

@@ -67,6 +67,10 @@ def _perturbed(n: dict) -> str:
 def sentence(f: Finding, labels: list[str]) -> str:
     """The finding as one sentence with its numbers, its runs named by their labels."""
     n, who = f.numbers, " and ".join(labels[i] for i in f.runs)
+    if f.section == "across_models":
+        from cwa.report import across_models_text
+
+        return across_models_text.sentence(f, labels)
     if f.verdict in ("concentrated", "evenly_spread"):
         numbers = (
             f"the top 1% hold {fmt.percent(n['top_share'])} of the total |score| ({f.value:.1f}× an equal share), "

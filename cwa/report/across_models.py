@@ -1,0 +1,306 @@
+"""The report's "Across models" section, as data: where each model's critical weights sit by relative depth and
+normalised module type, the perturbation effects of each model side by side, and each model's strongest
+super-weight candidate.
+
+A weight's coordinates mean nothing across models, so nothing here compares them: runs of different models are
+compared only through coordinates every model shares (:mod:`cwa.report.module_types`) and through effect sizes
+on the scale of each model's own baseline (the perplexity ratio exp(Δ mean NLL)). :func:`across_models_of` returns
+None when the runs scored one model. The Markdown and the figure are :mod:`cwa.report.across_models_text`'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cwa.common.errors import CwaError
+from cwa.common.io import read_regular
+from cwa.compare.models import ModelId, display_names, group_models, model_of
+from cwa.model.params import ParamInfo, split_name
+from cwa.report.findings import Finding
+from cwa.report.module_types import DEPTH_BINS, MODULE_TYPES, count_layers, depth_bin, module_type, relative_depth
+from cwa.report.placement import untied_topk
+from cwa.rundir import SUMMARY, SUPER_WEIGHTS_KIND, ConditionKind, PerturbRow, Run
+from cwa.rundir.validate import SUMMARY_BYTES
+
+SECTION = "across_models"
+
+
+@dataclass
+class Shares:
+    """Where one model's top-K of one metric sit, averaged over that model's runs of the metric.
+
+    Args:
+        model: the model's display name.
+        metric: the metric.
+        runs: positions of the runs averaged.
+        k: per run, how many top-K weights were placed (ties at the cutoff left out).
+        layers: the number of blocks the model's tensors span.
+        depth: relative-depth bin -> share of the top-K (mean over ``runs``).
+        module: normalised module type -> share of the top-K.
+        cells: relative-depth bin -> module type -> share of the top-K (the figure's stacked bars).
+    """
+
+    model: str
+    metric: str
+    runs: tuple[int, ...]
+    k: list[int]
+    layers: int
+    depth: dict[str, float] = field(default_factory=dict)
+    module: dict[str, float] = field(default_factory=dict)
+    cells: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Effect:
+    """One model's result for one perturbation condition: the perplexity ratio to its own baseline
+    (exp(Δ mean NLL)) and Δ mean NLL, each with its 95% interval from perturb.csv."""
+
+    run: int
+    ratio: float
+    ratio_low: float | None
+    ratio_high: float | None
+    delta_nll: float
+    delta_nll_low: float | None
+    delta_nll_high: float | None
+    n_weights: int
+    p_value: float | None
+
+
+@dataclass
+class EffectRow:
+    """A condition that means the same in every model: metric, perturbation, target (top-K or a control), unit,
+    K and control seed; ``effects`` maps each model's display name to its result (the first of its runs)."""
+
+    metric: str
+    perturbation: str
+    target: str
+    unit: str
+    k: int | None
+    seed: int | None
+    effects: dict[str, Effect] = field(default_factory=dict)
+
+
+@dataclass
+class SuperCandidate:
+    """A model's strongest super-weight candidate (the largest ablation effect; rank 1 when none was ablated)."""
+
+    model: str
+    run: str
+    parameter: str
+    layer: int
+    layers: int
+    relative_depth: float
+    module: str
+    verdict: str
+    candidates: int
+    super_weights: int
+    ratio: float | None
+    ratio_low: float | None
+    ratio_high: float | None
+    p_value: float | None
+
+
+@dataclass
+class CrossModel:
+    """The section: the models (display names, in order of first appearance), their runs' positions, the shares,
+    the effects side by side, the super-weight candidates and the findings."""
+
+    models: list[str]
+    members: dict[str, list[int]]
+    shares: list[Shares]
+    effects: list[EffectRow]
+    super_weights: list[SuperCandidate]
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "models": self.models,
+            "members": self.members,
+            "shares": [asdict(s) for s in self.shares],
+            "effects": [asdict(e) for e in self.effects],
+            "super_weights": [asdict(c) for c in self.super_weights],
+        }
+
+
+# -- find-super-weights runs (only what this section needs: their summary.json) ---------------------------
+def read_super_weight_runs(paths: list[str | Path]) -> list[tuple[Path, dict]]:
+    """(directory, summary) of every complete find-super-weights run among ``paths``; anything else is left to
+    the fit-sensitivity reader (which skips these with a note)."""
+    out = []
+    for path in paths:
+        file = Path(path).expanduser() / SUMMARY
+        try:
+            summary = json.loads(read_regular(file, SUMMARY_BYTES, "summary").decode("utf-8"))
+        except (CwaError, OSError, ValueError, RecursionError):
+            continue  # not readable here: the fit-sensitivity reader says why, or skips it
+        complete = isinstance(summary, dict) and summary.get("status") == "complete"
+        if complete and summary.get("kind") == SUPER_WEIGHTS_KIND and isinstance(summary.get("model"), str):
+            out.append((Path(path), summary))
+    return out
+
+
+def _strongest_candidate(model: str, path: Path, summary: dict) -> SuperCandidate | None:
+    candidates = [c for c in summary.get("candidates") or [] if isinstance(c, dict) and "parameter" in c]
+    if not candidates:
+        return None
+
+    def effect(c: dict) -> float:
+        value = (c.get("ablation") or {}).get("delta_nll")
+        return value if isinstance(value, int | float) and math.isfinite(value) else -math.inf
+
+    ablated = [c for c in candidates if effect(c) > -math.inf]
+    best = max(ablated, key=effect) if ablated else min(candidates, key=lambda c: c.get("rank", math.inf))
+    ablation = best.get("ablation") or {}
+    layer, layers = int(best.get("layer", 0)), int(summary.get("layers") or 0) or int(best.get("layer", 0)) + 1
+    name = str(best["parameter"])
+    info = ParamInfo(name, (), *split_name(name))
+    return SuperCandidate(
+        model=model, run=str(path), parameter=name, layer=layer, layers=layers,
+        relative_depth=relative_depth(layer, layers), module=module_type(info), verdict=str(best.get("verdict", "")),
+        candidates=len(candidates), super_weights=len(summary.get("super_weights") or []),
+        ratio=_exp(ablation.get("delta_nll")), ratio_low=_exp(ablation.get("delta_nll_low")),
+        ratio_high=_exp(ablation.get("delta_nll_high")), p_value=ablation.get("p_value"),
+    )  # fmt: skip
+
+
+def _exp(x: object) -> float | None:
+    if not isinstance(x, int | float) or math.isnan(x):
+        return None
+    return math.exp(x) if x < 700 else math.inf
+
+
+# -- where the top-K sit -----------------------------------------------------------------------------
+def _run_counts(run: Run, k: int) -> tuple[int, Counter, Counter, Counter] | None:
+    top = untied_topk(run, k)
+    if top is None or len(top) == 0:
+        return None
+    layers = count_layers(run.infos)
+    depth, module, cells = Counter(), Counter(), Counter()
+    for p in top.param.tolist():
+        info = run.infos[top.names[p]]
+        d, m = depth_bin(info, layers), module_type(info)
+        depth[d] += 1
+        module[m] += 1
+        cells[(d, m)] += 1
+    return len(top), depth, module, cells
+
+
+def shares_of(runs: list[Run], positions: list[int], model: str, metric: str, k: int) -> Shares | None:
+    """The mean shares of the top-``k`` over one model's runs of one metric (None when none can give a top-K)."""
+    counted = [(i, _run_counts(runs[i], k)) for i in positions]
+    counted = [(i, c) for i, c in counted if c is not None]
+    if not counted:
+        return None
+    out = Shares(model, metric, tuple(i for i, _ in counted), [c[0] for _, c in counted],
+                 max(count_layers(runs[i].infos) for i, _ in counted))  # fmt: skip
+    n = len(counted)
+    for d in DEPTH_BINS:
+        out.depth[d] = sum(c[1][d] / c[0] for _, c in counted) / n
+        row = {m: sum(c[3][(d, m)] / c[0] for _, c in counted) / n for m in MODULE_TYPES}
+        out.cells[d] = {m: v for m, v in row.items() if v}
+    for m in MODULE_TYPES:
+        out.module[m] = sum(c[2][m] / c[0] for _, c in counted) / n
+    return out
+
+
+# -- effects side by side -------------------------------------------------------------------------------
+def perturb_rows(run: Run) -> list[PerturbRow]:
+    """The run's perturbation rows: the one place this section reads perturb results (``Run.perturbation``)."""
+    return run.perturbation.rows if run.perturbation else []
+
+
+def _effect(i: int, r: PerturbRow) -> Effect | None:
+    if r.delta_nll is None or not math.isfinite(r.delta_nll):
+        return None
+    low, high = r.delta_nll_low, r.delta_nll_high
+    return Effect(i, _exp(r.delta_nll), _exp(low), _exp(high), r.delta_nll, low, high, r.n_weights, r.p_value)
+
+
+def effect_rows(runs: list[Run], groups: dict[str, list[int]]) -> list[EffectRow]:
+    """Top-K and control conditions (not restored twins) that at least two models ran, side by side."""
+    rows: dict[tuple, EffectRow] = {}
+    for model, positions in groups.items():
+        for i in positions:
+            for r in perturb_rows(runs[i]):
+                if r.kind not in (ConditionKind.TOPK, ConditionKind.CONTROL) or r.restore:
+                    continue
+                key = (runs[i].metric, r.perturbation, r.target, r.unit, r.k, r.seed)
+                effect = _effect(i, r)
+                if effect is not None:
+                    rows.setdefault(key, EffectRow(*key)).effects.setdefault(model, effect)
+    order = {m: n for n, m in enumerate(groups)}
+    shared = [row for row in rows.values() if len(row.effects) >= 2]
+    for row in shared:
+        row.effects = dict(sorted(row.effects.items(), key=lambda item: order[item[0]]))
+    return sorted(shared, key=lambda r: (r.metric, r.perturbation, r.unit, r.k or 0, r.target != "topk", r.target,
+                                         r.seed or 0))  # fmt: skip
+
+
+def effect_findings(rows: list[EffectRow], names: list[str]) -> list[Finding]:
+    """For each top-K condition run on two models: ``larger_effect`` when one model's 95% interval of Δ mean NLL
+    lies entirely above the other's (the difference is supported), ``effects_overlap`` when the intervals overlap
+    (the runs cannot tell the models apart). Disjoint 95% intervals imply a difference at p < 0.05 (conservative)."""
+    out = []
+    statistic = "perplexity ratio to the model's own baseline, exp(Δ mean NLL)"
+    for row in rows:
+        if row.target != ConditionKind.TOPK:
+            continue
+        for (ma, a), (mb, b) in itertools.combinations(row.effects.items(), 2):
+            if None in (a.delta_nll_low, a.delta_nll_high, b.delta_nll_low, b.delta_nll_high):
+                continue
+            if a.delta_nll_low < b.delta_nll_high and b.delta_nll_low < a.delta_nll_high:
+                verdict, (hi, mh), (lo, ml), strength = "effects_overlap", (a, ma), (b, mb), 0.0
+            else:
+                (hi, mh), (lo, ml) = ((a, ma), (b, mb)) if a.delta_nll_low >= b.delta_nll_high else ((b, mb), (a, ma))
+                verdict, strength = "larger_effect", hi.delta_nll_low - lo.delta_nll_high
+            numbers = {
+                "metric": row.metric, "perturbation": row.perturbation, "unit": row.unit, "k": row.k,
+                "models": [mh, ml], "names": [names[hi.run], names[lo.run]], "other_ratio": lo.ratio,
+                "other_interval": [lo.ratio_low, lo.ratio_high], "n_weights": [hi.n_weights, lo.n_weights],
+            }  # fmt: skip
+            out.append(Finding(SECTION, verdict, (hi.run, lo.run), statistic, hi.ratio, None,
+                               (hi.ratio_low, hi.ratio_high), strength, numbers))  # fmt: skip
+    return sorted(out, key=lambda f: -f.strength)
+
+
+# -- the section ----------------------------------------------------------------------------------------
+def across_models_of(
+    runs: list[Run], names: list[str], location_k: int, super_runs: list[tuple[Path, dict]] | None = None
+) -> CrossModel | None:
+    """The "Across models" section of a report over ``runs`` (and find-super-weights runs), or None when they
+    scored a single model.
+
+    Args:
+        runs: the report's fit-sensitivity runs.
+        names: their names, for the findings' numbers.
+        location_k: the top-K placed per run (the report's ``--location_k``).
+        super_runs: (directory, summary.json) of find-super-weights runs given to the report.
+    """
+    super_runs = super_runs or []
+    ids = [model_of(r) for r in runs] + [ModelId(str(s["model"])) for _, s in super_runs]
+    groups = group_models(ids)
+    if len(groups) < 2:
+        return None
+    labels = display_names([m for m, _ in groups])
+    fit_members = {label: [i for i in members if i < len(runs)] for label, (_, members) in zip(labels, groups,
+                                                                                              strict=True)}  # fmt: skip
+    shares = []
+    for metric in sorted({r.metric for r in runs}):
+        for label, members in fit_members.items():
+            of_metric = [i for i in members if runs[i].metric == metric]
+            s = shares_of(runs, of_metric, label, metric, location_k) if of_metric else None
+            shares += [s] if s else []
+    effects = effect_rows(runs, {label: m for label, m in fit_members.items() if m})
+    candidates = []
+    for label, (_, members) in zip(labels, groups, strict=True):
+        for j in (i - len(runs) for i in members if i >= len(runs)):
+            c = _strongest_candidate(label, *super_runs[j])
+            candidates += [c] if c else []
+    section = CrossModel(labels, fit_members, shares, effects, candidates)
+    section.findings = effect_findings(effects, names)
+    return section
