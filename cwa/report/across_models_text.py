@@ -16,6 +16,11 @@ FIGURE_KEY = "across_models_depth"
 
 Figure = Callable[[str, str], list[str]]
 
+# One colour per module type in every report: attention in blues, the MLP in oranges, the rest apart.
+COLOURS = dict(zip(MODULE_TYPES, ("#7f7f7f", "#c6dbef", "#9ecae1", "#6baed6", "#3182bd", "#08519c", "#fdd0a2",
+                                  "#fdae6b", "#fd8d3c", "#d94801", "#bcbd22", "#9467bd", "#8c564b", "#d62728",
+                                  "#17becf"), strict=True))  # fmt: skip
+
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -79,7 +84,7 @@ def section(cross: CrossModel | None, labels: list[str], fig: Figure) -> list[st
     lines += [
         f"The runs score {len(cross.models)} different models ({who}). A weight's coordinates (tensor name, index) "
         'mean nothing across models, so top-K overlaps, rank correlations and "the same weight" are computed within '
-        "one model only (the agreement and reproducibility sections above); the models are compared here by "
+        "one model only (the agreement and reproducibility sections); the models are compared here by "
         "relative depth (layer index / number of layers, in tenths; embeddings before the first block, the final "
         "norm and LM head after the last), by module type normalised across families, and by effect sizes on the "
         "scale of each model's own baseline.",
@@ -147,7 +152,6 @@ def draw_depth_figure(shares: list[Shares], path: Path) -> None:
 
     plt = _pyplot()
     used = [m for m in MODULE_TYPES if any(s.module.get(m) for s in shares)]
-    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(used)}
     n = len(shares)
     cols = min(n, 3)
     rows = -(-n // cols)
@@ -159,10 +163,10 @@ def draw_depth_figure(shares: list[Shares], path: Path) -> None:
         bottom = np.zeros(len(DEPTH_BINS))
         for m in used:
             heights = np.array([s.cells.get(d, {}).get(m, 0.0) for d in DEPTH_BINS])
-            ax.bar(x, heights, bottom=bottom, color=colours[m], width=0.8, label=m)
+            ax.bar(x, heights, bottom=bottom, color=COLOURS[m], width=0.8, label=m)
             bottom += heights
         ax.set_title(f"{s.model} · {s.metric} (K={min(s.k)})", fontsize=9)
-        ax.set_xticks(x, ticks, fontsize=7, rotation=90)
+        ax.set_xticks(x, ticks, fontsize=7)
         ax.set_ylim(0, min(1.0, top * 1.1))
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[n:]:
@@ -171,7 +175,7 @@ def draw_depth_figure(shares: list[Shares], path: Path) -> None:
         ax.set_ylabel("share of the top-K")
     for ax in axes[-1, :]:
         ax.set_xlabel("relative depth (layer / layers)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in used]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[m]) for m in used]
     fig.legend(handles, used, loc="lower center", ncol=min(len(used), 6), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.02))  # fmt: skip
     fig.suptitle("Where each model's top-K sit, by relative depth and module type", fontsize=10)
