@@ -268,7 +268,7 @@ def test_effect_differences_are_claimed_only_where_the_intervals_separate(tmp_pa
     found = {tuple(f.numbers["models"]): f for f in analysis.of("across_models")}
     assert {m: f.verdict for m, f in found.items()} == {
         ("model-a", "model-b"): "larger_effect",
-        ("model-c", "model-b"): "effects_overlap",
+        ("model-b", "model-c"): "effects_overlap",
         ("model-a", "model-c"): "effects_overlap",
     }
     larger = found[("model-a", "model-b")]

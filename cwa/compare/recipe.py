@@ -427,8 +427,9 @@ def compare(
     ``compare.json`` and ``figures/``.
 
     Args:
-        runs: run directories (``lightning_logs/NAME/version_N``), two or more; a directory that is not a
-            complete run (a failed or running one matched by a glob) is skipped with a note.
+        runs: run directories (``lightning_logs/NAME/version_N``), two or more, of one model (runs of several
+            models are refused: use ``cwa report``); a directory that is not a complete run (a failed or running
+            one matched by a glob) is skipped with a note.
         ks: K of the top-K overlaps, e.g. ``[10,100,1000]`` (a comma string ``10,100,1000`` works too); a K
             that fewer than two runs can give exactly (no scores file and a shorter topk.csv) is dropped
             with a note.

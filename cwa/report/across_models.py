@@ -265,7 +265,7 @@ def effect_findings(rows: list[EffectRow], names: list[str]) -> list[Finding]:
             }  # fmt: skip
             out.append(Finding(SECTION, verdict, (hi.run, lo.run), statistic, hi.ratio, None,
                                (hi.ratio_low, hi.ratio_high), strength, numbers))  # fmt: skip
-    return sorted(out, key=lambda f: -f.strength)
+    return sorted(out, key=lambda f: (f.verdict != "larger_effect", -f.strength))
 
 
 # -- the section ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from cwa.report.findings import Finding
 from cwa.report.module_types import DEPTH_BINS, MODULE_TYPES
 
 FIGURE_KEY = "across_models_depth"
+LEAD = 8  # comparisons of two models given as sentences, the supported differences first
 
 Figure = Callable[[str, str], list[str]]
 
@@ -120,9 +121,12 @@ def _effects(cross: CrossModel, labels: list[str]) -> list[str]:
              "the same K, unit and perturbation (K counts weights, so it is a different fraction of each model):",
              ""]  # fmt: skip
     lines += _table(["metric", "perturbation", "target", "unit", "K", *models], rows)
-    found = [sentence(f, labels) for f in cross.findings]
-    none = "No top-K condition was run on two models with intervals to compare."
-    return lines + ([f"- {s}" for s in found] + [""] if found else [f"- {none}", ""])
+    found = [sentence(f, labels) for f in cross.findings[:LEAD]]
+    if not found:
+        return lines + ["- No top-K condition was run on two models with intervals to compare.", ""]
+    lines += [f"- {s}" for s in found] + [""]
+    rest = len(cross.findings) - len(found)
+    return lines + ([f"{rest} further comparisons of two models are in the JSON (`findings`).", ""] if rest else [])
 
 
 def _super_weights(cross: CrossModel) -> list[str]:
