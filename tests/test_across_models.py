@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tokenizer, tiny_gpt2, tiny_llama, tiny_moe, tiny_opt
 from helpers import fit, latest_run
 from test_compare import load_runs, make_run, random_scores
@@ -19,6 +20,7 @@ from cwa.cli import main
 from cwa.common.errors import CwaError
 from cwa.compare.recipe import compare_runs
 from cwa.model.params import ParamInfo, split_name
+from cwa.report.across_models import share_difference
 from cwa.report.analysis import analyse, headlines
 from cwa.report.markdown import render
 from cwa.report.module_types import depth_bin, module_type
@@ -170,13 +172,23 @@ def test_cross_model_report_places_the_topk_by_depth_and_module_type(two_familie
     columns = {(s.model, s.metric): s for s in cross.shares}
     assert set(columns) == {("tiny-llama", "grad_x_weight"), ("tiny-gpt2", "grad_x_weight"),
                             ("tiny-llama", "grad_squared")}  # fmt: skip
+    by_hand = {}
     for (model, metric), s in columns.items():
-        depth, module = _hand_count(two_families[f"{model.removeprefix('tiny-')}-{metric}"])
+        depth, module = by_hand[model, metric] = _hand_count(two_families[f"{model.removeprefix('tiny-')}-{metric}"])
         placed = sum(depth.values())
         assert s.k == [placed] and placed > K // 2
         assert {d: v for d, v in s.depth.items() if v} == pytest.approx({d: c / placed for d, c in depth.items()})
         assert {m: v for m, v in s.module.items() if v} == pytest.approx({m: c / placed for m, c in module.items()})
         assert sum(sum(row.values()) for row in s.cells.values()) == pytest.approx(1.0)
+
+    placed = [f for f in cross.findings if f.verdict == "placement_differs"]
+    assert placed  # the GPT-2's top-K is mostly its embedding, the Llama's is not
+    for f in placed:
+        kind = 0 if f.numbers["kind"] == "relative depth" else 1
+        counts = [by_hand[model, f.numbers["metric"]][kind][f.numbers["where"]] for model in f.numbers["models"]]
+        n = [sum(by_hand[model, f.numbers["metric"]][0].values()) for model in f.numbers["models"]]
+        assert f.numbers["counts"] == counts and f.numbers["placed"] == n
+        assert f.value == pytest.approx(counts[0] / n[0] - counts[1] / n[1]) and f.interval[0] > 0
 
     # Coordinates are compared within the Llama only: its two metrics; never a Llama run against the GPT-2 run.
     assert [members for members, _ in analysis.comparisons] == [[0, 1]]
@@ -195,7 +207,7 @@ def test_cross_model_report_places_the_topk_by_depth_and_module_type(two_familie
         assert effect.ratio == pytest.approx(math.exp(csv_row.delta_nll))
         assert effect.ratio_low == pytest.approx(math.exp(csv_row.delta_nll_low))
         assert runs[effect.run].model.endswith(model)
-    (finding,) = cross.findings
+    (finding,) = [f for f in cross.findings if f.verdict != "placement_differs"]
     a, b = top.effects.values()
     disjoint = a.delta_nll_low > b.delta_nll_high or b.delta_nll_low > a.delta_nll_high
     assert finding.verdict == ("larger_effect" if disjoint else "effects_overlap")
@@ -303,3 +315,39 @@ def test_super_weight_candidates_sit_beside_the_runs(tmp_path):
     write_super_weights(tmp_path / "sw2", [], summary)
     output = report([str(fit_run), str(tmp_path / "sw2")], tmp_path / "r2.md", ks=[10], sample=0, figures=False)
     assert "Across models" not in output.read_text()
+
+
+def test_share_difference_is_newcombes_hybrid_score_interval():
+    """Newcombe (1998), Statistics in Medicine 17:873, method 10 on 56/70 against 48/80: 0.0524 to 0.3339."""
+    d, low, high = share_difference(56, 70, 48, 80, 1.959964)
+    assert (d, round(low, 4), round(high, 4)) == (pytest.approx(0.2), 0.0524, 0.3339)
+
+
+def test_placement_differences_are_claimed_from_the_counts(tmp_path):
+    """Model a's top-10 all sit in q_proj of block 0, model b's in down_proj of block 2 (of 3): both the module types
+    and the depth bins differ by the whole top-K; a third model placed like a makes no claim against it."""
+
+    def scores(name: str) -> dict:
+        s = random_scores(1)
+        s[name].view(-1)[:10] = 10.0 + torch.arange(10.0)
+        return s
+
+    q, down = "model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight"
+    runs = [make_run(tmp_path, n, scores(t), k=10) for n, t in (("a", q), ("b", down), ("c", q))]
+    for run, model in zip(runs, ("model-a", "model-b", "model-c"), strict=True):
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "model": model}))
+    analysis = analyse(load_runs(runs), [10], sample=0, location_k=10)
+    found = {(tuple(f.numbers["models"]), f.numbers["where"]): f for f in analysis.of("across_models")}
+    assert set(found) == {
+        (("model-a", "model-b"), "attn q"), (("model-b", "model-a"), "MLP down"),
+        (("model-a", "model-b"), "0.0–0.1"), (("model-b", "model-a"), "0.6–0.7"),
+        (("model-c", "model-b"), "attn q"), (("model-b", "model-c"), "MLP down"),
+        (("model-c", "model-b"), "0.0–0.1"), (("model-b", "model-c"), "0.6–0.7"),
+    }  # fmt: skip
+    f = found[(("model-a", "model-b"), "attn q")]
+    assert (f.verdict, f.value, f.numbers["counts"], f.numbers["placed"], f.numbers["tests"]) == (
+        "placement_differs", 1.0, [10, 0], [10, 10], 4)  # fmt: skip
+    assert 0 < f.interval[0] < 1.0 == pytest.approx(f.interval[1])
+    assert "model-a puts more of its top-K in attn q weights than model-b: 100% (10 of 10)" in render(
+        analysis, tmp_path / "r.md", {}, headlines(analysis))  # fmt: skip

@@ -28,6 +28,7 @@ from cwa.rundir import SUMMARY, SUPER_WEIGHTS_KIND, ConditionKind, PerturbRow, R
 from cwa.rundir.validate import SUMMARY_BYTES
 
 SECTION = "across_models"
+MIN_SHARE_DIFFERENCE = 0.1  # a placement difference is claimed from 10 points of the top-K on
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Shares:
         depth: relative-depth bin -> share of the top-K (mean over ``runs``).
         module: normalised module type -> share of the top-K.
         cells: relative-depth bin -> module type -> share of the top-K (the figure's stacked bars).
+        depth_counts: relative-depth bin -> top-K weights there, summed over ``runs`` (out of ``sum(k)``).
+        module_counts: module type -> top-K weights of that type, summed over ``runs``.
     """
 
     model: str
@@ -53,6 +56,8 @@ class Shares:
     depth: dict[str, float] = field(default_factory=dict)
     module: dict[str, float] = field(default_factory=dict)
     cells: dict[str, dict[str, float]] = field(default_factory=dict)
+    depth_counts: dict[str, int] = field(default_factory=dict)
+    module_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,7 +210,54 @@ def shares_of(runs: list[Run], positions: list[int], model: str, metric: str, k:
         out.cells[d] = {m: v for m, v in row.items() if v}
     for m in MODULE_TYPES:
         out.module[m] = sum(c[2][m] / c[0] for _, c in counted) / n
+    out.depth_counts = {d: sum(c[1][d] for _, c in counted) for d in DEPTH_BINS}
+    out.module_counts = {m: sum(c[2][m] for _, c in counted) for m in MODULE_TYPES}
     return out
+
+
+def _wilson(count: int, n: int, z: float) -> tuple[float, float]:
+    p, z2 = count / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def share_difference(x1: int, n1: int, x2: int, n2: int, z: float) -> tuple[float, float, float]:
+    """p1 − p2 of two binomial shares with Newcombe's hybrid score interval (from the two Wilson intervals)."""
+    p1, p2 = x1 / n1, x2 / n2
+    (l1, u1), (l2, u2) = _wilson(x1, n1, z), _wilson(x2, n2, z)
+    d = p1 - p2
+    return d, d - math.hypot(p1 - l1, u2 - p2), d + math.hypot(u1 - p1, p2 - l2)
+
+
+def placement_findings(shares: list[Shares]) -> list[Finding]:
+    """``placement_differs``: for two models' top-K of one metric, a relative-depth bin or module type whose share
+    differs by at least MIN_SHARE_DIFFERENCE with a Newcombe interval that excludes 0 at 95% after Bonferroni over
+    the bins and types compared for that pair (the top-K weights counted as independent draws, as the placement
+    section's binomial tests do)."""
+    from scipy.stats import norm
+
+    out = []
+    for a, b in itertools.combinations(shares, 2):
+        if a.metric != b.metric or a.model == b.model:
+            continue
+        na, nb = sum(a.k), sum(b.k)
+        kinds = (("relative depth", a.depth_counts, b.depth_counts), ("module type", a.module_counts, b.module_counts))
+        tests = [(kind, key) for kind, ca, cb in kinds for key in ca if ca[key] or cb[key]]
+        z = float(norm.ppf(1 - 0.05 / (2 * max(1, len(tests)))))
+        for kind, ca, cb in kinds:
+            for key in (key for key in ca if ca[key] or cb[key]):
+                d, low, high = share_difference(ca[key], na, cb[key], nb, z)
+                if abs(d) < MIN_SHARE_DIFFERENCE or low <= 0 <= high:
+                    continue
+                # The model with the larger share first.
+                more, less = ((a, ca[key], na), (b, cb[key], nb)) if d > 0 else ((b, cb[key], nb), (a, ca[key], na))
+                d, low, high = (d, low, high) if d > 0 else (-d, -high, -low)
+                numbers = {"kind": kind, "where": key, "metric": a.metric, "models": [more[0].model, less[0].model],
+                           "counts": [more[1], less[1]], "placed": [more[2], less[2]], "tests": len(tests)}  # fmt: skip
+                statistic = f"difference between the models' shares of the top-K in this {kind}"
+                out.append(Finding(SECTION, "placement_differs", more[0].runs + less[0].runs, statistic, d,
+                                   MIN_SHARE_DIFFERENCE, (low, high), low, numbers))  # fmt: skip
+    return sorted(out, key=lambda f: -f.strength)
 
 
 # -- effects side by side -------------------------------------------------------------------------------
@@ -302,5 +354,5 @@ def across_models_of(
             c = _strongest_candidate(label, *super_runs[j])
             candidates += [c] if c else []
     section = CrossModel(labels, fit_members, shares, effects, candidates)
-    section.findings = effect_findings(effects, names)
+    section.findings = placement_findings(shares) + effect_findings(effects, names)
     return section

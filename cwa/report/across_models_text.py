@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cwa.common import format as fmt
-from cwa.report.across_models import CrossModel, Effect, Shares
+from cwa.report.across_models import MIN_SHARE_DIFFERENCE, CrossModel, Effect, Shares
 from cwa.report.findings import Finding
-from cwa.report.module_types import DEPTH_BINS, MODULE_TYPES
+from cwa.report.module_types import AFTER, BEFORE, DEPTH_BINS, MODULE_TYPES
 
 FIGURE_KEY = "across_models_depth"
 LEAD = 8  # comparisons of two models given as sentences, the supported differences first
@@ -58,6 +58,18 @@ def _effect_cell(e: Effect) -> str:
 def sentence(f: Finding, labels: list[str]) -> str:
     """One finding of the section as a sentence (the report's ``sentence`` hands these verdicts here)."""
     n = f.numbers
+    if f.verdict == "placement_differs":
+        (more, less), (x, y), (nx, ny) = n["models"], n["counts"], n["placed"]
+        where = {BEFORE: "before the first block (embeddings)", AFTER: "after the last block (final norm, LM head)"}
+        place = where.get(n["where"], f"at relative depth {n['where']}")
+        if n["kind"] != "relative depth":
+            place = f"in {n['where']} weights"
+        low, high = (f"{100 * v:.3g}" for v in f.interval)
+        return (
+            f"{n['metric']}: {more} puts more of its top-K {place} than {less}: {fmt.percent(x / nx)} ({x} of {nx}) "
+            f"against {fmt.percent(y / ny)} ({y} of {ny}), {100 * f.value:.3g} percentage points more [{low}, {high}] "
+            f"(Newcombe interval, Bonferroni over {n['tests']} comparisons)."
+        )
     high, low = n["models"]
     ra, rb = (labels[i] for i in f.runs)
     unit = "" if n["unit"] == "weight" else f", {n['unit']}s"
@@ -98,6 +110,13 @@ def section(cross: CrossModel | None, labels: list[str], fig: Figure) -> list[st
         lines += ["and by module type (a linear layer's bias under *bias*, a norm's weight and bias under *norm*; "
                   "GPT-2 `c_attn` and GPT-NeoX `query_key_value` are the fused q/k/v):", ""]  # fmt: skip
         lines += _shares_table(cross, labels, "module", MODULE_TYPES)
+        placed = [f for f in cross.findings if f.verdict == "placement_differs"]
+        lines += [f"- {sentence(f, labels)}" for f in placed[:LEAD]] or [
+            f"- No share differs between two models by {fmt.percent(MIN_SHARE_DIFFERENCE)} or more with an interval "
+            "that excludes no difference."
+        ]
+        lines += [""] + ([f"{len(placed) - LEAD} further differences are in the JSON (`findings`).", ""]
+                         if len(placed) > LEAD else [])  # fmt: skip
         lines += fig(FIGURE_KEY, "Share of the top-K by relative depth and module type, one panel per model")
     lines += _effects(cross, labels)
     lines += _super_weights(cross)
@@ -121,11 +140,12 @@ def _effects(cross: CrossModel, labels: list[str]) -> list[str]:
              "the same K, unit and perturbation (K counts weights, so it is a different fraction of each model):",
              ""]  # fmt: skip
     lines += _table(["metric", "perturbation", "target", "unit", "K", *models], rows)
-    found = [sentence(f, labels) for f in cross.findings[:LEAD]]
+    effects = [f for f in cross.findings if f.verdict != "placement_differs"]
+    found = [sentence(f, labels) for f in effects[:LEAD]]
     if not found:
         return lines + ["- No top-K condition was run on two models with intervals to compare.", ""]
     lines += [f"- {s}" for s in found] + [""]
-    rest = len(cross.findings) - len(found)
+    rest = len(effects) - len(found)
     return lines + ([f"{rest} further comparisons of two models are in the JSON (`findings`).", ""] if rest else [])
 
 
