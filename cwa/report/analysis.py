@@ -189,8 +189,8 @@ def headlines(analysis: Analysis) -> list[list[Finding]]:
     """The executive summary's claims, each a group of findings rendered as one sentence: the concentrated
     runs together; the strongest recurring row, column or residual dimension; the strongest agreement or
     disagreement between runs of different metrics (up to three pairs); every stability verdict; the
-    strongest perturbation effects of each run (up to two); the largest supported differences of effect between
-    models (up to two)."""
+    strongest perturbation effects of each run (up to two); the strongest difference of placement between models
+    and the largest supported differences of effect between them (up to two)."""
     out: list[list[Finding]] = []
     concentrated = [f for f in analysis.of("concentration") if f.verdict == "concentrated"]
     if concentrated:
@@ -211,8 +211,9 @@ def headlines(analysis: Analysis) -> list[list[Finding]]:
             if f.runs == (i,) and f.verdict in ("raises_perplexity", "lowers_perplexity", "costs_more_than_control")
         ]
         out += [[f] for f in effects[:HEADLINE_PERTURBATION_PER_RUN]]
-    between_models = [f for f in analysis.of("across_models") if f.verdict == "larger_effect"]
-    return out + [[f] for f in between_models[:HEADLINE_BETWEEN_MODELS]]
+    between = analysis.of("across_models")
+    effects = [f for f in between if f.verdict == "larger_effect"][:HEADLINE_BETWEEN_MODELS]
+    return out + [[f] for f in [f for f in between if f.verdict == "placement_differs"][:1] + effects]
 
 
 def agreement_pairs(analysis: Analysis) -> list[list[Finding]]:

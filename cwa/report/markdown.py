@@ -210,7 +210,11 @@ def placement(analysis: Analysis, fig: Figure) -> list[str]:
 def agreement(analysis: Analysis, fig: Figure) -> list[str]:
     lines = ["### Agreement between runs", ""]
     if not analysis.comparisons:
-        return lines + ["Fewer than two runs score the same parameters, so no two runs can be compared.", ""]
+        return lines + [
+            "Fewer than two runs score the same parameters of one model, so no two runs can be compared (weight "
+            "coordinates are compared within a model only).",
+            "",
+        ]
     for members, result in analysis.comparisons:
         lines += _comparison_table(analysis, members, result)
     pairs = agreement_pairs(analysis)
