@@ -22,7 +22,15 @@ from cwa.common.io import read_regular
 from cwa.compare.models import ModelId, display_names, group_models, model_of
 from cwa.model.params import ParamInfo, split_name
 from cwa.report.findings import Finding
-from cwa.report.module_types import DEPTH_BINS, MODULE_TYPES, count_layers, depth_bin, module_type, relative_depth
+from cwa.report.module_types import (
+    BEFORE,
+    DEPTH_BINS,
+    MODULE_TYPES,
+    count_layers,
+    depth_bin,
+    module_type,
+    relative_depth,
+)
 from cwa.report.placement import untied_topk
 from cwa.rundir import SUMMARY, SUPER_WEIGHTS_KIND, ConditionKind, PerturbRow, Run
 from cwa.rundir.validate import SUMMARY_BYTES
@@ -241,7 +249,9 @@ def placement_findings(shares: list[Shares]) -> list[Finding]:
         if a.metric != b.metric or a.model == b.model:
             continue
         na, nb = sum(a.k), sum(b.k)
-        kinds = (("relative depth", a.depth_counts, b.depth_counts), ("module type", a.module_counts, b.module_counts))
+        # The bin before the blocks holds exactly the embeddings outside them: compared once, as a module type.
+        depth_a, depth_b = ({d: c for d, c in s.depth_counts.items() if d != BEFORE} for s in (a, b))
+        kinds = (("relative depth", depth_a, depth_b), ("module type", a.module_counts, b.module_counts))
         tests = [(kind, key) for kind, ca, cb in kinds for key in ca if ca[key] or cb[key]]
         z = float(norm.ppf(1 - 0.05 / (2 * max(1, len(tests)))))
         for kind, ca, cb in kinds:
