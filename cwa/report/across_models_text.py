@@ -179,7 +179,7 @@ def draw_depth_figure(shares: list[Shares], path: Path) -> None:
     n = len(shares)
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 1.0), sharey=True, squeeze=False)
     x = np.arange(len(DEPTH_BINS))
     ticks = ["emb", *(b.split("–")[0] for b in DEPTH_BINS[1:-1]), "head"]
     top = max(max(s.depth.values(), default=0.0) for s in shares) or 1.0
@@ -197,11 +197,13 @@ def draw_depth_figure(shares: list[Shares], path: Path) -> None:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("share of the top-K")
-    for ax in axes[-1, :]:
-        ax.set_xlabel("relative depth (layer / layers)")
+    for i, ax in enumerate(axes.flat[:n]):
+        if i + cols >= n:  # no panel below it
+            ax.set_xlabel("relative depth (layer / layers)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[m]) for m in used]
-    fig.legend(handles, used, loc="lower center", ncol=min(len(used), 6), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02))  # fmt: skip
+    height = fig.get_size_inches()[1]
+    legend_rows = -(-len(used) // 8)
+    fig.legend(handles, used, loc="lower center", ncol=min(len(used), 8), fontsize=8, frameon=False)
     fig.suptitle("Where each model's top-K sit, by relative depth and module type", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, (0.1 + 0.25 * legend_rows) / height, 1, 1))
     _save(fig, path)
