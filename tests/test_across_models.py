@@ -310,6 +310,13 @@ def test_super_weight_candidates_sit_beside_the_runs(tmp_path):
         "org/other", 2, 0.5, "MLP down", "super_weight")  # fmt: skip
     assert c["ratio"] == pytest.approx(math.exp(1.5)) and c["super_weights"] == 1 and c["candidates"] == 2
     assert "`model.layers.2.mlp.down_proj.weight`" in output.read_text()
+    # Malformed entries are left out, never a traceback: a layer that is no count, a parameter that is no name.
+    bad = [{"rank": 1, "layer": "2", "parameter": "x"}, {"rank": 2, "layer": 1, "parameter": 7}, "junk"]
+    write_super_weights(
+        tmp_path / "bad", [], {"model": "org/bad", "layers": "4", "candidates": bad, "super_weights": 3}
+    )
+    output = report([str(fit_run), str(tmp_path / "bad")], tmp_path / "r3.md", ks=[10], sample=0, figures=False)
+    assert json.loads(output.with_suffix(".json").read_text())["across_models"]["super_weights"] == []
     # The same model's find-super-weights run makes no cross-model section.
     summary["model"] = json.loads((fit_run / "summary.json").read_text())["model"]
     write_super_weights(tmp_path / "sw2", [], summary)

@@ -54,8 +54,11 @@ class ModelId:
 
 def model_of(run: Run) -> ModelId:
     """The model a fit-sensitivity run scored."""
-    settings = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
-    revision = settings.get("revision")
+    try:
+        settings = run.config.get("model")
+    except CwaError:  # an unreadable config.yaml: readers that need it say so; the revision is then unknown
+        settings = None
+    revision = settings.get("revision") if isinstance(settings, dict) else None
     return ModelId(
         name=run.model,
         revision=None if revision is None else str(revision),

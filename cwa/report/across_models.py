@@ -158,27 +158,43 @@ def read_super_weight_runs(paths: list[str | Path]) -> list[tuple[Path, dict]]:
 
 
 def _strongest_candidate(model: str, path: Path, summary: dict) -> SuperCandidate | None:
-    candidates = [c for c in summary.get("candidates") or [] if isinstance(c, dict) and "parameter" in c]
+    """The candidate with the largest ablation effect (else the lowest rank); malformed entries are left out."""
+    candidates = [
+        c for c in _list(summary.get("candidates"))
+        if isinstance(c, dict) and isinstance(c.get("parameter"), str) and _integer(c.get("layer")) is not None
+    ]  # fmt: skip
     if not candidates:
         return None
 
+    def ablation(c: dict) -> dict:
+        return c["ablation"] if isinstance(c.get("ablation"), dict) else {}
+
     def effect(c: dict) -> float:
-        value = (c.get("ablation") or {}).get("delta_nll")
+        value = ablation(c).get("delta_nll")
         return value if isinstance(value, int | float) and math.isfinite(value) else -math.inf
 
     ablated = [c for c in candidates if effect(c) > -math.inf]
-    best = max(ablated, key=effect) if ablated else min(candidates, key=lambda c: c.get("rank", math.inf))
-    ablation = best.get("ablation") or {}
-    layer, layers = int(best.get("layer", 0)), int(summary.get("layers") or 0) or int(best.get("layer", 0)) + 1
-    name = str(best["parameter"])
-    info = ParamInfo(name, (), *split_name(name))
+    best = max(ablated, key=effect) if ablated else min(candidates, key=lambda c: _integer(c.get("rank")) or math.inf)
+    numbers = ablation(best)
+    layer = _integer(best["layer"])
+    layers = max(_integer(summary.get("layers")) or 0, layer + 1)
+    p = numbers.get("p_value")
     return SuperCandidate(
-        model=model, run=str(path), parameter=name, layer=layer, layers=layers,
-        relative_depth=relative_depth(layer, layers), module=module_type(info), verdict=str(best.get("verdict", "")),
-        candidates=len(candidates), super_weights=len(summary.get("super_weights") or []),
-        ratio=_exp(ablation.get("delta_nll")), ratio_low=_exp(ablation.get("delta_nll_low")),
-        ratio_high=_exp(ablation.get("delta_nll_high")), p_value=ablation.get("p_value"),
+        model=model, run=str(path), parameter=best["parameter"], layer=layer, layers=layers,
+        relative_depth=relative_depth(layer, layers), module=module_type(ParamInfo(best["parameter"], (),
+        *split_name(best["parameter"]))), verdict=str(best.get("verdict", "")), candidates=len(candidates),
+        super_weights=len(_list(summary.get("super_weights"))), ratio=_exp(numbers.get("delta_nll")),
+        ratio_low=_exp(numbers.get("delta_nll_low")), ratio_high=_exp(numbers.get("delta_nll_high")),
+        p_value=float(p) if isinstance(p, int | float) else None,
     )  # fmt: skip
+
+
+def _list(x: object) -> list:
+    return x if isinstance(x, list) else []
+
+
+def _integer(x: object) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
 
 
 def _exp(x: object) -> float | None:
