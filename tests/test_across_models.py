@@ -18,6 +18,7 @@ from test_compare import load_runs, make_run, random_scores
 
 from cwa.cli import main
 from cwa.common.errors import CwaError
+from cwa.compare.models import ModelId, display_names, group_models
 from cwa.compare.recipe import compare_runs
 from cwa.model.params import ParamInfo, split_name
 from cwa.report.across_models import share_difference
@@ -358,3 +359,19 @@ def test_placement_differences_are_claimed_from_the_counts(tmp_path):
     assert 0 < f.interval[0] < 1.0 == pytest.approx(f.interval[1])
     assert "model-a puts more of its top-K in attn q weights than model-b: 100% (10 of 10)" in render(
         analysis, tmp_path / "r.md", {}, headlines(analysis))  # fmt: skip
+
+
+def test_model_identity_is_name_revision_and_what_else_the_runs_recorded():
+    ids = [
+        ModelId("org/a"),
+        ModelId("org/a", model_class="LlamaForCausalLM", num_parameters=10),
+        ModelId("org/a", model_class="LlamaForCausalLM", num_parameters=12),  # another checkpoint at that name
+        ModelId("org/a", revision="v2"),
+        ModelId("/tmp/models/tiny/"),
+        ModelId("/data/tiny"),
+    ]
+    groups = group_models(ids)
+    assert [members for _, members in groups] == [[0, 1], [2], [3], [4], [5]]
+    assert groups[0][0] == ids[1]  # named by the member that records the most
+    names = display_names([m for m, _ in groups])
+    assert names == ["org/a (10 parameters)", "org/a (12 parameters)", "org/a@v2", "/tmp/models/tiny", "/data/tiny"]

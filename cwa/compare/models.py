@@ -89,10 +89,21 @@ def model_groups(runs: list[Run]) -> list[tuple[ModelId, list[int]]]:
 
 
 def display_names(models: list[ModelId]) -> list[str]:
-    """Short, distinct names of distinct models (the full name where two short ones collide)."""
-    short = [m.short for m in models]
-    return [s if short.count(s) == 1 else m.name + (f"@{m.revision}" if m.revision else "") for s, m in
-            zip(short, models, strict=True)]  # fmt: skip
+    """Distinct names of distinct models: the short name; the full name where two short ones collide; then the
+    number of parameters (or a position) where even those do."""
+    names = [m.short for m in models]
+    for widen in (_full_name, lambda m, i: f"{_full_name(m, i)} ({_size(m, i)})"):
+        names = [widen(m, i) if names.count(name) > 1 else name for i, (m, name) in enumerate(zip(models, names,
+                 strict=True))]  # fmt: skip
+    return names
+
+
+def _full_name(m: ModelId, _: int) -> str:
+    return m.name.rstrip("/") + (f"@{m.revision}" if m.revision else "")
+
+
+def _size(m: ModelId, position: int) -> str:
+    return f"{m.num_parameters:,} parameters" if m.num_parameters is not None else f"#{position + 1}"
 
 
 def require_one_model(runs: list[Run], names: list[str]) -> None:
