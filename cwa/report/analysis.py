@@ -92,7 +92,11 @@ class Analysis:
                 self.names[i]: [r.as_dict() for r in rows] for i, rows in enumerate(self.downstream) if rows
             },
             "interventions": {
-                self.names[i]: {"prune": [r.as_dict() for r in x.prune], "protect": [r.as_dict() for r in x.protect]}
+                self.names[i]: {
+                    key: [r.as_dict() for r in rows]
+                    for key, rows in vars(x).items()
+                    if rows or key in ("prune", "protect")
+                }
                 for i, x in enumerate(self.interventions)
                 if x
             },

@@ -1,15 +1,17 @@
 """The report's section on ``cwa prune`` and ``cwa protect``: one compact table per run directory that holds a
-``prune.csv`` or ``protect.csv``, with the figures those commands drew linked beside it."""
+``prune.csv`` or ``protect.csv`` (with each lm-eval task's accuracy and its change when the set ran
+``--tasks``), with the figures those commands drew linked beside it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cwa.common import format as fmt
 from cwa.report.text import _rel, _table
-from cwa.rundir import Run
-from cwa.rundir.interventions import ProtectRow, PruneRow, read_intervention
+from cwa.rundir import DownstreamRow, Run
+from cwa.rundir.interventions import ProtectRow, PruneRow, read_intervention, read_intervention_downstream
 
 PRUNE_FIGURES = ("prune.png",)
 PROTECT_FIGURES = ("protect_k.png", "protect_level.png")
@@ -21,6 +23,8 @@ class Interventions:
 
     prune: list[PruneRow] = field(default_factory=list)
     protect: list[ProtectRow] = field(default_factory=list)
+    prune_tasks: list[DownstreamRow] = field(default_factory=list)  # prune_downstream.csv ([] without --tasks)
+    protect_tasks: list[DownstreamRow] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.prune or self.protect)
@@ -28,20 +32,48 @@ class Interventions:
 
 def interventions_of(run: Run) -> Interventions:
     """The prune and protect sets of a run directory; an incomplete set stops in one sentence."""
-    prune, protect = read_intervention(run.path, "prune"), read_intervention(run.path, "protect")
-    return Interventions(prune[0] if prune else [], protect[0] if protect else [])
+    found = Interventions()
+    for kind in ("prune", "protect"):
+        read = read_intervention(run.path, kind)
+        if read is not None:
+            setattr(found, kind, read[0])
+            setattr(found, f"{kind}_tasks", read_intervention_downstream(run.path, kind, read[1]) or [])
+    return found
 
 
 def _delta(row: PruneRow | ProtectRow) -> str:
     return fmt.interval(row.delta_perplexity, row.delta_perplexity_low, row.delta_perplexity_high, fmt.effect)
 
 
-def prune_table(rows: list[PruneRow]) -> list[str]:
-    """Metric, structure, group, sparsity, perplexity and Δ perplexity from the dense model per pruning."""
-    header = ["pruned by", "structure", "group", "sparsity", "removed", "ppl", "Δppl [95% CI]", "p"]
+def _task_columns(tasks: list[DownstreamRow]) -> tuple[list[str], Callable[[PruneRow | ProtectRow], list[str]]]:
+    """Per lm-eval task, the header of its accuracy and change columns and a function giving a row's cells."""
+    names = list(dict.fromkeys(r.task for r in tasks))
+    by = {(r.condition, r.task): r for r in tasks}
+    header = [h for name in names for h in (f"{name} acc", "Δacc [95% CI]")]
+
+    def cells(row: PruneRow | ProtectRow) -> list[str]:
+        out = []
+        for name in names:
+            found = by.get((row.condition, name))
+            if found is None:
+                out += ["", ""]
+                continue
+            low, high = found.delta_accuracy_low, found.delta_accuracy_high
+            change = "" if row.condition == "baseline" else fmt.interval(found.delta_accuracy, low, high, fmt.effect)
+            out += [fmt.number(found.accuracy), change]
+        return out
+
+    return header, cells
+
+
+def prune_table(rows: list[PruneRow], tasks: list[DownstreamRow] | None = None) -> list[str]:
+    """Metric, structure, group, sparsity, perplexity and Δ perplexity from the dense model per pruning, and
+    each task's accuracy and its change when the set ran ``--tasks``."""
+    extra, cells = _task_columns(tasks or [])
+    header = ["pruned by", "structure", "group", "sparsity", "removed", "ppl", "Δppl [95% CI]", "p", *extra]
     table = [
         [r.metric, r.structure, r.group, fmt.percent(r.sparsity), fmt.count(r.removed), fmt.perplexity(r.perplexity),
-         _delta(r), fmt.p_value(r.p_value)]
+         _delta(r), fmt.p_value(r.p_value), *cells(r)]
         for r in rows
     ]  # fmt: skip
     return _table(header, table)
@@ -53,13 +85,15 @@ def _compact(rows: list[ProtectRow]) -> list[ProtectRow]:
     return [r for r in rows if r.over == "seeds" or (r.stress, r.level, r.protected, r.unit, r.k) not in averaged]
 
 
-def protect_table(rows: list[ProtectRow]) -> list[str]:
-    """Stress level, protected set, K and the quality against the unstressed model per condition."""
-    header = ["stress", "level", "protected", "unit", "K", "kept", "seeds", "ppl", "Δppl [95% CI]", "p"]
+def protect_table(rows: list[ProtectRow], tasks: list[DownstreamRow] | None = None) -> list[str]:
+    """Stress level, protected set, K and the quality against the unstressed model per condition, and each
+    task's accuracy and its change when the set ran ``--tasks`` (a mean over seeds: the tasks' mean too)."""
+    extra, cells = _task_columns(tasks or [])
+    header = ["stress", "level", "protected", "unit", "K", "kept", "seeds", "ppl", "Δppl [95% CI]", "p", *extra]
     table = [
         [r.stress, "" if r.level is None else f"{r.level_name} = {r.level:g}",
          r.protected, r.unit, fmt.count(r.k), fmt.count(r.n_protected), str(r.seeds), fmt.perplexity(r.perplexity),
-         _delta(r), fmt.p_value(r.p_value)]
+         _delta(r), fmt.p_value(r.p_value), *cells(r)]
         for r in _compact(rows)
     ]  # fmt: skip
     return _table(header, table)
@@ -74,17 +108,19 @@ def section(labels: list[str], runs: list[Run], found: list[Interventions], outp
         "",
         "Δ perplexity is against the unpruned (dense) or unstressed model of the same command, with its 95% "
         "bootstrap interval over held-out sequences; a row over several seeds (seeds > 1) stands for them: the mean "
-        "over the seeds with a Student-t interval over the seeds, and no p-value.",
+        "over the seeds with a Student-t interval over the seeds, and no p-value. With `--tasks`, each lm-eval "
+        "task's accuracy and its change from the same model, paired over the task's items (its McNemar p-value "
+        "is in `<kind>_downstream.csv`).",
         "",
     ]
     for label, run, item in zip(labels, runs, found, strict=True):
-        for kind, rows, table, names in (
-            ("prune", item.prune, prune_table, PRUNE_FIGURES),
-            ("protect", item.protect, protect_table, PROTECT_FIGURES),
+        for kind, rows, tasks, table, names in (
+            ("prune", item.prune, item.prune_tasks, prune_table, PRUNE_FIGURES),
+            ("protect", item.protect, item.protect_tasks, protect_table, PROTECT_FIGURES),
         ):
             if not rows:
                 continue
-            lines += [f"{label} (`cwa {kind}`, {kind}.csv):", ""] + table(rows)
+            lines += [f"{label} (`cwa {kind}`, {kind}.csv):", ""] + table(rows, tasks)
             for name in names:
                 if (run.figures_dir / name).exists():
                     lines += [f"![{label} {name}]({_rel(run.figures_dir / name, output.parent)})", ""]

@@ -14,6 +14,8 @@ callbacks below it in the call chain can write through it.
 | ``summary.json`` | :func:`.summary.write_summary`, last | :meth:`Run.load` (refuses incomplete runs) |
 | ``perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` (one set) | :attr:`Run.perturbation` |
 | ``downstream.csv`` | :func:`.perturbation.write_perturbation` (same set, ``--tasks``) | :attr:`Run.perturbation` |
+| ``prune`` / ``protect.csv`` + ``.json`` | :func:`.interventions.write_intervention` | ``read_intervention`` |
+| ``{prune,protect}_downstream.csv`` | ``write_intervention`` (``--tasks``) | ``read_intervention_downstream`` |
 | ``super_weights.csv`` | :func:`.super_weights.write_super_weights` (one set with its summary) | find-super-weights |
 | ``row_test.csv`` | :func:`.super_weights.write_super_weights` (same set, ``row_test``) | find-super-weights |
 | ``accumulators/`` | :mod:`cwa.scoring.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |

@@ -1,5 +1,6 @@
 """``prune.csv`` / ``prune.json`` and ``protect.csv`` / ``protect.json``: the typed rows of ``cwa prune`` and
-``cwa protect``, each written as one set with its figures (all new or all previous), read back only whole."""
+``cwa protect``, each written as one set with its figures and, with ``--tasks``, its lm-eval rows
+(``prune_downstream.csv`` / ``protect_downstream.csv``): all new or all previous, read back only whole."""
 
 from __future__ import annotations
 
@@ -11,11 +12,22 @@ from typing import Literal
 
 from cwa.common.errors import CwaError
 from cwa.common.io import write_json
-from cwa.rundir.files import FIGURES, PROTECT_CSV, PROTECT_JSON, PRUNE_CSV, PRUNE_JSON
+from cwa.rundir.downstream import DownstreamRow, read_downstream_csv, write_downstream_csv
+from cwa.rundir.files import (
+    FIGURES,
+    PROTECT_CSV,
+    PROTECT_DOWNSTREAM_CSV,
+    PROTECT_JSON,
+    PRUNE_CSV,
+    PRUNE_DOWNSTREAM_CSV,
+    PRUNE_JSON,
+)
 from cwa.rundir.outputs import OutputSet, sha256
 from cwa.rundir.rows import CsvRow, read_rows, write_rows
 
 Kind = Literal["prune", "protect"]
+BASELINE = "baseline"
+"""The condition name of the unchanged model (dense, unstressed) in the downstream rows."""
 
 
 @dataclass
@@ -50,6 +62,13 @@ class PruneRow(CsvRow):
     p_value: float | None
     broken_fraction: float | None
     over: str = "sequences"
+
+    @property
+    def condition(self) -> str:
+        """The row's name in ``prune_downstream.csv`` (``baseline`` for the dense model)."""
+        if self.metric == "dense":
+            return BASELINE
+        return "/".join((self.metric, self.run, self.structure, self.group, f"sparsity={self.sparsity:g}"))
 
 
 @dataclass
@@ -89,11 +108,24 @@ class ProtectRow(CsvRow):
     broken_fraction: float | None
     over: str = "sequences"
 
+    @property
+    def condition(self) -> str:
+        """The row's name in ``protect_downstream.csv`` (``baseline`` for the unstressed model; a mean over
+        seeds ends in ``/mean``)."""
+        if self.stress == "none":
+            return BASELINE
+        parts = [self.stress, f"{self.level_name}={self.level:g}", self.protected, self.unit, f"k={self.k}"]
+        if self.over == "seeds":
+            return "/".join([*parts, "mean"])
+        parts += [f"set_seed={self.set_seed}"] if self.set_seed is not None else []
+        return "/".join(parts + ([f"seed={self.seed}"] if self.seed is not None else []))
+
 
 _FILES: dict[str, tuple[str, str, type[CsvRow]]] = {
     "prune": (PRUNE_CSV, PRUNE_JSON, PruneRow),
     "protect": (PROTECT_CSV, PROTECT_JSON, ProtectRow),
 }
+_DOWNSTREAM = {"prune": PRUNE_DOWNSTREAM_CSV, "protect": PROTECT_DOWNSTREAM_CSV}
 
 
 def write_intervention(
@@ -102,9 +134,10 @@ def write_intervention(
     rows: Iterable[CsvRow],
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
+    downstream: list[DownstreamRow] | None = None,
 ) -> list[str]:
-    """Write ``<kind>.csv``, the figures and ``<kind>.json`` (with the csv's sha256) as one set: all new, or
-    after any failure or interrupt all the previous ones.
+    """Write ``<kind>.csv``, ``<kind>_downstream.csv``, the figures and ``<kind>.json`` (with the csvs'
+    sha256) as one set: all new, or after any failure or interrupt all the previous ones.
 
     Args:
         directory: where the set goes (a run directory).
@@ -113,15 +146,23 @@ def write_intervention(
         meta: the contents of the json (``status`` and the checksum are added).
         figures: ``{file name under figures/: function drawing into a given path}``; one that fails to draw
             is left out, and its note is returned and recorded under ``figure_notes`` in the json.
+        downstream: the lm-eval task rows of ``--tasks`` (their checksum in the json); None removes a previous
+            set's ``<kind>_downstream.csv`` with the commit.
     """
     csv_name, json_name, row_class = _FILES[kind]
     outputs = OutputSet(Path(directory))
     try:
         csv_tmp = outputs.stage(csv_name)
         write_rows(csv_tmp, row_class, rows)
-        checksum = sha256(csv_tmp)
+        checksums = {f"{kind}_csv_sha256": sha256(csv_tmp)}
+        if downstream is None:
+            outputs.remove(_DOWNSTREAM[kind])
+        else:
+            downstream_tmp = outputs.stage(_DOWNSTREAM[kind])
+            write_downstream_csv(downstream_tmp, downstream)
+            checksums["downstream_csv_sha256"] = sha256(downstream_tmp)
         notes = outputs.draw(figures, FIGURES)
-        full = {"status": "complete", **meta, f"{kind}_csv_sha256": checksum, "figure_notes": notes}
+        full = {"status": "complete", **meta, **checksums, "figure_notes": notes}
         write_json(outputs.stage(json_name), full)
         outputs.commit()
     finally:
@@ -144,3 +185,15 @@ def read_intervention(directory: Path, kind: Kind) -> tuple[list, dict] | None:
     if meta.get(f"{kind}_csv_sha256") != sha256(csv_path):
         raise CwaError(f"'{csv_path}' does not match its {json_name} (an interrupted cwa {kind}); rerun it.")
     return read_rows(csv_path, row_class), meta
+
+
+def read_intervention_downstream(directory: Path, kind: Kind, meta: dict) -> list[DownstreamRow] | None:
+    """The lm-eval rows of a ``prune`` or ``protect`` set whose ``meta`` (from :func:`read_intervention`)
+    records them, None when it ran without ``--tasks``; one sentence when the file does not match."""
+    expected = meta.get("downstream_csv_sha256")
+    if expected is None:
+        return None
+    path = Path(directory) / _DOWNSTREAM[kind]
+    if not path.exists() or sha256(path) != expected:
+        raise CwaError(f"'{path}' is missing or does not match its {kind}.json (an interrupted cwa {kind}); rerun it.")
+    return read_downstream_csv(path)
