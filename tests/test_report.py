@@ -190,7 +190,7 @@ def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
     assert control.numbers["control"] == "random_matched" and control.numbers["p_value"] == 0.002
     assert {g[0].verdict for g in headlines(analysis)} == {"raises_perplexity", "costs_more_than_control"}
     saved = json.loads(output.with_suffix(".json").read_text())
-    assert saved["perturbation"]["p/version_0"]["rows"][0]["delta_perplexity"] == 12.0
+    assert saved["perturbation"]["p/version_0"][0]["rows"][0]["delta_perplexity"] == 12.0
     assert {f["verdict"] for f in saved["findings"]} >= {"raises_perplexity", "costs_more_than_control"}
 
     null = [rows[0], {**rows[1], "delta_perplexity": 0.1, "delta_perplexity_low": -0.2, "p_value": 0.4}]

@@ -36,6 +36,7 @@ from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice
 from cwa.rundir import Run
 from cwa.rundir.files import SUMMARY, SUPER_WEIGHTS_KIND
+from cwa.rundir.outputs import check_name
 
 
 @dataclass
@@ -81,6 +82,8 @@ class ProtectRecipe:
         trust_remote_code: let the model's own code run; taken only from this command.
         verify: checksum every stressed tensor after restoring it.
         figures: write figures/protect_k.png and figures/protect_level.png.
+        name: a label for this experiment, recorded in protect.json and shown by the report. Every protect
+            writes a new numbered set, ``protect/<n>/`` in the run directory, named or not.
     """
 
     def __init__(
@@ -110,7 +113,9 @@ class ProtectRecipe:
         trust_remote_code: bool = False,
         verify: bool = True,
         figures: bool = True,
+        name: str | None = None,
     ) -> None:
+        self.name = check_name(name)
         if not levels:
             raise CwaError("give at least one stress level with --levels.")
         if any(k < 0 for k in protect_k):
@@ -300,7 +305,7 @@ class ProtectRecipe:
             title = f"{self.run_dir.model} · {self.run_dir.metric}"
             figures["protect_k.png"] = partial(protect_against_k, self.rows, title)
             figures["protect_level.png"] = partial(protect_against_level, self.rows, title)
-        notes = write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
+        self.set_dir, notes = write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed protect may have left
         print_rows(self)
         for note in notes:

@@ -27,6 +27,7 @@ from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice, quality, resamples
 from cwa.rundir import Run
 from cwa.rundir.interventions import PruneRow, write_intervention
+from cwa.rundir.outputs import check_name
 
 
 @dataclass
@@ -48,7 +49,8 @@ class PruneRecipe:
             it in a list, ``'[unstructured, "2:4"]'``: YAML reads an unquoted 2:4 as the number 124.
         tensors: ``linear`` (weights of Linear / Conv1D layers inside the blocks, what pruners touch) or
             ``scored`` (every tensor the run scored: embeddings, norms and biases too).
-        output: the directory for prune.csv, prune.json and figures/prune.png (None: the first run's).
+        output: the directory that receives this experiment's new set ``prune/<n>/`` (prune.csv, prune.json and
+            figures/prune.png) (None: the first run's).
         heldout_samples: evaluate at most this many held-out blocks (None: the run's setting).
         heldout_tokens: only the first this many tokens of each block (None: whole blocks).
         batch_size: held-out blocks per forward pass (None: the run's setting).
@@ -59,6 +61,7 @@ class PruneRecipe:
         trust_remote_code: let the model's own code run; taken only from this command.
         verify: checksum every pruned tensor after restoring it.
         figures: write figures/prune.png.
+        name: a label for this experiment, recorded in prune.json and shown by the report.
     """
 
     def __init__(
@@ -79,7 +82,9 @@ class PruneRecipe:
         trust_remote_code: bool = False,
         verify: bool = True,
         figures: bool = True,
+        name: str | None = None,
     ) -> None:
+        self.name = check_name(name)
         self.run_paths = [run] if isinstance(run, str) else list(run)
         if not self.run_paths:
             raise CwaError("give at least one fit-sensitivity run directory with --run.")
@@ -189,7 +194,7 @@ class PruneRecipe:
             from cwa.prune.figures import quality_against_sparsity
 
             figures["prune.png"] = partial(quality_against_sparsity, self.rows, self.session.run.model)
-        notes = write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
+        self.set_dir, notes = write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
         remove_stale_temporaries(self.directory)  # what an earlier, killed prune may have left
         self._print()
         for note in notes:
@@ -212,6 +217,7 @@ class PruneRecipe:
         )
         return {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "name": self.name,
             "runs": [{"path": str(r.path), "metric": r.metric, "name": r.name} for r in self.runs],
             "model": self.session.run.model,
             "dtype": self.session.dtype,
@@ -238,4 +244,4 @@ class PruneRecipe:
             low, high = row.delta_perplexity_low, row.delta_perplexity_high
             delta = f"Δppl {fmt.interval(row.delta_perplexity, low, high, fmt.effect)}"
             print(f"  {row.metric:<16} {where:<26} perplexity {fmt.perplexity(row.perplexity):>10}  {delta}")
-        print(f"  -> {self.directory / 'prune.csv'}")
+        print(f"  -> {self.set_dir / 'prune.csv'}")

@@ -19,23 +19,26 @@ from cwa.common.io import atomic_open, draw_or_note, write_json
 from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
 from cwa.compare.result import Comparison, RankCorrelation
 from cwa.report.analysis import Analysis, analyse, headlines
+from cwa.report.findings import P_SIGNIFICANT
 from cwa.report.markdown import render
 from cwa.report.placement import LOCATION_K
-from cwa.rundir import ConditionKind, Run, load_runs
+from cwa.rundir import ConditionKind, PerturbRow, Run, load_runs
 
 
 def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
-    """The runs without copies: a directory whose summary.json, topk.csv and perturb.csv (if any) are
+    """The runs without copies: a directory whose summary.json, topk.csv and perturbation sets (if any) are
     byte-identical to an earlier one's is the same run under another path, and would repeat every finding.
     (A deterministic rerun differs in its summary's timings and stays: the reproducibility section uses it.)"""
     from cwa.rundir.files import PERTURB_CSV, SUMMARY, TOPK
-    from cwa.rundir.outputs import sha256
+    from cwa.rundir.outputs import set_dirs, sha256
+    from cwa.rundir.perturbation import PERTURB
 
     kept: list[Run] = []
     notes: list[str] = []
     seen: dict[tuple[str, ...], Run] = {}
     for run in runs:
-        key = tuple(sha256(run.path / f) if (run.path / f).is_file() else "" for f in (SUMMARY, TOPK, PERTURB_CSV))
+        files = [run.path / SUMMARY, run.path / TOPK, *(d.path / PERTURB_CSV for d in set_dirs(run.path, PERTURB))]
+        key = tuple(sha256(f) if f.is_file() else "" for f in files)
         if key in seen:
             notes.append(f"'{run.path}' left out: a copy of '{seen[key].path}' (identical files).")
             continue
@@ -66,23 +69,48 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
         _draw(out, "topk_by_module", fig_dir / "topk_by_module.png", report_figures.module_distribution, locs)
     for members, result in analysis.comparisons:
         out.update(_comparison_figures(analysis, members, result, fig_dir))
-    forest = [
-        {
-            "label": f"{labels[i]} · {r.target} · {r.perturbation} · K={r.k}"
-            + ("" if r.unit == "weight" else f" · {r.unit}s")
-            + ("" if r.seed is None else f" · seed {r.seed}"),
-            "delta": r.delta_perplexity,
-            "low": r.delta_perplexity_low,
-            "high": r.delta_perplexity_high,
-        }
-        for i, rows in enumerate(analysis.perturbation)
-        for r in rows
-        if (r.kind is ConditionKind.TOPK or r.is_control) and not r.restore and r.delta_perplexity is not None
-    ]
-    if forest:
-        path = fig_dir / "perturbation_effects.png"
-        _draw(out, "perturbation_effects", path, report_figures.perturbation_effects, forest[:60])
+    pages = forest_pages(analysis)
+    for number, page in enumerate(pages, 1):
+        key = "perturbation_effects" if number == 1 else f"perturbation_effects:{number}"
+        name = "perturbation_effects.png" if number == 1 else f"perturbation_effects_{number}.png"
+        title = "Perturbation effects" + (f" ({number} of {len(pages)})" if len(pages) > 1 else "")
+        _draw(out, key, fig_dir / name, report_figures.perturbation_effects, page, title)
     return out
+
+
+FOREST_ROWS = 60
+"""Conditions per page of the perturbation-effects figure; more make several pages, never fewer rows."""
+
+
+def forest_pages(analysis: Analysis, per_page: int = FOREST_ROWS) -> list[list[dict]]:
+    """The rows of the perturbation-effects figure (every top-K and control condition of every experiment),
+    the significant ones first (interval excludes 0 and p < 0.05), cut into pages of ``per_page``: every row
+    is on some page."""
+    rows = []
+    for i, experiments in enumerate(analysis.experiments):
+        for experiment in experiments:
+            where = f" · {experiment.label}" if len(experiments) > 1 else ""
+            rows += [_forest_row(f"{analysis.labels[i]}{where}", r) for r in experiment.rows if _in_forest(r)]
+    rows.sort(key=lambda r: not r["significant"])  # stable: the given order within each group
+    return [rows[start : start + per_page] for start in range(0, len(rows), per_page)]
+
+
+def _in_forest(r: PerturbRow) -> bool:
+    return (r.kind is ConditionKind.TOPK or r.is_control) and not r.restore and r.delta_perplexity is not None
+
+
+def _forest_row(label: str, r: PerturbRow) -> dict:
+    low, high, p = r.delta_perplexity_low, r.delta_perplexity_high, r.p_value
+    excludes_zero = low is not None and high is not None and (low > 0 or high < 0)
+    return {
+        "label": f"{label} · {r.target} · {r.perturbation} · K={r.k}"
+        + ("" if r.unit == "weight" else f" · {r.unit}s")
+        + ("" if r.seed is None else f" · seed {r.seed}"),
+        "delta": r.delta_perplexity,
+        "low": low,
+        "high": high,
+        "significant": excludes_zero and (p is None or p < P_SIGNIFICANT),
+    }
 
 
 def _comparison_figures(analysis: Analysis, members: list[int], result: Comparison, fig_dir: Path) -> dict[str, Path]:

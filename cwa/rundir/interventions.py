@@ -1,5 +1,6 @@
-"""``prune.csv`` / ``prune.json`` and ``protect.csv`` / ``protect.json``: the typed rows of ``cwa prune`` and
-``cwa protect``, each written as one set with its figures (all new or all previous), read back only whole."""
+"""``prune/<n>/prune.csv`` + ``prune.json`` and ``protect/<n>/protect.csv`` + ``protect.json``: the typed rows
+of ``cwa prune`` and ``cwa protect``, one numbered set per experiment with its figures (all of it or none),
+read back only whole. A directory written by an earlier cwa holds one set at its root, read as set 0."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Literal
 from cwa.common.errors import CwaError
 from cwa.common.io import write_json
 from cwa.rundir.files import FIGURES, PROTECT_CSV, PROTECT_JSON, PRUNE_CSV, PRUNE_JSON
-from cwa.rundir.outputs import OutputSet, sha256
+from cwa.rundir.outputs import SetDir, new_set, set_dirs, sha256
 from cwa.rundir.rows import CsvRow, read_rows, write_rows
 
 Kind = Literal["prune", "protect"]
@@ -102,21 +103,25 @@ def write_intervention(
     rows: Iterable[CsvRow],
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
-) -> list[str]:
-    """Write ``<kind>.csv``, the figures and ``<kind>.json`` (with the csv's sha256) as one set: all new, or
-    after any failure or interrupt all the previous ones.
+) -> tuple[Path, list[str]]:
+    """Write one experiment's set into a new directory ``<directory>/<kind>/<n>/`` (claimed atomically: a
+    concurrent run gets another number and no earlier set is replaced): ``<kind>.csv``, the figures under
+    ``figures/`` and ``<kind>.json`` (with the csv's sha256), last; all of it, or after any failure or interrupt
+    none of it.
 
     Args:
-        directory: where the set goes (a run directory).
+        directory: where the sets go (a run directory, or prune's ``--output``).
         kind: ``prune`` or ``protect``.
         rows: the table, baseline first.
         meta: the contents of the json (``status`` and the checksum are added).
         figures: ``{file name under figures/: function drawing into a given path}``; one that fails to draw
             is left out, and its note is returned and recorded under ``figure_notes`` in the json.
+
+    Returns:
+        The set's directory and the notes on figures left out.
     """
     csv_name, json_name, row_class = _FILES[kind]
-    outputs = OutputSet(Path(directory))
-    try:
+    with new_set(Path(directory), kind) as outputs:
         csv_tmp = outputs.stage(csv_name)
         write_rows(csv_tmp, row_class, rows)
         checksum = sha256(csv_tmp)
@@ -124,17 +129,46 @@ def write_intervention(
         full = {"status": "complete", **meta, f"{kind}_csv_sha256": checksum, "figure_notes": notes}
         write_json(outputs.stage(json_name), full)
         outputs.commit()
-    finally:
-        outputs.discard()
-    return notes
+    return outputs.directory, notes
+
+
+@dataclass
+class InterventionSet:
+    """One experiment of ``cwa prune`` or ``cwa protect``: its rows, its json and where the set lies
+    (``number`` from 1 in the order started; 0 for the root-level set of an earlier cwa)."""
+
+    kind: str
+    rows: list
+    meta: dict
+    path: Path
+    number: int
+
+    @property
+    def label(self) -> str:
+        """``prune/2``, ``prune/2 (name)``, or ``prune.csv`` for the root-level set of an earlier cwa."""
+        label = SetDir(self.kind, self.number, self.path).label
+        name = self.meta.get("name")
+        return f"{label} ({name})" if isinstance(name, str) and name else label
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / FIGURES
+
+
+def read_interventions(directory: Path, kind: Kind) -> list[InterventionSet]:
+    """Every complete ``prune`` or ``protect`` set of a directory, oldest first; one sentence when one was split."""
+    return [_read_set(s.path, kind, s.number) for s in set_dirs(Path(directory), kind)]
 
 
 def read_intervention(directory: Path, kind: Kind) -> tuple[list, dict] | None:
-    """(rows, meta) of a ``prune`` or ``protect`` set, None when absent; one sentence when it was split."""
+    """(rows, meta) of the latest ``prune`` or ``protect`` set, None when there is none."""
+    found = read_interventions(directory, kind)
+    return (found[-1].rows, found[-1].meta) if found else None
+
+
+def _read_set(directory: Path, kind: Kind, number: int) -> InterventionSet:
     csv_name, json_name, row_class = _FILES[kind]
-    csv_path, json_path = Path(directory) / csv_name, Path(directory) / json_name
-    if not csv_path.exists() and not json_path.exists():
-        return None
+    csv_path, json_path = directory / csv_name, directory / json_name
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -143,4 +177,4 @@ def read_intervention(directory: Path, kind: Kind) -> tuple[list, dict] | None:
         raise CwaError(f"'{directory}' holds an incomplete {kind} set; rerun cwa {kind} for it.")
     if meta.get(f"{kind}_csv_sha256") != sha256(csv_path):
         raise CwaError(f"'{csv_path}' does not match its {json_name} (an interrupted cwa {kind}); rerun it.")
-    return read_rows(csv_path, row_class), meta
+    return InterventionSet(kind, read_rows(csv_path, row_class), meta, directory, number)
