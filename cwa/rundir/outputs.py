@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from cwa.common.errors import CwaError
-from cwa.common.io import draw_or_note, inside
+from cwa.common.io import draw_or_note, inside, os_error
 
 
 def sha256(path: Path) -> str:
@@ -66,6 +66,10 @@ class OutputSet:
         """Delete ``directory / relative`` (if it exists) at the commit, before the staged files land: a file
         of the previous set that the new set does not have."""
         self._removed.append(self.directory / relative)
+
+    def __contains__(self, relative: str) -> bool:
+        """Whether ``directory / relative`` is staged for the commit."""
+        return any(final == self.directory / relative for _, final in self._staged)
 
     def draw(self, figures: Mapping[str, Callable[[Path], None]] | None, folder: str) -> list[str]:
         """Stage each figure under ``folder``; one that fails to draw is left out of the set (the previous
@@ -158,6 +162,26 @@ def new_set(root: Path, kind: str) -> Iterator[OutputSet]:
     once never share one; the set is never replaced by a later one. The caller stages its files and commits,
     the json last. Any exception before the commit removes the directory with whatever was staged in it."""
     folder = Path(root) / kind
+    try:
+        directory = _claim(folder, kind)
+    except OSError as exc:
+        raise os_error(exc, folder) from None
+    outputs = OutputSet(directory)
+    try:
+        yield outputs
+    except BaseException as exc:
+        outputs.discard()
+        shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a read-only file system: one sentence
+            raise os_error(exc, directory) from None
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        (directory / WRITER).unlink()
+
+
+def _claim(folder: Path, kind: str) -> Path:
+    """Make ``folder/<n>/`` with the next free number (``os.mkdir`` fails when another writer made it first:
+    then the next), and name this process as its writer."""
     folder.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(folder, f"{kind}.json")
     number = max((n for n, _ in _numbered(folder)), default=0) + 1
@@ -169,15 +193,7 @@ def new_set(root: Path, kind: str) -> Iterator[OutputSet]:
             number += 1
     directory = folder / str(number)
     (directory / WRITER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    outputs = OutputSet(directory)
-    try:
-        yield outputs
-    except BaseException:
-        outputs.discard()
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    with contextlib.suppress(FileNotFoundError):
-        (directory / WRITER).unlink()
+    return directory
 
 
 def _remove_abandoned(folder: Path, marker: str) -> None:
