@@ -63,6 +63,7 @@ def test_an_unusable_name_is_refused_in_one_sentence(tiny_dir: Path, tmp_path: P
         _quick(run, name="two\nlines")
 
 
+@pytest.mark.slow
 def test_two_perturbs_at_once_on_one_run_both_complete(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     """Two perturb processes started together on one run directory: two whole sets, both in the report."""
     run = make_run(tmp_path, tiny_dir)

@@ -286,6 +286,4 @@ def test_report_shows_the_prune_and_protect_sets_of_a_run(tiny_dir: Path, tmp_pa
     assert all((out.parent / link).exists() for link in links)
     numbers = json.loads(out.with_suffix(".json").read_text())["interventions"]
     assert list(numbers) == [run.parent.name + "/" + run.name]
-    assert [r["perplexity"] for r in next(iter(numbers.values()))["prune"][0]["rows"]] == [
-        r.perplexity for r in pruned
-    ]
+    assert [r["perplexity"] for r in next(iter(numbers.values()))["prune"][0]["rows"]] == [r.perplexity for r in pruned]
