@@ -146,3 +146,20 @@ def test_too_few_held_out_sequences_are_refused_before_any_verdict(tmp_path, cap
     # a looser interval does not loosen the verdicts' p < 0.05: 5 sequences still cannot reach it
     assert _find(tmp_path, model_dir, "--super_weights.heldout_samples=5", "--super_weights.confidence=0.9") == 1
     assert "evaluate at least 6" in capsys.readouterr().err
+
+
+def test_the_held_out_baseline_and_its_sequences_are_printed_and_recorded(tmp_path, capsys):
+    """Issue 20: the verdicts' baseline and the number of sequences behind them, on the console and in
+    summary.json; the default held-out size is the README's (24 blocks)."""
+    import inspect
+
+    from cwa.find_super_weights.recipe import FindSuperWeights
+
+    assert inspect.signature(FindSuperWeights).parameters["heldout_samples"].default == 24
+    model_dir = _model_dir(tmp_path, _planted_llama)
+    assert _find(tmp_path, model_dir, "--data.heldout_samples=64") == 0
+    heldout = json.loads((tmp_path / "logs" / "sw" / "version_0" / "summary.json").read_text())["heldout"]
+    assert heldout["sequences"] > 6 and heldout["tokens"] == heldout["sequences"] * 31
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "held-out baseline" in line)
+    assert f"over {heldout['sequences']} sequences" in line and f"{heldout['perplexity']:.4g}"[:4] in line
