@@ -12,6 +12,7 @@ from conftest import make_tokenizer
 from test_super_weights import COL, LAYER, ROW, _planted_gpt2, _planted_llama
 
 from cwa.cli import main
+from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.rundir import Run, load_runs
 
@@ -163,3 +164,28 @@ def test_the_held_out_baseline_and_its_sequences_are_printed_and_recorded(tmp_pa
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "held-out baseline" in line)
     assert f"over {heldout['sequences']} sequences" in line and f"{heldout['perplexity']:.4g}"[:4] in line
+
+
+def test_the_report_has_a_section_for_find_super_weights_runs(tmp_path, capsys):
+    """Issue 20: a find-super-weights run given to cwa report is reported, not skipped: candidates with their
+    spikes, verdicts, Δ perplexity with its interval, the held-out baseline and the row test."""
+    from cwa.report.recipe import report
+
+    model_dir = _model_dir(tmp_path, _planted_llama)
+    assert _find(tmp_path, model_dir, "--super_weights.row_test=true") == 0
+    run = tmp_path / "logs" / "sw" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    text = report([str(run)], tmp_path / "out" / "r.md", ks=[10], sample=200).read_text()
+    section = text[text.index("### Super weights (`cwa find-super-weights`)") :]
+    top = summary["candidates"][0]
+    ablation = top["ablation"]
+    delta = fmt.interval(
+        ablation["delta_perplexity"], ablation["delta_perplexity_low"], ablation["delta_perplexity_high"], fmt.effect
+    )
+    line = next(line for line in section.splitlines() if line.startswith(f"| 1 | {LAYER} | [{ROW}, {COL}] |"))
+    assert delta in line and top["verdict"].replace("_", " ") in line and "×" in line
+    assert f"over {summary['heldout']['sequences']} sequences" in section
+    assert "Row test" in section and "G = R − median control R" in section
+    assert "activation_spikes.png" in section
+    saved = json.loads((tmp_path / "out" / "r.json").read_text())["super_weights"]
+    assert next(iter(saved.values()))["candidates"][0]["rank"] == 1

@@ -24,6 +24,7 @@ from cwa.report.findings import (
 from cwa.report.interventions import Interventions, interventions_of
 from cwa.report.placement import LOCATION_K, Placement, placement_findings, placement_of
 from cwa.rundir import ConditionKind, DownstreamRow, Perturbation, PerturbRow, Run, unique_names
+from cwa.rundir.super_weights import SuperWeightsRun
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Analysis:
         interventions: per run, the prune and protect sets written into its directory (empty when none).
         findings: every finding, in section order.
         skipped: notes on the directories left out (not complete runs).
+        super_weights: the find-super-weights runs given (their own section, labelled ``S1``, ``S2``, ...).
     """
 
     runs: list[Run]
@@ -57,6 +59,7 @@ class Analysis:
     interventions: list[Interventions] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    super_weights: list[SuperWeightsRun] = field(default_factory=list)
 
     @property
     def perturbation(self) -> list[list[PerturbRow]]:
@@ -90,6 +93,7 @@ class Analysis:
             },
             "interventions": {self.names[i]: x.to_json() for i, x in enumerate(self.interventions) if x},
             "findings": [f.as_dict() for f in self.findings],
+            "super_weights": {r.name: {"path": str(r.path), **_scan_json(r.summary)} for r in self.super_weights},
             "skipped": self.skipped,
         }
 
@@ -106,6 +110,11 @@ class Analysis:
             "downstream": [r.as_dict() for r in experiment.downstream or []],
             "claims": claims,
         }
+
+
+def _scan_json(summary: dict) -> dict:
+    keys = ("model", "settings", "heldout", "candidates", "super_weights", "super_experts", "row_test")
+    return {k: summary.get(k) for k in keys}
 
 
 def conditions(experiment: Perturbation) -> list[PerturbRow]:

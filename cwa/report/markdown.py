@@ -16,7 +16,7 @@ from pathlib import Path
 from cwa.common import format as fmt
 from cwa.compare.result import Comparison
 from cwa.report import findings as th
-from cwa.report import interventions
+from cwa.report import interventions, super_weights
 from cwa.report.analysis import Analysis, agreement_pairs
 from cwa.report.findings import FRACTIONS, Finding
 from cwa.report.text import _bullets, _rel, _table, headline_sentence, pair_sentence, sentence
@@ -59,6 +59,7 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
     lines += perturbation(analysis, output, fig)
     lines += downstream(analysis)
     lines += interventions.section(analysis.labels, analysis.interventions, output)
+    lines += super_weights.section(analysis.super_weights, output)
     lines += reproducibility(analysis)
     lines += next_steps(analysis)
     lines += method(analysis.location_k)

@@ -23,6 +23,7 @@ from cwa.report.findings import P_SIGNIFICANT
 from cwa.report.markdown import render
 from cwa.report.placement import LOCATION_K
 from cwa.rundir import ConditionKind, PerturbRow, Run, load_runs
+from cwa.rundir.super_weights import SuperWeightsRun
 
 
 def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
@@ -45,6 +46,24 @@ def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
         seen[key] = run
         kept.append(run)
     return kept, notes
+
+
+def _load(paths: list[str]) -> tuple[list[Run], list[SuperWeightsRun], list[str]]:
+    """The fit-sensitivity runs (copies left out), the find-super-weights runs, and notes on what was skipped. Only
+    super-weight runs is a report too; neither is one sentence."""
+    from cwa.rundir.super_weights import is_super_weights_run, read_super_weights
+
+    scans, seen = [], set()
+    for path in paths:
+        if is_super_weights_run(path) and Path(path).resolve() not in seen:
+            seen.add(Path(path).resolve())
+            scans.append(read_super_weights(path))
+    fits = [p for p in paths if not is_super_weights_run(p)]
+    if not fits and scans:
+        return [], scans, []
+    loaded, skipped = load_runs(fits, skip_incomplete=True)
+    loaded, copies = distinct_runs(loaded)
+    return loaded, scans, skipped + copies
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -169,8 +188,9 @@ def report(
     perturbation effects and reproducibility, each finding computed from the runs.
 
     Args:
-        runs: run directories (``lightning_logs/NAME/version_N``); a directory that is not a complete run (a
-            failed or running one matched by a glob) is skipped with a note.
+        runs: run directories (``lightning_logs/NAME/version_N``) of fit-sensitivity and of find-super-weights
+            (its own section); a directory that is not a complete run (a failed or running one matched by a
+            glob) is skipped with a note.
         output: Markdown file to write; figures go to ``<stem>-figures/`` beside it and the numbers to
             ``<stem>.json``.
         ks: K of the top-K overlaps between runs, e.g. ``[10,100,1000]`` (a comma string works too).
@@ -191,17 +211,16 @@ def report(
     if sample < 0:
         raise CwaError(f"--sample must be 0 or more, got {sample}.")
     k_values = parse_ks(ks)
-    loaded, skipped = load_runs(runs, skip_incomplete=True)
-    loaded, copies = distinct_runs(loaded)
-    skipped += copies
+    loaded, found, skipped = _load(runs)
     for note in skipped:
         print(f"note: {note}", file=sys.stderr)
     analysis = analyse(loaded, k_values, int(sample), seed, location_k)
-    analysis.skipped = skipped
+    analysis.skipped, analysis.super_weights = skipped, found
     figure_paths = draw_figures(analysis, output.with_name(output.stem + "-figures")) if figures else {}
     text = render(analysis, output, figure_paths, headlines(analysis))
     with atomic_open(output) as handle:
         handle.write(text)
     write_json(output.with_suffix(".json"), analysis.to_json())
-    print(f"cwa report: {len(loaded)} runs -> {output}")
+    more = f" and {len(found)} find-super-weights runs" if found else ""
+    print(f"cwa report: {len(loaded)} runs{more} -> {output}")
     return output
