@@ -170,3 +170,15 @@ def test_a_full_disk_while_compare_draws_leaves_nothing(tmp_path: Path, monkeypa
     assert main([*argv, "--output", str(out), "--ks", "[2,5]"]) == 1
     after = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # the previous compare.json and figures, untouched
+
+
+def test_a_planted_link_in_place_of_the_sets_folder_is_refused(tmp_path: Path) -> None:
+    from cwa.rundir.interventions import write_intervention
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "prune").symlink_to(elsewhere)
+    with pytest.raises(CwaError, match=r"'.*run/prune' is a symbolic link; cwa writes only inside"):
+        write_intervention(tmp_path / "run", "prune", [_prune_row(5.0)], {})
+    assert not list(elsewhere.iterdir())

@@ -161,7 +161,7 @@ def new_set(root: Path, kind: str) -> Iterator[OutputSet]:
     The number is claimed with ``os.mkdir``, which fails when the directory exists, so two writers running at
     once never share one; the set is never replaced by a later one. The caller stages its files and commits,
     the json last. Any exception before the commit removes the directory with whatever was staged in it."""
-    folder = Path(root) / kind
+    folder = inside(root, kind)  # a planted ``perturb`` link must not send the set elsewhere
     try:
         directory = _claim(folder, kind)
     except OSError as exc:
