@@ -78,8 +78,9 @@ def test_ablation_equals_zeroing_the_weight_by_hand(tmp_path):
     summary = json.loads((tmp_path / "logs" / "sw" / "version_0" / "summary.json").read_text())
     ablation = summary["candidates"][0]["ablation"]
     data = CalibrationData(
-        source="pydoc", tokenizer=str(model_dir), seq_len=32, num_samples=8, heldout_fraction=0.3, batch_size=4
-    )
+        source="pydoc", tokenizer=str(model_dir), seq_len=32, num_samples=8, heldout_fraction=0.3, batch_size=4,
+        heldout_samples=24,  # find-super-weights' default
+    )  # fmt: skip
     data.setup()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     before = evaluate(model, data.heldout, 4, torch.device("cpu")).stats.perplexity
