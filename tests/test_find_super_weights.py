@@ -188,5 +188,6 @@ def test_the_report_has_a_section_for_find_super_weights_runs(tmp_path, capsys):
     assert f"over {summary['heldout']['sequences']} sequences" in section
     assert "Row test" in section and "G = R − median control R" in section
     assert "activation_spikes.png" in section
+    assert "## Key Findings" not in text  # no empty fit-sensitivity sections around it
     saved = json.loads((tmp_path / "out" / "r.json").read_text())["super_weights"]
     assert next(iter(saved.values()))["candidates"][0]["rank"] == 1

@@ -55,6 +55,13 @@ def test_a_second_perturb_keeps_the_first_and_the_report_shows_both(
         "perturb/1",
         "perturb/2 (wider K)",
     ]
+    from cwa.compare.recipe import compare
+
+    other = make_run(tmp_path / "other", tiny_dir)
+    out = compare([str(run), str(other)], ks=[5], sample=100, output=tmp_path / "cmp", figures=False)
+    entries = json.loads((out / "compare.json").read_text())["runs"]
+    assert [e["experiment"] for e in entries[0]["experiments"]] == ["perturb/1", "perturb/2"]
+    assert entries[1]["experiments"] == []
 
 
 def test_an_unusable_name_is_refused_in_one_sentence(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811

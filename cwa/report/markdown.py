@@ -41,6 +41,11 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
         return [f"![{alt}]({_rel(figures[key], output.parent)})", ""] if key in figures else []
 
     lines = ["# Critical Weight Analysis Research Report", ""]
+    if not analysis.runs:  # find-super-weights runs only: their section is the report
+        stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        lines += [f"**Generated:** {stamp} by `cwa report` from {_plural(len(analysis.super_weights), 'run')} of "
+                  "`cwa find-super-weights` (no fit-sensitivity run was given).", ""]  # fmt: skip
+        return "\n".join(lines + super_weights.section(analysis.super_weights, output))
     lines += [
         f"**Generated:** {dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')} by `cwa report` from "
         f"{len(analysis.runs)} run directories. Every finding below is computed from those runs; a statement "
