@@ -7,8 +7,7 @@ A recipe (torchtune's shape): :class:`PerturbRecipe` takes the typed options, th
 order. The model is loaded once and never cloned: each condition writes its perturbation into the chosen
 weights in place, runs one forward pass over the held-out blocks and restores the saved bits, verified
 by checksum, also when the condition fails. The run is read only through :mod:`cwa.rundir`, and written
-only through :func:`cwa.rundir.write_perturbation` (csv, figures and json together or not at all, in a new
-numbered set ``perturb/<n>/`` per experiment).
+only through :func:`cwa.rundir.write_perturbation` (a new set ``perturb/<n>/``, all of it or nothing).
 
 The steps' pieces live beside it: :mod:`cwa.perturb.loading` (run, model, held-out blocks),
 :mod:`cwa.perturb.conditions` (the conditions and their weights), :mod:`cwa.perturb.restoring` (activation
@@ -45,8 +44,7 @@ from cwa.perturb.conditions import condition_place, selection_of, unit_condition
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
 from cwa.perturb.loading import fit_sensitivity_first, load_heldout, load_run_model
 from cwa.perturb.restoring import ActivationRestore
-from cwa.rundir import DownstreamRow, Run, write_perturbation
-from cwa.rundir.outputs import check_name
+from cwa.rundir import DownstreamRow, Run, check_name, write_perturbation
 
 MAX_PAIRS = 20
 DEFAULT_KS = (1, 10, 100, 1000, 10000)  # --ks unset: cut to the run's list
@@ -298,9 +296,8 @@ class PerturbRecipe:
     def write(self) -> None:
         """perturb.csv, the figures and perturb.json as a new set perturb/<n>/; TensorBoard scalars; the console."""
         self.timings.update(self._condition_timings())
-        figures = self._figures() if self.figures else {}
-        meta, downstream = self._meta(), self.downstream_rows
-        self.set_dir, notes = write_perturbation(self.run_dir.path, self.rows, meta, figures, downstream)
+        figs = self._figures() if self.figures else {}
+        self.set_dir, notes = write_perturbation(self.run_dir.path, self.rows, self._meta(), figs, self.downstream_rows)
         self.notes += notes
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:

@@ -47,7 +47,7 @@ from cwa.rundir.files import (
     TOPK,
     Key,
 )
-from cwa.rundir.outputs import OutputSet
+from cwa.rundir.outputs import OutputSet, check_name
 from cwa.rundir.perturbation import (
     SET_TARGETS,
     ConditionKind,
@@ -100,6 +100,7 @@ __all__ = [
     "Key",
     "LazyScores",
     "OutputSet",
+    "check_name",
     "PerturbRow",
     "SET_TARGETS",
     "ConditionKind",
