@@ -51,7 +51,7 @@ def fit(out: Path, metrics: list[str], samples: int, config: str, k: int) -> dic
     return runs
 
 
-def perturb(run: Path, heldout: int) -> None:
+def perturb(run: Path, heldout: int, tokens: int | None) -> None:
     if not (run / "perturb.json").exists() and not list(run.glob("perturb/*/perturb.json")):
         cwa(
             "perturb",
@@ -61,6 +61,7 @@ def perturb(run: Path, heldout: int) -> None:
             "--controls=[random_matched]",
             "--seeds=[0]",
             f"--heldout_samples={heldout}",
+            *([f"--heldout_tokens={tokens}"] if tokens else []),
         )
 
 
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=16, help="calibration blocks of 256 tokens (default 16)")
     parser.add_argument("--heldout", type=int, default=16, help="held-out blocks for perturb (default 16)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens kept per held-out block")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS))
     parser.add_argument("--config", default="configs/smollm2-135m.yaml", help="the model's config (default SmolLM2)")
     parser.add_argument("--k", type=int, default=10000, help="top-K kept per run (default 10000, for cwa protect)")
@@ -127,7 +129,7 @@ def main() -> None:
     found = {m: run for metrics in passes for m, run in fit(out, metrics, args.samples, args.config, args.k).items()}
     runs = {m: found[m] for m in args.metrics}  # the table in the order asked for
     for run in runs.values():
-        perturb(run, args.heldout)
+        perturb(run, args.heldout, args.tokens)
     if not (out / "compare" / "compare.json").exists():
         cwa("compare", *map(str, runs.values()), "--ks=[10,100]", f"--output={out / 'compare'}")
     print(damage_table(runs))

@@ -275,7 +275,8 @@ def test_without_lm_eval_tasks_end_in_one_sentence(tiny_dir: Path, tmp_path: Pat
 @pytest.mark.slow  # a fresh interpreter importing every command (about 6 s)
 def test_cwa_imports_no_lm_eval() -> None:
     code = (
-        "import sys, cwa, cwa.perturb.recipe, cwa.perturb.downstream, cwa.report.recipe, cwa.cli; "
+        "import sys, cwa, cwa.perturb.recipe, cwa.perturb.downstream, cwa.prune.recipe, cwa.protect.recipe, "
+        "cwa.report.recipe, cwa.cli; "
         "assert 'lm_eval' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -287,3 +287,24 @@ def paired_mean_interval(a: Tensor, b: Tensor, weights: Tensor, confidence: floa
     theta, se = studentized_replicates(a, ones, b, ones, weights)
     low, high = studentized_interval(theta, se, confidence)
     return float(theta[0]), float(low), float(high)
+
+
+def mean_over_seeds(values: Tensor, confidence: float = 0.95) -> tuple[float, float, float]:
+    """The mean of one statistic over seeds (one value per seed) with a Student-t interval over the seeds.
+
+    Args:
+        values: (n_seeds,) the statistic under each seed.
+        confidence: coverage of the interval.
+
+    Returns:
+        (mean, low, high); the interval is NaN with a single seed.
+    """
+    from scipy import stats as scipy_stats
+
+    values = values.double()
+    n = values.numel()
+    mean = float(values.mean())
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(values.std()) / math.sqrt(n)
+    return mean, mean - half, mean + half

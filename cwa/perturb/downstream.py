@@ -1,9 +1,10 @@
 """Downstream accuracy through lm-evaluation-harness (the optional ``cwa[eval]`` extra).
 
 :class:`DownstreamTasks` runs ``lm_eval.simple_evaluate`` on the live, in-memory model (``HFLM(pretrained=
-model)``: no copy, no save), so ``cwa perturb --tasks`` measures each condition with its perturbation written
-into the weights in place. ``log_samples=True`` gives each item's correctness, so a condition is compared with
-the baseline item by item (:func:`downstream_rows`).
+model)``: no copy, no save), so ``--tasks`` measures each condition with its perturbation (``cwa perturb``),
+pruning (``cwa prune``) or stress (``cwa protect``) written into the weights in place; the three commands
+share this module (:func:`tasks_from_option`, :meth:`DownstreamTasks.run`). ``log_samples=True`` gives each
+item's correctness, so a condition is compared with the baseline item by item (:func:`downstream_rows`).
 
 cwa ships one local task that runs offline, ``cwa_pydoc_lastword`` (LAMBADA-style last-word prediction built
 from the run's *held-out* text, never from calibration text; see :func:`lastword_items`). It is written at run
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cwa.ablation.stats import bootstrap_weights, mcnemar_exact, paired_mean_interval
+from cwa.ablation.stats import bootstrap_weights, mcnemar_exact, mean_over_seeds, paired_mean_interval
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.rundir import ConditionKind, DownstreamRow
@@ -43,6 +44,34 @@ MIN_CONTEXT_WORDS = 8
 INSTALL = "install the eval extra: pip install 'cwa[eval]'"
 
 _SENTENCE_END = re.compile(r"(?<=\S) ([A-Za-z]+)[.!?](?= |$)")
+
+
+def tasks_from_option(
+    tasks: str | list[str] | None, limit: int | None = None, batch_size: int = 8
+) -> DownstreamTasks | None:
+    """The lm-eval tasks of ``--tasks`` (None without it; a list or a comma-separated string), with the
+    ``--tasks_limit`` and ``--tasks_batch_size`` options; a missing lm-eval fails here, before any work."""
+    if tasks is None:
+        return None
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    return DownstreamTasks([t for t in names if t], limit, batch_size)
+
+
+def task_settings(tasks: DownstreamTasks | None) -> dict:
+    """The ``--tasks`` options as a command's json records them under ``settings``."""
+    return {
+        "tasks": tasks.tasks if tasks else None,
+        "tasks_limit": tasks.limit if tasks else None,
+        "tasks_batch_size": tasks.batch_size if tasks else None,
+    }
+
+
+def task_meta(tasks: DownstreamTasks | None, seconds_per_perplexity_condition: float) -> dict | None:
+    """What a command's json records under ``downstream`` (None without ``--tasks``): the tasks, the local
+    task's items and fingerprint, and an lm-eval pass's time beside a held-out pass's."""
+    if tasks is None:
+        return None
+    return {**tasks.describe(), "seconds_per_perplexity_condition": seconds_per_perplexity_condition}
 
 
 def require_lm_eval() -> None:
@@ -202,6 +231,7 @@ class DownstreamTasks:
         self.items: list[dict[str, str]] = []
         self.timings: dict[str, float] = {}
         self.conditions: list[str] = []
+        self.correct: dict[str, dict[str, Tensor]] = {}  # per condition (baseline first), per task: 0/1 per item
         self.add_bos_token: bool | None = None
         self._directory: tempfile.TemporaryDirectory | None = None
 
@@ -229,6 +259,7 @@ class DownstreamTasks:
         conditions: list[tuple[str, Callable[[], AbstractContextManager]]],
         resamples: int = 2000,
         confidence: float = 0.95,
+        command: str = "cwa perturb",
     ) -> list[DownstreamRow]:
         """Every task on the baseline, then under each condition, and the rows of ``downstream.csv``.
 
@@ -238,13 +269,15 @@ class DownstreamTasks:
                 perturbation and restores it on exit).
             resamples: bootstrap resamples of the intervals.
             confidence: their coverage.
+            command: the progress bar's label.
         """
         from tqdm.auto import tqdm
 
         results = []
         try:
             baseline = self.evaluate(model, self.tokenizer)
-            for name, perturbation in tqdm(conditions, desc="cwa perturb: lm-eval", unit="condition", file=sys.stderr):
+            bar = tqdm(conditions, desc=f"{command}: lm-eval", unit="condition", file=sys.stderr)
+            for name, perturbation in bar:
                 with perturbation():
                     results.append((name, self.evaluate(model, self.tokenizer)))
         finally:
@@ -253,6 +286,8 @@ class DownstreamTasks:
         self.timings["baseline_s"] = sum(r.seconds for r in baseline.values())
         self.timings["mean_s_per_condition"] = sum(seconds) / max(1, len(seconds))
         self.conditions = [name for name, _ in results]
+        for name, result in [(ConditionKind.BASELINE.value, baseline), *results]:
+            self.correct[name] = {task: r.correct for task, r in result.items()}
         return downstream_rows(baseline, results, resamples, confidence)
 
     def prepare(self, items: list[dict[str, str]] | None = None) -> None:
@@ -375,6 +410,28 @@ def downstream_rows(
     return rows
 
 
+def seed_means(groups: dict[str, list[DownstreamRow]], confidence: float = 0.95) -> list[DownstreamRow]:
+    """Per group of conditions that differ only in their seed (``{mean row's name: its members}``) and per
+    task, the row of the mean over the seeds: mean accuracy and change with a Student-t interval over the
+    seeds, no p-value; a group of one seed gives none.
+
+    Args:
+        groups: the members' rows (every task of every member), keyed by the name of their mean.
+        confidence: coverage of the intervals.
+    """
+    out = []
+    for name, members in groups.items():
+        for task in dict.fromkeys(r.task for r in members):
+            rows = [r for r in members if r.task == task]
+            if len(rows) < 2:
+                continue
+            accuracy = mean_over_seeds(torch.tensor([r.accuracy for r in rows]), confidence)[0]
+            delta = mean_over_seeds(torch.tensor([r.delta_accuracy for r in rows]), confidence)
+            seconds = sum(r.seconds for r in rows)
+            out.append(DownstreamRow(name, task, rows[0].items, accuracy, *delta, None, seconds, len(rows), "seeds"))
+    return out
+
+
 def format_downstream(rows: list[DownstreamRow], confidence: float = 0.95) -> list[str]:
     """A small console table: per condition, each task's accuracy and its change [interval] and p."""
     if not rows:
@@ -385,7 +442,8 @@ def format_downstream(rows: list[DownstreamRow], confidence: float = 0.95) -> li
         change = ""
         if r.condition != ConditionKind.BASELINE:
             delta = fmt.interval(r.delta_accuracy, r.delta_accuracy_low, r.delta_accuracy_high, fmt.effect)
-            change = f"  Δ {delta}  p={fmt.p_value(r.p_value)}"
+            test = f"mean of {r.seeds} seeds" if r.over == "seeds" else f"p={fmt.p_value(r.p_value)}"
+            change = f"  Δ {delta}  {test}"
         head = f"  {r.condition:<{width}}  {r.task}  n={fmt.count(r.items)}  acc={fmt.number(r.accuracy)}"
         lines.append(f"{head}{change}  {r.seconds:.1f}s")
     return lines

@@ -41,6 +41,7 @@ from cwa.common.environment import torch_device
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
 from cwa.perturb.conditions import condition_place, selection_of, unit_conditions, with_restored_twins
+from cwa.perturb.downstream import task_meta, task_settings, tasks_from_option
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
 from cwa.perturb.loading import fit_sensitivity_first, load_heldout, load_run_model
 from cwa.perturb.restoring import ActivationRestore
@@ -178,7 +179,7 @@ class PerturbRecipe:
         self.conditions: list[Condition] = []
         self.results: list[Result] = []
         self.tasks_on_controls = tasks_on_controls
-        self.downstream = _downstream_tasks(tasks, tasks_limit, tasks_batch_size)
+        self.downstream = tasks_from_option(tasks, tasks_limit, tasks_batch_size)
         self.downstream_rows: list[DownstreamRow] | None = None
         self.restore = ActivationRestore(restore, restore_threshold)
 
@@ -438,9 +439,7 @@ class PerturbRecipe:
             "pairs": self.pairs,
             "restore": list(self.restore.modes),
             "restore_threshold": self.restore.threshold,
-            "tasks": self.downstream.tasks if self.downstream else None,
-            "tasks_limit": self.downstream.limit if self.downstream else None,
-            "tasks_batch_size": self.downstream.batch_size if self.downstream else None,
+            **task_settings(self.downstream),
             "tasks_on_controls": self.tasks_on_controls,
         }
 
@@ -476,24 +475,8 @@ class PerturbRecipe:
             },
             "device": str(self.device),
             "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()},
-            "downstream": self._downstream_meta(),
+            "downstream": task_meta(self.downstream, self._condition_timings()["mean_eval_s_per_condition"]),
             "memory": peak_memory(),
             "notes": self.notes,
             "environment": environment(),
         }
-
-    def _downstream_meta(self) -> dict | None:
-        if self.downstream is None:
-            return None
-        evals = [r.evaluation.seconds for r in self.results]
-        return {**self.downstream.describe(), "seconds_per_perplexity_condition": sum(evals) / max(1, len(evals))}
-
-
-def _downstream_tasks(tasks: str | list[str] | None, limit: int | None, batch_size: int):
-    """The lm-eval tasks of ``--tasks`` (None without it); a missing lm-eval fails here, before any work."""
-    if tasks is None:
-        return None
-    from cwa.perturb.downstream import DownstreamTasks
-
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    return DownstreamTasks([t for t in names if t], limit, batch_size)

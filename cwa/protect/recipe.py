@@ -10,8 +10,9 @@ probability p) and ``noise`` (Gaussian, relative to each tensor's rms). The prot
 ``magnitude_matched``: the same |w| quantile bins), with K = 0 (nothing protected) as every curve's start.
 
 A recipe like perturb's: ``setup``, ``build_conditions``, ``evaluate`` (each condition one in-place stress,
-one held-out pass, a bit-exact restore), ``write`` (``protect.csv``, the figures and ``protect.json`` as one
-set through :func:`cwa.rundir.interventions.write_intervention`).
+one held-out pass, a bit-exact restore; with ``--tasks`` the lm-eval tasks under the same stress, the same
+random draws included), ``write`` (``protect.csv``, ``protect_downstream.csv``, the figures and
+``protect.json`` as one set through :func:`cwa.rundir.interventions.write_intervention`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,9 +34,10 @@ from cwa.ablation.pruning import Group
 from cwa.ablation.units import Unit, check_units, expand
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
+from cwa.perturb.downstream import task_settings, tasks_from_option
 from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice
-from cwa.rundir import Run
+from cwa.rundir import DownstreamRow, Run
 from cwa.rundir.files import SUMMARY, SUPER_WEIGHTS_KIND
 from cwa.rundir.outputs import check_name
 
@@ -82,6 +85,12 @@ class ProtectRecipe:
         trust_remote_code: let the model's own code run; taken only from this command.
         verify: checksum every stressed tensor after restoring it.
         figures: write figures/protect_k.png and figures/protect_level.png.
+        tasks: lm-evaluation-harness tasks to run on the unstressed model and under every condition, each seed
+            of a random stress or set its own (needs the ``cwa[eval]`` extra; as ``cwa perturb --tasks``):
+            ``cwa_pydoc_lastword`` (offline, from the run's held-out text) and/or hub tasks; a list or a
+            comma-separated string. Written to protect_downstream.csv.
+        tasks_limit: evaluate at most this many items of each task (None: all).
+        tasks_batch_size: lm-eval batch size.
         name: a label for this experiment, recorded in protect.json and shown by the report. Every protect
             writes a new numbered set, ``protect/<n>/`` in the run directory, named or not.
     """
@@ -113,6 +122,9 @@ class ProtectRecipe:
         trust_remote_code: bool = False,
         verify: bool = True,
         figures: bool = True,
+        tasks: str | list[str] | None = None,
+        tasks_limit: int | None = None,
+        tasks_batch_size: int = 8,
         name: str | None = None,
     ) -> None:
         self.name = check_name(name)
@@ -133,6 +145,8 @@ class ProtectRecipe:
         self.tensor_choice, self.figures = tensors, figures
         self.statistics = StatisticsOptions(bootstrap, permutations, confidence)
         self.session_options = (heldout_samples, heldout_tokens, batch_size, device, trust_remote_code, verify)
+        self.downstream = tasks_from_option(tasks, tasks_limit, tasks_batch_size)
+        self.downstream_rows: list[DownstreamRow] | None = None
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
 
@@ -169,6 +183,8 @@ class ProtectRecipe:
             )
         self.super_selection = self._super_weights() if self.super_weights_path else None
         self.prune_scores = self._prune_scores() if self.prune_run else None
+        if self.downstream is not None:  # an unknown task or a missing local item stops here, before any pass
+            self.downstream.setup(self.session.data, self.session.trust_remote_code)
 
     def _super_weights(self) -> Selection:
         """The verified super weights of a find-super-weights run, as a selection of the stressed tensors."""
@@ -254,6 +270,23 @@ class ProtectRecipe:
                     self.results.append(result)
                 bar.update(1)
         self.rows = protect_rows(self.baseline, self.results, self.statistics)
+        self._evaluate_tasks()
+
+    def _evaluate_tasks(self) -> None:
+        """The lm-eval tasks on the unstressed model and under each evaluated condition, stressed in place
+        (the same random draws as its held-out pass) and restored, checksummed; then the means over seeds."""
+        if self.downstream is None:
+            return
+        from cwa.protect.rows import downstream_means
+
+        named = zip(self.results, self.rows[1 : 1 + len(self.results)], strict=True)
+        conditions = [(row.condition, partial(self._stressed, condition)) for (condition, _, _), row in named]
+        stats = self.statistics
+        rows = self.downstream.run(self.session.model, conditions, stats.bootstrap, stats.confidence, "cwa protect")
+        self.downstream_rows = rows + downstream_means(self.rows, rows, stats.confidence)
+
+    def _stressed(self, condition: ProtectCondition):
+        return self.session.intervened(condition.stress, self._context(condition)[0])
 
     def _protected(self, condition: ProtectCondition) -> Selection:
         if condition.protected == "none":
@@ -274,10 +307,16 @@ class ProtectRecipe:
 
     def _evaluate_condition(self, condition: ProtectCondition) -> tuple[ProtectCondition, Pass, int] | None:
         try:
-            protected = self._protected(condition)
+            context, n_protected = self._context(condition)
         except ControlUnavailable as exc:
             self.notes.append(f"{condition.protected} k={condition.k} skipped: {exc}")
             return None
+        return condition, self.session.evaluate(condition.stress, context), n_protected
+
+    def _context(self, condition: ProtectCondition) -> tuple[StressContext, int]:
+        """What the condition's stress sees (its generator seeded from the condition alone, so every pass
+        under it draws the same bits or noise) and the number of protected weights."""
+        protected = self._protected(condition)
         level = self.stresses.index(condition.stress)
         generator = seeded(condition.seed or 0, level, 7) if condition.stress.random else None
         scores = self.prune_scores
@@ -288,8 +327,7 @@ class ProtectRecipe:
             scores=(lambda name: scores[name]) if scores is not None else None,
             generator=generator,
         )
-        n_protected = sum(int(i.numel()) for i in protected.values())
-        return condition, self.session.evaluate(condition.stress, context), n_protected
+        return context, sum(int(i.numel()) for i in protected.values())
 
     # -- writing -----------------------------------------------------------------------------------
     def write(self) -> None:
@@ -298,14 +336,13 @@ class ProtectRecipe:
 
         figures = {}
         if self.figures:
-            from functools import partial
-
             from cwa.prune.figures import protect_against_k, protect_against_level
 
             title = f"{self.run_dir.model} · {self.run_dir.metric}"
-            figures["protect_k.png"] = partial(protect_against_k, self.rows, title)
+            figures["protect_k.png"] = partial(protect_against_k, self.rows, title, downstream=self.downstream_rows)
             figures["protect_level.png"] = partial(protect_against_level, self.rows, title)
-        self.set_dir, notes = write_intervention(self.run_dir.path, "protect", self.rows, meta(self), figures)
+        rows, downstream = self.rows, self.downstream_rows
+        self.set_dir, notes = write_intervention(self.run_dir.path, "protect", rows, meta(self), figures, downstream)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed protect may have left
         print_rows(self)
         for note in notes:
@@ -325,6 +362,7 @@ class ProtectRecipe:
             "seeds": list(self.seeds),
             "tensors": self.tensor_choice,
             **vars(self.statistics),
+            **task_settings(self.downstream),
         }
 
 

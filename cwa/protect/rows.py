@@ -6,8 +6,10 @@ import datetime as dt
 from typing import TYPE_CHECKING
 
 from cwa.common import format as fmt
+from cwa.perturb.downstream import format_downstream, seed_means, task_meta
 from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import Pass, over_seeds, quality, resamples
+from cwa.rundir import DownstreamRow
 from cwa.rundir.interventions import ProtectRow
 
 if TYPE_CHECKING:
@@ -68,6 +70,22 @@ def protect_rows(
     return rows
 
 
+def _key(row: ProtectRow) -> tuple:
+    return row.stress, row.level, row.protected, row.unit, row.k
+
+
+def downstream_means(rows: list[ProtectRow], downstream: list[DownstreamRow], confidence: float) -> list[DownstreamRow]:
+    """The lm-eval rows of the means over seeds: one per task for each mean row of ``protect.csv``, over the
+    task rows of the conditions that mean stands for (named by :attr:`ProtectRow.condition`)."""
+    means = {_key(r): r.condition for r in rows if r.over == "seeds"}
+    mean_of = {r.condition: means[_key(r)] for r in rows if r.over != "seeds" and _key(r) in means}
+    groups: dict[str, list[DownstreamRow]] = {name: [] for name in means.values()}
+    for row in downstream:
+        if row.condition in mean_of:
+            groups[mean_of[row.condition]].append(row)
+    return seed_means(groups, confidence)
+
+
 def meta(recipe: ProtectRecipe) -> dict:
     """The contents of protect.json: settings, the run, held-out data, timings (the transform and restore
     cost against the held-out pass), the memory bound, notes and the environment."""
@@ -97,6 +115,7 @@ def meta(recipe: ProtectRecipe) -> dict:
         "heldout": recipe.session.heldout_meta(),
         "timings": {**recipe.session.timings, **recipe.timings},
         "backup_bytes_bound": backup if dense else None,
+        "downstream": task_meta(recipe.downstream, mean_eval),
         "memory": peak_memory(),
         "notes": recipe.notes,
         "environment": environment(),
@@ -122,6 +141,10 @@ def print_rows(recipe: ProtectRecipe) -> None:
             f"perplexity {fmt.perplexity(row.perplexity):>10}  "
             f"Δppl {fmt.interval(row.delta_perplexity, low, high, fmt.effect)}{over}"
         )
+    if recipe.downstream_rows:  # as the table above: a mean over seeds stands for its seeds
+        members = {r.condition for r in rows if r.over != "seeds" and (r.level, r.protected, r.unit, r.k) in multiple}
+        shown_tasks = [r for r in recipe.downstream_rows if r.condition not in members]
+        print("\n".join(format_downstream(shown_tasks, recipe.statistics.confidence)))
     for note in recipe.notes:
         print(f"  note: {note}")
     print(f"  -> {recipe.set_dir / 'protect.csv'}")

@@ -1,16 +1,20 @@
 """Figures of ``cwa prune`` and ``cwa protect``, drawn from their typed rows (matplotlib is imported only here).
 
 Each function draws into the path it is given: :func:`cwa.rundir.interventions.write_intervention` stages it
-beside the csv, so a figure is never newer or older than its table.
+beside the csv, so a figure is never newer or older than its table. With ``--tasks`` rows (``downstream``,
+joined to the table by :attr:`~cwa.rundir.interventions.PruneRow.condition`), a second row of panels shows the
+task accuracy on the same axis.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 from cwa.common import format as fmt
-from cwa.rundir.interventions import ProtectRow, PruneRow
+from cwa.rundir import DownstreamRow
+from cwa.rundir.interventions import BASELINE, ProtectRow, PruneRow
 
 
 def _pyplot():
@@ -39,16 +43,29 @@ def _error(rows: list, attribute: str = "perplexity") -> tuple[list[float], list
     return values, [[0.0 if math.isnan(b) else b for b in below], [0.0 if math.isnan(a) else a for a in above]]
 
 
-def quality_against_sparsity(rows: list[PruneRow], title: str, path: Path) -> None:
+def _tasks(downstream: list[DownstreamRow] | None) -> tuple[list[str], dict[tuple[str, str], DownstreamRow]]:
+    """The task names and the rows by (condition, task)."""
+    rows = downstream or []
+    return list(dict.fromkeys(r.task for r in rows)), {(r.condition, r.task): r for r in rows}
+
+
+def quality_against_sparsity(
+    rows: list[PruneRow], title: str, path: Path, downstream: list[DownstreamRow] | None = None
+) -> None:
     """Held-out perplexity (log axis) against sparsity, one line per metric, one panel per structure and group;
-    N:M points at their sparsity N/M; the dense model as a dashed line; bars: the bootstrap intervals."""
+    N:M points at their sparsity N/M; the dense model as a dashed line; bars: the bootstrap intervals. With
+    task rows, below each panel the task accuracy (dense dashed; bars: the paired intervals over items)."""
     plt = _pyplot()
     dense = rows[0]
     pruned = rows[1:]
+    tasks, by = _tasks(downstream)
     panels = list(dict.fromkeys(("unstructured" if ":" not in r.structure else "N:M", r.group) for r in pruned))
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4), squeeze=False)
-    for ax, (kind, group) in zip(axes[0], panels, strict=False):
+    n, height = max(1, len(panels)), 2 if tasks else 1
+    fig, axes = plt.subplots(height, n, figsize=(5.2 * n, 4 * height), squeeze=False)
+    for column, (ax, (kind, group)) in enumerate(zip(axes[0], panels, strict=False)):
         chosen = [r for r in pruned if ("N:M" if ":" in r.structure else "unstructured") == kind and r.group == group]
+        if tasks:
+            _accuracy_panel(axes[1][column], chosen, tasks, by, kind)
         for metric in dict.fromkeys(r.metric for r in chosen):
             line = sorted((r for r in chosen if r.metric == metric), key=lambda r: r.sparsity)
             values, error = _error(line)
@@ -69,34 +86,75 @@ def quality_against_sparsity(rows: list[PruneRow], title: str, path: Path) -> No
     _save(fig, path)
 
 
+def _accuracy_panel(ax, chosen: list[PruneRow], tasks: list[str], by: dict, kind: str) -> None:
+    """Task accuracy against sparsity for the rows of one panel, one line per metric (and task)."""
+    for task in tasks:
+        for metric in dict.fromkeys(r.metric for r in chosen):
+            line = sorted(
+                (r for r in chosen if r.metric == metric and (r.condition, task) in by), key=lambda r: r.sparsity
+            )
+            values, error = _error([by[(r.condition, task)] for r in line], "accuracy")
+            label = metric if len(tasks) == 1 else f"{metric} · {task}"
+            style = "o-" if kind == "unstructured" else "s"
+            ax.errorbar([r.sparsity for r in line], values, yerr=error, fmt=style, capsize=3, label=label)
+        if (BASELINE, task) in by:
+            ax.axhline(
+                by[(BASELINE, task)].accuracy, color="black", linestyle="--", linewidth=1, label=f"dense · {task}"
+            )
+    ax.set_xlabel("sparsity (share of weights removed)")
+    ax.set_ylabel("task accuracy (lm-eval)")
+    ax.legend(fontsize=7)
+
+
 def _label(row: ProtectRow) -> str:
     return row.protected if row.unit == "weight" else f"{row.protected} ({row.unit}s)"
 
 
-def protect_against_k(rows: list[ProtectRow], title: str, path: Path) -> None:
+def _against_k(ax, at: list[ProtectRow], value, suffix: str = "") -> None:
+    """One line per protected set of ``value(row)`` (None: no point) against K, K = 0 first."""
+    nothing = [value(r) for r in at if r.protected == "none" and value(r) is not None]
+    for label in dict.fromkeys(_label(r) for r in at if r.protected != "none"):
+        points = {}
+        for r in at:  # a random set drawn with several seeds: their mean
+            if _label(r) == label and value(r) is not None:
+                points.setdefault(r.k, []).append(value(r))
+        line = [(0, nothing[0])] if nothing else []
+        line += sorted((k, sum(v) / len(v)) for k, v in points.items())
+        ax.plot([k for k, _ in line], [v for _, v in line], "o-", label=label + suffix)
+    fmt.symlog_axis(ax, "x", 1)
+    ax.set_xlabel("protected weights K")
+    if ax.get_legend_handles_labels()[0]:  # only K = 0 was asked for: no line to label
+        ax.legend(fontsize=7)
+
+
+def _delta_accuracy(by: dict[tuple[str, str], DownstreamRow], task: str, row: ProtectRow) -> float | None:
+    found = by.get((row.condition, task))
+    return None if found is None else found.delta_accuracy
+
+
+def protect_against_k(
+    rows: list[ProtectRow], title: str, path: Path, downstream: list[DownstreamRow] | None = None
+) -> None:
     """Δ perplexity against protected K (symlog axis), one line per protected set, one panel per stress level;
-    K = 0 (nothing protected) is every line's first point. Random stresses: the mean over seeds."""
+    K = 0 (nothing protected) is every line's first point. Random stresses: the mean over seeds. With task
+    rows, below each panel the Δ task accuracy against K the same way."""
     plt = _pyplot()
     rows = [r for r in rows if r.stress != "none" and (r.seeds == 1 or r.over == "seeds")]
+    tasks, by = _tasks(downstream)
     levels = list(dict.fromkeys(r.level for r in rows))
-    fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(5 * max(1, len(levels)), 4), squeeze=False)
-    for ax, level in zip(axes[0], levels, strict=False):
+    n, height = max(1, len(levels)), 2 if tasks else 1
+    fig, axes = plt.subplots(height, n, figsize=(5 * n, 4 * height), squeeze=False)
+    for column, level in enumerate(levels):
         at = [r for r in rows if r.level == level]
-        nothing = [r for r in at if r.protected == "none"]
-        for label in dict.fromkeys(_label(r) for r in at if r.protected != "none"):
-            points = {}
-            for r in at:  # a random set drawn with several seeds: their mean
-                if _label(r) == label:
-                    points.setdefault(r.k, []).append(r.delta_perplexity)
-            line = [(0, nothing[0].delta_perplexity)] if nothing else []
-            line += sorted((k, sum(v) / len(v)) for k, v in points.items())
-            ax.plot([k for k, _ in line], [v for _, v in line], "o-", label=label)
-        fmt.symlog_axis(ax, "x", 1)
-        ax.set_xlabel("protected weights K")
+        ax = axes[0][column]
+        _against_k(ax, at, lambda r: r.delta_perplexity)
         ax.set_ylabel("Δ held-out perplexity")
         ax.set_title(f"{rows[0].stress} {rows[0].level_name}={level:g}", fontsize=9)
-        if ax.get_legend_handles_labels()[0]:  # only K = 0 was asked for: no line to label
-            ax.legend(fontsize=7)
+        for task in tasks:
+            found = partial(_delta_accuracy, by, task)
+            _against_k(axes[1][column], at, found, "" if len(tasks) == 1 else f" · {task}")
+        if tasks:
+            axes[1][column].set_ylabel("Δ task accuracy (lm-eval)")
     fig.suptitle(f"{title}: what protecting K weights buys", fontsize=10)
     _save(fig, path)
 

@@ -3,8 +3,9 @@ sparsity, one line per metric, the dense model as the baseline.
 
 A recipe: :class:`PruneRecipe` takes the typed options, then ``setup`` (load the runs, the model once and the
 held-out blocks), ``build_conditions``, ``evaluate`` (each condition pruned in place, one held-out pass,
-restored bit for bit and checksummed) and ``write`` (``prune.csv``, the figure and ``prune.json`` as one set
-through :func:`cwa.rundir.interventions.write_intervention`).
+restored bit for bit and checksummed; with ``--tasks`` the lm-eval tasks under the same pruning) and ``write``
+(``prune.csv``, ``prune_downstream.csv``, the figure and ``prune.json`` as one set through
+:func:`cwa.rundir.interventions.write_intervention`).
 
 SparseGPT's weight update (reconstructing the surviving weights) is not a saliency and is out of scope:
 every condition here only removes weights, so metrics compare on what they choose, not on a repair.
@@ -16,6 +17,7 @@ import datetime as dt
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from cwa.ablation.interventions import Prune, StressContext
@@ -23,9 +25,10 @@ from cwa.ablation.pruning import GROUPS, Group, check_sparsity, parse_structure
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
+from cwa.perturb.downstream import format_downstream, task_meta, task_settings, tasks_from_option
 from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice, quality, resamples
-from cwa.rundir import Run
+from cwa.rundir import DownstreamRow, Run
 from cwa.rundir.interventions import PruneRow, write_intervention
 from cwa.rundir.outputs import check_name
 
@@ -61,6 +64,11 @@ class PruneRecipe:
         trust_remote_code: let the model's own code run; taken only from this command.
         verify: checksum every pruned tensor after restoring it.
         figures: write figures/prune.png.
+        tasks: lm-evaluation-harness tasks to run on the dense model and under every pruning (needs the
+            ``cwa[eval]`` extra; as ``cwa perturb --tasks``): ``cwa_pydoc_lastword`` (offline, from the run's
+            held-out text) and/or hub tasks; a list or a comma-separated string. Written to prune_downstream.csv.
+        tasks_limit: evaluate at most this many items of each task (None: all).
+        tasks_batch_size: lm-eval batch size.
         name: a label for this experiment, recorded in prune.json and shown by the report.
     """
 
@@ -82,6 +90,9 @@ class PruneRecipe:
         trust_remote_code: bool = False,
         verify: bool = True,
         figures: bool = True,
+        tasks: str | list[str] | None = None,
+        tasks_limit: int | None = None,
+        tasks_batch_size: int = 8,
         name: str | None = None,
     ) -> None:
         self.name = check_name(name)
@@ -102,6 +113,8 @@ class PruneRecipe:
         self.tensor_choice, self.output, self.figures = tensors, output, figures
         self.statistics = StatisticsOptions(bootstrap, permutations, confidence)
         self.session_options = (heldout_samples, heldout_tokens, batch_size, device, trust_remote_code, verify)
+        self.downstream = tasks_from_option(tasks, tasks_limit, tasks_batch_size)
+        self.downstream_rows: list[DownstreamRow] | None = None
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
 
@@ -140,6 +153,8 @@ class PruneRecipe:
             self.names = [n for n in self.names if n in run.infos]  # pruned: what every metric scored
         self.params = self.session.tensors(self.names, self.tensor_choice)
         self.transposed = self.session.transposed(list(self.params))
+        if self.downstream is not None:  # an unknown task or a missing local item stops here, before any pass
+            self.downstream.setup(self.session.data, self.session.trust_remote_code)
 
     def build_conditions(self) -> None:
         """Per run: every unstructured (group, sparsity) and every N:M structure."""
@@ -163,6 +178,24 @@ class PruneRecipe:
                 self.passes.append(self.session.evaluate(condition.stress, self._context(run)))
                 bar.update(1)
         self.rows = self._rows()
+        self._evaluate_tasks()
+
+    def _evaluate_tasks(self) -> None:
+        """The lm-eval tasks on the dense model and under each pruning, applied in place and restored (and
+        checksummed) exactly as for its held-out pass."""
+        if self.downstream is None:
+            return
+        conditions = [
+            (row.condition, partial(self._pruned, condition))
+            for condition, row in zip(self.conditions, self.rows[1:], strict=True)
+        ]
+        stats = self.statistics
+        self.downstream_rows = self.downstream.run(
+            self.session.model, conditions, stats.bootstrap, stats.confidence, "cwa prune"
+        )
+
+    def _pruned(self, condition: PruneCondition):
+        return self.session.intervened(condition.stress, self._context(self.runs[condition.run]))
 
     def _context(self, run: Run) -> StressContext:
         if not run.has_scores:  # a magnitude run without its scores file: |w| is its score
@@ -189,12 +222,14 @@ class PruneRecipe:
     def write(self) -> None:
         figures = {}
         if self.figures:
-            from functools import partial
-
             from cwa.prune.figures import quality_against_sparsity
 
-            figures["prune.png"] = partial(quality_against_sparsity, self.rows, self.session.run.model)
-        self.set_dir, notes = write_intervention(self.directory, "prune", self.rows, self._meta(), figures)
+            model = self.session.run.model
+            figures["prune.png"] = partial(quality_against_sparsity, self.rows, model, downstream=self.downstream_rows)
+        meta = self._meta()
+        self.set_dir, notes = write_intervention(
+            self.directory, "prune", self.rows, meta, figures, self.downstream_rows
+        )
         remove_stale_temporaries(self.directory)  # what an earlier, killed prune may have left
         self._print()
         for note in notes:
@@ -227,9 +262,11 @@ class PruneRecipe:
                 "groups": list(self.groups),
                 "structure": list(self.structure),
                 **vars(self.statistics),
+                **task_settings(self.downstream),
             },
             "heldout": self.session.heldout_meta(),
             "timings": {**self.session.timings, **self.timings},
+            "downstream": task_meta(self.downstream, mean_eval),
             "memory": peak_memory(),
             "notes": self.notes,
             "environment": environment(),
@@ -244,4 +281,6 @@ class PruneRecipe:
             low, high = row.delta_perplexity_low, row.delta_perplexity_high
             delta = f"Δppl {fmt.interval(row.delta_perplexity, low, high, fmt.effect)}"
             print(f"  {row.metric:<16} {where:<26} perplexity {fmt.perplexity(row.perplexity):>10}  {delta}")
+        if self.downstream_rows:
+            print("\n".join(format_downstream(self.downstream_rows, self.statistics.confidence)))
         print(f"  -> {self.set_dir / 'prune.csv'}")

@@ -18,7 +18,14 @@ import torch
 
 from cwa.ablation.interventions import Applied, Stress, StressContext, intervened
 from cwa.ablation.perturbations import ChecksumCache
-from cwa.ablation.stats import METRICS, SequenceStats, bootstrap_deltas, bootstrap_weights, paired_bootstrap_test
+from cwa.ablation.stats import (
+    METRICS,
+    SequenceStats,
+    bootstrap_deltas,
+    bootstrap_weights,
+    mean_over_seeds,
+    paired_bootstrap_test,
+)
 from cwa.common.errors import CwaError
 from cwa.perturb.evaluate import Evaluation, StatisticsOptions, evaluate
 from cwa.rundir import Run
@@ -133,9 +140,14 @@ class HeldOutSession:
         if stress is None:
             return Pass(evaluate(self.model, self.blocks, batch_size, self.device))
         start = time.perf_counter()
-        with intervened(stress, context, self.checksums) as applied:
+        with self.intervened(stress, context) as applied:
             evaluation = evaluate(self.model, self.blocks, batch_size, self.device)
         return Pass(evaluation, applied, time.perf_counter() - start - evaluation.seconds)
+
+    def intervened(self, stress: Stress, context: StressContext):
+        """``stress`` applied in place for the duration of a ``with`` block, restored bit for bit (and
+        checksummed) on exit: what the held-out pass runs under, for other evaluations (lm-eval tasks)."""
+        return intervened(stress, context, self.checksums)
 
     def heldout_meta(self) -> dict:
         return {
@@ -177,18 +189,12 @@ def resamples(n_sequences: int, options: StatisticsOptions) -> tuple[torch.Tenso
 
 def over_seeds(rows: list[dict[str, float | None]], confidence: float) -> dict[str, float | None]:
     """The mean of several seeds' quality columns, each change with a Student-t interval over the seeds."""
-    from scipy import stats as scipy_stats
-
     out: dict[str, float | None] = {}
-    n = len(rows)
-    quantile = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) if n > 1 else math.nan
     for key in ("perplexity", "nll", "accuracy", *(f"delta_{m}" for m in METRICS)):
         values = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
-        mean = float(values.mean())
-        out[key] = mean
+        out[key], low, high = mean_over_seeds(values, confidence)
         if key.startswith("delta_"):
-            half = quantile * float(values.std()) / math.sqrt(n) if n > 1 else math.nan
-            out[f"{key}_low"], out[f"{key}_high"] = mean - half, mean + half
+            out[f"{key}_low"], out[f"{key}_high"] = low, high
     out["p_value"] = None
     out["broken_fraction"] = max(float(r["broken_fraction"] or 0.0) for r in rows)
     return out

@@ -15,6 +15,7 @@ callbacks below it in the call chain can write through it.
 | ``perturb/<n>/perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` | :attr:`Run.perturbations` |
 | ``perturb/<n>/downstream.csv`` | :func:`.perturbation.write_perturbation` (``--tasks``) | the same |
 | ``{prune,protect}/<n>/`` | :func:`.interventions.write_intervention` | :func:`.interventions.read_interventions` |
+| ``{prune,protect}/<n>/<kind>_downstream.csv`` | ``write_intervention`` (``--tasks``) | the same |
 | ``super_weights.csv`` | :func:`.super_weights.write_super_weights` (one set with its summary) | find-super-weights |
 | ``row_test.csv`` | :func:`.super_weights.write_super_weights` (same set, ``row_test``) | find-super-weights |
 | ``accumulators/`` | :mod:`cwa.scoring.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |

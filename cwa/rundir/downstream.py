@@ -1,5 +1,7 @@
-"""``downstream.csv``: accuracy of lm-evaluation-harness tasks per perturbation condition, one set with
-``perturb.csv`` and ``perturb.json`` (written and read by :mod:`cwa.rundir.perturbation`)."""
+"""``downstream.csv``: accuracy of lm-evaluation-harness tasks per condition, one set with ``perturb.csv`` and
+``perturb.json`` (written and read by :mod:`cwa.rundir.perturbation`); ``prune_downstream.csv`` and
+``protect_downstream.csv`` hold the same rows in the sets of ``cwa prune`` and ``cwa protect``
+(:mod:`cwa.rundir.interventions`)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ class DownstreamRow(CsvRow):
 
     ``delta_accuracy`` is condition minus baseline over the same items, with a paired studentized bootstrap
     interval over items (``_low``, ``_high``); ``p_value`` is McNemar's exact test against the baseline
-    (empty for the baseline). ``seconds`` is the lm-eval wall time of this task under this condition.
+    (empty for the baseline). ``seconds`` is the lm-eval wall time of this task under this condition. A row
+    with ``over`` = ``seeds`` stands for ``seeds`` conditions that differ only in their random seed: the mean
+    accuracy and change, a Student-t interval over the seeds, no p-value (``cwa protect``'s random stresses
+    and sets).
     """
 
     condition: str
@@ -28,6 +33,8 @@ class DownstreamRow(CsvRow):
     delta_accuracy_high: float
     p_value: float | None
     seconds: float
+    seeds: int = 1
+    over: str = "items"
 
 
 def write_downstream_csv(path: Path, rows: Iterable[DownstreamRow]) -> None:

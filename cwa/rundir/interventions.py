@@ -1,6 +1,7 @@
 """``prune/<n>/prune.csv`` + ``prune.json`` and ``protect/<n>/protect.csv`` + ``protect.json``: the typed rows
-of ``cwa prune`` and ``cwa protect``, one numbered set per experiment with its figures (all of it or none),
-read back only whole. A directory written by an earlier cwa holds one set at its root, read as set 0."""
+of ``cwa prune`` and ``cwa protect``, one numbered set per experiment with its figures and, with ``--tasks``, its
+lm-eval rows (``prune_downstream.csv`` / ``protect_downstream.csv``): all of it or none, read back only whole. A
+directory written by an earlier cwa holds one set at its root, read as set 0."""
 
 from __future__ import annotations
 
@@ -12,11 +13,22 @@ from typing import Literal
 
 from cwa.common.errors import CwaError
 from cwa.common.io import write_json
-from cwa.rundir.files import FIGURES, PROTECT_CSV, PROTECT_JSON, PRUNE_CSV, PRUNE_JSON
+from cwa.rundir.downstream import DownstreamRow, read_downstream_csv, write_downstream_csv
+from cwa.rundir.files import (
+    FIGURES,
+    PROTECT_CSV,
+    PROTECT_DOWNSTREAM_CSV,
+    PROTECT_JSON,
+    PRUNE_CSV,
+    PRUNE_DOWNSTREAM_CSV,
+    PRUNE_JSON,
+)
 from cwa.rundir.outputs import SetDir, new_set, set_dirs, sha256
 from cwa.rundir.rows import CsvRow, read_rows, write_rows
 
 Kind = Literal["prune", "protect"]
+BASELINE = "baseline"
+"""The condition name of the unchanged model (dense, unstressed) in the downstream rows."""
 
 
 @dataclass
@@ -51,6 +63,13 @@ class PruneRow(CsvRow):
     p_value: float | None
     broken_fraction: float | None
     over: str = "sequences"
+
+    @property
+    def condition(self) -> str:
+        """The row's name in ``prune_downstream.csv`` (``baseline`` for the dense model)."""
+        if self.metric == "dense":
+            return BASELINE
+        return "/".join((self.metric, self.run, self.structure, self.group, f"sparsity={self.sparsity:g}"))
 
 
 @dataclass
@@ -90,11 +109,24 @@ class ProtectRow(CsvRow):
     broken_fraction: float | None
     over: str = "sequences"
 
+    @property
+    def condition(self) -> str:
+        """The row's name in ``protect_downstream.csv`` (``baseline`` for the unstressed model; a mean over
+        seeds ends in ``/mean``)."""
+        if self.stress == "none":
+            return BASELINE
+        parts = [self.stress, f"{self.level_name}={self.level:g}", self.protected, self.unit, f"k={self.k}"]
+        if self.over == "seeds":
+            return "/".join([*parts, "mean"])
+        parts += [f"set_seed={self.set_seed}"] if self.set_seed is not None else []
+        return "/".join(parts + ([f"seed={self.seed}"] if self.seed is not None else []))
+
 
 _FILES: dict[str, tuple[str, str, type[CsvRow]]] = {
     "prune": (PRUNE_CSV, PRUNE_JSON, PruneRow),
     "protect": (PROTECT_CSV, PROTECT_JSON, ProtectRow),
 }
+_DOWNSTREAM = {"prune": PRUNE_DOWNSTREAM_CSV, "protect": PROTECT_DOWNSTREAM_CSV}
 
 
 def write_intervention(
@@ -103,11 +135,12 @@ def write_intervention(
     rows: Iterable[CsvRow],
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
+    downstream: list[DownstreamRow] | None = None,
 ) -> tuple[Path, list[str]]:
     """Write one experiment's set into a new directory ``<directory>/<kind>/<n>/`` (claimed atomically: a
-    concurrent run gets another number and no earlier set is replaced): ``<kind>.csv``, the figures under
-    ``figures/`` and ``<kind>.json`` (with the csv's sha256), last; all of it, or after any failure or interrupt
-    none of it.
+    concurrent run gets another number and no earlier set is replaced): ``<kind>.csv``, ``<kind>_downstream.csv``
+    (``--tasks``), the figures under ``figures/`` and ``<kind>.json`` (with the csvs' sha256), last; all of it,
+    or after any failure or interrupt none of it.
 
     Args:
         directory: where the sets go (a run directory, or prune's ``--output``).
@@ -116,6 +149,7 @@ def write_intervention(
         meta: the contents of the json (``status`` and the checksum are added).
         figures: ``{file name under figures/: function drawing into a given path}``; one that fails to draw
             is left out, and its note is returned and recorded under ``figure_notes`` in the json.
+        downstream: the lm-eval task rows of ``--tasks`` (their checksum in the json), or None.
 
     Returns:
         The set's directory and the notes on figures left out.
@@ -124,9 +158,13 @@ def write_intervention(
     with new_set(Path(directory), kind) as outputs:
         csv_tmp = outputs.stage(csv_name)
         write_rows(csv_tmp, row_class, rows)
-        checksum = sha256(csv_tmp)
+        checksums = {f"{kind}_csv_sha256": sha256(csv_tmp)}
+        if downstream is not None:
+            downstream_tmp = outputs.stage(_DOWNSTREAM[kind])
+            write_downstream_csv(downstream_tmp, downstream)
+            checksums["downstream_csv_sha256"] = sha256(downstream_tmp)
         notes = outputs.draw(figures, FIGURES)
-        full = {"status": "complete", **meta, f"{kind}_csv_sha256": checksum, "figure_notes": notes}
+        full = {"status": "complete", **meta, **checksums, "figure_notes": notes}
         write_json(outputs.stage(json_name), full)
         outputs.commit()
     return outputs.directory, notes
@@ -142,6 +180,7 @@ class InterventionSet:
     meta: dict
     path: Path
     number: int
+    downstream: list[DownstreamRow] | None = None  # <kind>_downstream.csv, with --tasks
 
     @property
     def label(self) -> str:
@@ -177,4 +216,22 @@ def _read_set(directory: Path, kind: Kind, number: int) -> InterventionSet:
         raise CwaError(f"'{directory}' holds an incomplete {kind} set; rerun cwa {kind} for it.")
     if meta.get(f"{kind}_csv_sha256") != sha256(csv_path):
         raise CwaError(f"'{csv_path}' does not match its {json_name} (an interrupted cwa {kind}); rerun it.")
-    return InterventionSet(kind, read_rows(csv_path, row_class), meta, directory, number)
+    downstream = _downstream_of(directory, kind, meta)
+    return InterventionSet(kind, read_rows(csv_path, row_class), meta, directory, number, downstream)
+
+
+def read_intervention_downstream(directory: Path, kind: Kind, meta: dict) -> list[DownstreamRow] | None:
+    """The lm-eval rows of the ``prune`` or ``protect`` set of ``directory`` whose json is ``meta`` (from
+    :func:`read_intervention`: the latest), None when it ran without ``--tasks``."""
+    return next((s.downstream for s in reversed(read_interventions(directory, kind)) if s.meta == meta), None)
+
+
+def _downstream_of(directory: Path, kind: Kind, meta: dict) -> list[DownstreamRow] | None:
+    """A set's lm-eval rows when its json records them; one sentence when the file does not match."""
+    expected = meta.get("downstream_csv_sha256")
+    if expected is None:
+        return None
+    path = Path(directory) / _DOWNSTREAM[kind]
+    if not path.exists() or sha256(path) != expected:
+        raise CwaError(f"'{path}' is missing or does not match its {kind}.json (an interrupted cwa {kind}); rerun it.")
+    return read_downstream_csv(path)
