@@ -395,8 +395,6 @@ def test_structural_p_values_are_floored_with_the_rule_stated(tmp_path):
 
 
 def test_every_perturbation_row_is_in_some_page_of_the_effects_figure(tmp_path):
-    from cwa.report.recipe import FOREST_ROWS, forest_pages
-
     base = {"condition": "c", "perturbation": "zero", "k": 10, "rank": "", "seed": "", "n_weights": 10,
             "perplexity": 20.0, "nll": 3.0, "accuracy": 0.3, "delta_nll": 0.0, "delta_nll_low": 0.0,
             "delta_nll_high": 0.0, "delta_accuracy": 0.0, "delta_accuracy_low": 0.0, "delta_accuracy_high": 0.0,
@@ -408,11 +406,12 @@ def test_every_perturbation_row_is_in_some_page_of_the_effects_figure(tmp_path):
               "delta_perplexity_high": 12.0, "p_value": 0.001}]  # fmt: skip
     quiet = make_run(tmp_path, "a", random_scores(1), k=10, perturb_rows=rows[:-1])
     loud = make_run(tmp_path, "b", random_scores(1), k=10, perturb_rows=rows)
-    analysis = analysis_of([quiet, loud])
-    pages = forest_pages(analysis)
-    assert [len(p) for p in pages] == [FOREST_ROWS, FOREST_ROWS, 141 - 2 * FOREST_ROWS]
-    assert pages[0][0]["label"].startswith("R2 · topk") and pages[0][0]["significant"]  # significant first
     output = report([str(quiet), str(loud)], tmp_path / "out" / "r.md", ks=[10], sample=200)
     text = output.read_text()
     for name in ("perturbation_effects.png", "perturbation_effects_2.png", "perturbation_effects_3.png"):
         assert f"r-figures/{name})" in text and (tmp_path / "out" / "r-figures" / name).exists()
+    from cwa.report.recipe import FOREST_ROWS, forest_pages
+
+    pages = forest_pages(analysis_of([quiet, loud]))
+    assert [len(p) for p in pages] == [FOREST_ROWS, FOREST_ROWS, 141 - 2 * FOREST_ROWS]
+    assert pages[0][0]["label"].startswith("R2 · topk") and pages[0][0]["significant"]  # significant first
