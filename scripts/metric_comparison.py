@@ -52,7 +52,7 @@ def fit(out: Path, metrics: list[str], samples: int, config: str, k: int) -> dic
 
 
 def perturb(run: Path, heldout: int, tokens: int | None) -> None:
-    if not (run / "perturb.json").exists():
+    if not (run / "perturb.json").exists() and not list(run.glob("perturb/*/perturb.json")):
         cwa(
             "perturb",
             f"--run={run}",

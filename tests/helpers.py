@@ -141,3 +141,9 @@ def write_run(
         write_perturbation(run, rows, {"run": str(run)})
     write_summary(run, Summary(model=model, metric=metric, mode=mode, k=k, tensors=tensors, **summary))
     return run
+
+
+def latest_set(directory: Path, kind: str = "perturb") -> Path:
+    """The newest numbered set of ``kind`` (``perturb/<n>/``, ``prune/<n>/``, ``protect/<n>/``) in a directory."""
+    numbered = [p for p in (Path(directory) / kind).iterdir() if p.name.isdigit()]
+    return max(numbered, key=lambda p: int(p.name))

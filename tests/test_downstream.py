@@ -206,18 +206,20 @@ def test_perturb_with_tasks_writes_downstream_csv(tiny_dir: Path, tmp_path: Path
     ).run()
     names = [r.condition for r in Run.load(run).perturbation.downstream]
     assert names == ["baseline", "zero/topk/k=2", "zero/random_matched/k=2/seed=0"]
-    # a later perturb without tasks takes downstream.csv out of the set
+    # a later perturb without tasks is a new set without downstream.csv; the earlier sets keep theirs
     PerturbRecipe(run=str(run), controls=(), **quick).run()
-    assert not (run / "downstream.csv").exists() and Run.load(run).perturbation.downstream is None
+    experiments = Run.load(run).perturbations
+    assert [e.downstream is None for e in experiments] == [False, False, True]
+    assert not (run / "perturb" / "3" / "downstream.csv").exists()
 
 
 def test_a_downstream_csv_that_does_not_match_its_json_is_refused(tmp_path: Path) -> None:
     from cwa.rundir import DownstreamRow, read_perturbation, write_perturbation
 
     rows = [DownstreamRow("baseline", "t", 4, 0.75, 0.0, 0.0, 0.0, None, 1.5)]
-    write_perturbation(tmp_path, [], {"settings": {}}, downstream=rows)
+    written, _ = write_perturbation(tmp_path, [], {"settings": {}}, downstream=rows)
     assert read_perturbation(tmp_path).downstream == rows
-    (tmp_path / "downstream.csv").write_text("condition,task\nx,y\n")
+    (written / "downstream.csv").write_text("condition,task\nx,y\n")
     with pytest.raises(CwaError, match="does not match its perturb.json"):
         read_perturbation(tmp_path)
 
@@ -241,7 +243,7 @@ def test_the_report_shows_the_downstream_table(tmp_path: Path) -> None:
     assert "| zero/topk/k=10 | cwa_pydoc_lastword | 200 | 0.120 | -0.29 [-0.36, -0.22] | 1.5e-09 |" in section
     assert "| baseline | cwa_pydoc_lastword | 200 | 0.410 |  |  |" in section
     saved = json.loads(output.with_suffix(".json").read_text())
-    assert saved["downstream"]["d/version_0"][1]["delta_accuracy"] == -0.29
+    assert saved["perturbation"]["d/version_0"][0]["downstream"][1]["delta_accuracy"] == -0.29
     assert read_perturbation(run).downstream == rows
     without = make_fit_run(tmp_path, "e", random_scores(1), k=10)
     assert (

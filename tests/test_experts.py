@@ -247,7 +247,7 @@ def test_perturb_unit_expert_equals_zeroing_the_expert_by_hand(tmp_path, capsys)
         figures=False,
     )
     recipe.run()
-    with open(run / "perturb.csv", newline="") as handle:
+    with open(run / "perturb" / "1" / "perturb.csv", newline="") as handle:
         rows = {r["condition"]: r for r in csv.DictReader(handle)}
     single = rows["zero/single/rank=1/unit=expert"]
     assert single["n_weights"] == "384"

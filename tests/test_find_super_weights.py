@@ -12,6 +12,7 @@ from conftest import make_tokenizer
 from test_super_weights import COL, LAYER, ROW, _planted_gpt2, _planted_llama
 
 from cwa.cli import main
+from cwa.common import format as fmt
 from cwa.common.errors import CwaError
 from cwa.rundir import Run, load_runs
 
@@ -77,8 +78,9 @@ def test_ablation_equals_zeroing_the_weight_by_hand(tmp_path):
     summary = json.loads((tmp_path / "logs" / "sw" / "version_0" / "summary.json").read_text())
     ablation = summary["candidates"][0]["ablation"]
     data = CalibrationData(
-        source="pydoc", tokenizer=str(model_dir), seq_len=32, num_samples=8, heldout_fraction=0.3, batch_size=4
-    )
+        source="pydoc", tokenizer=str(model_dir), seq_len=32, num_samples=8, heldout_fraction=0.3, batch_size=4,
+        heldout_samples=24,  # find-super-weights' default
+    )  # fmt: skip
     data.setup()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     before = evaluate(model, data.heldout, 4, torch.device("cpu")).stats.perplexity
@@ -146,3 +148,46 @@ def test_too_few_held_out_sequences_are_refused_before_any_verdict(tmp_path, cap
     # a looser interval does not loosen the verdicts' p < 0.05: 5 sequences still cannot reach it
     assert _find(tmp_path, model_dir, "--super_weights.heldout_samples=5", "--super_weights.confidence=0.9") == 1
     assert "evaluate at least 6" in capsys.readouterr().err
+
+
+def test_the_held_out_baseline_and_its_sequences_are_printed_and_recorded(tmp_path, capsys):
+    """Issue 20: the verdicts' baseline and the number of sequences behind them, on the console and in
+    summary.json; the default held-out size is the README's (24 blocks)."""
+    import inspect
+
+    from cwa.find_super_weights.recipe import FindSuperWeights
+
+    assert inspect.signature(FindSuperWeights).parameters["heldout_samples"].default == 24
+    model_dir = _model_dir(tmp_path, _planted_llama)
+    assert _find(tmp_path, model_dir, "--data.heldout_samples=64") == 0
+    heldout = json.loads((tmp_path / "logs" / "sw" / "version_0" / "summary.json").read_text())["heldout"]
+    assert heldout["sequences"] > 6 and heldout["tokens"] == heldout["sequences"] * 31
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "held-out baseline" in line)
+    assert f"over {heldout['sequences']} sequences" in line and f"{heldout['perplexity']:.4g}"[:4] in line
+
+
+def test_the_report_has_a_section_for_find_super_weights_runs(tmp_path, capsys):
+    """Issue 20: a find-super-weights run given to cwa report is reported, not skipped: candidates with their
+    spikes, verdicts, Δ perplexity with its interval, the held-out baseline and the row test."""
+    from cwa.report.recipe import report
+
+    model_dir = _model_dir(tmp_path, _planted_llama)
+    assert _find(tmp_path, model_dir, "--super_weights.row_test=true") == 0
+    run = tmp_path / "logs" / "sw" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    text = report([str(run)], tmp_path / "out" / "r.md", ks=[10], sample=200).read_text()
+    section = text[text.index("### Super weights (`cwa find-super-weights`)") :]
+    top = summary["candidates"][0]
+    ablation = top["ablation"]
+    delta = fmt.interval(
+        ablation["delta_perplexity"], ablation["delta_perplexity_low"], ablation["delta_perplexity_high"], fmt.effect
+    )
+    line = next(line for line in section.splitlines() if line.startswith(f"| 1 | {LAYER} | [{ROW}, {COL}] |"))
+    assert delta in line and top["verdict"].replace("_", " ") in line and "×" in line
+    assert f"over {summary['heldout']['sequences']} sequences" in section
+    assert "Row test" in section and "G = R − median control R" in section
+    assert "activation_spikes.png" in section
+    assert "## Key Findings" not in text  # no empty fit-sensitivity sections around it
+    saved = json.loads((tmp_path / "out" / "r.json").read_text())["super_weights"]
+    assert next(iter(saved.values()))["candidates"][0]["rank"] == 1

@@ -113,10 +113,11 @@ def test_prune_tasks_equal_a_hand_pruned_model(word_dir: Path, half_right, tmp_p
     assert meta["settings"]["tasks"] == [LOCAL] and meta["downstream"][LOCAL]["items"] == 8
     assert meta["downstream"]["seconds_per_lm_eval_condition"] > 0
     assert "downstream accuracy" in capsys.readouterr().out
-    assert (run / "figures" / "prune.png").stat().st_size > 1000
-    # a later prune without --tasks takes the task rows out of the set
+    assert (run / "prune" / "1" / "figures" / "prune.png").stat().st_size > 1000
+    # a later prune without --tasks is a new set without task rows; the first keeps its own
     PruneRecipe(run=[str(run)], sparsity=(0.5,), structure=("unstructured",), figures=False, **QUICK).run()
-    assert not (run / "prune_downstream.csv").exists()
+    assert not (run / "prune" / "2" / "prune_downstream.csv").exists()
+    assert (run / "prune" / "1" / "prune_downstream.csv").is_file()
     assert read_intervention_downstream(run, "prune", read_intervention(run, "prune")[1]) is None
 
 
@@ -233,7 +234,7 @@ def test_the_report_shows_task_accuracy_beside_the_table(tmp_path: Path) -> None
     assert f"| {LOCAL} acc | Δacc [95% CI] |" in section
     assert "| 0.120 | -0.29 [-0.36, -0.22] |" in section and "| 0.410 |  |" in section
     # a task file that does not match its prune.json stops the report in one sentence
-    (run / "prune_downstream.csv").write_text("condition,task\nx,y\n")
+    (run / "prune" / "1" / "prune_downstream.csv").write_text("condition,task\nx,y\n")
     with pytest.raises(CwaError, match="does not match its prune.json"):
         report([str(run)], tmp_path / "out" / "again.md", ks=[10], sample=2000, figures=False)
 
@@ -268,11 +269,11 @@ def test_an_unknown_task_stops_before_any_pass_and_keeps_the_set(tiny_dir: Path,
     args = ["prune", str(run), "--sparsity", "[0.5]", "--structure", "[unstructured]", "--figures", "false"]
     args += ["--bootstrap", "20", "--permutations", "20", "--heldout_tokens", "8"]
     assert main(args) == 0
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main([*args, "--tasks", "no_such_task"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "cwa: error: lm-eval has no task 'no_such_task' (`lm_eval --tasks list` lists them)."
     assert "Traceback" not in "\n".join(err) and "cwa prune:" not in "\n".join(err)  # stopped before any pass
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    assert not list(run.rglob("*.tmp")) and not (run / "prune_downstream.csv").exists()
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob("prune_downstream.csv"))

@@ -88,3 +88,19 @@ def test_a_config_naming_old_class_paths_runs(tiny_llama_dir: Path, tmp_path: Pa
 
     run = Run.load(latest_run(tmp_path / "logs"))
     assert run.metric == "hutchinson_diag" and len(run.topk) == 5
+
+
+def test_a_root_level_perturb_set_reads_beside_the_numbered_sets(old_runs: list[Path], tmp_path: Path) -> None:
+    """An earlier cwa wrote perturb.csv at the run's root: it stays experiment 0 when new sets are added."""
+    from cwa.report.recipe import report
+    from cwa.rundir import Run, write_perturbation
+
+    gxw = old_runs[1]
+    old = Run.load(gxw).perturbation
+    assert old.label == "perturb.csv" and old.number == 0
+    write_perturbation(gxw, old.rows[:2], {"name": "rerun"})
+    run = Run.load(gxw)
+    assert [e.label for e in run.perturbations] == ["perturb.csv", "perturb/1 (rerun)"]
+    assert run.perturbation.label == "perturb/1 (rerun)" and run.perturbations[0].rows == old.rows
+    text = report([str(gxw)], tmp_path / "r.md", ks=[5], sample=200, figures=False).read_text()
+    assert "R1 · perturb.csv (`cwa perturb`" in text and "R1 · perturb/1 (rerun) (`cwa perturb`" in text

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_run
+from helpers import latest_set, write_run
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -414,9 +414,9 @@ def test_perturb_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
         bootstrap=200,
         permutations=500,
     ).run()
-    columns, rows = _read_csv(run / "perturb.csv")
+    columns, rows = _read_csv(latest_set(run) / "perturb.csv")
     assert columns == PerturbRow.columns()
-    report = json.loads((run / "perturb.json").read_text())
+    report = json.loads((latest_set(run) / "perturb.json").read_text())
     # The magnitude top-20 holds all 16 weights of the first RMSNorm (all 1.0 at init): no tensor-matched
     # random control exists there, which is skipped and said, for both seeds and both perturbations.
     skipped = [n for n in report["notes"] if "random_matched/k=20" in n]
@@ -446,8 +446,8 @@ def test_perturb_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     assert report["baseline"]["torchmetrics_relative_gap"] < 1e-4
     assert report["timings"]["mean_eval_s_per_condition"] > 0
     assert report["settings"]["controls"][1] == {"name": "magnitude_matched", "bins": 20}
-    assert (run / "figures" / "perturb_dose_response.png").stat().st_size > 1000
-    assert (run / "figures" / "perturb_single_weight.png").stat().st_size > 1000
+    assert (latest_set(run) / "figures" / "perturb_dose_response.png").stat().st_size > 1000
+    assert (latest_set(run) / "figures" / "perturb_single_weight.png").stat().st_size > 1000
     assert list(run.glob("events.out.tfevents.*"))
     assert Run.load(run).perturbation.rows[0].target == "baseline"  # the set reads back through rundir
     out = capsys.readouterr().out
@@ -457,7 +457,7 @@ def test_perturb_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
 def test_perturb_without_scores_skips_bottomk(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     run = make_run(tmp_path, tiny_dir, scores=False)
     _quick(run, single=0, controls=("random_matched", "bottomk"), figures=False, tensorboard=False).run()
-    _, rows = _read_csv(run / "perturb.csv")
+    _, rows = _read_csv(latest_set(run) / "perturb.csv")
     assert [r["target"] for r in rows] == ["baseline", "topk", "random_matched"]
     assert "bottom-K skipped" in capsys.readouterr().out
 
@@ -545,7 +545,7 @@ def test_an_incomplete_run_is_refused_in_one_sentence(tiny_dir: Path, tmp_path: 
     (run / "summary.json").unlink()
     with pytest.raises(CwaError, match="has no summary.json"):
         _quick(run).run()
-    assert not (run / "perturb.csv").exists()
+    assert not (run / "perturb.csv").exists() and not (run / "perturb").exists()
 
 
 def _outputs(run: Path) -> dict[str, bytes]:
@@ -562,7 +562,9 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
     run = make_run(tmp_path, tiny_dir)
     _quick(run, tensorboard=False).run()
     before = _outputs(run)
-    assert {"perturb.csv", "perturb.json", "figures/perturb_dose_response.png"} <= set(before)
+    assert {"perturb/1/perturb.csv", "perturb/1/perturb.json", "perturb/1/figures/perturb_dose_response.png"} <= set(
+        before
+    )
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -573,7 +575,7 @@ def test_an_interrupted_perturb_leaves_the_previous_set(
         monkeypatch.setattr(cwa.rundir.perturbation, "write_json", interrupt)
     with pytest.raises(KeyboardInterrupt):
         _quick(run, ks=(1, 2), seeds=(1,), tensorboard=False).run()  # different settings: a different csv
-    assert _outputs(run) == before  # the previous csv, json and figures, and no temporary file beside them
+    assert _outputs(run) == before  # the previous set untouched, and nothing of the new one (no perturb/2)
 
 
 @pytest.mark.parametrize(
@@ -597,7 +599,7 @@ def test_a_crafted_class_path_in_the_config_runs_nothing(
     with pytest.raises(CwaError, match="not one of cwa's TextSource classes"):
         _quick(run, figures=False, tensorboard=False).run()
     assert not marker.exists() and "evil_module" not in sys.modules
-    assert not (run / "perturb.csv").exists()
+    assert not (run / "perturb.csv").exists() and not (run / "perturb").exists()
 
 
 def test_a_cwa_text_source_and_every_data_setting_are_carried_over(tiny_dir: Path, tmp_path: Path) -> None:
@@ -677,7 +679,7 @@ def test_fit_config_runs_fit_sensitivity_first(tiny_dir: Path, tmp_path: Path, m
         tensorboard=False,
     ).run()
     assert run_dir.parent.name == "tiny" and (run_dir / "topk.csv").exists()
-    _, rows = _read_csv(run_dir / "perturb.csv")
+    _, rows = _read_csv(latest_set(run_dir) / "perturb.csv")
     assert [r["condition"] for r in rows] == [
         "baseline", "zero/topk/k=1", "zero/random_matched/k=1/seed=0", "zero/topk/k=6",
         "zero/random_matched/k=6/seed=0", "zero/single/rank=1", "zero/single/rank=2",
@@ -716,7 +718,7 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     recipe = PerturbRecipe(fit_config=str(tmp_path / "fit.yaml"), ks=(1, 10), single=2, seeds=(0,), bootstrap=100)
     run_dir = recipe.run()
-    _, rows = _read_csv(run_dir / "perturb.csv")
+    _, rows = _read_csv(latest_set(run_dir) / "perturb.csv")
     assert len(rows) == 1 + 2 * 4 + 2
     assert 5 < float(rows[0]["perplexity"]) < 200
 
@@ -741,7 +743,7 @@ def test_perturb_removes_the_temporaries_a_killed_perturb_left(tiny_dir: Path, t
         path.write_bytes(b"half-written")
     _quick(run, tensorboard=False).run()
     assert not any(path.exists() for path in stale)
-    assert (run / "perturb.csv").is_file() and not list(run.rglob("*.tmp"))
+    assert (latest_set(run) / "perturb.csv").is_file() and not list(run.rglob("*.tmp"))
 
 
 # -- extension points on their classes ------------------------------------------------------------
@@ -781,7 +783,7 @@ def test_a_control_defined_here_is_drawn_in_the_dose_response_figure(
     assert legend == list(lines) == ["top-K", "random, matched per tensor", "unstyled", "my control"]
     assert lines["unstyled"].get_color() == perturb_figures.FREE_COLORS[0]  # orange: no other line uses it
     assert (lines["my control"].get_color(), lines["my control"].get_marker()) == ("tab:brown", "P")
-    _, rows = _read_csv(run / "perturb.csv")
+    _, rows = _read_csv(latest_set(run) / "perturb.csv")
     for name, label in (("unstyled", "unstyled"), ("styled", "my control")):
         mine = [r for r in rows if r["target"] == name]
         assert list(lines[label].get_xdata()) == [1, 2, 4]
@@ -833,7 +835,7 @@ def test_a_figure_that_fails_costs_no_results(tiny_dir: Path, tmp_path: Path, mo
     monkeypatch.setattr(cwa.perturb.figures, "single_weight", fail)
     run = make_run(tmp_path, tiny_dir)
     _quick(run, tensorboard=False).run()
-    outputs = _outputs(run)
+    outputs = _outputs(latest_set(run))
     assert {"perturb.csv", "perturb.json", "figures/perturb_dose_response.png"} <= set(outputs)
     assert "figures/perturb_single_weight.png" not in outputs
     notes = json.loads(outputs["perturb.json"])["figure_notes"]
@@ -851,7 +853,7 @@ def test_the_dose_response_figure_draws_rows_that_broke_the_model(tiny_dir: Path
 
     run = make_run(tmp_path, tiny_dir)
     _quick(run, tensorboard=False, figures=False).run()
-    rows = read_perturb_csv(run / "perturb.csv")
+    rows = read_perturb_csv(latest_set(run) / "perturb.csv")
     nan = math.nan
     broken = [rows[0], *(replace(r, delta_perplexity=nan, delta_perplexity_low=nan) for r in rows[1:])]
     dose_response(broken, "broken", tmp_path / "dose.png")
@@ -867,7 +869,7 @@ def test_default_ks_are_cut_to_the_runs_list_with_a_note(tiny_dir: Path, tmp_pat
     run = make_run(tmp_path, tiny_dir)
     quick = ["--single", "1", "--controls", "[]", "--figures", "false", "--tensorboard", "false", "--bootstrap", "50"]
     assert main(["perturb", "--run", str(run), *quick]) == 0
-    rows = read_perturb_csv(run / "perturb.csv")
+    rows = read_perturb_csv(latest_set(run) / "perturb.csv")
     assert sorted({r.k for r in rows if r.target == "topk"}) == [1, 10, 60]
     assert "default ks 100, 1000, 10000 left out: the run's top-K list holds 60 weights" in capsys.readouterr().out
     assert main(["perturb", "--run", str(run), "--ks", "[1,100]", *quick]) == 1

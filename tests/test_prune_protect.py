@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import latest_set
 from test_interventions import hand_rtn, reference_nm_mask, reference_row_mask
 from test_perturb import make_run, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
 
@@ -100,7 +101,7 @@ def test_prune_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:  # no
         assert row.removed == sum(int(m.sum()) for m in masks)
         assert row.perplexity == pytest.approx(_perplexity(model, recipe), rel=1e-6)
     assert _same_weights(recipe.session.model, tiny_dir)  # every condition was undone bit for bit
-    assert (magnitude / "figures" / "prune.png").stat().st_size > 1000
+    assert (latest_set(magnitude, "prune") / "figures" / "prune.png").stat().st_size > 1000
     assert "cwa prune" in capsys.readouterr().out
 
 
@@ -156,7 +157,7 @@ def test_protect_rtn_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     assert len(means) == 4 and all(r.protected == "random_matched" and r.seeds == 2 for r in means)
     assert _same_weights(recipe.session.model, tiny_dir)
     for figure in ("protect_k.png", "protect_level.png"):
-        assert (run / "figures" / figure).stat().st_size > 1000
+        assert (latest_set(run, "protect") / "figures" / figure).stat().st_size > 1000
     assert "cwa protect" in capsys.readouterr().out
 
 
@@ -223,8 +224,9 @@ def test_an_interrupted_write_keeps_the_previous_set(tmp_path: Path) -> None:
 
     nan = {f"delta_{m}{s}": 0.0 for m in ("perplexity", "nll", "accuracy") for s in ("", "_low", "_high")}
     row = PruneRow("dense", "", "", "", 0.0, 10, 0, 5.0, 1.6, 0.3, **nan, p_value=None, broken_fraction=0.0)
-    write_intervention(tmp_path, "prune", [row], {"model": "tiny"})
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    first, _ = write_intervention(tmp_path, "prune", [row], {"model": "tiny"})
+    assert first == tmp_path / "prune" / "1"
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     def interrupted(path: Path) -> None:
         path.write_bytes(b"half a figure")
@@ -233,11 +235,11 @@ def test_an_interrupted_write_keeps_the_previous_set(tmp_path: Path) -> None:
     changed = PruneRow(**{**row.as_dict(), "perplexity": 9.0})
     with pytest.raises(KeyboardInterrupt):
         write_intervention(tmp_path, "prune", [changed], {"model": "tiny"}, {"prune.png": interrupted})
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "prune" / "2").exists()  # the interrupted set's directory is gone with it
     rows, meta = read_intervention(tmp_path, "prune")
     assert rows == [row] and meta["model"] == "tiny"
-    (tmp_path / "prune.csv").write_text((tmp_path / "prune.csv").read_text().replace("5", "6"))
+    (first / "prune.csv").write_text((first / "prune.csv").read_text().replace("5", "6"))
     with pytest.raises(CwaError, match="interrupted cwa prune"):
         read_intervention(tmp_path, "prune")
 
@@ -278,10 +280,10 @@ def test_report_shows_the_prune_and_protect_sets_of_a_run(tiny_dir: Path, tmp_pa
         means[0].delta_perplexity, means[0].delta_perplexity_low, means[0].delta_perplexity_high, fmt.effect
     )
     assert any("| random_matched |" in line and mean_delta in line and "| 2 |" in line for line in shown)
-    assert "R2 (`cwa" not in section  # the run without prune or protect sets has no table
+    assert "R2 · " not in section  # the run without prune or protect sets has no table
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
     assert sorted(Path(link).name for link in links) == ["protect_k.png", "protect_level.png", "prune.png"]
     assert all((out.parent / link).exists() for link in links)
     numbers = json.loads(out.with_suffix(".json").read_text())["interventions"]
     assert list(numbers) == [run.parent.name + "/" + run.name]
-    assert [r["perplexity"] for r in next(iter(numbers.values()))["prune"]] == [r.perplexity for r in pruned]
+    assert [r["perplexity"] for r in next(iter(numbers.values()))["prune"][0]["rows"]] == [r.perplexity for r in pruned]

@@ -190,7 +190,7 @@ def test_perturbation_claims_need_an_interval_that_excludes_zero(tmp_path):
     assert control.numbers["control"] == "random_matched" and control.numbers["p_value"] == 0.002
     assert {g[0].verdict for g in headlines(analysis)} == {"raises_perplexity", "costs_more_than_control"}
     saved = json.loads(output.with_suffix(".json").read_text())
-    assert saved["perturbation"]["p/version_0"]["rows"][0]["delta_perplexity"] == 12.0
+    assert saved["perturbation"]["p/version_0"][0]["rows"][0]["delta_perplexity"] == 12.0
     assert {f["verdict"] for f in saved["findings"]} >= {"raises_perplexity", "costs_more_than_control"}
 
     null = [rows[0], {**rows[1], "delta_perplexity": 0.1, "delta_perplexity_low": -0.2, "p_value": 0.4}]
@@ -377,3 +377,41 @@ def test_copies_of_a_run_are_reported_once(tmp_path, capsys):
     assert err.count("left out: a copy of") == 2
     one, three = (json.loads(p.with_suffix(".json").read_text())["findings"] for p in (single, triple))
     assert len(three) == len(one)
+
+
+# -- issue 20: no row left out of the effects figure; no certainty claimed for where the top-K sit ----------
+def test_structural_p_values_are_floored_with_the_rule_stated(tmp_path):
+    from cwa.report.findings import STRUCTURAL_P_FLOOR
+
+    run = make_run(tmp_path, "conc", concentrated_scores(), k=10)
+    analysis = analysis_of([run], location_k=20)
+    where = analysis.of("placement")
+    assert {f.verdict for f in where} >= {"enriched_module", "recurs", "residual_dimension_recurs"}
+    assert all(f.numbers["p_adjusted"] >= STRUCTURAL_P_FLOOR for f in where)
+    assert any(f.numbers["p_adjusted"] == STRUCTURAL_P_FLOOR for f in where)  # these ones were ~1e-17
+    text = text_of(analysis, tmp_path)
+    assert "adjusted binomial p < 1e-06" in text and not re.search(r"p = \d\.\de-(0[7-9]|[1-9]\d)", text)
+    assert "floored at 1e-06" in text  # the rule, in the Method section
+
+
+def test_every_perturbation_row_is_in_some_page_of_the_effects_figure(tmp_path):
+    base = {"condition": "c", "perturbation": "zero", "k": 10, "rank": "", "seed": "", "n_weights": 10,
+            "perplexity": 20.0, "nll": 3.0, "accuracy": 0.3, "delta_nll": 0.0, "delta_nll_low": 0.0,
+            "delta_nll_high": 0.0, "delta_accuracy": 0.0, "delta_accuracy_low": 0.0, "delta_accuracy_high": 0.0,
+            "p_value_vs": "baseline"}  # fmt: skip
+    null = {"delta_perplexity": 0.1, "delta_perplexity_low": -0.2, "delta_perplexity_high": 0.3, "p_value": 0.5}
+    rows = [{**base, "target": "baseline", "n_weights": 0, **null, "p_value": ""}]
+    rows += [{**base, "target": "random_matched", "seed": s, **null} for s in range(70)]
+    rows += [{**base, "target": "topk", "delta_perplexity": 9.0, "delta_perplexity_low": 5.0,
+              "delta_perplexity_high": 12.0, "p_value": 0.001}]  # fmt: skip
+    quiet = make_run(tmp_path, "a", random_scores(1), k=10, perturb_rows=rows[:-1])
+    loud = make_run(tmp_path, "b", random_scores(1), k=10, perturb_rows=rows)
+    output = report([str(quiet), str(loud)], tmp_path / "out" / "r.md", ks=[10], sample=200)
+    text = output.read_text()
+    for name in ("perturbation_effects.png", "perturbation_effects_2.png", "perturbation_effects_3.png"):
+        assert f"r-figures/{name})" in text and (tmp_path / "out" / "r-figures" / name).exists()
+    from cwa.report.recipe import FOREST_ROWS, forest_pages
+
+    pages = forest_pages(analysis_of([quiet, loud]))
+    assert [len(p) for p in pages] == [FOREST_ROWS, FOREST_ROWS, 141 - 2 * FOREST_ROWS]
+    assert pages[0][0]["label"].startswith("R2 · topk") and pages[0][0]["significant"]  # significant first

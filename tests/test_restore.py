@@ -252,7 +252,7 @@ def test_perturb_restore_end_to_end(tiny_dir: Path, tmp_path: Path, capsys) -> N
     argv = ["perturb", "--run", str(run), "--ks", "[1,5]", "--single", "2", "--controls", "[random_matched]"]
     argv += ["--seeds", "[0]", "--restore", "[all,spikes]", "--bootstrap", "100", "--permutations", "200"]
     assert main([*argv, "--figures", "false", "--tensorboard", "false"]) == 0
-    with open(run / "perturb.csv", newline="") as handle:
+    with open(run / "perturb" / "1" / "perturb.csv", newline="") as handle:
         columns = list(csv.DictReader(handle).fieldnames or [])
     assert columns == PerturbRow.columns() and columns[-5:] == [
         "restore", "recovered_fraction", "recovered_fraction_low", "recovered_fraction_high", "restored_tokens",

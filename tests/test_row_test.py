@@ -49,8 +49,9 @@ def test_row_test_matches_a_hand_computation(tmp_path, make, capsys):
     assert ROW not in controls and len(set(controls)) == 5
 
     data = CalibrationData(
-        source="pydoc", tokenizer=str(model_dir), seq_len=32, num_samples=8, heldout_fraction=0.3, batch_size=4
-    )
+        source="pydoc", tokenizer=str(model_dir), seq_len=32, num_samples=8, heldout_fraction=0.3, batch_size=4,
+        heldout_samples=24,  # find-super-weights' default
+    )  # fmt: skip
     data.setup()
     base = _mean_nll(AutoModelForCausalLM.from_pretrained(model_dir).eval(), data.heldout)
     relative = []

@@ -168,7 +168,7 @@ def test_each_metric_writes_a_complete_run_equal_to_its_own(runs):
 def test_perturb_reads_a_metric_of_a_shared_pass(runs, tmp_path):
     run = runs["shared"] / "version_0-grad_x_weight"
     assert main(["perturb", f"--run={run}", "--ks=[2]", "--controls=[]", "--heldout_samples=6"]) == 0
-    assert (run / "perturb.csv").exists()
+    assert (run / "perturb" / "1" / "perturb.csv").exists()
 
 
 def test_resume_of_a_shared_pass_equals_the_uninterrupted_one(runs, tiny_llama_dir, tmp_path):

@@ -270,7 +270,7 @@ def test_perturb_with_units_sets_and_mean_end_to_end(
     printed = capsys.readouterr().out
     assert "the top 3 as a set" in printed and "ranks 1+2" in printed and "zero of each row" in printed
     if arch == "llama":
-        assert (run / "figures" / "perturb_sets.png").stat().st_size > 1000
+        assert (run / "perturb" / "1" / "figures" / "perturb_sets.png").stat().st_size > 1000
 
 
 def test_a_perturb_csv_without_the_unit_columns_reads_with_their_defaults() -> None:

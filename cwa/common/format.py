@@ -32,6 +32,13 @@ def p_value(p: float | None) -> str:
     return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
 
 
+def p_floored(p: float | None, floor: float) -> str:
+    """A p-value with a floor: ``< 1e-06`` at or below it, else as :func:`p_value`."""
+    if not _absent(p) and p <= floor:
+        return f"< {floor:.0e}"
+    return p_value(p)
+
+
 def effect(x: float | None) -> str:
     """A change against a reference (Δ perplexity, Δ accuracy): signed, three significant digits."""
     if _absent(x):

@@ -217,12 +217,17 @@ def draw_or_note(name: str, draw: Callable[[], object]) -> str | None:
 
     Returns:
         None when drawn, else the note (``figure NAME was not drawn: ...``).
+
+    Raises:
+        OSError: the disk (or the quota) is full.
     """
     try:
         draw()
-    except Exception as exc:  # any figure failure (matplotlib's ValueError, a font, a full disk) is only a figure
+    except Exception as exc:  # any figure failure (matplotlib's ValueError, a font) is only a figure ...
         plt = sys.modules.get("matplotlib.pyplot")
         if plt is not None:
             plt.close("all")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # ... but a full disk is not: what is written beside the figure would not fit either
         return f"figure {name} was not drawn ({type(exc).__name__}: {exc})"
     return None

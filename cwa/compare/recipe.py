@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
+import shutil
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
-from cwa.common.io import draw_or_note, write_json
+from cwa.common.io import draw_or_note, os_error, write_json
 from cwa.compare.models import require_one_model
 from cwa.compare.result import (
     Comparison,
@@ -42,8 +43,11 @@ from cwa.compare.result import (
     StabilityGroup,
 )
 from cwa.rundir import Key, Run, load_runs, unique_names
+from cwa.rundir.files import FIGURES, PERTURB, PROTECT, PRUNE
+from cwa.rundir.outputs import OutputSet, set_dirs
 from cwa.scoring import agreement
 
+EXPERIMENT_KINDS = (PERTURB, PRUNE, PROTECT)  # the sets a run directory can hold, listed in compare.json
 DEFAULT_KS = (10, 100, 1000)
 DEFAULT_SAMPLE = 1_000_000
 
@@ -271,9 +275,12 @@ def compare_runs(runs: list[Run], ks: list[int], sample: int = DEFAULT_SAMPLE, s
 
 def _run_entry(name: str, r: Run, ks: list[int]) -> RunEntry:
     ties = {k: r.cutoff_tie(k) for k in ks if r.max_global_k >= k}
+    experiments = [
+        {"experiment": s.label, "path": str(s.path)} for kind in EXPERIMENT_KINDS for s in set_dirs(r.path, kind)
+    ]
     return RunEntry(
         name, str(r.path), r.model, r.metric, r.mode, r.k, r.samples, r.seed, r.has_scores,
-        r.summary.data_fingerprint, ties,
+        r.summary.data_fingerprint, ties, experiments,
     )  # fmt: skip
 
 
@@ -356,32 +363,44 @@ def format_table(result: Comparison) -> str:
     return "\n".join(lines)
 
 
-def write_figures(result: Comparison, out: Path) -> list[Path]:
-    """Draw compare's figures under ``out/figures``; returns those drawn. One that fails becomes a note on
-    ``result`` (compare.json is already written: a figure must not cost the results)."""
+def figure_drawings(result: Comparison) -> dict[str, Callable[[Path], None]]:
+    """Compare's figures, ``{file name under figures/: function drawing into a given path}``."""
     from cwa.report import figures as report_figures
 
     names = [r.name for r in result.runs]
-    drawings: dict[Path, Callable[[Path], None]] = {}
+    drawings: dict[str, Callable[[Path], None]] = {}
     if result.largest_k:
         k = result.largest_k
         matrix = np.array(result.overlap[k].jaccard, dtype=float)
         title = f"Jaccard overlap of the global top-{k}"
-        drawings[out / "figures" / f"overlap_jaccard_k{k}.png"] = partial(
-            report_figures.overlap_heatmap, matrix, names, title
-        )
+        drawings[f"overlap_jaccard_k{k}.png"] = partial(report_figures.overlap_heatmap, matrix, names, title)
     if result.locations:
         located = {f"[{names.index(n)}] {n}": loc for n, loc in result.locations.items()}
-        drawings[out / "figures" / "topk_by_layer.png"] = partial(report_figures.layer_distribution, located)
-        drawings[out / "figures" / "topk_by_module.png"] = partial(report_figures.module_distribution, located)
-    paths = []
-    for path, draw in drawings.items():
-        note = draw_or_note(path.name, partial(draw, path))
-        if note is None:
-            paths.append(path)
-        else:
-            result.notes.append(note)
-    return paths
+        drawings["topk_by_layer.png"] = partial(report_figures.layer_distribution, located)
+        drawings["topk_by_module.png"] = partial(report_figures.module_distribution, located)
+    return drawings
+
+
+def write_outputs(result: Comparison, out: Path, figures: bool) -> None:
+    """``compare.json`` and ``figures/`` as one set (:class:`~cwa.rundir.outputs.OutputSet`): all of them, or
+    after any failure (a full disk) or interrupt none of the new files, and a directory this call made is
+    removed again. A figure that fails to draw for another reason becomes a note in ``compare.json``. An
+    operating-system error ends in one sentence."""
+    made = not out.exists()
+    outputs = OutputSet(out)
+    try:
+        drawings = figure_drawings(result) if figures else {}
+        result.notes += outputs.draw(drawings, FIGURES)
+        result.figures = [f"{FIGURES}/{name}" for name, _ in drawings.items() if f"{FIGURES}/{name}" in outputs]
+        write_json(outputs.stage("compare.json"), result.to_json())
+        outputs.commit()
+    except BaseException as exc:
+        outputs.discard()
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise os_error(exc, out) from None
+        raise
 
 
 def parse_ks(ks: str | Sequence[int]) -> list[int]:
@@ -452,10 +471,7 @@ def compare(
     result = compare_runs(loaded, k_values, int(sample), seed)
     result.skipped = skipped
     out = Path(output) if output is not None else default_output(loaded)
-    write_json(out / "compare.json", result.to_json())
-    if figures:
-        result.figures = [str(p.relative_to(out)) for p in write_figures(result, out)]
-        write_json(out / "compare.json", result.to_json())
+    write_outputs(result, out, figures)
     print(format_table(result))
     print(f"\ncompare.json and figures in {out}")
     return out

@@ -134,6 +134,7 @@ class RunEntry:
     has_scores: bool
     data_fingerprint: str | None
     ties_at_cutoff: dict[int, int] = field(default_factory=dict)
+    experiments: list[dict] = field(default_factory=list)  # its perturb, prune and protect sets (label, path)
 
     def to_json(self) -> dict:
         return {**vars(self), "ties_at_cutoff": {str(k): n for k, n in self.ties_at_cutoff.items()}}

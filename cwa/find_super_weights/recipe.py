@@ -32,6 +32,9 @@ from cwa.find_super_weights.row_test import summary as row_test_summary
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
 from cwa.rundir import CONFIG, ROW_TEST, ConditionKind, PerturbRow, remove_unfinished_run, write_super_weights
 
+DEFAULT_HELDOUT = 24
+"""Held-out blocks each candidate is evaluated on by default (README: "Super weights from activations")."""
+
 SUPER = "super_weight"
 DAMAGING = "damaging"
 ACTIVATION_ONLY = "activation_only"
@@ -53,7 +56,9 @@ class FindSuperWeights:
             significantly (the interval's lower bound above 0 and p below 0.05) by at least this fraction
             (0.1: +10%); significant but smaller damage is ``damaging``; a candidate whose removal does no
             significant damage is ``activation_only`` (a large activation, not a super weight).
-        heldout_samples: evaluate at most this many held-out blocks (None: the data settings').
+        heldout_samples: evaluate at most this many held-out blocks (None: the data settings', at most 64).
+            Every verdict rests on these paired sequences; the console and ``summary.json`` (``heldout``) give
+            their number and the baseline perplexity.
         bootstrap: bootstrap resamples (over held-out sequences) for the intervals.
         permutations: bootstrap resamples of the paired bootstrap-t test (smallest p: 2 / (1 + permutations)).
         confidence: coverage of the intervals.
@@ -75,7 +80,7 @@ class FindSuperWeights:
         verify: bool = True,
         max_verify: int = 10,
         min_increase: float = 0.1,
-        heldout_samples: int | None = None,
+        heldout_samples: int | None = DEFAULT_HELDOUT,
         bootstrap: int = 2000,
         permutations: int = 10000,
         confidence: float = 0.95,
@@ -284,7 +289,6 @@ class FindSuperWeights:
             {**asdict(p), "recovered": c is not None, "candidate_rank": None if c is None else c.rank}
             for p, c in recovered_published(self.result, self.pretrained)
         ]
-        baseline = self.rows[0] if self.rows else None
         return {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": self.pretrained,
@@ -300,14 +304,25 @@ class FindSuperWeights:
             else [asdict(e) for e in self.result.experts.super_experts],
             "published": published,
             "row_test": None if self.row_result is None else row_test_summary(self.row_result),
-            "heldout": None
-            if baseline is None
-            else {"sequences": int(self.data.heldout.shape[0]), "perplexity": baseline.perplexity},
+            "heldout": self._heldout(),
             "data": self.data.describe(),
             "notes": self.notes,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "memory": peak_memory(),
             "environment": environment(),
+        }
+
+    def _heldout(self) -> dict | None:
+        """The held-out baseline every verdict is measured against: its sequences, tokens and perplexity (None
+        when nothing was evaluated)."""
+        if self.baseline is None:
+            return None
+        stats = self.baseline.evaluation.stats
+        return {
+            "sequences": len(stats),
+            "tokens": int(stats.tokens.sum()),
+            "perplexity": stats.perplexity,
+            "nll": stats.mean_nll,
         }
 
     def settings(self) -> dict:
@@ -333,6 +348,13 @@ class FindSuperWeights:
             f"cwa find-super-weights: {self.pretrained} · {len(result.layers)} MLP output projections · "
             f"{result.blocks} blocks ({fmt.count(result.tokens)} tokens) · threshold {self.threshold:g}x"
         )
+        heldout = self._heldout()
+        if heldout is not None:
+            print(
+                f"  held-out baseline: perplexity {fmt.perplexity(heldout['perplexity'])} over "
+                f"{fmt.count(heldout['sequences'])} sequences ({fmt.count(heldout['tokens'])} tokens); each verdict "
+                f"and interval below is paired over these {fmt.count(heldout['sequences'])} sequences"
+            )
         if not result.candidates:
             print("  no layer's input and output spikes both clear the threshold: no candidate.")
         for c in result.candidates:

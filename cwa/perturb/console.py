@@ -119,7 +119,7 @@ def print_table(
         base: the baseline's per-sequence statistics.
         timings: perturb.json's timings.
         notes: what was skipped or differs, one sentence each.
-        run_dir: where the results are.
+        run_dir: the set directory the results are in (``perturb/<n>/``).
         headers: a control's name -> its column header (``FigureStyle.short``); others show their name.
     """
     print()

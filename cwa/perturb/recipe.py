@@ -7,7 +7,7 @@ A recipe (torchtune's shape): :class:`PerturbRecipe` takes the typed options, th
 order. The model is loaded once and never cloned: each condition writes its perturbation into the chosen
 weights in place, runs one forward pass over the held-out blocks and restores the saved bits, verified
 by checksum, also when the condition fails. The run is read only through :mod:`cwa.rundir`, and written
-only through :func:`cwa.rundir.write_perturbation` (csv, figures and json together or not at all).
+only through :func:`cwa.rundir.write_perturbation` (a new set ``perturb/<n>/``, all of it or nothing).
 
 The steps' pieces live beside it: :mod:`cwa.perturb.loading` (run, model, held-out blocks),
 :mod:`cwa.perturb.conditions` (the conditions and their weights), :mod:`cwa.perturb.restoring` (activation
@@ -45,7 +45,7 @@ from cwa.perturb.downstream import task_meta, task_settings, tasks_from_option
 from cwa.perturb.evaluate import Condition, Result, StatisticsOptions, evaluate, perturb_rows
 from cwa.perturb.loading import fit_sensitivity_first, load_heldout, load_run_model
 from cwa.perturb.restoring import ActivationRestore
-from cwa.rundir import DownstreamRow, Run, write_perturbation
+from cwa.rundir import DownstreamRow, Run, check_name, write_perturbation
 
 MAX_PAIRS = 20
 DEFAULT_KS = (1, 10, 100, 1000, 10000)  # --ks unset: cut to the run's list
@@ -84,7 +84,7 @@ class PerturbRecipe:
         trust_remote_code: let the model's own code from its repository run; taken only from this
             command, never from the run's config.yaml.
         verify: checksum every touched tensor after restoring it (fails loudly if a bit differs).
-        figures: write figures/perturb_dose_response.png and figures/perturb_single_weight.png.
+        figures: write the set's figures/perturb_dose_response.png and figures/perturb_single_weight.png.
         tensorboard: write TensorBoard scalars into the run directory.
         units: what is perturbed around each chosen weight, one or several: ``weight`` (the weight itself),
             ``row`` (every weight of its output unit, a neuron) or ``column`` (every weight of its input
@@ -108,6 +108,8 @@ class PerturbRecipe:
         tasks_limit: evaluate at most this many items of each task (None: all).
         tasks_batch_size: lm-eval batch size.
         tasks_on_controls: also run the tasks on the control conditions (each costs a full lm-eval pass).
+        name: a label for this experiment, recorded in perturb.json and shown by the report and compare. Every
+            perturb writes a new numbered set, ``perturb/<n>/`` in the run directory, named or not.
     """
 
     def __init__(
@@ -140,7 +142,9 @@ class PerturbRecipe:
         tasks_limit: int | None = None,
         tasks_batch_size: int = 8,
         tasks_on_controls: bool = False,
+        name: str | None = None,
     ) -> None:
+        self.name = check_name(name)
         if (run is None) == (fit_config is None):
             raise CwaError("give exactly one of --run (a fit-sensitivity run directory) and --fit_config.")
         specs = [perturbation] if isinstance(perturbation, str | Perturbation) else list(perturbation)
@@ -291,10 +295,11 @@ class PerturbRecipe:
         self._evaluate_tasks()
 
     def write(self) -> None:
-        """perturb.csv, the figures and perturb.json as one set; TensorBoard scalars; the console summary."""
+        """perturb.csv, the figures and perturb.json as a new set perturb/<n>/; TensorBoard scalars; the console."""
         self.timings.update(self._condition_timings())
-        figures = self._figures() if self.figures else {}
-        self.notes += write_perturbation(self.run_dir.path, self.rows, self._meta(), figures, self.downstream_rows)
+        figs = self._figures() if self.figures else {}
+        self.set_dir, notes = write_perturbation(self.run_dir.path, self.rows, self._meta(), figs, self.downstream_rows)
+        self.notes += notes
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed perturb may have left
         if self.tensorboard:
             from cwa.perturb.figures import tensorboard_scalars
@@ -305,7 +310,7 @@ class PerturbRecipe:
         base = self.baseline.evaluation.stats
         styles = [(c.name, c.figure_style()) for c in self.controls]
         headers = {name: style.short or style.label for name, style in styles}
-        print_table(self.rows, self._title, base, self.timings, self.notes, self.run_dir.path, headers)
+        print_table(self.rows, self._title, base, self.timings, self.notes, self.set_dir, headers)
         if self.downstream_rows:
             from cwa.perturb.downstream import format_downstream
 
@@ -444,6 +449,7 @@ class PerturbRecipe:
         base = self.baseline.evaluation
         return {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "name": self.name,
             "settings": self.settings(),
             "perturbations": [p.describe() for p in self.perturbations],
             "run": {

@@ -39,6 +39,7 @@ from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice
 from cwa.rundir import DownstreamRow, Run
 from cwa.rundir.files import SUMMARY, SUPER_WEIGHTS_KIND
+from cwa.rundir.outputs import check_name
 
 
 @dataclass
@@ -90,6 +91,8 @@ class ProtectRecipe:
             comma-separated string. Written to protect_downstream.csv.
         tasks_limit: evaluate at most this many items of each task (None: all).
         tasks_batch_size: lm-eval batch size.
+        name: a label for this experiment, recorded in protect.json and shown by the report. Every protect
+            writes a new numbered set, ``protect/<n>/`` in the run directory, named or not.
     """
 
     def __init__(
@@ -122,7 +125,9 @@ class ProtectRecipe:
         tasks: str | list[str] | None = None,
         tasks_limit: int | None = None,
         tasks_batch_size: int = 8,
+        name: str | None = None,
     ) -> None:
+        self.name = check_name(name)
         if not levels:
             raise CwaError("give at least one stress level with --levels.")
         if any(k < 0 for k in protect_k):
@@ -337,7 +342,7 @@ class ProtectRecipe:
             figures["protect_k.png"] = partial(protect_against_k, self.rows, title, downstream=self.downstream_rows)
             figures["protect_level.png"] = partial(protect_against_level, self.rows, title)
         rows, downstream = self.rows, self.downstream_rows
-        notes = write_intervention(self.run_dir.path, "protect", rows, meta(self), figures, downstream)
+        self.set_dir, notes = write_intervention(self.run_dir.path, "protect", rows, meta(self), figures, downstream)
         remove_stale_temporaries(self.run_dir.path)  # what an earlier, killed protect may have left
         print_rows(self)
         for note in notes:

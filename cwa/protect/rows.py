@@ -107,6 +107,7 @@ def meta(recipe: ProtectRecipe) -> dict:
     )
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "name": recipe.name,
         "settings": recipe.settings(),
         "run": {"path": str(recipe.run_dir.path), "model": recipe.run_dir.model, "metric": recipe.run_dir.metric},
         "dtype": recipe.session.dtype,
@@ -146,4 +147,4 @@ def print_rows(recipe: ProtectRecipe) -> None:
         print("\n".join(format_downstream(shown_tasks, recipe.statistics.confidence)))
     for note in recipe.notes:
         print(f"  note: {note}")
-    print(f"  -> {recipe.run_dir.path / 'protect.csv'}")
+    print(f"  -> {recipe.set_dir / 'protect.csv'}")

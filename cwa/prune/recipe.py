@@ -30,6 +30,7 @@ from cwa.perturb.evaluate import StatisticsOptions
 from cwa.prune.session import HeldOutSession, Pass, TensorChoice, quality, resamples
 from cwa.rundir import DownstreamRow, Run
 from cwa.rundir.interventions import PruneRow, write_intervention
+from cwa.rundir.outputs import check_name
 
 
 @dataclass
@@ -51,7 +52,8 @@ class PruneRecipe:
             it in a list, ``'[unstructured, "2:4"]'``: YAML reads an unquoted 2:4 as the number 124.
         tensors: ``linear`` (weights of Linear / Conv1D layers inside the blocks, what pruners touch) or
             ``scored`` (every tensor the run scored: embeddings, norms and biases too).
-        output: the directory for prune.csv, prune.json and figures/prune.png (None: the first run's).
+        output: the directory that receives this experiment's new set ``prune/<n>/`` (prune.csv, prune.json and
+            figures/prune.png) (None: the first run's).
         heldout_samples: evaluate at most this many held-out blocks (None: the run's setting).
         heldout_tokens: only the first this many tokens of each block (None: whole blocks).
         batch_size: held-out blocks per forward pass (None: the run's setting).
@@ -67,6 +69,7 @@ class PruneRecipe:
             held-out text) and/or hub tasks; a list or a comma-separated string. Written to prune_downstream.csv.
         tasks_limit: evaluate at most this many items of each task (None: all).
         tasks_batch_size: lm-eval batch size.
+        name: a label for this experiment, recorded in prune.json and shown by the report.
     """
 
     def __init__(
@@ -90,7 +93,9 @@ class PruneRecipe:
         tasks: str | list[str] | None = None,
         tasks_limit: int | None = None,
         tasks_batch_size: int = 8,
+        name: str | None = None,
     ) -> None:
+        self.name = check_name(name)
         self.run_paths = [run] if isinstance(run, str) else list(run)
         if not self.run_paths:
             raise CwaError("give at least one fit-sensitivity run directory with --run.")
@@ -222,7 +227,9 @@ class PruneRecipe:
             model = self.session.run.model
             figures["prune.png"] = partial(quality_against_sparsity, self.rows, model, downstream=self.downstream_rows)
         meta = self._meta()
-        notes = write_intervention(self.directory, "prune", self.rows, meta, figures, self.downstream_rows)
+        self.set_dir, notes = write_intervention(
+            self.directory, "prune", self.rows, meta, figures, self.downstream_rows
+        )
         remove_stale_temporaries(self.directory)  # what an earlier, killed prune may have left
         self._print()
         for note in notes:
@@ -245,6 +252,7 @@ class PruneRecipe:
         )
         return {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "name": self.name,
             "runs": [{"path": str(r.path), "metric": r.metric, "name": r.name} for r in self.runs],
             "model": self.session.run.model,
             "dtype": self.session.dtype,
@@ -275,4 +283,4 @@ class PruneRecipe:
             print(f"  {row.metric:<16} {where:<26} perplexity {fmt.perplexity(row.perplexity):>10}  {delta}")
         if self.downstream_rows:
             print("\n".join(format_downstream(self.downstream_rows, self.statistics.confidence)))
-        print(f"  -> {self.directory / 'prune.csv'}")
+        print(f"  -> {self.set_dir / 'prune.csv'}")

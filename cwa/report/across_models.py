@@ -288,8 +288,9 @@ def placement_findings(shares: list[Shares]) -> list[Finding]:
 
 # -- effects side by side -------------------------------------------------------------------------------
 def perturb_rows(run: Run) -> list[PerturbRow]:
-    """The run's perturbation rows: the one place this section reads perturb results (``Run.perturbation``)."""
-    return run.perturbation.rows if run.perturbation else []
+    """The rows of every perturb experiment of the run, oldest first (``Run.perturbations``): the one place this
+    section reads perturb results. A condition run in several experiments counts once, from the first."""
+    return [r for experiment in run.perturbations for r in experiment.rows]
 
 
 def _effect(i: int, r: PerturbRow) -> Effect | None:

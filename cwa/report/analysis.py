@@ -26,7 +26,8 @@ from cwa.report.findings import (
 )
 from cwa.report.interventions import Interventions, interventions_of
 from cwa.report.placement import LOCATION_K, Placement, placement_findings, placement_of
-from cwa.rundir import ConditionKind, DownstreamRow, PerturbRow, Run, unique_names
+from cwa.rundir import ConditionKind, DownstreamRow, Perturbation, PerturbRow, Run, unique_names
+from cwa.rundir.super_weights import SuperWeightsRun
 
 
 @dataclass
@@ -42,12 +43,12 @@ class Analysis:
         placements: per run, where its top-K live (None when it cannot give a global top-K).
         comparisons: (member positions, ``compare_runs`` result) per group of runs scoring the same tensors.
         stability: (``compare_runs`` stability group, member positions) per group of seed replicates.
-        perturbation: per run, its perturbation rows without the baseline ([] when it has none).
-        downstream: per run, its lm-eval task rows with the baseline (downstream.csv; [] when it has none).
-        interventions: per run, the prune and protect rows written into its directory (empty when none).
+        experiments: per run, its experiments of ``cwa perturb`` (``perturb/<n>/``, oldest first; [] when none).
+        interventions: per run, the prune and protect sets written into its directory (empty when none).
         across_models: the "Across models" section when the runs scored more than one model, else None.
         findings: every finding, in section order.
         skipped: notes on the directories left out (not complete runs).
+        super_weights: the find-super-weights runs given (their own section, labelled ``S1``, ``S2``, ...).
     """
 
     runs: list[Run]
@@ -58,12 +59,22 @@ class Analysis:
     placements: list[Placement | None]
     comparisons: list[tuple[list[int], Comparison]]
     stability: list[tuple[StabilityGroup, tuple[int, ...]]]
-    perturbation: list[list[PerturbRow]]
-    downstream: list[list[DownstreamRow]] = field(default_factory=list)
+    experiments: list[list[Perturbation]]
     interventions: list[Interventions] = field(default_factory=list)
     across_models: CrossModel | None = None
     findings: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    super_weights: list[SuperWeightsRun] = field(default_factory=list)
+
+    @property
+    def perturbation(self) -> list[list[PerturbRow]]:
+        """Per run, the rows of all its experiments without their baselines ([] when it has none)."""
+        return [[r for e in experiments for r in conditions(e)] for experiments in self.experiments]
+
+    @property
+    def downstream(self) -> list[list[tuple[Perturbation, list[DownstreamRow]]]]:
+        """Per run, (experiment, its lm-eval task rows) for each experiment that ran tasks (downstream.csv)."""
+        return [[(e, e.downstream) for e in experiments if e.downstream] for experiments in self.experiments]
 
     def of(self, section: str) -> list[Finding]:
         """The findings of one section, strongest first."""
@@ -81,29 +92,40 @@ class Analysis:
             "placement": {n: (p.__dict__ if p else None) for n, p in zip(self.names, self.placements, strict=True)},
             "comparisons": [{"members": [self.names[i] for i in m], **c.to_json()} for m, c in self.comparisons],
             "perturbation": {
-                self.names[i]: {
-                    "rows": [r.as_dict() for r in rows],
-                    "claims": [f.as_dict() for f in self.of("perturbation") if f.runs == (i,)],
-                }
-                for i, rows in enumerate(self.perturbation)
-                if rows
-            },
-            "downstream": {
-                self.names[i]: [r.as_dict() for r in rows] for i, rows in enumerate(self.downstream) if rows
-            },
-            "interventions": {
-                self.names[i]: {
-                    key: [r.as_dict() for r in rows]
-                    for key, rows in vars(x).items()
-                    if rows or key in ("prune", "protect")
-                }
-                for i, x in enumerate(self.interventions)
-                if x
+                self.names[i]: [self._experiment_json(i, e) for e in experiments]
+                for i, experiments in enumerate(self.experiments)
+                if experiments
             },
             "across_models": None if self.across_models is None else self.across_models.to_json(),
+            "interventions": {self.names[i]: x.to_json() for i, x in enumerate(self.interventions) if x},
             "findings": [f.as_dict() for f in self.findings],
+            "super_weights": {r.name: {"path": str(r.path), **_scan_json(r.summary)} for r in self.super_weights},
             "skipped": self.skipped,
         }
+
+    def _experiment_json(self, position: int, experiment: Perturbation) -> dict:
+        claims = [
+            f.as_dict()
+            for f in self.of("perturbation")
+            if f.runs == (position,) and f.numbers.get("experiment") in (None, experiment.label)
+        ]
+        return {
+            "experiment": experiment.label,
+            "path": str(experiment.path),
+            "rows": [r.as_dict() for r in conditions(experiment)],
+            "downstream": [r.as_dict() for r in experiment.downstream or []],
+            "claims": claims,
+        }
+
+
+def _scan_json(summary: dict) -> dict:
+    keys = ("model", "settings", "heldout", "candidates", "super_weights", "super_experts", "row_test")
+    return {k: summary.get(k) for k in keys}
+
+
+def conditions(experiment: Perturbation) -> list[PerturbRow]:
+    """An experiment's rows without its baseline."""
+    return [r for r in experiment.rows if r.kind is not ConditionKind.BASELINE]
 
 
 def layout_groups(runs: list[Run]) -> list[list[int]]:
@@ -157,11 +179,7 @@ def analyse(
         stability=[
             (g, _stability_positions(runs, members, g)) for members, result in comparisons for g in result.stability
         ],
-        perturbation=[
-            [r for r in (run.perturbation.rows if run.perturbation else []) if r.kind is not ConditionKind.BASELINE]
-            for run in runs
-        ],
-        downstream=[(run.perturbation.downstream or []) if run.perturbation else [] for run in runs],
+        experiments=[run.perturbations for run in runs],
         interventions=[interventions_of(run) for run in runs],
     )
     found = analysis.findings
@@ -173,8 +191,9 @@ def analyse(
         found += comparison_findings(runs, members, result)
     for group, positions in analysis.stability:
         found += stability_findings(group, positions)
-    for i, rows in enumerate(analysis.perturbation):
-        found += perturbation_findings(i, rows)
+    for i, experiments in enumerate(analysis.experiments):
+        for e in experiments:  # each experiment's claims stand alone, labelled when the run has several
+            found += perturbation_findings(i, conditions(e), e.label if len(experiments) > 1 else None)
     found += reproducibility_findings(runs, comparisons)
     analysis.across_models = across_models_of(runs, analysis.names, location_k, super_runs)
     found += analysis.across_models.findings if analysis.across_models else []

@@ -136,7 +136,7 @@ def concentration_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
     _save(fig, path)
 
 
-def perturbation_effects(rows: Sequence[Mapping], path: Path) -> None:
+def perturbation_effects(rows: Sequence[Mapping], title: str, path: Path) -> None:
     """Δ perplexity with its 95% interval for each perturbation condition of each run."""
     plt = _pyplot()
     if not rows:
@@ -152,5 +152,5 @@ def perturbation_effects(rows: Sequence[Mapping], path: Path) -> None:
     ax.invert_yaxis()
     fmt.symlog_axis(ax, "x", 0.1)
     ax.set_xlabel("Δ held-out perplexity (perturbed − baseline), 95% bootstrap interval")
-    ax.set_title("Perturbation effects", fontsize=10)
+    ax.set_title(title, fontsize=10)
     _save(fig, path)

@@ -41,6 +41,7 @@ DISJOINT_JACCARD = 0.1
 STABLE_JACCARD = 0.7  # "stable" over seeds: lower bound of the mean pairwise Jaccard ≥ 0.7
 UNSTABLE_JACCARD = 0.3  # "unstable": upper bound < 0.3
 P_SIGNIFICANT = 0.05
+STRUCTURAL_P_FLOOR = 1e-6  # placement p-values (where one run's top-K sit) are floored here: "p < 1e-06"
 
 
 @dataclass
@@ -244,12 +245,13 @@ def _direction(low: float, high: float, p: float | None) -> str | None:
     return "raises_perplexity" if low > 0 else "lowers_perplexity" if high < 0 else None
 
 
-def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding]:
+def perturbation_findings(position: int, rows: list[PerturbRow], experiment: str | None = None) -> list[Finding]:
     """A single weight or the top-K raises or lowers perplexity (interval above or below 0, p < 0.05); the
     top-K has no detectable effect (interval covers 0 and its upper bound is under the baseline perplexity: at
     most a doubling), or the effect is undetermined (interval covers 0 but reaches a doubling or more: the
     sample cannot tell); the top-K costs more than a control of the same unit (paired p < 0.05). Leave-one-out
-    sets and pairs make no finding here (their rows are in the report's table)."""
+    sets and pairs make no finding here (their rows are in the report's table). ``experiment`` (the set's
+    label, ``perturb/2``) goes into each finding's numbers where the run has several experiments."""
     out = []
     statistic = "Δ held-out perplexity (perturbed − baseline)"
     rows = [r for r in rows if not r.restore]  # an activation-restore twin is tested against its perturbed pass
@@ -286,6 +288,9 @@ def perturbation_findings(position: int, rows: list[PerturbRow]) -> list[Finding
                                    "Δ perplexity of the control (paired p against the top-K)", c.delta_perplexity,
                                    P_SIGNIFICANT, (c.delta_perplexity_low, c.delta_perplexity_high),
                                    -math.log10(max(c.p_value, 1e-300)), numbers))  # fmt: skip
+    if experiment is not None:
+        for f in out:
+            f.numbers["experiment"] = experiment
     return out
 
 

@@ -1,6 +1,7 @@
-"""The report's section on ``cwa prune`` and ``cwa protect``: one compact table per run directory that holds a
-``prune.csv`` or ``protect.csv`` (with each lm-eval task's accuracy and its change when the set ran
-``--tasks``), with the figures those commands drew linked beside it."""
+"""The report's section on ``cwa prune`` and ``cwa protect``: one compact table per experiment
+(``prune/<n>/``, ``protect/<n>/``, or the root-level set of an earlier cwa) of a run directory, labelled (with each
+lm-eval task's accuracy and its change when the set ran ``--tasks``), with the figures that experiment drew
+linked beside it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from cwa.common import format as fmt
 from cwa.report.text import _rel, _table
 from cwa.rundir import DownstreamRow, Run
-from cwa.rundir.interventions import ProtectRow, PruneRow, read_intervention, read_intervention_downstream
+from cwa.rundir.interventions import InterventionSet, ProtectRow, PruneRow, read_interventions
 
 PRUNE_FIGURES = ("prune.png",)
 PROTECT_FIGURES = ("protect_k.png", "protect_level.png")
@@ -19,26 +20,32 @@ PROTECT_FIGURES = ("protect_k.png", "protect_level.png")
 
 @dataclass
 class Interventions:
-    """The prune and protect rows written into one run directory (empty lists where there are none)."""
+    """The prune and protect experiments written into one run directory, oldest first (empty where none)."""
 
-    prune: list[PruneRow] = field(default_factory=list)
-    protect: list[ProtectRow] = field(default_factory=list)
-    prune_tasks: list[DownstreamRow] = field(default_factory=list)  # prune_downstream.csv ([] without --tasks)
-    protect_tasks: list[DownstreamRow] = field(default_factory=list)
+    prune: list[InterventionSet] = field(default_factory=list)
+    protect: list[InterventionSet] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.prune or self.protect)
 
+    def to_json(self) -> dict:
+        return {
+            kind: [
+                {
+                    "experiment": s.label,
+                    "path": str(s.path),
+                    "rows": [r.as_dict() for r in s.rows],
+                    "downstream": [r.as_dict() for r in s.downstream or []],
+                }
+                for s in sets
+            ]
+            for kind, sets in (("prune", self.prune), ("protect", self.protect))
+        }
+
 
 def interventions_of(run: Run) -> Interventions:
     """The prune and protect sets of a run directory; an incomplete set stops in one sentence."""
-    found = Interventions()
-    for kind in ("prune", "protect"):
-        read = read_intervention(run.path, kind)
-        if read is not None:
-            setattr(found, kind, read[0])
-            setattr(found, f"{kind}_tasks", read_intervention_downstream(run.path, kind, read[1]) or [])
-    return found
+    return Interventions(read_interventions(run.path, "prune"), read_interventions(run.path, "protect"))
 
 
 def _delta(row: PruneRow | ProtectRow) -> str:
@@ -99,7 +106,7 @@ def protect_table(rows: list[ProtectRow], tasks: list[DownstreamRow] | None = No
     return _table(header, table)
 
 
-def section(labels: list[str], runs: list[Run], found: list[Interventions], output: Path) -> list[str]:
+def section(labels: list[str], found: list[Interventions], output: Path) -> list[str]:
     """The Markdown of the section (nothing when no run directory holds a prune or protect set)."""
     if not any(found):
         return []
@@ -113,15 +120,14 @@ def section(labels: list[str], runs: list[Run], found: list[Interventions], outp
         "is in `<kind>_downstream.csv`).",
         "",
     ]
-    for label, run, item in zip(labels, runs, found, strict=True):
-        for kind, rows, tasks, table, names in (
-            ("prune", item.prune, item.prune_tasks, prune_table, PRUNE_FIGURES),
-            ("protect", item.protect, item.protect_tasks, protect_table, PROTECT_FIGURES),
+    for label, item in zip(labels, found, strict=True):
+        for kind, sets, table, names in (
+            ("prune", item.prune, prune_table, PRUNE_FIGURES),
+            ("protect", item.protect, protect_table, PROTECT_FIGURES),
         ):
-            if not rows:
-                continue
-            lines += [f"{label} (`cwa {kind}`, {kind}.csv):", ""] + table(rows, tasks)
-            for name in names:
-                if (run.figures_dir / name).exists():
-                    lines += [f"![{label} {name}]({_rel(run.figures_dir / name, output.parent)})", ""]
+            for one in sets:
+                lines += [f"{label} · {one.label} (`cwa {kind}`):", ""] + table(one.rows, one.downstream)
+                for name in names:
+                    if (one.figures_dir / name).exists():
+                        lines += [f"![{label} {one.label} {name}]({_rel(one.figures_dir / name, output.parent)})", ""]
     return lines

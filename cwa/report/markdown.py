@@ -17,11 +17,11 @@ from cwa.common import format as fmt
 from cwa.compare.result import Comparison
 from cwa.report import across_models_text as across_models
 from cwa.report import findings as th
-from cwa.report import interventions
+from cwa.report import interventions, super_weights
 from cwa.report.analysis import Analysis, agreement_pairs
 from cwa.report.findings import FRACTIONS, Finding
 from cwa.report.text import _bullets, _rel, _table, headline_sentence, pair_sentence, sentence
-from cwa.rundir import ConditionKind, PerturbRow
+from cwa.rundir import ConditionKind, DownstreamRow, Perturbation, PerturbRow
 
 LEAD = 5  # findings per section given as sentences; the rest go to a table
 
@@ -42,6 +42,11 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
         return [f"![{alt}]({_rel(figures[key], output.parent)})", ""] if key in figures else []
 
     lines = ["# Critical Weight Analysis Research Report", ""]
+    if not analysis.runs:  # find-super-weights runs only: their section is the report
+        stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        lines += [f"**Generated:** {stamp} by `cwa report` from {_plural(len(analysis.super_weights), 'run')} of "
+                  "`cwa find-super-weights` (no fit-sensitivity run was given).", ""]  # fmt: skip
+        return "\n".join(lines + super_weights.section(analysis.super_weights, output))
     lines += [
         f"**Generated:** {dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')} by `cwa report` from "
         f"{len(analysis.runs)} run directories. Every finding below is computed from those runs; a statement "
@@ -60,7 +65,8 @@ def render(analysis: Analysis, output: Path, figures: dict[str, Path], headlines
     lines += stability(analysis)
     lines += perturbation(analysis, output, fig)
     lines += downstream(analysis)
-    lines += interventions.section(analysis.labels, analysis.runs, analysis.interventions, output)
+    lines += interventions.section(analysis.labels, analysis.interventions, output)
+    lines += super_weights.section(analysis.super_weights, output)
     lines += reproducibility(analysis)
     lines += next_steps(analysis)
     lines += method(analysis.location_k)
@@ -318,31 +324,45 @@ def perturbation(analysis: Analysis, output: Path, fig: Figure) -> list[str]:
         "No perturbation effect clears its interval and p-value threshold.",
     )
     lines += _tail(claims[LEAD:] + [f for f in found if f.verdict in ("no_effect", "undetermined")], analysis)
-    header = ["target", "perturbation", "K", "weights", "ppl", "Δppl [95% CI]", "p", "p vs"]
-    for label, run, rows in zip(analysis.labels, analysis.runs, analysis.perturbation, strict=True):
-        if not rows:
-            continue
-        table = [
-            [_target(r), r.perturbation, _which(r), str(r.n_weights), fmt.perplexity(r.perplexity),
-             fmt.interval(r.delta_perplexity, r.delta_perplexity_low, r.delta_perplexity_high, fmt.effect),
-             fmt.p_value(r.p_value), r.p_value_vs]
-            for r in rows
-        ]  # fmt: skip
-        columns = header
-        if any(r.restore for r in rows):  # activation-restore twins: the share of the damage they undo
-            columns = [*header, "recovered [95% CI]"]
-            table = [[*cells, _recovered(r)] for cells, r in zip(table, rows, strict=True)]
-        lines += [f"{label} (`cwa perturb`; K is the rank for a single weight):", ""] + _table(columns, table)
-        for name in ("perturb_dose_response.png", "perturb_single_weight.png", "perturb_sets.png"):
-            if (run.figures_dir / name).exists():
-                lines += [f"![{label} {name}]({_rel(run.figures_dir / name, output.parent)})", ""]
+    for label, experiments in zip(analysis.labels, analysis.experiments, strict=True):
+        for experiment in experiments:
+            lines += _experiment_table(label, experiment, output)
     lines += fig("perturbation_effects", "Perturbation effects")
+    for page in itertools.count(2):  # every page of the figure: conditions beyond one page are never left out
+        more = fig(f"perturbation_effects:{page}", f"Perturbation effects, page {page}")
+        if not more:
+            break
+        lines += more
     if not any(analysis.perturbation):
         lines += [
             "None of these runs has perturbation results (perturb.csv), so this report makes no claim that "
             "the selected weights matter for the model's output; `cwa perturb` measures that.",
             "",
         ]
+    return lines
+
+
+def _experiment_table(label: str, experiment: Perturbation, output: Path) -> list[str]:
+    """One experiment's rows (its baseline left out), labelled with the run and the set, and its figures."""
+    rows = [r for r in experiment.rows if r.kind is not ConditionKind.BASELINE]
+    if not rows:
+        return []
+    header = ["target", "perturbation", "K", "weights", "ppl", "Δppl [95% CI]", "p", "p vs"]
+    table = [
+        [_target(r), r.perturbation, _which(r), str(r.n_weights), fmt.perplexity(r.perplexity),
+         fmt.interval(r.delta_perplexity, r.delta_perplexity_low, r.delta_perplexity_high, fmt.effect),
+         fmt.p_value(r.p_value), r.p_value_vs]
+        for r in rows
+    ]  # fmt: skip
+    if any(r.restore for r in rows):  # activation-restore twins: the share of the damage they undo
+        header = [*header, "recovered [95% CI]"]
+        table = [[*cells, _recovered(r)] for cells, r in zip(table, rows, strict=True)]
+    lines = [f"{label} · {experiment.label} (`cwa perturb`; K is the rank for a single weight):", ""]
+    lines += _table(header, table)
+    folder = experiment.figures_dir
+    for name in ("perturb_dose_response.png", "perturb_single_weight.png", "perturb_sets.png"):
+        if folder is not None and (folder / name).exists():
+            lines += [f"![{label} {experiment.label} {name}]({_rel(folder / name, output.parent)})", ""]
     return lines
 
 
@@ -361,20 +381,23 @@ def downstream(analysis: Analysis) -> list[str]:
     if not any(analysis.downstream):
         return []
     lines = ["### Downstream accuracy", ""]
-    header = ["condition", "task", "items", "accuracy", "Δ accuracy [95% CI]", "p (McNemar)"]
-    for label, rows in zip(analysis.labels, analysis.downstream, strict=True):
-        if not rows:
-            continue
-        table = [
-            [r.condition, r.task, fmt.count(r.items), fmt.number(r.accuracy),
-             "" if r.p_value is None else fmt.interval(r.delta_accuracy, r.delta_accuracy_low, r.delta_accuracy_high,
-                                                      fmt.effect),
-             "" if r.p_value is None else fmt.p_value(r.p_value)]
-            for r in rows
-        ]  # fmt: skip
-        lines += [f"{label} (`cwa perturb --tasks`, lm-evaluation-harness; Δ against the unperturbed model):", ""]
-        lines += _table(header, table)
+    for label, experiments in zip(analysis.labels, analysis.downstream, strict=True):
+        for experiment, rows in experiments:
+            lines += _downstream_table(f"{label} · {experiment.label}", rows)
     return lines
+
+
+def _downstream_table(label: str, rows: list[DownstreamRow]) -> list[str]:
+    header = ["condition", "task", "items", "accuracy", "Δ accuracy [95% CI]", "p (McNemar)"]
+    table = [
+        [r.condition, r.task, fmt.count(r.items), fmt.number(r.accuracy),
+         "" if r.p_value is None else fmt.interval(r.delta_accuracy, r.delta_accuracy_low, r.delta_accuracy_high,
+                                                  fmt.effect),
+         "" if r.p_value is None else fmt.p_value(r.p_value)]
+        for r in rows
+    ]  # fmt: skip
+    lines = [f"{label} (`cwa perturb --tasks`, lm-evaluation-harness; Δ against the unperturbed model):", ""]
+    return lines + _table(header, table)
 
 
 def reproducibility(analysis: Analysis) -> list[str]:
@@ -443,6 +466,10 @@ def method(location_k: int) -> list[str]:
         "hidden dimension (norm channels, embedding columns, input columns of q/k/v/gate/up, output rows of "
         f"o_proj/down_proj), ≥ {th.RECUR_MIN} of them, Bonferroni-adjusted binomial p below {th.ALPHA} against a "
         "uniform spread over the hidden dimensions.",
+        "- Placement p-values describe where one run's top-K sit against a uniform spread (a structural fact of "
+        "that run), not how surely another seed or calibration set would put them there (the stability section "
+        f"measures that); they are floored at {th.STRUCTURAL_P_FLOOR:.0e}: a smaller one is written "
+        f"p < {th.STRUCTURAL_P_FLOOR:.0e}.",
         "- *Rank the weights alike*: the lower end of Spearman's 95% interval (Fisher z, se 1.06/√(n−3)) over a "
         f"uniform random sample of weights ≥ {th.AGREE_RHO}; *differently*: its upper end < {th.DISAGREE_RHO}. "
         f"Top-K sets *largely shared*: Jaccard ≥ {th.SHARE_JACCARD}; *almost none shared*: < {th.DISJOINT_JACCARD}.",

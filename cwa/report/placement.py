@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cwa.model.params import ParamInfo
-from cwa.report.findings import ALPHA, ENRICHED_FACTOR, RECUR_MIN, Finding
+from cwa.report.findings import ALPHA, ENRICHED_FACTOR, RECUR_MIN, STRUCTURAL_P_FLOOR, Finding
 from cwa.rundir import Run
 from cwa.scoring import agreement
 from cwa.scoring.topk import TopK
@@ -41,7 +41,7 @@ def _enrichment(counts: Counter, sizes: dict, k: int, total: int) -> list[dict]:
         count = counts.get(key, 0)
         expected_share = size / total
         share = count / k
-        p = min(1.0, tests * agreement.binomial_tail(count, k, expected_share)) if count else 1.0
+        p = floored(min(1.0, tests * agreement.binomial_tail(count, k, expected_share))) if count else 1.0
         out.append(
             {
                 "where": key,
@@ -107,7 +107,7 @@ def _residual_dimensions(run: Run, top) -> list[dict]:
         modules = sorted({m for m, _ in hits})
         if len(hits) < RECUR_MIN or len(modules) < 2:
             continue
-        p = min(1.0, hidden * agreement.binomial_tail(len(hits), trials, 1.0 / hidden))
+        p = floored(min(1.0, hidden * agreement.binomial_tail(len(hits), trials, 1.0 / hidden)))
         if p < ALPHA:
             out.append(
                 {
@@ -120,7 +120,7 @@ def _residual_dimensions(run: Run, top) -> list[dict]:
                     "p_adjusted": p,
                 }
             )
-    out.sort(key=lambda r: r["p_adjusted"])
+    out.sort(key=lambda r: (r["p_adjusted"], -r["count"]))
     return out
 
 
@@ -200,7 +200,7 @@ def _recurring(infos: dict[str, ParamInfo], top: TopK) -> list[dict]:
         count, trials, dim = len(where), per_module_top[module], dims[(module, axis)]
         if count < RECUR_MIN or dim <= 1:
             continue
-        p = min(1.0, dim * agreement.binomial_tail(count, trials, 1.0 / dim))
+        p = floored(min(1.0, dim * agreement.binomial_tail(count, trials, 1.0 / dim)))
         if p < ALPHA:
             out.append(
                 {
@@ -213,8 +213,15 @@ def _recurring(infos: dict[str, ParamInfo], top: TopK) -> list[dict]:
                     "p_adjusted": p,
                 }
             )
-    out.sort(key=lambda d: d["p_adjusted"])
+    out.sort(key=lambda d: (d["p_adjusted"], -d["count"]))
     return out
+
+
+def floored(p: float) -> float:
+    """A placement p-value, raised to :data:`~cwa.report.findings.STRUCTURAL_P_FLOOR`: it describes where one
+    run's top-K sit against a uniform spread, not how surely another seed or calibration set puts them there
+    (the stability section measures that), so no certainty beyond the floor is claimed for it."""
+    return max(p, STRUCTURAL_P_FLOOR)
 
 
 def _strength(p: float) -> float:

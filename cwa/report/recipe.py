@@ -20,29 +20,51 @@ from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
 from cwa.compare.result import Comparison, RankCorrelation
 from cwa.report.across_models import read_super_weight_runs
 from cwa.report.analysis import Analysis, analyse, headlines
+from cwa.report.findings import P_SIGNIFICANT
 from cwa.report.markdown import render
 from cwa.report.placement import LOCATION_K
-from cwa.rundir import ConditionKind, Run, load_runs
+from cwa.rundir import ConditionKind, PerturbRow, Run, load_runs
+from cwa.rundir.super_weights import SuperWeightsRun
 
 
 def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
-    """The runs without copies: a directory whose summary.json, topk.csv and perturb.csv (if any) are
+    """The runs without copies: a directory whose summary.json, topk.csv and perturbation sets (if any) are
     byte-identical to an earlier one's is the same run under another path, and would repeat every finding.
     (A deterministic rerun differs in its summary's timings and stays: the reproducibility section uses it.)"""
     from cwa.rundir.files import PERTURB_CSV, SUMMARY, TOPK
-    from cwa.rundir.outputs import sha256
+    from cwa.rundir.outputs import set_dirs, sha256
+    from cwa.rundir.perturbation import PERTURB
 
     kept: list[Run] = []
     notes: list[str] = []
     seen: dict[tuple[str, ...], Run] = {}
     for run in runs:
-        key = tuple(sha256(run.path / f) if (run.path / f).is_file() else "" for f in (SUMMARY, TOPK, PERTURB_CSV))
+        files = [run.path / SUMMARY, run.path / TOPK, *(d.path / PERTURB_CSV for d in set_dirs(run.path, PERTURB))]
+        key = tuple(sha256(f) if f.is_file() else "" for f in files)
         if key in seen:
             notes.append(f"'{run.path}' left out: a copy of '{seen[key].path}' (identical files).")
             continue
         seen[key] = run
         kept.append(run)
     return kept, notes
+
+
+def _load(paths: list[str]) -> tuple[list[Run], list[SuperWeightsRun], list[str]]:
+    """The fit-sensitivity runs (copies left out), the find-super-weights runs, and notes on what was skipped. Only
+    super-weight runs is a report too; neither is one sentence."""
+    from cwa.rundir.super_weights import is_super_weights_run, read_super_weights
+
+    scans, seen = [], set()
+    for path in paths:
+        if is_super_weights_run(path) and Path(path).resolve() not in seen:
+            seen.add(Path(path).resolve())
+            scans.append(read_super_weights(path))
+    fits = [p for p in paths if not is_super_weights_run(p)]
+    if not fits and scans:
+        return [], scans, []
+    loaded, skipped = load_runs(fits, skip_incomplete=True)
+    loaded, copies = distinct_runs(loaded)
+    return loaded, scans, skipped + copies
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -72,23 +94,48 @@ def draw_figures(analysis: Analysis, fig_dir: Path) -> dict[str, Path]:
 
         path = fig_dir / "across_models_depth.png"
         _draw(out, across.FIGURE_KEY, path, across.draw_depth_figure, analysis.across_models.shares)
-    forest = [
-        {
-            "label": f"{labels[i]} · {r.target} · {r.perturbation} · K={r.k}"
-            + ("" if r.unit == "weight" else f" · {r.unit}s")
-            + ("" if r.seed is None else f" · seed {r.seed}"),
-            "delta": r.delta_perplexity,
-            "low": r.delta_perplexity_low,
-            "high": r.delta_perplexity_high,
-        }
-        for i, rows in enumerate(analysis.perturbation)
-        for r in rows
-        if (r.kind is ConditionKind.TOPK or r.is_control) and not r.restore and r.delta_perplexity is not None
-    ]
-    if forest:
-        path = fig_dir / "perturbation_effects.png"
-        _draw(out, "perturbation_effects", path, report_figures.perturbation_effects, forest[:60])
+    pages = forest_pages(analysis)
+    for number, page in enumerate(pages, 1):
+        key = "perturbation_effects" if number == 1 else f"perturbation_effects:{number}"
+        name = "perturbation_effects.png" if number == 1 else f"perturbation_effects_{number}.png"
+        title = "Perturbation effects" + (f" ({number} of {len(pages)})" if len(pages) > 1 else "")
+        _draw(out, key, fig_dir / name, report_figures.perturbation_effects, page, title)
     return out
+
+
+FOREST_ROWS = 60
+"""Conditions per page of the perturbation-effects figure; more make several pages, never fewer rows."""
+
+
+def forest_pages(analysis: Analysis, per_page: int = FOREST_ROWS) -> list[list[dict]]:
+    """The rows of the perturbation-effects figure (every top-K and control condition of every experiment),
+    the significant ones first (interval excludes 0 and p < 0.05), cut into pages of ``per_page``: every row
+    is on some page."""
+    rows = []
+    for i, experiments in enumerate(analysis.experiments):
+        for experiment in experiments:
+            where = f" · {experiment.label}" if len(experiments) > 1 else ""
+            rows += [_forest_row(f"{analysis.labels[i]}{where}", r) for r in experiment.rows if _in_forest(r)]
+    rows.sort(key=lambda r: not r["significant"])  # stable: the given order within each group
+    return [rows[start : start + per_page] for start in range(0, len(rows), per_page)]
+
+
+def _in_forest(r: PerturbRow) -> bool:
+    return (r.kind is ConditionKind.TOPK or r.is_control) and not r.restore and r.delta_perplexity is not None
+
+
+def _forest_row(label: str, r: PerturbRow) -> dict:
+    low, high, p = r.delta_perplexity_low, r.delta_perplexity_high, r.p_value
+    excludes_zero = low is not None and high is not None and (low > 0 or high < 0)
+    return {
+        "label": f"{label} · {r.target} · {r.perturbation} · K={r.k}"
+        + ("" if r.unit == "weight" else f" · {r.unit}s")
+        + ("" if r.seed is None else f" · seed {r.seed}"),
+        "delta": r.delta_perplexity,
+        "low": low,
+        "high": high,
+        "significant": excludes_zero and (p is None or p < P_SIGNIFICANT),
+    }
 
 
 def _comparison_figures(analysis: Analysis, members: list[int], result: Comparison, fig_dir: Path) -> dict[str, Path]:
@@ -147,8 +194,9 @@ def report(
     perturbation effects and reproducibility, each finding computed from the runs.
 
     Args:
-        runs: run directories (``lightning_logs/NAME/version_N``); a directory that is not a complete run (a
-            failed or running one matched by a glob) is skipped with a note.
+        runs: run directories (``lightning_logs/NAME/version_N``) of fit-sensitivity and of find-super-weights
+            (its own section); a directory that is not a complete run (a failed or running one matched by a
+            glob) is skipped with a note.
         output: Markdown file to write; figures go to ``<stem>-figures/`` beside it and the numbers to
             ``<stem>.json``.
         ks: K of the top-K overlaps between runs, e.g. ``[10,100,1000]`` (a comma string works too).
@@ -169,17 +217,16 @@ def report(
     if sample < 0:
         raise CwaError(f"--sample must be 0 or more, got {sample}.")
     k_values = parse_ks(ks)
-    loaded, skipped = load_runs(runs, skip_incomplete=True)
-    loaded, copies = distinct_runs(loaded)
-    skipped += copies
+    loaded, found, skipped = _load(runs)
     for note in skipped:
         print(f"note: {note}", file=sys.stderr)
-    analysis = analyse(loaded, k_values, int(sample), seed, location_k, read_super_weight_runs(runs))
-    analysis.skipped = skipped
+    analysis = analyse(loaded, k_values, int(sample), seed, location_k, [(s.path, s.summary) for s in found])
+    analysis.skipped, analysis.super_weights = skipped, found
     figure_paths = draw_figures(analysis, output.with_name(output.stem + "-figures")) if figures else {}
     text = render(analysis, output, figure_paths, headlines(analysis))
     with atomic_open(output) as handle:
         handle.write(text)
     write_json(output.with_suffix(".json"), analysis.to_json())
-    print(f"cwa report: {len(loaded)} runs -> {output}")
+    more = f" and {len(found)} find-super-weights runs" if found else ""
+    print(f"cwa report: {len(loaded)} runs{more} -> {output}")
     return output

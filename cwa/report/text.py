@@ -64,6 +64,12 @@ def _perturbed(n: dict) -> str:
     return f"{n['perturbation']} of {_unit_of(n)}the top {n['k']} ({n['n_weights']} weights)"
 
 
+def _structural(p: float | None) -> str:
+    """``= 0.003`` or ``< 1e-06``: a placement p-value, shown with its floor (the Method section's rule)."""
+    shown = fmt.p_floored(p, th.STRUCTURAL_P_FLOOR)
+    return shown if shown.startswith("<") else f"= {shown}"
+
+
 def sentence(f: Finding, labels: list[str]) -> str:
     """The finding as one sentence with its numbers, its runs named by their labels."""
     n, who = f.numbers, " and ".join(labels[i] for i in f.runs)
@@ -71,6 +77,8 @@ def sentence(f: Finding, labels: list[str]) -> str:
         from cwa.report import across_models_text
 
         return across_models_text.sentence(f, labels)
+    if n.get("experiment"):
+        who = f"{who} ({n['experiment']})"
     if f.verdict in ("concentrated", "evenly_spread"):
         numbers = (
             f"the top 1% hold {fmt.percent(n['top_share'])} of the total |score| ({f.value:.1f}× an equal share), "
@@ -87,21 +95,21 @@ def sentence(f: Finding, labels: list[str]) -> str:
     if f.verdict in ("enriched_module", "enriched_layer"):
         return (
             f"{who}: {_where(n, f.verdict.split('_')[1])} {n['count']} of the top {n['k']} ({fmt.percent(n['share'])}) "
-            f"against {fmt.percent(n['weight_share'])} of the weights ({f.value:.1f}×, adjusted p = "
-            f"{fmt.p_value(n['p_adjusted'])})."
+            f"against {fmt.percent(n['weight_share'])} of the weights ({f.value:.1f}×, adjusted p "
+            f"{_structural(n['p_adjusted'])})."
         )
     if f.verdict == "residual_dimension_recurs":
         return (
             f"{who}: residual-stream dimension {n['dimension']} recurs across module types "
             f"({', '.join(f'`{m}`' for m in n['modules'])}): {n['count']} of the {n['of']} top-{n['k']} weights that "
-            f"read or write the residual stream use it (adjusted binomial p = {fmt.p_value(f.value)} against a uniform "
+            f"read or write the residual stream use it (adjusted binomial p {_structural(f.value)} against a uniform "
             f"spread over its {n['hidden']} dimensions)."
         )
     if f.verdict == "recurs":
         return (
             f"{who}: {n['axis']} {n['coordinate']} of `{n['module']}` recurs: {n['count']} of the {n['of']} "
-            f"top-{n['k']} weights in that module type{_layers(n['layers'])} (adjusted binomial p = "
-            f"{fmt.p_value(f.value)})."
+            f"top-{n['k']} weights in that module type{_layers(n['layers'])} (adjusted binomial p "
+            f"{_structural(f.value)})."
         )
     if f.verdict in ("stable", "unstable"):
         return (
@@ -180,12 +188,12 @@ def headline_sentence(group: list[Finding], analysis: Analysis) -> str:
             return (
                 f"Critical weights recur on shared rows/columns: e.g. {n['axis']} {n['coordinate']} of `{n['module']}` "
                 f"holds {n['count']} of {n['of']} top-K weights of that module type in {who} "
-                f"(adjusted p = {fmt.p_value(first.value)})."
+                f"(adjusted p {_structural(first.value)})."
             )
         return (
             f"Critical weights share residual-stream dimensions: e.g. dimension {n['dimension']} holds {n['count']} "
             f"of {n['of']} top-K weights across {len(n['modules'])} module types in {who} "
-            f"(adjusted p = {fmt.p_value(first.value)})."
+            f"(adjusted p {_structural(first.value)})."
         )
     if first.section == "agreement":
         return pair_sentence(group, analysis)

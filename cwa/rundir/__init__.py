@@ -12,10 +12,10 @@ callbacks below it in the call chain can write through it.
 | ``scores.safetensors`` | :func:`.scores.write_scores` / :func:`.scores.stream_scores` | :class:`.scores.LazyScores` |
 | ``topk.csv`` | :func:`.topk.write_topk` | :func:`.topk.read_topk` (the one tie rule) |
 | ``summary.json`` | :func:`.summary.write_summary`, last | :meth:`Run.load` (refuses incomplete runs) |
-| ``perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` (one set) | :attr:`Run.perturbation` |
-| ``downstream.csv`` | :func:`.perturbation.write_perturbation` (same set, ``--tasks``) | :attr:`Run.perturbation` |
-| ``prune`` / ``protect.csv`` + ``.json`` | :func:`.interventions.write_intervention` | ``read_intervention`` |
-| ``{prune,protect}_downstream.csv`` | ``write_intervention`` (``--tasks``) | ``read_intervention_downstream`` |
+| ``perturb/<n>/perturb.csv`` + ``.json`` | :func:`.perturbation.write_perturbation` | :attr:`Run.perturbations` |
+| ``perturb/<n>/downstream.csv`` | :func:`.perturbation.write_perturbation` (``--tasks``) | the same |
+| ``{prune,protect}/<n>/`` | :func:`.interventions.write_intervention` | :func:`.interventions.read_interventions` |
+| ``{prune,protect}/<n>/<kind>_downstream.csv`` | ``write_intervention`` (``--tasks``) | the same |
 | ``super_weights.csv`` | :func:`.super_weights.write_super_weights` (one set with its summary) | find-super-weights |
 | ``row_test.csv`` | :func:`.super_weights.write_super_weights` (same set, ``row_test``) | find-super-weights |
 | ``accumulators/`` | :mod:`cwa.scoring.checkpoint` while running | resume; :func:`.run.remove_unfinished_run` |
@@ -25,7 +25,8 @@ A shared pass of several metrics writes one such directory per metric, ``version
 (:mod:`.shared`).
 
 File names and kinds live in :mod:`.files`; :class:`OutputSet` (in :mod:`.outputs`) is the all-or-nothing
-writer that perturb and find-super-weights use.
+writer that perturb and find-super-weights use; :func:`.outputs.new_set` claims a numbered set directory
+(``perturb/1/``, ``perturb/2/``...) per experiment, so no experiment replaces another.
 """
 
 from cwa.rundir.downstream import DownstreamRow, read_downstream_csv
@@ -47,7 +48,7 @@ from cwa.rundir.files import (
     TOPK,
     Key,
 )
-from cwa.rundir.outputs import OutputSet
+from cwa.rundir.outputs import OutputSet, check_name
 from cwa.rundir.perturbation import (
     SET_TARGETS,
     ConditionKind,
@@ -55,6 +56,7 @@ from cwa.rundir.perturbation import (
     PerturbRow,
     read_perturb_csv,
     read_perturbation,
+    read_perturbations,
     write_perturb_csv,
     write_perturbation,
 )
@@ -99,6 +101,7 @@ __all__ = [
     "Key",
     "LazyScores",
     "OutputSet",
+    "check_name",
     "PerturbRow",
     "SET_TARGETS",
     "ConditionKind",
@@ -110,6 +113,7 @@ __all__ = [
     "read_downstream_csv",
     "read_perturb_csv",
     "read_perturbation",
+    "read_perturbations",
     "read_topk",
     "remove_unfinished_run",
     "scores_metadata",

@@ -1,6 +1,7 @@
-"""``prune.csv`` / ``prune.json`` and ``protect.csv`` / ``protect.json``: the typed rows of ``cwa prune`` and
-``cwa protect``, each written as one set with its figures and, with ``--tasks``, its lm-eval rows
-(``prune_downstream.csv`` / ``protect_downstream.csv``): all new or all previous, read back only whole."""
+"""``prune/<n>/prune.csv`` + ``prune.json`` and ``protect/<n>/protect.csv`` + ``protect.json``: the typed rows
+of ``cwa prune`` and ``cwa protect``, one numbered set per experiment with its figures and, with ``--tasks``, its
+lm-eval rows (``prune_downstream.csv`` / ``protect_downstream.csv``): all of it or none, read back only whole. A
+directory written by an earlier cwa holds one set at its root, read as set 0."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from cwa.rundir.files import (
     PRUNE_DOWNSTREAM_CSV,
     PRUNE_JSON,
 )
-from cwa.rundir.outputs import OutputSet, sha256
+from cwa.rundir.outputs import SetDir, new_set, set_dirs, sha256
 from cwa.rundir.rows import CsvRow, read_rows, write_rows
 
 Kind = Literal["prune", "protect"]
@@ -135,29 +136,30 @@ def write_intervention(
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
     downstream: list[DownstreamRow] | None = None,
-) -> list[str]:
-    """Write ``<kind>.csv``, ``<kind>_downstream.csv``, the figures and ``<kind>.json`` (with the csvs'
-    sha256) as one set: all new, or after any failure or interrupt all the previous ones.
+) -> tuple[Path, list[str]]:
+    """Write one experiment's set into a new directory ``<directory>/<kind>/<n>/`` (claimed atomically: a
+    concurrent run gets another number and no earlier set is replaced): ``<kind>.csv``, ``<kind>_downstream.csv``
+    (``--tasks``), the figures under ``figures/`` and ``<kind>.json`` (with the csvs' sha256), last; all of it,
+    or after any failure or interrupt none of it.
 
     Args:
-        directory: where the set goes (a run directory).
+        directory: where the sets go (a run directory, or prune's ``--output``).
         kind: ``prune`` or ``protect``.
         rows: the table, baseline first.
         meta: the contents of the json (``status`` and the checksum are added).
         figures: ``{file name under figures/: function drawing into a given path}``; one that fails to draw
             is left out, and its note is returned and recorded under ``figure_notes`` in the json.
-        downstream: the lm-eval task rows of ``--tasks`` (their checksum in the json); None removes a previous
-            set's ``<kind>_downstream.csv`` with the commit.
+        downstream: the lm-eval task rows of ``--tasks`` (their checksum in the json), or None.
+
+    Returns:
+        The set's directory and the notes on figures left out.
     """
     csv_name, json_name, row_class = _FILES[kind]
-    outputs = OutputSet(Path(directory))
-    try:
+    with new_set(Path(directory), kind) as outputs:
         csv_tmp = outputs.stage(csv_name)
         write_rows(csv_tmp, row_class, rows)
         checksums = {f"{kind}_csv_sha256": sha256(csv_tmp)}
-        if downstream is None:
-            outputs.remove(_DOWNSTREAM[kind])
-        else:
+        if downstream is not None:
             downstream_tmp = outputs.stage(_DOWNSTREAM[kind])
             write_downstream_csv(downstream_tmp, downstream)
             checksums["downstream_csv_sha256"] = sha256(downstream_tmp)
@@ -165,17 +167,47 @@ def write_intervention(
         full = {"status": "complete", **meta, **checksums, "figure_notes": notes}
         write_json(outputs.stage(json_name), full)
         outputs.commit()
-    finally:
-        outputs.discard()
-    return notes
+    return outputs.directory, notes
+
+
+@dataclass
+class InterventionSet:
+    """One experiment of ``cwa prune`` or ``cwa protect``: its rows, its json and where the set lies
+    (``number`` from 1 in the order started; 0 for the root-level set of an earlier cwa)."""
+
+    kind: str
+    rows: list
+    meta: dict
+    path: Path
+    number: int
+    downstream: list[DownstreamRow] | None = None  # <kind>_downstream.csv, with --tasks
+
+    @property
+    def label(self) -> str:
+        """``prune/2``, ``prune/2 (name)``, or ``prune.csv`` for the root-level set of an earlier cwa."""
+        label = SetDir(self.kind, self.number, self.path).label
+        name = self.meta.get("name")
+        return f"{label} ({name})" if isinstance(name, str) and name else label
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / FIGURES
+
+
+def read_interventions(directory: Path, kind: Kind) -> list[InterventionSet]:
+    """Every complete ``prune`` or ``protect`` set of a directory, oldest first; one sentence when one was split."""
+    return [_read_set(s.path, kind, s.number) for s in set_dirs(Path(directory), kind)]
 
 
 def read_intervention(directory: Path, kind: Kind) -> tuple[list, dict] | None:
-    """(rows, meta) of a ``prune`` or ``protect`` set, None when absent; one sentence when it was split."""
+    """(rows, meta) of the latest ``prune`` or ``protect`` set, None when there is none."""
+    found = read_interventions(directory, kind)
+    return (found[-1].rows, found[-1].meta) if found else None
+
+
+def _read_set(directory: Path, kind: Kind, number: int) -> InterventionSet:
     csv_name, json_name, row_class = _FILES[kind]
-    csv_path, json_path = Path(directory) / csv_name, Path(directory) / json_name
-    if not csv_path.exists() and not json_path.exists():
-        return None
+    csv_path, json_path = directory / csv_name, directory / json_name
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -184,12 +216,18 @@ def read_intervention(directory: Path, kind: Kind) -> tuple[list, dict] | None:
         raise CwaError(f"'{directory}' holds an incomplete {kind} set; rerun cwa {kind} for it.")
     if meta.get(f"{kind}_csv_sha256") != sha256(csv_path):
         raise CwaError(f"'{csv_path}' does not match its {json_name} (an interrupted cwa {kind}); rerun it.")
-    return read_rows(csv_path, row_class), meta
+    downstream = _downstream_of(directory, kind, meta)
+    return InterventionSet(kind, read_rows(csv_path, row_class), meta, directory, number, downstream)
 
 
 def read_intervention_downstream(directory: Path, kind: Kind, meta: dict) -> list[DownstreamRow] | None:
-    """The lm-eval rows of a ``prune`` or ``protect`` set whose ``meta`` (from :func:`read_intervention`)
-    records them, None when it ran without ``--tasks``; one sentence when the file does not match."""
+    """The lm-eval rows of the ``prune`` or ``protect`` set of ``directory`` whose json is ``meta`` (from
+    :func:`read_intervention`: the latest), None when it ran without ``--tasks``."""
+    return next((s.downstream for s in reversed(read_interventions(directory, kind)) if s.meta == meta), None)
+
+
+def _downstream_of(directory: Path, kind: Kind, meta: dict) -> list[DownstreamRow] | None:
+    """A set's lm-eval rows when its json records them; one sentence when the file does not match."""
     expected = meta.get("downstream_csv_sha256")
     if expected is None:
         return None

@@ -1,5 +1,6 @@
-"""``perturb.csv`` and ``perturb.json``: typed perturbation rows, written as one set with the figures (and
-``downstream.csv`` when lm-eval tasks ran), and read back only when the set is whole."""
+"""``perturb/<n>/perturb.csv`` and ``perturb.json``: typed perturbation rows, one numbered set per experiment
+with its figures (and ``downstream.csv`` when lm-eval tasks ran), read back only when the set is whole. A run
+directory written by an earlier cwa holds one set at its root (``perturb.csv``), read as experiment 0."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 from cwa.common.errors import CwaError
 from cwa.common.io import check_regular, read_regular, write_json
 from cwa.rundir.downstream import DownstreamRow, read_downstream_csv, write_downstream_csv
-from cwa.rundir.files import DOWNSTREAM_CSV, FIGURES, PERTURB_CSV, PERTURB_JSON
-from cwa.rundir.outputs import OutputSet, sha256
+from cwa.rundir.files import DOWNSTREAM_CSV, FIGURES, PERTURB, PERTURB_CSV, PERTURB_JSON
+from cwa.rundir.outputs import SetDir, new_set, set_dirs, sha256
 from cwa.rundir.rows import CsvRow, read_rows, write_rows
 
 
@@ -118,28 +119,29 @@ def write_perturbation(
     meta: dict,
     figures: Mapping[str, Callable[[Path], None]] | None = None,
     downstream: list[DownstreamRow] | None = None,
-) -> list[str]:
-    """Write ``perturb.csv``, the figures and ``perturb.json`` as one set: either all of them are the new
-    ones or, after any failure or interrupt, all are the previous ones. ``perturb.json`` records the
-    checksum of ``perturb.csv``, so a reader can tell a set that was split by a hard kill.
+) -> tuple[Path, list[str]]:
+    """Write one experiment's set into a new directory ``<run_dir>/perturb/<n>/`` (claimed atomically, so a
+    concurrent perturb gets another number and no earlier set is replaced): ``perturb.csv``, ``downstream.csv``
+    (lm-eval tasks), the figures under ``figures/`` and ``perturb.json``, last. Either the whole set is there or,
+    after any failure or interrupt, none of it. ``perturb.json`` records the checksums of the csv files, so a
+    reader can tell a set that was split by a hard kill.
 
     Args:
         run_dir: the run directory.
         rows: the table, baseline first.
-        meta: the contents of ``perturb.json`` (``status`` and the csv checksum are added).
+        meta: the contents of ``perturb.json`` (``status`` and the csv checksums are added).
         figures: ``{file name under figures/: function drawing into a given path}``; one that fails to draw
             is left out, and its note is returned and recorded under ``figure_notes`` in the json.
-        downstream: the lm-eval task rows (``downstream.csv``, its checksum in ``perturb.json``); None
-            removes a previous run's ``downstream.csv`` with the commit.
+        downstream: the lm-eval task rows (``downstream.csv``, its checksum in ``perturb.json``), or None.
+
+    Returns:
+        The set's directory and the notes on figures left out.
     """
-    outputs = OutputSet(Path(run_dir))
-    try:
+    with new_set(Path(run_dir), PERTURB) as outputs:
         csv_tmp = outputs.stage(PERTURB_CSV)
         write_perturb_csv(csv_tmp, rows)
         checksums = {"perturb_csv_sha256": sha256(csv_tmp)}
-        if downstream is None:
-            outputs.remove(DOWNSTREAM_CSV)
-        else:
+        if downstream is not None:
             downstream_tmp = outputs.stage(DOWNSTREAM_CSV)
             write_downstream_csv(downstream_tmp, downstream)
             checksums["downstream_csv_sha256"] = sha256(downstream_tmp)
@@ -147,33 +149,58 @@ def write_perturbation(
         json_tmp = outputs.stage(PERTURB_JSON)
         write_json(json_tmp, {"status": "complete", **meta, **checksums, "figure_notes": notes})
         outputs.commit()
-    finally:
-        outputs.discard()
-    return notes
+    return outputs.directory, notes
 
 
 @dataclass
 class Perturbation:
-    """A run's perturbation results (``perturb.csv`` and ``perturb.json``), or absent."""
+    """One experiment of ``cwa perturb`` on a run (``perturb.csv``, ``perturb.json`` and, with tasks,
+    ``downstream.csv``): ``number`` counts the run's experiments from 1 in the order they were started (0: the
+    root-level set of an earlier cwa), ``path`` is the set's directory."""
 
     rows: list[PerturbRow]
     meta: dict
     downstream: list[DownstreamRow] | None = None  # downstream.csv, when lm-eval tasks ran
+    path: Path | None = None
+    number: int = 0
 
     @property
     def baseline(self) -> PerturbRow | None:
         return next((r for r in self.rows if r.kind is ConditionKind.BASELINE), None)
 
+    @property
+    def name(self) -> str | None:
+        """The ``--name`` it was given, if any."""
+        name = self.meta.get("name")
+        return name if isinstance(name, str) and name else None
+
+    @property
+    def label(self) -> str:
+        """``perturb/2``, ``perturb/2 (name)``, or ``perturb.csv`` for the root-level set of an earlier cwa."""
+        label = SetDir(PERTURB, self.number, self.path or Path()).label
+        return f"{label} ({self.name})" if self.name else label
+
+    @property
+    def figures_dir(self) -> Path | None:
+        return None if self.path is None else self.path / FIGURES
+
+
+def read_perturbations(run_dir: Path) -> list[Perturbation]:
+    """Every complete experiment of ``cwa perturb`` on a run, oldest first (none: []); one CwaError sentence
+    when a set is inconsistent (a csv replaced without its json, as a hard kill could leave it)."""
+    return [_read_set(s.path, s.number) for s in set_dirs(Path(run_dir), PERTURB)]
+
 
 def read_perturbation(run_dir: Path) -> Perturbation | None:
-    """A run's perturbation results, None when it has none; one CwaError sentence when the set is
-    inconsistent (perturb.csv replaced without its perturb.json, as a hard kill could leave it)."""
-    run_dir = Path(run_dir)
-    csv_path, json_path = run_dir / PERTURB_CSV, run_dir / PERTURB_JSON
-    if not csv_path.exists() and not json_path.exists():
-        return None
+    """The latest experiment of ``cwa perturb`` on a run (:func:`read_perturbations`), None when it has none."""
+    found = read_perturbations(run_dir)
+    return found[-1] if found else None
+
+
+def _read_set(directory: Path, number: int) -> Perturbation:
+    csv_path, json_path = directory / PERTURB_CSV, directory / PERTURB_JSON
     if not (csv_path.exists() and json_path.exists()):
-        raise CwaError(f"'{run_dir}' has only one of perturb.csv and perturb.json; rerun cwa perturb for it.")
+        raise CwaError(f"'{directory}' has only one of perturb.csv and perturb.json; rerun cwa perturb for it.")
     check_regular(csv_path, csv_path.stat(), None, "perturbation table")  # a FIFO would hang the checksum
     try:
         meta = json.loads(read_regular(json_path, 64 << 20, "perturbation summary").decode("utf-8"))
@@ -186,15 +213,15 @@ def read_perturbation(run_dir: Path) -> Perturbation | None:
         raise CwaError(
             f"'{csv_path}' does not match its perturb.json (an interrupted cwa perturb); rerun cwa perturb for it."
         )
-    return Perturbation(read_perturb_csv(csv_path), meta, _read_downstream(run_dir, meta))
+    return Perturbation(read_perturb_csv(csv_path), meta, _read_downstream(directory, meta), directory, number)
 
 
-def _read_downstream(run_dir: Path, meta: dict) -> list[DownstreamRow] | None:
+def _read_downstream(directory: Path, meta: dict) -> list[DownstreamRow] | None:
     """``downstream.csv`` when ``perturb.json`` records one (a file it does not record is not of this set)."""
     expected = meta.get("downstream_csv_sha256")
     if expected is None:
         return None
-    path = run_dir / DOWNSTREAM_CSV
+    path = directory / DOWNSTREAM_CSV
     if not path.exists() or sha256(path) != expected:
         raise CwaError(f"'{path}' is missing or does not match its perturb.json; rerun cwa perturb for it.")
     return read_downstream_csv(path)

@@ -17,7 +17,7 @@ from cwa.common.errors import CwaError
 from cwa.common.io import read_regular
 from cwa.model.params import ParamInfo
 from cwa.rundir.files import ACCUMULATORS, CONFIG, FIGURES, SCORES, SUMMARY, TOPK, Key
-from cwa.rundir.perturbation import Perturbation, read_perturbation
+from cwa.rundir.perturbation import Perturbation, read_perturbations
 from cwa.rundir.scores import LazyScores, UnreadableScores
 from cwa.rundir.summary import Summary
 from cwa.rundir.topk import read_topk
@@ -303,9 +303,15 @@ class Run:
 
     # -- perturbation (optional, written by `cwa perturb`) -------------------------------------
     @cached_property
+    def perturbations(self) -> list[Perturbation]:
+        """Every experiment of ``cwa perturb`` on this run, oldest first (``perturb/<n>/``, and the root-level
+        ``perturb.csv`` of an earlier cwa first): :func:`~cwa.rundir.perturbation.read_perturbations`."""
+        return read_perturbations(self.path)
+
+    @property
     def perturbation(self) -> Perturbation | None:
-        """The run's perturbation results (:func:`~cwa.rundir.perturbation.read_perturbation`)."""
-        return read_perturbation(self.path)
+        """The latest experiment of ``cwa perturb`` on this run (None when there is none)."""
+        return self.perturbations[-1] if self.perturbations else None
 
 
 def remove_unfinished_run(path: Path) -> bool:

@@ -1,15 +1,20 @@
-"""``super_weights.csv``: a find-super-weights run, written with its figures and summary as one set."""
+"""``super_weights.csv``: a find-super-weights run, written with its figures and summary as one set, and read
+back (:func:`read_super_weights`) by the report."""
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from cwa.common.io import write_json
+from cwa.common.errors import CwaError
+from cwa.common.io import read_regular, write_json
 from cwa.rundir.files import FIGURES, SCHEMA_VERSION, SUMMARY, SUPER_WEIGHTS, SUPER_WEIGHTS_KIND
 from cwa.rundir.outputs import OutputSet
 from cwa.rundir.rows import cell
+from cwa.rundir.validate import SUMMARY_BYTES
 
 
 def write_super_weights(
@@ -39,3 +44,45 @@ def write_super_weights(
     finally:
         outputs.discard()
     return notes
+
+
+@dataclass
+class SuperWeightsRun:
+    """A complete find-super-weights run directory, as readers see it: its ``summary.json`` (candidates with
+    their spikes, verdicts and ablation, the held-out baseline, the row test and super experts when present).
+    """
+
+    path: Path
+    summary: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / FIGURES
+
+
+def is_super_weights_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a find-super-weights run (its ``summary.json`` says so; cheap, never raises)."""
+    summary = Path(path).expanduser() / SUMMARY
+    try:
+        data = json.loads(read_regular(summary, SUMMARY_BYTES, "summary").decode("utf-8"))
+    except (OSError, CwaError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == SUPER_WEIGHTS_KIND
+
+
+def read_super_weights(path: str | Path) -> SuperWeightsRun:
+    """A find-super-weights run; one CwaError sentence when it is incomplete or its summary is unreadable."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(read_regular(path / SUMMARY, SUMMARY_BYTES, "summary").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CwaError(f"'{path / SUMMARY}' is not readable JSON ({exc}); rerun find-super-weights.") from None
+    if not isinstance(data, dict) or data.get("kind") != SUPER_WEIGHTS_KIND or data.get("status") != "complete":
+        raise CwaError(f"'{path}' is not a complete find-super-weights run; rerun find-super-weights for it.")
+    if not isinstance(data.get("candidates"), list) or not (path / SUPER_WEIGHTS).is_file():
+        raise CwaError(f"'{path}' lacks its candidates or super_weights.csv; rerun find-super-weights for it.")
+    return SuperWeightsRun(path, data)
