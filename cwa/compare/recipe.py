@@ -30,7 +30,7 @@ import numpy as np
 
 from cwa.common import format as fmt
 from cwa.common.errors import CwaError
-from cwa.common.io import draw_or_note, os_error, write_json
+from cwa.common.io import os_error, write_json
 from cwa.compare.models import require_one_model
 from cwa.compare.result import (
     Comparison,

@@ -18,7 +18,6 @@ from cwa.common.errors import CwaError
 from cwa.common.io import atomic_open, draw_or_note, write_json
 from cwa.compare.recipe import DEFAULT_KS, DEFAULT_SAMPLE, locations, parse_ks
 from cwa.compare.result import Comparison, RankCorrelation
-from cwa.report.across_models import read_super_weight_runs
 from cwa.report.analysis import Analysis, analyse, headlines
 from cwa.report.findings import P_SIGNIFICANT
 from cwa.report.markdown import render
