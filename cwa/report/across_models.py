@@ -11,14 +11,11 @@ None when the runs scored one model. The Markdown and the figure are :mod:`cwa.r
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cwa.common.errors import CwaError
-from cwa.common.io import read_regular
 from cwa.compare.models import ModelId, display_names, group_models, model_of
 from cwa.model.params import ParamInfo, split_name
 from cwa.report.findings import Finding
@@ -32,8 +29,7 @@ from cwa.report.module_types import (
     relative_depth,
 )
 from cwa.report.placement import untied_topk
-from cwa.rundir import SUMMARY, SUPER_WEIGHTS_KIND, ConditionKind, PerturbRow, Run
-from cwa.rundir.validate import SUMMARY_BYTES
+from cwa.rundir import ConditionKind, PerturbRow, Run
 
 SECTION = "across_models"
 MIN_SHARE_DIFFERENCE = 0.1  # a placement difference is claimed from 10 points of the top-K on
@@ -141,22 +137,6 @@ class CrossModel:
 
 
 # -- find-super-weights runs (only what this section needs: their summary.json) ---------------------------
-def read_super_weight_runs(paths: list[str | Path]) -> list[tuple[Path, dict]]:
-    """(directory, summary) of every complete find-super-weights run among ``paths``; anything else is left to
-    the fit-sensitivity reader (which skips these with a note)."""
-    out = []
-    for path in paths:
-        file = Path(path).expanduser() / SUMMARY
-        try:
-            summary = json.loads(read_regular(file, SUMMARY_BYTES, "summary").decode("utf-8"))
-        except (CwaError, OSError, ValueError, RecursionError):
-            continue  # not readable here: the fit-sensitivity reader says why, or skips it
-        complete = isinstance(summary, dict) and summary.get("status") == "complete"
-        if complete and summary.get("kind") == SUPER_WEIGHTS_KIND and isinstance(summary.get("model"), str):
-            out.append((Path(path), summary))
-    return out
-
-
 def _strongest_candidate(model: str, path: Path, summary: dict) -> SuperCandidate | None:
     """The candidate with the largest ablation effect (else the lowest rank); malformed entries are left out."""
     candidates = [
