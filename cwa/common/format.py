@@ -16,13 +16,15 @@ A missing or non-finite value prints as :data:`MISSING` in every rule, so that a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 MISSING = "n/a"
 
 
-def _absent(x: float | None) -> bool:
-    return x is None or not math.isfinite(x)
+def _absent(x: object) -> bool:
+    """No number to show: None, non-finite, or not a number at all (a malformed field read from a file)."""
+    return not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x)
 
 
 def p_value(p: float | None) -> str:
@@ -74,7 +76,7 @@ def perplexity(x: float | None) -> str:
 
 def count(n: int | None) -> str:
     """A count with thousands separators."""
-    return MISSING if n is None else f"{int(n):,}"
+    return MISSING if _absent(n) else f"{int(n):,}"
 
 
 def thin_ticks(ticks: list[float], most: int) -> list[float]:

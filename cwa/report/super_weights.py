@@ -75,7 +75,7 @@ def _run(label: str, run: SuperWeightsRun, output: Path) -> list[str]:
 
 
 def _candidate(c: dict) -> list[str]:
-    ablation = c.get("ablation") or {}
+    ablation = c.get("ablation") if isinstance(c.get("ablation"), dict) else {}
     expert = "" if c.get("expert") is None else f" expert {c['expert']}"
     delta = ablation.get("delta_perplexity")
     effect = (
@@ -90,11 +90,15 @@ def _candidate(c: dict) -> list[str]:
         f"{c.get('layer')}{expert}",
         f"[{c.get('row')}, {c.get('col')}]",
         f"{fmt.number(c.get('weight'))} ({c.get('weight_rank')})",
-        f"{c.get('input_ratio', 0):.0f}× / {c.get('output_ratio', 0):.0f}×",
+        f"{_ratio(c.get('input_ratio'))} / {_ratio(c.get('output_ratio'))}",
         effect,
         fmt.p_value(ablation.get("p_value")) if ablation else "",
         VERDICTS.get(c.get("verdict", ""), str(c.get("verdict", ""))),
     ]
+
+
+def _ratio(value: object) -> str:
+    return f"{value:.0f}×" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
 
 
 def _super_experts(experts: list[dict]) -> list[str]:
@@ -110,8 +114,8 @@ def _super_experts(experts: list[dict]) -> list[str]:
 def _row_test(test: dict | None) -> list[str]:
     if not isinstance(test, dict):
         return []
-    rows = [test["candidate"], *test.get("controls", [])]
-    g = test.get("g") or {}
+    rows = [r for r in [test.get("candidate"), *(test.get("controls") or [])] if isinstance(r, dict)]
+    g = test.get("g") if isinstance(test.get("g"), dict) else {}
     lines = [
         f"Row test (`{test.get('parameter')}`, base NLL {fmt.number(test.get('base_nll'))}): R = relative held-out "
         f"NLL increase when the whole row is zeroed ({test.get('interval', '')}).",

@@ -85,4 +85,11 @@ def read_super_weights(path: str | Path) -> SuperWeightsRun:
         raise CwaError(f"'{path}' is not a complete find-super-weights run; rerun find-super-weights for it.")
     if not isinstance(data.get("candidates"), list) or not (path / SUPER_WEIGHTS).is_file():
         raise CwaError(f"'{path}' lacks its candidates or super_weights.csv; rerun find-super-weights for it.")
+    # Entries of the wrong type are left out, so a reader never trips over one (each field is checked where read).
+    data["candidates"] = [c for c in data["candidates"] if isinstance(c, dict)]
+    experts = data.get("super_experts")
+    data["super_experts"] = [e for e in experts if isinstance(e, dict)] if isinstance(experts, list) else []
+    for key in ("settings", "heldout", "row_test"):
+        if not isinstance(data.get(key), dict):
+            data[key] = None
     return SuperWeightsRun(path, data)
