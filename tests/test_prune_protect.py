@@ -211,7 +211,7 @@ def test_protect_refuses_bad_settings_in_one_sentence(tiny_dir: Path, tmp_path: 
     run = make_run(tmp_path, tiny_dir, include=LINEAR, k=10)
     with pytest.raises(CwaError, match="integer bit widths"):
         ProtectRecipe(run=str(run), levels=(3.5,))
-    with pytest.raises(CwaError, match="larger than the run's top-K"):
+    with pytest.raises(CwaError, match="more than the 10 weights of the run's top-K list"):
         ProtectRecipe(run=str(run), protect_k=(0, 100), **QUICK).run()
     with pytest.raises(CwaError, match="does not divide"):
         ProtectRecipe(run=str(run), group_size=5, protect_k=(0,), **QUICK).run()
@@ -285,3 +285,29 @@ def test_report_shows_the_prune_and_protect_sets_of_a_run(tiny_dir: Path, tmp_pa
     numbers = json.loads(out.with_suffix(".json").read_text())["interventions"]
     assert list(numbers) == [run.parent.name + "/" + run.name]
     assert [r["perplexity"] for r in next(iter(numbers.values()))["prune"]] == [r.perplexity for r in pruned]
+
+
+def test_protect_k_counts_weights_of_the_stressed_tensors(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A run that scored norms and embeddings too ranks the norms' 1.0 weights first under magnitude: K = 5
+    protects the five best-ranked *linear* weights (what the stress would change), and its control is as large."""
+    from cwa.protect.recipe import ProtectRecipe
+    from cwa.rundir import Run
+
+    run = make_run(tmp_path, tiny_dir, k=2000)
+    topk = Run.load(run).topk
+    assert not topk.names[int(topk.param[0])].endswith("_proj.weight")  # the list starts outside the stress
+    recipe = ProtectRecipe(
+        run=str(run), stress="rtn", levels=(2,), protect_k=(0, 5), controls=("random_matched",), seeds=(0,), **QUICK
+    )
+    recipe.run()
+    rows, _ = read_intervention(run, "protect")
+    top = next(r for r in rows if r.protected == "topk")
+    assert top.n_protected == 5
+    assert next(r for r in rows if r.protected == "random_matched").n_protected == 5
+    linear = [
+        (topk.names[int(p)], int(i))
+        for p, i in zip(topk.param, topk.index, strict=True)
+        if topk.names[int(p)].endswith("_proj.weight")
+    ][:5]
+    chosen = recipe._protected(next(c for c in recipe.conditions if c.protected == "topk"))
+    assert sorted((n, int(i)) for n, idx in chosen.items() for i in idx) == sorted(linear)

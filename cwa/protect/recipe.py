@@ -171,10 +171,14 @@ class ProtectRecipe:
         self.shapes = {n: tuple(t.shape) for n, t in self.scored.items()}
         total = sum(p.numel() for p in self.params.values())
         self.ks = sorted({int(round(k * total)) if 0 < k < 1 else int(k) for k in self.protect_k})
-        if max(self.ks, default=0) > len(self.run_dir.topk):
+        # K counts protected weights that the stress would change: the run's ranked list within the stressed
+        # tensors (a norm weight at the top of a gradient metric's list needs no protection from a linear stress).
+        self.ranked = self.run_dir.topk.within(self.params)
+        if max(self.ks, default=0) > len(self.ranked):
             raise CwaError(
-                f"K={max(self.ks)} is larger than the run's top-K list ({len(self.run_dir.topk)} weights); lower "
-                "protect_k or rerun fit-sensitivity with a larger model.k."
+                f"K={max(self.ks)} is more than the {len(self.ranked)} weights of the run's top-K list "
+                f"({len(self.run_dir.topk)}) in the stressed tensors; lower protect_k or rerun fit-sensitivity "
+                "with a larger model.k."
             )
         self.super_selection = self._super_weights() if self.super_weights_path else None
         self.prune_scores = self._prune_scores() if self.prune_run else None
@@ -237,7 +241,7 @@ class ProtectRecipe:
             return []
         run = self.run_dir
         scores = (lambda: dict(run.scores().items())) if run.has_scores else None
-        context = ControlContext(self.scored, run.topk, max(self.ks), scores, self.transposed)
+        context = ControlContext(self.scored, self.ranked, max(self.ks), scores, self.transposed)
         ready = []
         for control in self.controls:
             note = control.prepare(context)
@@ -293,7 +297,7 @@ class ProtectRecipe:
                 return self._within(condition.control.select(condition.k, condition.set_seed))
             return self._within(condition.control.select(condition.k, condition.set_seed, condition.unit))
         else:
-            chosen = topk_prefix(self.run_dir.topk, condition.k)
+            chosen = topk_prefix(self.ranked, condition.k)
         return self._within(expand(chosen, self.shapes, self.transposed, condition.unit))
 
     def _within(self, selection: Selection) -> Selection:

@@ -10,7 +10,7 @@ merged under the same order, which gives exactly the single-process selection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +39,13 @@ class TopK:
         """The first k entries: a ranked list's top-k."""
         weight = None if self.weight is None else self.weight[:k]
         return TopK(self.names, self.param[:k], self.index[:k], self.score[:k], weight)
+
+    def within(self, names: Collection[str]) -> TopK:
+        """The entries in the parameters ``names``, in their order: the ranked list restricted to those tensors."""
+        allowed = torch.tensor([n in names for n in self.names], dtype=torch.bool)
+        keep = allowed[self.param] if len(self) else torch.zeros(0, dtype=torch.bool)
+        weight = None if self.weight is None else self.weight[keep]
+        return TopK(self.names, self.param[keep], self.index[keep], self.score[keep], weight)
 
 
 def rank_order(key: Tensor, param: Tensor, index: Tensor) -> Tensor:
