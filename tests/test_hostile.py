@@ -359,19 +359,54 @@ def test_absent_device_is_one_sentence(capsys, tmp_path):
 
 
 # -- the hub: one probe, before any process --------------------------------------------------------
-def test_unreachable_hub_fails_fast(monkeypatch, capsys):
-    import time
-
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub at a closed local port, HF_HUB_OFFLINE unset, no proxy: what a machine without network sees."""
     from huggingface_hub import constants
+
+    from cwa.model import hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.setattr(hub, "_reachable", set())
+    for proxy in hub.PROXIES:
         monkeypatch.delenv(proxy, raising=False)
+
+
+@pytest.fixture
+def hub_run(tmp_path, tiny_llama_dir) -> Path:
+    """A complete run directory whose config.yaml names a hub model (as one made where the hub was reachable)."""
+    from tests.test_perturb import make_run as make_real_run
+
+    run = make_real_run(tmp_path, tiny_llama_dir)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(tiny_llama_dir), "org/model"))
+    return run
+
+
+HUB_COMMANDS = {
+    "fit-sensitivity": ["fit-sensitivity", "--model.pretrained=org/model", "--trainer.accelerator=cpu"]
+    + ["--trainer.devices=8", "--trainer.strategy=ddp"],
+    "find-super-weights": ["find-super-weights", "--model.pretrained=org/model", "--trainer.accelerator=cpu"]
+    + ["--trainer.devices=8", "--trainer.strategy=ddp"],
+    "perturb": ["perturb", "--run", "RUN", "--ks", "[1]", "--single", "0", "--seeds", "[0]"],
+    "prune": ["prune", "RUN", "--sparsity", "[0.5]", "--structure", "[unstructured]"],
+    "protect": ["protect", "--run", "RUN", "--levels", "[4]", "--protect_k", "[0]"],
+}
+
+
+@pytest.mark.parametrize("command", list(HUB_COMMANDS))
+def test_unreachable_hub_fails_fast(command, unreachable_hub, hub_run, capsys):
+    """Every command that loads a model probes the hub once, before any process or model load: one sentence
+    within seconds, instead of huggingface_hub's 45 s of retries (in each launched process)."""
+    import time
+
     start = time.perf_counter()
-    args = ["fit-sensitivity", "--model.pretrained=org/model", "--trainer.accelerator=cpu", "--trainer.devices=8"]
-    message = _cli_error(capsys, [*args, "--trainer.strategy=ddp"])
-    assert "the Hugging Face Hub at http://127.0.0.1:9 is unreachable from here" in message
+    args = [str(hub_run) if a == "RUN" else a for a in HUB_COMMANDS[command]]
+    message = _cli_error(capsys, args)
+    assert message.startswith(
+        "cwa: error: cannot fetch 'org/model': the Hugging Face Hub at http://127.0.0.1:9 is unreachable"
+    )
     assert time.perf_counter() - start < 10
 
 
@@ -481,3 +516,34 @@ def test_progress_on_a_terminal_says_scoring(monkeypatch):
     trainer = SimpleNamespace(callbacks=[TQDMProgressBar()])
     use_plain_progress(trainer)
     assert [type(c) for c in trainer.callbacks] == [PlainProgress]
+
+
+@pytest.mark.slow
+def test_unreachable_hub_through_the_environment(tmp_path):
+    """HF_ENDPOINT at a closed port and HF_HUB_OFFLINE unset, as a user's shell has them: the README's
+    find-super-weights line on the 8B config fails in one line within seconds, with no retry lines of
+    huggingface_hub and no traceback."""
+    import subprocess
+    import sys
+    import time
+
+    from cwa.model.hub import PROXIES
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE") and k not in PROXIES}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    root = Path(__file__).resolve().parent.parent
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "cwa", "find-super-weights", "--config", str(root / "configs" / "llama-3.1-8b.yaml")]
+        + ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+        + [f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert "the Hugging Face Hub at http://127.0.0.1:9 is unreachable from here" in done.stderr
+    assert elapsed < 30  # interpreter and torch start-up included; the retries alone took about 45 s

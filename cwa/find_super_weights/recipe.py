@@ -402,7 +402,7 @@ def run_find_super_weights(args: list[str]) -> Path | None:
     from cwa.fit.data import CalibrationData
     from cwa.fit.distributed import register_strategy_name
     from cwa.fit.module import SensitivityModule
-    from cwa.fit.preflight import check_device
+    from cwa.fit.preflight import check_device, check_hub
     from cwa.fit.trainer import TRAINER_DEFAULTS, CwaTrainer
 
     register_strategy_name()
@@ -413,6 +413,7 @@ def run_find_super_weights(args: list[str]) -> Path | None:
             parser.add_class_arguments(FindSuperWeights, "super_weights")
 
         def before_instantiate_classes(self) -> None:
+            check_hub(str(self.config.get("model", {}).get("pretrained", "")))  # once, before any process
             trainer = self.config.get("trainer", {})
             check_device(trainer.get("accelerator"), trainer.get("devices"))
 
