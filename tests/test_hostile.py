@@ -110,6 +110,26 @@ def test_nan_scores_are_refused_not_ranked(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists() or not any((tmp_path / "cmp").iterdir())
 
 
+def test_compare_of_unrelated_models_is_refused(tmp_path, capsys):
+    """Two runs with no scored tensor in common (a Llama's and a GPT-2's) have no measurable overlap: one
+    sentence and no compare.json, not a table of zeros that reads like total disagreement."""
+    from tests.helpers import write_run
+
+    llama = make_run(tmp_path, "llama", random_scores(0))
+    gpt2 = write_run(
+        tmp_path / "gpt2" / "version_0",
+        {"transformer.h.0.mlp.c_fc.weight": torch.rand(8, 4), "transformer.wte.weight": torch.rand(16, 8)},
+        model="tiny-gpt2",
+    )
+    message = _cli_error(capsys, ["compare", str(llama), str(gpt2), "--output", str(tmp_path / "cmp")])
+    assert message == (
+        "cwa: error: the runs score no parameter in common (same name and shape): they are runs of 'tiny-gpt2' "
+        "and 'tiny-llama', so nothing in them can be compared; compare runs of one model, or of models of one "
+        "architecture."
+    )
+    assert not (tmp_path / "cmp" / "compare.json").exists()
+
+
 def test_only_regular_files_are_read(tmp_path, capsys):
     run = make_run(tmp_path, "a", random_scores(0))
     (run / "summary.json").unlink()

@@ -66,9 +66,9 @@ def readme_lines(text: str) -> list[Line]:
             in_block = raw.strip() == "```bash" and not in_block
             continue
         if in_block:
-            joined = pending + raw
+            joined = pending + (raw.strip() if pending else raw)
             if joined.endswith("\\"):
-                pending = joined[:-1] + " "
+                pending = joined[:-1].rstrip() + " "
                 continue
             pending = ""
             if shlex.split(joined, comments=True):
@@ -150,7 +150,7 @@ def test_parser_finds_blocks_continuations_and_table_commands():
     found = [(line.number, line.text) for line in readme_lines(text)]
     assert found == [
         (3, "cwa fit-sensitivity --config configs/gpt2.yaml"),
-        (8, "cwa perturb --run x   --ks [1]   # a comment"),
+        (8, "cwa perturb --run x --ks [1]   # a comment"),
     ]
     assert needs_hub(shlex.split(found[0][1])) and not needs_hub(["cwa", "--config", "configs/smollm2-135m.yaml"])
 
