@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from urllib.parse import urlsplit
 
 from cwa.common.errors import CwaError
@@ -22,8 +23,8 @@ _reachable: set[str] = set()
 def check_hub(pretrained: str) -> None:
     """Refuse a hub name in one sentence when the hub's endpoint does not accept a TCP connection.
 
-    Nothing is checked for a local directory, the embedded models, ``HF_HUB_OFFLINE`` (transformers then
-    fails at once where the cache lacks the model) or a proxy (the direct connection says nothing then).
+    Nothing is checked for a local directory, the embedded models or a proxy (the direct connection says
+    nothing then); with ``HF_HUB_OFFLINE`` only whether the Hugging Face cache holds the model's config.
 
     Args:
         pretrained: the model as given (``model.pretrained``, or a run's ``config.yaml``).
@@ -32,27 +33,63 @@ def check_hub(pretrained: str) -> None:
 
     from cwa.model.loading import resolve_model_path
 
-    if not pretrained or constants.HF_HUB_OFFLINE or any(os.environ.get(p) for p in PROXIES):
+    if not pretrained or resolve_model_path(pretrained) != pretrained:
         return
-    if constants.ENDPOINT in _reachable or resolve_model_path(pretrained) != pretrained:
+    if constants.HF_HUB_OFFLINE:
+        if not _cached(pretrained):  # said here once, not by every process a launched run starts
+            raise CwaError(
+                f"cannot fetch '{pretrained}': the Hugging Face Hub is unreachable from here (HF_HUB_OFFLINE is set); "
+                f"download the model where the hub is reachable (e.g. `hf download {pretrained} --local-dir DIR`) "
+                "and pass that directory instead."
+            )
+        return
+    if constants.ENDPOINT in _reachable or any(os.environ.get(p) for p in PROXIES):
         return
     endpoint = urlsplit(constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+        socket.create_connection((_address(endpoint.hostname, port), port), timeout=HUB_PROBE_S).close()
     except OSError as exc:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = isinstance(try_to_load_from_cache(pretrained, "config.json"), str)
         advice = (
             "set HF_HUB_OFFLINE=1 to use the copy in your Hugging Face cache"
-            if cached
+            if _cached(pretrained)
             else f"download the model where the hub is reachable (e.g. `hf download {pretrained} --local-dir DIR`) "
             "and pass that directory instead"
         )
-        reason = exc.strerror or type(exc).__name__
+        reason = exc.strerror or str(exc) or type(exc).__name__
         raise CwaError(
             f"cannot fetch '{pretrained}': the Hugging Face Hub at {constants.ENDPOINT} is unreachable from here "
             f"({reason}); {advice}."
         ) from None
     _reachable.add(constants.ENDPOINT)
+
+
+def _cached(pretrained: str) -> bool:
+    """Whether the Hugging Face cache holds the model's ``config.json`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(pretrained, "config.json"), str)
+    except Exception:  # a name the cache cannot hold (not a repository id): transformers says what is wrong
+        return True
+
+
+def _address(host: str, port: int) -> str:
+    """``host``'s first address, looked up in a thread so that a resolver that never answers costs
+    ``HUB_PROBE_S`` too (the connection's own timeout does not cover the name lookup)."""
+    found: list = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+        except OSError as exc:
+            found.append(exc)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_S)
+    if not found:
+        raise TimeoutError(f"no answer to the name lookup of {host} in {HUB_PROBE_S:.0f} s")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    return found[0]
