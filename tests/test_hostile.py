@@ -431,6 +431,29 @@ def test_unreachable_hub_fails_fast(command, unreachable_hub, hub_run, capsys):
 
 
 # -- run numbers stay unique after a shared pass ---------------------------------------------------
+@pytest.mark.parametrize("metric", ["magnitude", "grad_x_weight"])
+def test_nan_weight_gives_no_run(tmp_path, capsys, tiny_gpt2_dir, metric):
+    """A NaN planted in a model's weights: refused in one sentence naming the tensor (not blamed on the dtype or
+    the data), and the failed run leaves no version_N behind."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "nan-model"
+    shutil.copytree(tiny_gpt2_dir, model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_parameter("transformer.h.0.mlp.c_fc.weight")[0, 0] = float("nan")
+    model.save_pretrained(model_dir)
+    args = [a for a in _fit_args(model_dir, tmp_path / "logs") if not a.startswith("--model.metric")]
+    message = _cli_error(capsys, [*args, f"--model.metric={metric}"])
+    assert message == (
+        "cwa: error: the calibration loss became nan because the weights of 'transformer.h.0.mlp.c_fc.weight' hold "
+        "1 non-finite values (NaN or inf); the checkpoint is damaged, so restore it from where it came from."
+    )
+    assert not list((tmp_path / "logs").glob("*/version_*"))
+
+
 def test_next_version_counts_metric_directories(tmp_path):
     from cwa.rundir import next_version
 
