@@ -378,6 +378,16 @@ def test_absent_device_is_one_sentence(capsys, tmp_path):
     assert "is not a device name" in _cli_error(capsys, ["perturb", "--run", str(tmp_path), "--device", "gpu0"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_config_on_a_cpu_machine_is_one_sentence(capsys, tmp_path, tiny_llama_dir):
+    """The README's 8-GPU config, its model at hand, on a machine without a GPU: one sentence, nothing written."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "llama-3.1-8b.yaml"
+    args = ["fit-sensitivity", "--config", str(config), f"--model.pretrained={tiny_llama_dir}"]
+    message = _cli_error(capsys, [*args, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert message == "cwa: error: accelerator 'gpu' was requested but this machine has no CUDA GPU; use cpu or auto."
+    assert not list(tmp_path.iterdir())
+
+
 # -- the hub: one probe, before any process --------------------------------------------------------
 @pytest.fixture
 def unreachable_hub(monkeypatch):
