@@ -70,3 +70,18 @@ def test_a_real_fit_says_it_is_not_smoke(monkeypatch, tmp_path, tiny_llama_dir):
     summary = json.loads((latest_run(tmp_path) / "summary.json").read_text())
     assert summary["smoke"] is False and summary["environment"]["smoke"] is False
     assert summary["data"]["num_samples"] == 8
+
+
+def test_the_report_says_which_runs_were_smoke_runs(tmp_path, capsys):
+    from cwa.cli import main
+    from tests.test_compare import make_run, random_scores
+
+    real = make_run(tmp_path, "real", random_scores(0))
+    shrunk = make_run(tmp_path, "shrunk", random_scores(1))
+    summary = json.loads((shrunk / "summary.json").read_text())
+    (shrunk / "summary.json").write_text(json.dumps({**summary, "smoke": True}))
+    output = tmp_path / "report.md"
+    assert main(["report", str(real), str(shrunk), "--output", str(output), "--figures", "false"]) == 0
+    warning = "1 of the 2 runs were made with CWA_SMOKE (sizes shrunk): not measurements."
+    assert output.read_text().startswith(f"> **Note:** {warning}")
+    assert f"note: {warning}" in capsys.readouterr().err
