@@ -22,6 +22,7 @@ CAPS: dict[str, int] = {
     "data.batch_size": 2,
     "data.seq_len": 32,  # tokens per block
     "data.heldout_samples": 6,  # the fewest held-out sequences that can reach 0.95 confidence
+    "model.metric.init_args.probes": 1,  # Hutchinson probes per batch (a metric given with its options)
     # find-super-weights
     "super_weights.blocks": 2,
     "super_weights.max_verify": 2,
