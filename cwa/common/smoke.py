@@ -32,7 +32,7 @@ CAPS: dict[str, int] = {
     "super_weights.row_controls": 2,
     # perturb, prune, protect
     "heldout_samples": 6,
-    "heldout_tokens": 32,
+    "heldout_tokens": 8,  # tokens of each held-out sequence: every condition is one forward pass over them
     "bootstrap": 100,
     "permutations": 100,  # smallest p 2/101, below 0.05
     "single": 2,
