@@ -130,7 +130,7 @@ def test_compare_of_unrelated_models_is_refused(tmp_path, capsys):
     assert not (tmp_path / "cmp" / "compare.json").exists()
 
 
-def test_only_regular_files_are_read(tmp_path, capsys):
+def test_only_regular_files_are_read(tmp_path, capsys, tiny_llama_dir):
     run = make_run(tmp_path, "a", random_scores(0))
     (run / "summary.json").unlink()
     (run / "summary.json").symlink_to("/dev/zero")
@@ -138,7 +138,15 @@ def test_only_regular_files_are_read(tmp_path, capsys):
     assert "is a device, not a regular file" in message
     fifo = tmp_path / "corpus.txt"
     os.mkfifo(fifo)
-    message = _cli_error(capsys, ["fit-sensitivity", "--data.source", str(fifo), "--model.pretrained", "x"])
+    args = [
+        "fit-sensitivity",
+        "--data.source",
+        str(fifo),
+        "--model.pretrained",
+        str(tiny_llama_dir),
+        "--data.seq_len=16",
+    ]
+    message = _cli_error(capsys, [*args, f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert "is a FIFO, not a regular file" in message
 
 
