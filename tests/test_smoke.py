@@ -28,13 +28,20 @@ def _options(**values) -> Namespace:
 def test_caps_lower_sizes_and_fill_unset_ones(smoke_on, capsys):
     config = smoke.shrink(
         _options(
-            data__num_samples=32, data__seq_len=16, heldout_samples=None, bootstrap=2000, seeds=[2, 0, 1], k=10_000
+            data__num_samples=32,
+            data__seq_len=16,
+            heldout_samples=None,
+            bootstrap=2000,
+            seeds=[2, 0, 1],
+            k=10_000,
+            controls=("random_matched", "bottomk"),
         )
     )
     assert config["data.num_samples"] == smoke.CAPS["data.num_samples"]
     assert config["data.seq_len"] == 16  # already below its cap
     assert config["heldout_samples"] == 6  # None means all of them: capped, and cwa accepts no fewer
-    assert config["bootstrap"] == smoke.CAPS["bootstrap"] and config["seeds"] == [0]
+    assert config["bootstrap"] == smoke.CAPS["bootstrap"] and config["seeds"] == [2]
+    assert config["controls"] == ("random_matched",)  # the first given
     assert config["k"] == 10_000  # not a size of the work: untouched
     smoke.shrink(_options(bootstrap=5000))
     assert capsys.readouterr().err == smoke.MESSAGE + "\n"  # said once per process
@@ -50,10 +57,10 @@ def test_unset_or_zero_changes_nothing(monkeypatch, capsys):
 
 
 def test_ks_bounded_by_the_run(smoke_on):
-    assert smoke.bound_ks((1, 10, 100, 1000, 10_000), 100) == (1, 10, 100)
-    assert smoke.bound_ks((1, 10, 100, 1000), 5000) == (1, 10, 100)  # at most MAX_KS
+    assert smoke.bound_ks((1, 10, 100, 1000, 10_000), 5) == (1,)
+    assert smoke.bound_ks((1, 10, 100, 1000), 5000) == (1, 10)  # at most MAX_KS
     assert smoke.bound_ks((1000,), 100) == (100,)  # none fits: the run's whole list
-    assert smoke.bound_ks((1, 10, 100), 100, required=(3,)) == (1, 3, 10, 100)  # a leave-one-out set's K stays
+    assert smoke.bound_ks((1, 10, 100), 100, required=(3,)) == (1, 3, 10)  # a leave-one-out set's K stays
 
 
 def test_a_smoke_fit_is_shrunk_and_says_so(smoke_on, tmp_path, tiny_llama_dir, capsys):

@@ -36,8 +36,8 @@ CAPS: dict[str, int] = {
     "bootstrap": 100,
     "permutations": 100,  # smallest p 2/101, below 0.05
     "single": 2,
-    "leave_one_out": 3,
-    "pairs": 3,
+    "leave_one_out": 2,
+    "pairs": 2,
     "tasks_limit": 8,  # lm-eval items per task
     "tasks_batch_size": 4,
     # compare, report
@@ -52,9 +52,10 @@ UNSET_MEANS_ALL = {
     "tasks_limit",
 }
 """Options whose ``None`` means "all of them" (or the run's setting): capped too."""
-LIST_CAPS: dict[str, int] = {"seeds": 1}
-"""List options cut to their first N (sorted) entries: random controls drawn once."""
-MAX_KS = 3
+LIST_CAPS: dict[str, int] = {"seeds": 1, "controls": 1}
+"""List options cut to their first N entries: random controls drawn once, one kind of control (perturb's
+and protect's first: ``random_matched``); each condition is a pass over the held-out sequences."""
+MAX_KS = 2
 """The most top-K sizes a perturbation evaluates (:func:`bound_ks`)."""
 
 _announced = False
@@ -93,7 +94,7 @@ def shrink(config: Any) -> Any:
     for key, keep in LIST_CAPS.items():
         value = config.get(key) if key in config else None
         if isinstance(value, list | tuple) and len(value) > keep:
-            config[key] = type(value)(sorted(value)[:keep])
+            config[key] = type(value)(value[:keep])
     return config
 
 
