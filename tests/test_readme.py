@@ -4,7 +4,9 @@ commands fill one after another, each working on what the ones before it wrote.
 
 Sizes are shrunk by ``CWA_SMOKE=1`` (``cwa.common.smoke``), honoured by cwa itself, never by editing a
 command. ``cwa`` commands run in this process through ``cwa.cli.main`` (what the ``cwa`` entry point calls;
-interpreter and torch start-up would otherwise cost seconds each), everything else through bash. A command
+interpreter and torch start-up would otherwise cost seconds each), except those that start more processes
+(Lightning starts them by rerunning the parent's command line: ``python -m cwa`` then), everything else
+through bash. A command
 that needs the Hugging Face Hub (a config naming a hub model, a hub lm-eval task) must fail in one sentence,
 with exit status 1 and no traceback, under ``HF_HUB_OFFLINE=1``; so must one that needs a GPU on a machine
 without one. Two kinds of line are not run, each for a reason given in ``SKIPPED``: the test suite itself
@@ -101,6 +103,20 @@ def needs_hub(words: list[str]) -> bool:
     return False
 
 
+def launches_processes(words: list[str]) -> bool:
+    """Whether a cwa command has Lightning start further processes (``devices`` above 1, on the command line or
+    in its config): Lightning starts them by running this process's own command line again, so such a command
+    runs as ``python -m cwa`` (as a user's would), not inside pytest."""
+    devices = None
+    for option, value in zip(words, [*words[1:], ""], strict=True):
+        name, _, inline = option.partition("=")
+        if name == "--config" and value.endswith(".yaml"):
+            devices = (yaml.safe_load((ROOT / value).read_text()).get("trainer") or {}).get("devices", devices)
+        elif name == "--trainer.devices":
+            devices = inline or value
+    return str(devices).isdigit() and int(devices) > 1
+
+
 def one_sentence(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip() and line != smoke.MESSAGE]
     assert "Traceback" not in err and len(lines) == 1, err
@@ -153,12 +169,18 @@ def test_parser_finds_blocks_continuations_and_table_commands():
         (8, "cwa perturb --run x --ks [1]   # a comment"),
     ]
     assert needs_hub(shlex.split(found[0][1])) and not needs_hub(["cwa", "--config", "configs/smollm2-135m.yaml"])
+    assert launches_processes(["cwa", "x", "--config", "configs/smollm2-135m-fsdp2.yaml"])
+    assert launches_processes(["cwa", "x", "--trainer.devices=2"]) and not launches_processes(["cwa", "x"])
 
 
 def check(line: Line, workdir: Path, capfd) -> str | None:
     """Run one README command as the test runs it; what went wrong, or None."""
     words, where = line.words, f"README.md:{line.number}: {line.text}"
     program = Path(words[0]).name
+    if program == "cwa" and launches_processes(words) and not needs_hub(words):
+        done = subprocess.run([sys.executable, "-m", "cwa", *words[1:]], capture_output=True, text=True)
+        ok = done.returncode == 0 and "Traceback" not in done.stderr
+        return None if ok else f"{where}: exit {done.returncode}\n{done.stderr[-3000:]}"
     if program == "cwa":
         status, _, err = run_cwa(words, capfd)
         if needs_hub(words):
