@@ -579,6 +579,35 @@ def test_progress_on_a_terminal_says_scoring(monkeypatch):
     assert [type(c) for c in trainer.callbacks] == [PlainProgress]
 
 
+def test_local_and_embedded_models_never_probe_the_hub(unreachable_hub, tiny_llama_dir):
+    """With the hub unreachable and HF_HUB_OFFLINE unset, a local directory or the embedded model loads as ever:
+    only a hub name is probed."""
+    from cwa.model.hub import check_hub
+
+    for name in (str(tiny_llama_dir), "smollm2-135m", "", "/no/such/dir"):
+        check_hub(name)
+    with pytest.raises(CwaError, match="unreachable from here"):
+        check_hub("org/model")
+
+
+def test_hub_tasks_with_an_unreachable_hub_fail_fast(unreachable_hub, tmp_path, tiny_llama_dir, capsys):
+    """perturb --tasks with a hub task: one sentence within seconds, before lm-eval indexes its tasks."""
+    import time
+
+    pytest.importorskip("lm_eval")
+    from tests.test_perturb import make_run as make_real_run
+
+    run = make_real_run(tmp_path, tiny_llama_dir)
+    start = time.perf_counter()
+    args = ["perturb", "--run", str(run), "--ks", "[1]", "--single", "0", "--seeds", "[0]", "--tasks", "hellaswag"]
+    message = _cli_error(capsys, args)
+    assert message.startswith(
+        "cwa: error: lm-eval cannot load the task 'hellaswag': the Hugging Face Hub at http://127.0.0.1:9 is "
+        "unreachable from here"
+    )
+    assert time.perf_counter() - start < 20
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "environment", "expected"),

@@ -31,9 +31,7 @@ def check_hub(pretrained: str) -> None:
     """
     from huggingface_hub import constants
 
-    from cwa.model.loading import resolve_model_path
-
-    if not pretrained or resolve_model_path(pretrained) != pretrained:
+    if not _hub_name(pretrained):
         return
     if constants.HF_HUB_OFFLINE:
         if not _cached(pretrained):  # said here once, not by every process a launched run starts
@@ -43,25 +41,50 @@ def check_hub(pretrained: str) -> None:
                 "and pass that directory instead."
             )
         return
-    if constants.ENDPOINT in _reachable or any(os.environ.get(p) for p in PROXIES):
-        return
-    endpoint = urlsplit(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((_address(endpoint.hostname, port), port), timeout=HUB_PROBE_S).close()
-    except OSError as exc:
+    reason = unreachable()
+    if reason is not None:
         advice = (
             "set HF_HUB_OFFLINE=1 to use the copy in your Hugging Face cache"
             if _cached(pretrained)
             else f"download the model where the hub is reachable (e.g. `hf download {pretrained} --local-dir DIR`) "
             "and pass that directory instead"
         )
-        reason = exc.strerror or str(exc) or type(exc).__name__
         raise CwaError(
             f"cannot fetch '{pretrained}': the Hugging Face Hub at {constants.ENDPOINT} is unreachable from here "
             f"({reason}); {advice}."
-        ) from None
+        )
+
+
+def unreachable() -> str | None:
+    """Why the hub's endpoint does not accept a TCP connection within ``HUB_PROBE_S`` (None: it does, or a
+    proxy is set, which the direct connection says nothing about). Probed once per endpoint and process."""
+    from huggingface_hub import constants
+
+    if constants.ENDPOINT in _reachable or any(os.environ.get(p) for p in PROXIES):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((_address(endpoint.hostname, port), port), timeout=HUB_PROBE_S).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
     _reachable.add(constants.ENDPOINT)
+    return None
+
+
+def _hub_name(name: str) -> bool:
+    """Whether ``name`` is fetched from the hub: not empty, not an embedded model, not an existing path, and a
+    repository id (a malformed path is refused by the load that follows, in its own sentence)."""
+    from pathlib import Path
+
+    from cwa.model.loading import is_embedded, resolve_model_path
+
+    if not name or is_embedded(name) or Path(name).expanduser().exists():
+        return False
+    try:
+        return resolve_model_path(name) == name
+    except CwaError:
+        return False
 
 
 def _cached(pretrained: str) -> bool:

@@ -273,6 +273,8 @@ class DownstreamTasks:
             write_local_task(self.items, Path(self._directory.name))
         # indexing lm-eval's own tasks takes half a minute: only when a hub task is asked for
         hub = any(task != LOCAL_TASK for task in self.tasks)
+        if hub:
+            _check_hub_tasks([task for task in self.tasks if task != LOCAL_TASK])
         with quiet_lm_eval():
             self.manager = TaskManager(include_path=self._directory.name, include_defaults=hub)
             for task in self.tasks:
@@ -344,6 +346,22 @@ class DownstreamTasks:
 
 _LM_EVAL_PROGRESS = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
 """lm-eval modules whose per-request progress bars would interleave with cwa's own bar of conditions."""
+
+
+def _check_hub_tasks(tasks: list[str]) -> None:
+    """Hub tasks with the hub unreachable (and HF_HUB_OFFLINE unset): one sentence before lm-eval indexes its
+    tasks, instead of the datasets library's retries."""
+    from huggingface_hub import constants
+
+    from cwa.model.hub import unreachable
+
+    reason = None if constants.HF_HUB_OFFLINE else unreachable()
+    if reason is not None:
+        raise CwaError(
+            f"lm-eval cannot load the task '{tasks[0]}': the Hugging Face Hub at {constants.ENDPOINT} is unreachable "
+            f"from here ({reason}); hub tasks need the hub, or HF_HUB_OFFLINE=1 and the task's data in the cache, "
+            f"{LOCAL_TASK} runs offline."
+        )
 
 
 def _silent_tqdm(*args, **kwargs):
