@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from cwa.common import smoke
 from cwa.common.errors import CwaError, argument_error, cwa_cause
 
 
@@ -165,7 +166,7 @@ def run_command(verb: str, args: list[str]) -> int:
     if command.positional:
         args = _split_positionals(args, command.positional)
     try:
-        config = parser.parse_args(args)
+        config = smoke.shrink(parser.parse_args(args))
         init = parser.instantiate_classes(config)
     except ArgumentError as exc:
         raise argument_error(verb, exc) from None

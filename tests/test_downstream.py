@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -297,3 +298,27 @@ def test_a_hub_task_that_cannot_load_offline_is_named(monkeypatch) -> None:
             tasks._load("no_such_task")
     finally:
         tasks.close()
+
+
+@needs_lm_eval
+def test_perturb_tasks_output_is_cwa_only(tiny_dir: Path, tmp_path: Path, capfd, caplog, monkeypatch) -> None:  # noqa: F811
+    """lm-eval's log lines and warnings, and the stderr of its git-hash probe (``fatal: not a git repository``
+    outside a repository), stay out of cwa's output; cwa's own progress and results stay in."""
+    from cwa.cli import main
+
+    run = make_run(tmp_path, tiny_dir, heldout_fraction=0.3)
+    outside = tmp_path / "not-a-repository"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git never finds a repository above it
+    capfd.readouterr()
+    caplog.set_level(logging.DEBUG)
+    args = ["perturb", "--run", str(run), "--ks", "[2]", "--single", "1", "--seeds", "[0]", "--controls", "[]"]
+    options = ["--bootstrap", "50", "--figures", "false", "--tensorboard", "false", "--tasks", "cwa_pydoc_lastword"]
+    assert main([*args, *options, "--tasks_limit", "4", "--tasks_batch_size", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert "downstream accuracy" in out and "cwa perturb: lm-eval" in err  # cwa's results and progress
+    assert "fatal" not in err and "not a git repository" not in err
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
+    foreign = ("Tokenizing inputs", "Running loglikelihood", "Generating test split", "Warning", "WARNING")
+    assert not [line for line in (out + err).splitlines() if any(word in line for word in foreign)]

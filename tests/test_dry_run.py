@@ -187,3 +187,42 @@ def _tiny_meta(model_dir: Path) -> torch.nn.Module:
     from cwa.model.loading import build_meta_model
 
     return build_meta_model(str(model_dir))
+
+
+SIZING_COMMAND = "`python scripts/sizing.py llama-3.1-8b --dtype bfloat16`"
+
+
+def _table_after(text: str, marker: str) -> list[list[str]]:
+    """The cells of the body rows of the first Markdown table after ``marker``."""
+    lines = text[text.index(marker) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_docs_sizing_tables_are_what_the_sizing_code_computes(sizing):
+    """docs/scale.md prints scripts/sizing.py's table for Llama-3.1-8B in bf16 and the README rounds its totals:
+    every row is recomputed here, so a change to the memory model cannot leave either stale."""
+    text, _ = sizing.table("llama-3.1-8b", "bfloat16", [1, 2, 4, 8])
+    body = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
+    computed = {line.split("|")[1].strip(): line for line in body}
+    assert set(computed) == set(sizing.METRICS)
+    docs = (ROOT / "docs" / "scale.md").read_text()
+    rows = _table_after(docs, SIZING_COMMAND)
+    assert [row[0] for row in rows] == list(sizing.METRICS)
+    for row in rows:
+        assert "| " + " | ".join(row) + " |" == computed[row[0]], f"docs/scale.md's {row[0]} row is stale"
+    totals = {m: re.findall(r"\*\*([\d.]+)\*\*", line) for m, line in computed.items()}
+    readme = (ROOT / "README.md").read_text()
+    rows = _table_after(readme, SIZING_COMMAND)
+    named = 0
+    for row in rows:
+        for metric in (m for m in re.findall(r"`(\w+)`", row[0]) if m in totals):
+            named += 1
+            expected = [f"{float(total):.1f}" for total in totals[metric]]
+            assert row[1:] == expected, f"the README's sizing row for {metric} is stale: {row[1:]} != {expected}"
+    assert named == len(sizing.METRICS)

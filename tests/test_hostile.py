@@ -110,7 +110,27 @@ def test_nan_scores_are_refused_not_ranked(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists() or not any((tmp_path / "cmp").iterdir())
 
 
-def test_only_regular_files_are_read(tmp_path, capsys):
+def test_compare_of_unrelated_models_is_refused(tmp_path, capsys):
+    """Two runs with no scored tensor in common (a Llama's and a GPT-2's) have no measurable overlap: one
+    sentence and no compare.json, not a table of zeros that reads like total disagreement."""
+    from tests.helpers import write_run
+
+    llama = make_run(tmp_path, "llama", random_scores(0))
+    gpt2 = write_run(
+        tmp_path / "gpt2" / "version_0",
+        {"transformer.h.0.mlp.c_fc.weight": torch.rand(8, 4), "transformer.wte.weight": torch.rand(16, 8)},
+        model="tiny-gpt2",
+    )
+    message = _cli_error(capsys, ["compare", str(llama), str(gpt2), "--output", str(tmp_path / "cmp")])
+    assert message == (
+        "cwa: error: the runs score no parameter in common (same name and shape): they are runs of 'tiny-gpt2' "
+        "and 'tiny-llama', so nothing in them can be compared; compare runs of one model, or of models of one "
+        "architecture."
+    )
+    assert not (tmp_path / "cmp" / "compare.json").exists()
+
+
+def test_only_regular_files_are_read(tmp_path, capsys, tiny_llama_dir):
     run = make_run(tmp_path, "a", random_scores(0))
     (run / "summary.json").unlink()
     (run / "summary.json").symlink_to("/dev/zero")
@@ -118,7 +138,15 @@ def test_only_regular_files_are_read(tmp_path, capsys):
     assert "is a device, not a regular file" in message
     fifo = tmp_path / "corpus.txt"
     os.mkfifo(fifo)
-    message = _cli_error(capsys, ["fit-sensitivity", "--data.source", str(fifo), "--model.pretrained", "x"])
+    args = [
+        "fit-sensitivity",
+        "--data.source",
+        str(fifo),
+        "--model.pretrained",
+        str(tiny_llama_dir),
+        "--data.seq_len=16",
+    ]
+    message = _cli_error(capsys, [*args, f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert "is a FIFO, not a regular file" in message
 
 
@@ -358,24 +386,92 @@ def test_absent_device_is_one_sentence(capsys, tmp_path):
     assert "is not a device name" in _cli_error(capsys, ["perturb", "--run", str(tmp_path), "--device", "gpu0"])
 
 
-# -- the hub: one probe, before any process --------------------------------------------------------
-def test_unreachable_hub_fails_fast(monkeypatch, capsys):
-    import time
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_config_on_a_cpu_machine_is_one_sentence(capsys, tmp_path, tiny_llama_dir):
+    """The README's 8-GPU config, its model at hand, on a machine without a GPU: one sentence, nothing written."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "llama-3.1-8b.yaml"
+    args = ["fit-sensitivity", "--config", str(config), f"--model.pretrained={tiny_llama_dir}"]
+    message = _cli_error(capsys, [*args, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert message == "cwa: error: accelerator 'gpu' was requested but this machine has no CUDA GPU; use cpu or auto."
+    assert not list(tmp_path.iterdir())
 
+
+# -- the hub: one probe, before any process --------------------------------------------------------
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub at a closed local port, HF_HUB_OFFLINE unset, no proxy: what a machine without network sees."""
     from huggingface_hub import constants
+
+    from cwa.model import hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.setattr(hub, "_reachable", set())
+    for proxy in hub.PROXIES:
         monkeypatch.delenv(proxy, raising=False)
+
+
+@pytest.fixture
+def hub_run(tmp_path, tiny_llama_dir) -> Path:
+    """A complete run directory whose config.yaml names a hub model (as one made where the hub was reachable)."""
+    from tests.test_perturb import make_run as make_real_run
+
+    run = make_real_run(tmp_path, tiny_llama_dir)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(tiny_llama_dir), "org/model"))
+    return run
+
+
+HUB_COMMANDS = {
+    "fit-sensitivity": ["fit-sensitivity", "--model.pretrained=org/model", "--trainer.accelerator=cpu"]
+    + ["--trainer.devices=8", "--trainer.strategy=ddp"],
+    "find-super-weights": ["find-super-weights", "--model.pretrained=org/model", "--trainer.accelerator=cpu"]
+    + ["--trainer.devices=8", "--trainer.strategy=ddp"],
+    "perturb": ["perturb", "--run", "RUN", "--ks", "[1]", "--single", "0", "--seeds", "[0]"],
+    "prune": ["prune", "RUN", "--sparsity", "[0.5]", "--structure", "[unstructured]"],
+    "protect": ["protect", "--run", "RUN", "--levels", "[4]", "--protect_k", "[0]"],
+}
+
+
+@pytest.mark.parametrize("command", list(HUB_COMMANDS))
+def test_unreachable_hub_fails_fast(command, unreachable_hub, hub_run, capsys):
+    """Every command that loads a model probes the hub once, before any process or model load: one sentence
+    within seconds, instead of huggingface_hub's 45 s of retries (in each launched process)."""
+    import time
+
     start = time.perf_counter()
-    args = ["fit-sensitivity", "--model.pretrained=org/model", "--trainer.accelerator=cpu", "--trainer.devices=8"]
-    message = _cli_error(capsys, [*args, "--trainer.strategy=ddp"])
-    assert "the Hugging Face Hub at http://127.0.0.1:9 is unreachable from here" in message
+    args = [str(hub_run) if a == "RUN" else a for a in HUB_COMMANDS[command]]
+    message = _cli_error(capsys, args)
+    assert message.startswith(
+        "cwa: error: cannot fetch 'org/model': the Hugging Face Hub at http://127.0.0.1:9 is unreachable"
+    )
     assert time.perf_counter() - start < 10
 
 
 # -- run numbers stay unique after a shared pass ---------------------------------------------------
+@pytest.mark.parametrize("metric", ["magnitude", "grad_x_weight"])
+def test_nan_weight_gives_no_run(tmp_path, capsys, tiny_gpt2_dir, metric):
+    """A NaN planted in a model's weights: refused in one sentence naming the tensor (not blamed on the dtype or
+    the data), and the failed run leaves no version_N behind."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "nan-model"
+    shutil.copytree(tiny_gpt2_dir, model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_parameter("transformer.h.0.mlp.c_fc.weight")[0, 0] = float("nan")
+    model.save_pretrained(model_dir)
+    args = [a for a in _fit_args(model_dir, tmp_path / "logs") if not a.startswith("--model.metric")]
+    message = _cli_error(capsys, [*args, f"--model.metric={metric}"])
+    assert message == (
+        "cwa: error: the calibration loss became nan because the weights of 'transformer.h.0.mlp.c_fc.weight' hold "
+        "1 non-finite values (NaN or inf); the checkpoint is damaged, so restore it from where it came from."
+    )
+    assert not list((tmp_path / "logs").glob("*/version_*"))
+
+
 def test_next_version_counts_metric_directories(tmp_path):
     from cwa.rundir import next_version
 
@@ -481,3 +577,74 @@ def test_progress_on_a_terminal_says_scoring(monkeypatch):
     trainer = SimpleNamespace(callbacks=[TQDMProgressBar()])
     use_plain_progress(trainer)
     assert [type(c) for c in trainer.callbacks] == [PlainProgress]
+
+
+def test_local_and_embedded_models_never_probe_the_hub(unreachable_hub, tiny_llama_dir):
+    """With the hub unreachable and HF_HUB_OFFLINE unset, a local directory or the embedded model loads as ever:
+    only a hub name is probed."""
+    from cwa.model.hub import check_hub
+
+    for name in (str(tiny_llama_dir), "smollm2-135m", "", "/no/such/dir"):
+        check_hub(name)
+    with pytest.raises(CwaError, match="unreachable from here"):
+        check_hub("org/model")
+
+
+def test_hub_tasks_with_an_unreachable_hub_fail_fast(unreachable_hub, tmp_path, tiny_llama_dir, capsys):
+    """perturb --tasks with a hub task: one sentence within seconds, before lm-eval indexes its tasks."""
+    import time
+
+    pytest.importorskip("lm_eval")
+    from tests.test_perturb import make_run as make_real_run
+
+    run = make_real_run(tmp_path, tiny_llama_dir)
+    start = time.perf_counter()
+    args = ["perturb", "--run", str(run), "--ks", "[1]", "--single", "0", "--seeds", "[0]", "--tasks", "hellaswag"]
+    message = _cli_error(capsys, args)
+    assert message.startswith(
+        "cwa: error: lm-eval cannot load the task 'hellaswag': the Hugging Face Hub at http://127.0.0.1:9 is "
+        "unreachable from here"
+    )
+    assert time.perf_counter() - start < 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "environment", "expected"),
+    [
+        (
+            ["find-super-weights", "--trainer.devices", "1", "--trainer.strategy", "auto"],
+            {"HF_ENDPOINT": "http://127.0.0.1:9"},
+            "the Hugging Face Hub at http://127.0.0.1:9 is unreachable from here",
+        ),
+        (["fit-sensitivity"], {"HF_HUB_OFFLINE": "1"}, "the Hugging Face Hub is unreachable from here (HF_HUB_OFFLINE"),
+    ],
+    ids=["endpoint-closed", "offline-8-processes"],
+)
+def test_unreachable_hub_through_the_environment(tmp_path, command, environment, expected):
+    """The hub unreachable as a user's shell has it (HF_ENDPOINT at a closed port, or HF_HUB_OFFLINE=1 with the
+    model not in the cache): the 8B config on the CPU fails in one line within seconds, said once before any
+    process is launched (not by each of the 8), with no retry lines of huggingface_hub and no traceback."""
+    import subprocess
+    import sys
+    import time
+
+    from cwa.model.hub import PROXIES
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE") and k not in PROXIES}
+    env.update(environment, HF_HOME=str(tmp_path / "hf-home"))  # an empty Hugging Face cache
+    root = Path(__file__).resolve().parent.parent
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "cwa", command[0], "--config", str(root / "configs" / "llama-3.1-8b.yaml")]
+        + ["--trainer.accelerator", "cpu", *command[1:], f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert expected in done.stderr
+    assert elapsed < 60  # interpreter and torch start-up on a busy machine included; the retries alone took 45 s

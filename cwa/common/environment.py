@@ -115,7 +115,14 @@ def release_freed_memory() -> None:
 
 
 def environment() -> dict:
-    return {"versions": versions(), "git_commit": git_commit(), "device_count": torch.cuda.device_count()}
+    from cwa.common import smoke
+
+    return {
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "device_count": torch.cuda.device_count(),
+        "smoke": smoke.active(),  # CWA_SMOKE shrank the sizes: not a measurement
+    }
 
 
 def torch_device(name: str) -> torch.device:

@@ -55,13 +55,19 @@ DEFAULT_SAMPLE = 1_000_000
 # -- which parameters and which K are comparable ---------------------------------------------------
 def common_parameters(runs: list[Run]) -> tuple[list[str], str]:
     """Parameters every run scored with the same shape (in the first run's order), and a note when the
-    runs' parameter sets differ (then only these are compared)."""
+    runs' parameter sets differ (then only these are compared); refused in one sentence when there are none
+    (runs of unrelated models), rather than reporting an overlap of zero that was never measurable."""
     first = runs[0].shapes
     common = [n for n, shape in first.items() if all(r.shapes.get(n) == shape for r in runs[1:])]
     if all(list(r.shapes) == list(first) and r.shapes == first for r in runs[1:]):
         return common, ""
     if not common:
-        return [], "the runs score no parameter in common (same name and shape), so no score is comparable"
+        models = sorted({str(r.model) for r in runs})
+        raise CwaError(
+            "the runs score no parameter in common (same name and shape)"
+            + (f": they are runs of {' and '.join(repr(m) for m in models)}" if len(models) > 1 else "")
+            + ", so nothing in them can be compared; compare runs of one model, or of models of one architecture."
+        )
     total = {r.name: len(r.shapes) for r in runs}
     return common, (
         f"the runs score different parameters ({', '.join(f'{n}: {c} tensors' for n, c in total.items())}); "

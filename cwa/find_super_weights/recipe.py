@@ -26,6 +26,7 @@ from cwa.ablation.perturbations import ChecksumCache, Zero, perturbed
 from cwa.ablation.row_test import RowTest
 from cwa.ablation.super_weights import Candidate, SuperWeightScan, find_super_weights, recovered_published
 from cwa.common import format as fmt
+from cwa.common import smoke
 from cwa.common.errors import CwaError
 from cwa.find_super_weights.row_test import print_row_test
 from cwa.find_super_weights.row_test import summary as row_test_summary
@@ -424,7 +425,7 @@ def run_find_super_weights(args: list[str]) -> Path | None:
     from cwa.fit.data import CalibrationData
     from cwa.fit.distributed import register_strategy_name
     from cwa.fit.module import SensitivityModule
-    from cwa.fit.preflight import check_device
+    from cwa.fit.preflight import check_device, check_hub
     from cwa.fit.trainer import TRAINER_DEFAULTS, CwaTrainer
 
     register_strategy_name()
@@ -435,6 +436,8 @@ def run_find_super_weights(args: list[str]) -> Path | None:
             parser.add_class_arguments(FindSuperWeights, "super_weights")
 
         def before_instantiate_classes(self) -> None:
+            smoke.shrink(self.config)
+            check_hub(str(self.config.get("model", {}).get("pretrained", "")))  # once, before any process
             trainer = self.config.get("trainer", {})
             check_device(trainer.get("accelerator"), trainer.get("devices"))
 

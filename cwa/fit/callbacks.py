@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from cwa import rundir
+from cwa.common import smoke
 from cwa.common.environment import environment, peak_memory
 from cwa.common.io import inside, remove_stale_temporaries
 from cwa.model.params import ParamInfo
@@ -301,6 +302,7 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, result: FitResu
         tensors=tensor_statistics(result.scores, result.topk) if result.scores else {},
         layout={n: {"layer": i.layer, "module": i.module, "transposed": i.transposed} for n, i in result.infos.items()},
         shared_pass=result.shared_pass,
+        smoke=smoke.active(),
     )
 
 

@@ -5,6 +5,7 @@ Every function here is cheap (it reads a model's ``config.json`` at most) and ra
 * ``check_context``: ``seq_len`` beyond the model's context window.
 * ``check_processes``: more processes than calibration batches.
 * ``check_scorer``: absurd probe counts and finite-difference steps.
+* ``check_hub``: a hub name while the hub is unreachable (:mod:`cwa.model.hub`).
 * ``check_device``: an accelerator that is not there, or more devices than exist.
 * ``check_writable``: an output directory that cannot be written.
 * ``check_trainer``: Lightning Trainer flags that would make ``fit-sensitivity`` score only part of the
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cwa.common.errors import CwaError
+from cwa.model.hub import check_hub
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 MAX_PROBES = 1024
@@ -49,6 +51,7 @@ def model_context(pretrained: str, trust_remote_code: bool = False, revision: st
             return None
         path = str(config_file.parent)
     else:
+        check_hub(pretrained)
         path = resolve_model_path(pretrained)
     try:
         from transformers import AutoConfig
@@ -79,52 +82,6 @@ def check_context(pretrained: str, seq_len: int, trust_remote_code: bool = False
             f"seq_len={seq_len} is beyond the context of '{pretrained}' ({context} tokens); "
             f"use --data.seq_len {context} or less."
         )
-
-
-HUB_PROBE_S = 5.0
-"""How long the reachability probe of the hub waits: huggingface_hub's own retries take about 45 s."""
-_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
-def check_hub(pretrained: str) -> None:
-    """Once, before any process is launched: a hub name needs a reachable hub, found out with one TCP
-    connection instead of huggingface_hub's retries (printed by every process of a launched run).
-
-    Nothing is checked for a local directory, the embedded model, ``HF_HUB_OFFLINE`` (transformers then
-    fails at once where the cache lacks the model) or a proxy (the direct connection says nothing then).
-
-    Args:
-        pretrained: the model as given (``model.pretrained``).
-    """
-    import socket
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    from cwa.model.loading import resolve_model_path
-
-    proxied = any(os.environ.get(p) for p in _PROXIES)
-    if not pretrained or constants.HF_HUB_OFFLINE or proxied or resolve_model_path(pretrained) != pretrained:
-        return
-    endpoint = urlsplit(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
-    except OSError as exc:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = isinstance(try_to_load_from_cache(pretrained, "config.json"), str)
-        advice = (
-            "set HF_HUB_OFFLINE=1 to use the copy in your Hugging Face cache"
-            if cached
-            else f"download the model where the hub is reachable (e.g. `hf download {pretrained} --local-dir DIR`) "
-            "and pass that directory instead"
-        )
-        reason = exc.strerror or type(exc).__name__
-        raise CwaError(
-            f"cannot fetch '{pretrained}': the Hugging Face Hub at {constants.ENDPOINT} is unreachable from here "
-            f"({reason}); {advice}."
-        ) from None
 
 
 def check_processes(world_size: int, num_samples: int, batch_size: int) -> None:

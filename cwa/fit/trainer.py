@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
+from cwa.common import smoke
 from cwa.common.errors import CwaError, argument_error
 from cwa.fit.callbacks import DEFAULT_CALLBACKS, FitCallback, FitResult, SharedPassRuns
 from cwa.fit.data import CalibrationData
@@ -347,7 +348,7 @@ def run_fit_sensitivity(args: list[str], print_result: bool = True) -> Path | li
             parser.link_arguments("model.pretrained", "data.tokenizer")
 
         def before_instantiate_classes(self) -> None:
-            section = self.config.get(str(self.subcommand), self.config)
+            section = smoke.shrink(self.config.get(str(self.subcommand), self.config))
             check_hub(str(section.get("model", {}).get("pretrained", "")))
             if not section.get("dry_run"):  # a dry run plans for devices that need not be here
                 _check_devices(section)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from cwa.common.errors import CwaError
+from cwa.model.hub import check_hub
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -344,6 +345,7 @@ def _hub_error(name: str, exc: Exception) -> CwaError:
 def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    check_hub(name)
     path = resolve_model_path(name)
     if Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
         # transformers would build an empty tokenizer from config.json alone and carry on.
@@ -368,6 +370,7 @@ def load_model(
     """Load ``name`` as an ``AutoModelForCausalLM`` in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    check_hub(name)
     path = resolve_model_path(name)
     _check_local_config(path)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code, "revision": revision}
@@ -477,6 +480,7 @@ def build_meta_model(
     if is_embedded(name) and (embedded_cache(name) / "config.json").exists():
         path = str(embedded_cache(name))  # no conversion needed for the shapes
     else:
+        check_hub(name)
         path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)

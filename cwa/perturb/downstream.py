@@ -15,6 +15,7 @@ through to lm-eval; they need the Hugging Face Hub or its local cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,8 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,7 +300,6 @@ class DownstreamTasks:
         """
         from lm_eval.tasks import TaskManager
 
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
         self._directory = tempfile.TemporaryDirectory(prefix="cwa-tasks-")
         if LOCAL_TASK in self.tasks:
             if not items:
@@ -307,9 +308,12 @@ class DownstreamTasks:
             write_local_task(self.items, Path(self._directory.name))
         # indexing lm-eval's own tasks takes half a minute: only when a hub task is asked for
         hub = any(task != LOCAL_TASK for task in self.tasks)
-        self.manager = TaskManager(include_path=self._directory.name, include_defaults=hub)
-        for task in self.tasks:
-            self._load(task)
+        if hub:
+            _check_hub_tasks([task for task in self.tasks if task != LOCAL_TASK])
+        with quiet_lm_eval():
+            self.manager = TaskManager(include_path=self._directory.name, include_defaults=hub)
+            for task in self.tasks:
+                self._load(task)
 
     def _load(self, task: str) -> None:
         from lm_eval.tasks import get_task_dict
@@ -334,18 +338,22 @@ class DownstreamTasks:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token)
+        with quiet_lm_eval():  # it warns that a live model, not a name, was passed: what cwa means to do
+            lm = HFLM(
+                pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token
+            )
         out = {}
         for task in self.tasks:
             start = time.perf_counter()
-            results = simple_evaluate(
-                model=lm,
-                tasks=[task],
-                task_manager=self.manager,
-                limit=self.limit,
-                log_samples=True,
-                bootstrap_iters=0,
-            )
+            with quiet_lm_eval():
+                results = simple_evaluate(
+                    model=lm,
+                    tasks=[task],
+                    task_manager=self.manager,
+                    limit=self.limit,
+                    log_samples=True,
+                    bootstrap_iters=0,
+                )
             seconds = time.perf_counter() - start
             samples = results["samples"]  # a group (``lambada``) gives one entry per member task
             for name in sorted(samples):
@@ -369,6 +377,65 @@ class DownstreamTasks:
         if self._directory is not None:
             self._directory.cleanup()
             self._directory = None
+
+
+_LM_EVAL_PROGRESS = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+"""lm-eval modules whose per-request progress bars would interleave with cwa's own bar of conditions."""
+
+
+def _check_hub_tasks(tasks: list[str]) -> None:
+    """Hub tasks with the hub unreachable (and HF_HUB_OFFLINE unset): one sentence before lm-eval indexes its
+    tasks, instead of the datasets library's retries."""
+    from huggingface_hub import constants
+
+    from cwa.model.hub import unreachable
+
+    reason = None if constants.HF_HUB_OFFLINE else unreachable()
+    if reason is not None:
+        raise CwaError(
+            f"lm-eval cannot load the task '{tasks[0]}': the Hugging Face Hub at {constants.ENDPOINT} is unreachable "
+            f"from here ({reason}); hub tasks need the hub, or HF_HUB_OFFLINE=1 and the task's data in the cache, "
+            f"{LOCAL_TASK} runs offline."
+        )
+
+
+def _silent_tqdm(*args, **kwargs):
+    """tqdm with its bar off, whatever ``disable`` the caller passes."""
+    from tqdm import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm-eval as a library, without its chatter: its log lines below errors, Python warnings, its progress
+    bars and those of ``datasets`` while it builds the local task, and the git-hash probe whose ``git describe``
+    prints ``fatal: not a git repository`` outside a repository (cwa records its own commit in the summary).
+    Everything is swapped in memory and put back on exit; lm-eval's files are not touched."""
+    from datasets.utils import logging as datasets_logging
+    from lm_eval import evaluator
+
+    logger = logging.getLogger("lm_eval")
+    saved = [(evaluator, "get_git_commit_hash", evaluator.get_git_commit_hash)]
+    saved += [
+        (m, "tqdm", m.tqdm) for m in map(sys.modules.get, _LM_EVAL_PROGRESS) if m is not None and hasattr(m, "tqdm")
+    ]
+    level, bars = logger.level, datasets_logging.is_progress_bar_enabled()
+    try:
+        logger.setLevel(logging.ERROR)
+        evaluator.get_git_commit_hash = lambda: None
+        for module, _, _ in saved[1:]:
+            module.tqdm = _silent_tqdm
+        datasets_logging.disable_progress_bar()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        logger.setLevel(level)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
 def _correct(task: str, samples: list[dict]) -> Tensor:

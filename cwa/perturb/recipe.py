@@ -37,6 +37,7 @@ from cwa.ablation.perturbations import (
 )
 from cwa.ablation.restore import RestoreMode
 from cwa.ablation.units import Unit, check_units
+from cwa.common import smoke
 from cwa.common.environment import torch_device
 from cwa.common.errors import CwaError
 from cwa.common.io import remove_stale_temporaries
@@ -228,6 +229,7 @@ class PerturbRecipe:
         self.topk = self.run_dir.topk
         if self.default_ks:
             self._clip_default_ks(len(self.topk))
+        self.ks = smoke.bound_ks(self.ks, len(self.topk), (self.leave_one_out,))
         longest = max([*self.ks, self.single])
         if longest > len(self.topk):
             raise CwaError(

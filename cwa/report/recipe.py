@@ -223,6 +223,11 @@ def report(
     analysis.skipped, analysis.super_weights = skipped, found
     figure_paths = draw_figures(analysis, output.with_name(output.stem + "-figures")) if figures else {}
     text = render(analysis, output, figure_paths, headlines(analysis))
+    shrunk = sum(bool(run.summary.smoke) for run in loaded)
+    if shrunk:  # a smoke run checks that cwa runs; its numbers must not pass for measurements
+        warning = f"{shrunk} of the {len(loaded)} runs were made with CWA_SMOKE (sizes shrunk): not measurements."
+        print(f"note: {warning}", file=sys.stderr)
+        text = f"> **Note:** {warning}\n\n{text}"
     with atomic_open(output) as handle:
         handle.write(text)
     write_json(output.with_suffix(".json"), analysis.to_json())

@@ -50,6 +50,7 @@ class Summary:
     environment: dict = field(default_factory=dict)
     layout: dict[str, dict] = field(default_factory=dict)  # name -> {layer, module, transposed}
     shared_pass: list[str] | None = None  # every metric of the one pass this run's scores came from (None: alone)
+    smoke: bool = False  # sizes shrunk by CWA_SMOKE (cwa.common.smoke): a check that the commands run, not a result
 
     REQUIRED = ("model", "metric", "mode", "k", "tensors")
 

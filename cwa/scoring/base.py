@@ -161,6 +161,13 @@ class Scorer:
             return
         value = float(nll.detach())
         if not math.isfinite(value):
+            for name, param in self.params.items():  # a damaged checkpoint, not the dtype or the data
+                bad = int((~torch.isfinite(_local(param).detach())).sum())
+                if bad:
+                    raise CwaError(
+                        f"the calibration loss became {value} because the weights of '{name}' hold {bad} non-finite "
+                        "values (NaN or inf); the checkpoint is damaged, so restore it from where it came from."
+                    )
             raise CwaError(f"the calibration loss became {value}; check the model's dtype and the data.")
         self.counters += torch.tensor([tokens, value, microbatches, probes], dtype=torch.float64)
 
