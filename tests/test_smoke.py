@@ -92,3 +92,23 @@ def test_the_report_says_which_runs_were_smoke_runs(tmp_path, capsys):
     warning = "1 of the 2 runs were made with CWA_SMOKE (sizes shrunk): not measurements."
     assert output.read_text().startswith(f"> **Note:** {warning}")
     assert f"note: {warning}" in capsys.readouterr().err
+
+
+def test_only_the_first_two_blocks_are_scored(smoke_on):
+    """The README's fit-sensitivity commands keep their own exclusions, and score blocks 0 and 1 only (no embedding,
+    no later block): every later command then transforms and checksums a few tensors, not 134M weights."""
+    from cwa.model.params import _matches, compile_patterns
+
+    config = smoke.shrink(_options(model__include=None, model__exclude=["bias"]))
+    patterns = compile_patterns(config["model.exclude"], "exclude")
+    assert config["model.exclude"][0] == "bias"
+    excluded = {
+        "model.layers.2.mlp.down_proj.weight": True,
+        "model.layers.11.self_attn.q_proj.weight": True,
+        "model.embed_tokens.weight": True,
+        "transformer.wte.weight": True,
+        "model.layers.1.mlp.down_proj.weight": False,
+        "transformer.h.0.attn.c_attn.weight": False,
+        "model.norm.weight": False,
+    }
+    assert {name: any(_matches(name, p) for p in patterns) for name in excluded} == excluded

@@ -55,6 +55,10 @@ UNSET_MEANS_ALL = {
 LIST_CAPS: dict[str, int] = {"seeds": 1, "controls": 1}
 """List options cut to their first N entries: random controls drawn once, one kind of control (perturb's
 and protect's first: ``random_matched``); each condition is a pass over the held-out sequences."""
+SCORED_EXCLUDE = (r".*\.(?:[2-9]|[1-9]\d+)\..*", r".*(?:embed_tokens|embed_out|wte|wpe|lm_head).*")
+"""Added to fit-sensitivity's ``model.exclude``: only the first two blocks (and the norms outside the blocks) are
+scored, so the scores, their top-K and every later command's transforms and checksums stay small; held-out passes
+still run the whole model."""
 MAX_KS = 2
 """The most top-K sizes a perturbation evaluates (:func:`bound_ks`)."""
 
@@ -91,11 +95,19 @@ def shrink(config: Any) -> Any:
         larger = isinstance(value, int) and not isinstance(value, bool) and value > cap
         if larger or (value is None and key in UNSET_MEANS_ALL):
             config[key] = cap
+    if "model.exclude" in config and "model.include" in config:
+        config["model.exclude"] = [*_patterns(config["model.exclude"]), *SCORED_EXCLUDE]
     for key, keep in LIST_CAPS.items():
         value = config.get(key) if key in config else None
         if isinstance(value, list | tuple) and len(value) > keep:
             config[key] = type(value)(value[:keep])
     return config
+
+
+def _patterns(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def bound_ks(ks: tuple[int, ...], listed: int, required: tuple[int, ...] = ()) -> tuple[int, ...]:
