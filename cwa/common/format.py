@@ -64,6 +64,16 @@ def interval(
     return f"{rule(value)} [{rule(low)}, {rule(high)}]"
 
 
+def ratio(x: float | None) -> str:
+    """A ratio (a perplexity multiplied by it), three significant digits: ``1.05``, ``7.49``, ``6.75e+04``."""
+    return MISSING if _absent(x) else f"{x:.3g}"
+
+
+def counted(n: int | None, noun: str) -> str:
+    """A count with its noun, singular for one: ``1 weight``, ``2,048 weights``."""
+    return f"{count(n)} {noun}" + ("" if n == 1 else "s")
+
+
 def percent(x: float | None) -> str:
     """A share (0.0103 -> ``1.03%``), three significant digits."""
     return MISSING if _absent(x) else f"{100 * x:.3g}%"

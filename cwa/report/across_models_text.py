@@ -46,13 +46,13 @@ def _shares_table(cross: CrossModel, labels: list[str], what: str, keys: tuple[s
 
 
 def _ratio(value: float | None, low: float | None, high: float | None) -> str:
-    return f"×{fmt.interval(value, low, high)}"
+    return f"×{fmt.interval(value, low, high, fmt.ratio)}"
 
 
 def _effect_cell(e: Effect) -> str:
     ratio = _ratio(e.ratio, e.ratio_low, e.ratio_high)
     nll = fmt.interval(e.delta_nll, e.delta_nll_low, e.delta_nll_high, fmt.effect)
-    return f"{ratio}; ΔNLL {nll}; {fmt.count(e.n_weights)} weights"
+    return f"{ratio}; ΔNLL {nll}; {fmt.counted(e.n_weights, 'weight')}"
 
 
 def sentence(f: Finding, labels: list[str]) -> str:

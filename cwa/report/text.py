@@ -61,7 +61,7 @@ def _unit_of(n: dict, one: bool = False) -> str:
 def _perturbed(n: dict) -> str:
     if ConditionKind.of(n["target"]) is ConditionKind.SINGLE:
         return f"{n['perturbation']} of {_unit_of(n, one=True)}the single weight of rank {n['rank']}"
-    return f"{n['perturbation']} of {_unit_of(n)}the top {n['k']} ({n['n_weights']} weights)"
+    return f"{n['perturbation']} of {_unit_of(n)}the top {n['k']} ({fmt.counted(n['n_weights'], 'weight')})"
 
 
 def _structural(p: float | None) -> str:
