@@ -319,3 +319,27 @@ def test_protect_k_counts_weights_of_the_stressed_tensors(tiny_dir: Path, tmp_pa
     recipe.run()
     assert sorted({r.k for r in read_intervention(run, "protect")[0]}) == [0, 5]
     assert any(f"K={named + 1} left out: only {named} of the run's top-2000" in n for n in recipe.notes)
+
+
+def test_means_over_seeds_stay_in_range() -> None:
+    """Three bit-error seeds, one of which breaks the model's perplexity a thousandfold: the t-interval of the
+    mean is taken on Δ NLL and mapped back, so the perplexity interval never reaches below −baseline (a perplexity
+    below zero), and Δ accuracy's interval stays within what an accuracy can reach."""
+    from cwa.prune.session import over_seeds
+
+    base_nll, base_accuracy = math.log(29.0), 0.4
+    nlls = [base_nll + 0.01, base_nll + math.log(1000.0), base_nll + 0.02]
+    accuracies = [0.40, 0.0, 0.39]
+    rows = [
+        {"nll": n, "perplexity": math.exp(n), "accuracy": a, "delta_nll": n - base_nll,
+         "delta_perplexity": math.exp(n) - 29.0, "delta_accuracy": a - base_accuracy, "broken_fraction": 0.0}
+        for n, a in zip(nlls, accuracies, strict=True)
+    ]  # fmt: skip
+    out = over_seeds(rows, 0.95)
+    assert out["delta_perplexity_low"] >= -29.0 and out["delta_perplexity_high"] > out["delta_perplexity"] > 0
+    assert out["perplexity"] == pytest.approx(math.exp(sum(nlls) / 3))
+    low, high = out["delta_nll_low"], out["delta_nll_high"]
+    assert out["delta_perplexity_low"] == pytest.approx(math.exp(base_nll + low) - 29.0)
+    assert out["delta_perplexity_high"] == pytest.approx(math.exp(base_nll + high) - 29.0)
+    assert -base_accuracy <= out["delta_accuracy_low"] <= out["delta_accuracy_high"] <= 1 - base_accuracy
+    assert out["delta_accuracy_low"] == -base_accuracy  # the t-interval reached below −0.4 and was clipped

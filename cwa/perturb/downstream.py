@@ -493,7 +493,9 @@ def seed_means(groups: dict[str, list[DownstreamRow]], confidence: float = 0.95)
             if len(rows) < 2:
                 continue
             accuracy = mean_over_seeds(torch.tensor([r.accuracy for r in rows]), confidence)[0]
-            delta = mean_over_seeds(torch.tensor([r.delta_accuracy for r in rows]), confidence)
+            mean, low, high = mean_over_seeds(torch.tensor([r.delta_accuracy for r in rows]), confidence)
+            base = rows[0].accuracy - rows[0].delta_accuracy  # an accuracy's change cannot leave [−base, 1 − base]
+            delta = (mean, max(low, -base), min(high, 1.0 - base)) if math.isfinite(low) else (mean, low, high)
             seconds = sum(r.seconds for r in rows)
             out.append(DownstreamRow(name, task, rows[0].items, accuracy, *delta, None, seconds, len(rows), "seeds"))
     return out

@@ -179,6 +179,14 @@ def quality(
     return out
 
 
+def _exp(x: float) -> float:
+    """exp that gives inf, not an error, past float range (a broken model's NLL)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def resamples(n_sequences: int, options: StatisticsOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """One set of bootstrap multiplicities for the intervals and one for the tests, shared by every row."""
     options.check_sample(n_sequences)
@@ -188,13 +196,31 @@ def resamples(n_sequences: int, options: StatisticsOptions) -> tuple[torch.Tenso
 
 
 def over_seeds(rows: list[dict[str, float | None]], confidence: float) -> dict[str, float | None]:
-    """The mean of several seeds' quality columns, each change with a Student-t interval over the seeds."""
+    """The mean of several seeds' quality columns, each change with a Student-t interval over the seeds.
+
+    The mean is taken where the statistics are additive and the intervals stay in range: on the NLL scale (the
+    perplexity is exp of the mean NLL, and its change and interval are the Δ NLL's mapped back through the
+    unchanged model's perplexity, so they never fall below −baseline), and for accuracy on the accuracy scale with
+    the interval clipped to what an accuracy can reach."""
     out: dict[str, float | None] = {}
-    for key in ("perplexity", "nll", "accuracy", *(f"delta_{m}" for m in METRICS)):
-        values = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
-        out[key], low, high = mean_over_seeds(values, confidence)
-        if key.startswith("delta_"):
-            out[f"{key}_low"], out[f"{key}_high"] = low, high
+
+    def column(key: str) -> torch.Tensor:
+        return torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
+
+    finite = [r for r in rows if math.isfinite(float(r["nll"]) - float(r["delta_nll"]))]
+    reference = finite[0] if finite else rows[0]  # every row knows the unchanged model: nll − Δ nll
+    base_nll = float(reference["nll"]) - float(reference["delta_nll"])
+    base_accuracy = float(reference["accuracy"]) - float(reference["delta_accuracy"])
+    out["delta_nll"], out["delta_nll_low"], out["delta_nll_high"] = mean_over_seeds(column("delta_nll"), confidence)
+    out["nll"] = base_nll + out["delta_nll"]
+    out["perplexity"] = _exp(out["nll"])
+    for suffix in ("", "_low", "_high"):
+        out[f"delta_perplexity{suffix}"] = _exp(base_nll + out[f"delta_nll{suffix}"]) - _exp(base_nll)
+    out["accuracy"] = float(column("accuracy").mean())
+    delta, low, high = mean_over_seeds(column("delta_accuracy"), confidence)
+    out["delta_accuracy"] = delta
+    out["delta_accuracy_low"] = max(low, -base_accuracy) if math.isfinite(low) else low
+    out["delta_accuracy_high"] = min(high, 1.0 - base_accuracy) if math.isfinite(high) else high
     out["p_value"] = None
     out["broken_fraction"] = max(float(r["broken_fraction"] or 0.0) for r in rows)
     return out
