@@ -126,7 +126,10 @@ def one_sentence(err: str) -> str:
 
 def run_cwa(words: list[str], capfd) -> tuple[int, str, str]:
     args = [match for word in words[1:] for match in (sorted(glob.glob(word)) if "*" in word else [word])]
-    status = main(args)
+    try:
+        status = main(args)
+    except SystemExit as done:  # --print_config and --help end through argparse's exit, as in a shell
+        status = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     out, err = capfd.readouterr()
     return status, out, err
 
