@@ -211,7 +211,7 @@ def test_protect_refuses_bad_settings_in_one_sentence(tiny_dir: Path, tmp_path: 
     run = make_run(tmp_path, tiny_dir, include=LINEAR, k=10)
     with pytest.raises(CwaError, match="integer bit widths"):
         ProtectRecipe(run=str(run), levels=(3.5,))
-    with pytest.raises(CwaError, match="more than the 10 weights of the run's top-K list"):
+    with pytest.raises(CwaError, match=r"protect_k \[100\] asks for more weights than the run can name: only 10 "):
         ProtectRecipe(run=str(run), protect_k=(0, 100), **QUICK).run()
     with pytest.raises(CwaError, match="does not divide"):
         ProtectRecipe(run=str(run), group_size=5, protect_k=(0,), **QUICK).run()
@@ -311,3 +311,9 @@ def test_protect_k_counts_weights_of_the_stressed_tensors(tiny_dir: Path, tmp_pa
     ][:5]
     chosen = recipe._protected(next(c for c in recipe.conditions if c.protected == "topk"))
     assert sorted((n, int(i)) for n, idx in chosen.items() for i in idx) == sorted(linear)
+    # A K the run cannot name in the stressed tensors is left out with a note; the others run.
+    named = len(topk.within(recipe.params))
+    recipe = ProtectRecipe(run=str(run), stress="rtn", levels=(2,), protect_k=(0, 5, named + 1), controls=(), **QUICK)
+    recipe.run()
+    assert sorted({r.k for r in read_intervention(run, "protect")[0]}) == [0, 5]
+    assert any(f"K={named + 1} left out: only {named} of the run's top-2000" in n for n in recipe.notes)

@@ -174,12 +174,18 @@ class ProtectRecipe:
         # K counts protected weights that the stress would change: the run's ranked list within the stressed
         # tensors (a norm weight at the top of a gradient metric's list needs no protection from a linear stress).
         self.ranked = self.run_dir.topk.within(self.params)
-        if max(self.ks, default=0) > len(self.ranked):
-            raise CwaError(
-                f"K={max(self.ks)} is more than the {len(self.ranked)} weights of the run's top-K list "
-                f"({len(self.run_dir.topk)}) in the stressed tensors; lower protect_k or rerun fit-sensitivity "
-                "with a larger model.k."
+        too_many = [k for k in self.ks if k > len(self.ranked)]
+        if too_many:
+            self.ks = [k for k in self.ks if k <= len(self.ranked)]
+            where = (
+                f"only {len(self.ranked)} of the run's top-{len(self.run_dir.topk)} list are in the stressed tensors"
             )
+            if not any(self.ks):
+                raise CwaError(
+                    f"protect_k {too_many} asks for more weights than the run can name: {where}; lower protect_k, "
+                    "or rerun fit-sensitivity with a larger model.k (or model.include on the stressed tensors)."
+                )
+            self.notes.append(f"K={', '.join(map(str, too_many))} left out: {where}.")
         self.super_selection = self._super_weights() if self.super_weights_path else None
         self.prune_scores = self._prune_scores() if self.prune_run else None
         if self.downstream is not None:  # an unknown task or a missing local item stops here, before any pass
