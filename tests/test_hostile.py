@@ -122,11 +122,8 @@ def test_compare_of_unrelated_models_is_refused(tmp_path, capsys):
         model="tiny-gpt2",
     )
     message = _cli_error(capsys, ["compare", str(llama), str(gpt2), "--output", str(tmp_path / "cmp")])
-    assert message == (
-        "cwa: error: the runs score no parameter in common (same name and shape): they are runs of 'tiny-gpt2' "
-        "and 'tiny-llama', so nothing in them can be compared; compare runs of one model, or of models of one "
-        "architecture."
-    )
+    assert message.startswith("cwa: error: the runs score 2 different models (tiny-llama: llama/version_0; tiny-gpt2:")
+    assert message.endswith("comparing the models by relative depth and module type.")
     assert not (tmp_path / "cmp" / "compare.json").exists()
 
 
