@@ -16,6 +16,7 @@ without one. Two kinds of line are not run, each for a reason given in ``SKIPPED
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import shlex
@@ -176,10 +177,22 @@ def test_parser_finds_blocks_continuations_and_table_commands():
     assert launches_processes(["cwa", "x", "--trainer.devices=2"]) and not launches_processes(["cwa", "x"])
 
 
+def bootstrapped() -> bool:
+    """Whether ``scripts/bootstrap.sh`` would do nothing: its stamp names this checkout's pyproject.toml, bootstrap
+    script and torch. Only then may a README line that bootstraps run here, where ``.venv`` is the checkout's own
+    (a reinstall from this temporary directory would point the environment at it)."""
+    stamp = ROOT / ".venv" / ".cwa-bootstrap"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "scripts" / "bootstrap.sh").read_bytes())
+    want = f"{digest.hexdigest()[:16]} {os.environ.get('CWA_TORCH', 'torch==2.13.0')}"
+    return stamp.is_file() and stamp.read_text().strip() == want
+
+
 def check(line: Line, workdir: Path, capfd) -> str | None:
     """Run one README command as the test runs it; what went wrong, or None."""
     words, where = line.words, f"README.md:{line.number}: {line.text}"
     program = Path(words[0]).name
+    if "scripts/run-default.sh" in line.text and not bootstrapped():
+        return f"{where}: .venv was not installed by scripts/bootstrap.sh from this checkout; run it first"
     if program == "cwa" and launches_processes(words) and not needs_hub(words):
         done = subprocess.run([sys.executable, "-m", "cwa", *words[1:]], capture_output=True, text=True)
         ok = done.returncode == 0 and "Traceback" not in done.stderr
