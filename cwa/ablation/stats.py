@@ -27,6 +27,11 @@ METRICS = ("perplexity", "nll", "accuracy")
 Transform = Literal["identity", "exp"]
 
 
+def exp_or_inf(x: float) -> float:
+    """exp(x), inf past float range (a broken model's mean NLL) instead of an OverflowError; NaN stays NaN."""
+    return math.inf if x >= 700 else math.exp(x)
+
+
 @dataclass
 class SequenceStats:
     """Per-sequence sums of one evaluation pass (float64, one entry per held-out sequence)."""
@@ -47,7 +52,7 @@ class SequenceStats:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_nll) if self.mean_nll < 700 else math.inf
+        return exp_or_inf(self.mean_nll)
 
     @property
     def accuracy(self) -> float:

@@ -23,6 +23,7 @@ from cwa.ablation.stats import (
     SequenceStats,
     bootstrap_deltas,
     bootstrap_weights,
+    exp_or_inf,
     mean_over_seeds,
     paired_bootstrap_test,
 )
@@ -179,14 +180,6 @@ def quality(
     return out
 
 
-def _exp(x: float) -> float:
-    """exp that gives inf, not an error, past float range (a broken model's NLL)."""
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
-
-
 def resamples(n_sequences: int, options: StatisticsOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """One set of bootstrap multiplicities for the intervals and one for the tests, shared by every row."""
     options.check_sample(n_sequences)
@@ -213,9 +206,9 @@ def over_seeds(rows: list[dict[str, float | None]], confidence: float) -> dict[s
     base_accuracy = float(reference["accuracy"]) - float(reference["delta_accuracy"])
     out["delta_nll"], out["delta_nll_low"], out["delta_nll_high"] = mean_over_seeds(column("delta_nll"), confidence)
     out["nll"] = base_nll + out["delta_nll"]
-    out["perplexity"] = _exp(out["nll"])
+    out["perplexity"] = exp_or_inf(out["nll"])
     for suffix in ("", "_low", "_high"):
-        out[f"delta_perplexity{suffix}"] = _exp(base_nll + out[f"delta_nll{suffix}"]) - _exp(base_nll)
+        out[f"delta_perplexity{suffix}"] = exp_or_inf(base_nll + out[f"delta_nll{suffix}"]) - exp_or_inf(base_nll)
     out["accuracy"] = float(column("accuracy").mean())
     delta, low, high = mean_over_seeds(column("delta_accuracy"), confidence)
     out["delta_accuracy"] = delta

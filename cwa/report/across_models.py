@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cwa.ablation.stats import exp_or_inf
 from cwa.compare.models import ModelId, display_names, group_models, model_of
 from cwa.model.params import ParamInfo, split_name
 from cwa.report.findings import Finding
@@ -180,7 +181,7 @@ def _integer(x: object) -> int | None:
 def _exp(x: object) -> float | None:
     if not isinstance(x, int | float) or math.isnan(x):
         return None
-    return math.exp(x) if x < 700 else math.inf
+    return exp_or_inf(x)
 
 
 # -- where the top-K sit -----------------------------------------------------------------------------
